@@ -1,0 +1,60 @@
+"""Who takes part in a checkpoint operation, and the few collectives it needs.
+
+A :class:`Comm` is either the ranks of a process group (every rank must make the same calls in the same
+order) or ``solo``: one process acting alone, e.g. a plain ``CheckpointIO`` call on rank 0, a CLI tool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@dataclass(frozen=True)
+class Comm:
+    group: dist.ProcessGroup | None = None
+    solo: bool = False
+
+    @property
+    def active(self) -> bool:
+        """True when collectives are needed (several ranks take part)."""
+        return not self.solo and is_dist() and dist.get_world_size(self.group) > 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if self.active else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if self.active else 1
+
+    def broadcast(self, obj: T, src: int = 0) -> T:
+        """Rank ``src``'s ``obj`` on every rank."""
+        if not self.active:
+            return obj
+        box: list[Any] = [obj]
+        src_global = dist.get_global_rank(self.group, src) if self.group is not None else src
+        dist.broadcast_object_list(box, src=src_global, group=self.group)
+        return box[0]
+
+    def all_gather(self, obj: T) -> list[T]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier(group=self.group)
+
+
+SOLO = Comm(solo=True)

@@ -1,0 +1,288 @@
+"""What exists: committed checkpoints under a root, the newest valid one, verification, retention, cleanup.
+
+A root directory holds checkpoint directories side by side. Only directories with a valid commit marker
+count; names starting with ``.`` are staging or trash directories of saves in progress or crashed.
+These functions are not collective: call them on one rank (rank 0) or on every rank independently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.distributed.checkpoint.metadata import Metadata
+
+from lightning_distckpt import format as fmt
+from lightning_distckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DistCheckpointError,
+    NotACheckpointError,
+    UncommittedCheckpointError,
+)
+from lightning_distckpt.storage import Store, open_store
+from lightning_distckpt.storage.reader import Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Checkpoint:
+    """A committed checkpoint whose marker, manifest, metadata and state documents verified."""
+
+    source: Source
+    manifest: fmt.Manifest
+    metadata: Metadata
+    skeleton: Any
+
+    @property
+    def url(self) -> str:
+        return self.source.url()
+
+
+def source_of(url: str, options: dict[str, Any] | None = None) -> Source:
+    store, path = open_store(url, options)
+    return Source(store, path)
+
+
+def _read(source: Source, name: str) -> bytes:
+    return source.store.read_bytes(source.store.join(source.path, name))
+
+
+def read_manifest(source: Source) -> fmt.Manifest:
+    """The manifest of a committed checkpoint; raises a specific error for each way this can fail."""
+    url = source.url()
+    store, path = source.store, source.path
+    if not store.exists(path):
+        raise CheckpointNotFoundError(f"{url}: no such checkpoint (path does not exist)")
+    if not store.isdir(path):
+        raise NotACheckpointError(f"{url}: is a file, not a lightning-distckpt checkpoint directory")
+    has_manifest = store.exists(store.join(path, fmt.MANIFEST))
+    if not store.exists(store.join(path, fmt.MARKER)):
+        if has_manifest or any(e.name.endswith(".distcp") for e in store.listdir(path)):
+            raise UncommittedCheckpointError(
+                f"{url}: checkpoint was never committed (no {fmt.MARKER} marker: its save crashed or is in flight)"
+            )
+        raise NotACheckpointError(f"{url}: not a lightning-distckpt checkpoint (no {fmt.MARKER} or {fmt.MANIFEST})")
+    if not has_manifest:
+        raise CorruptCheckpointError(f"{source.url(fmt.MANIFEST)}: missing from a committed checkpoint")
+    manifest_bytes = _read(source, fmt.MANIFEST)
+    fmt.check_marker(_read(source, fmt.MARKER), manifest_bytes, source.url(fmt.MARKER))
+    return fmt.Manifest.from_json(fmt.loads(manifest_bytes, source.url(fmt.MANIFEST)), source.url(fmt.MANIFEST))
+
+
+def _read_listed(source: Source, manifest: fmt.Manifest, name: str) -> bytes:
+    data = _read(source, name)
+    want = manifest.files[name]
+    if len(data) != want["size"] or fmt.digest(data) != want["xxh3"]:
+        raise CorruptCheckpointError(f"{source.url(name)}: does not match its checksum in {fmt.MANIFEST}")
+    return data
+
+
+def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
+    """Read and verify everything but the tensor bytes (those are verified block by block when read).
+
+    With ``check_sizes`` every data file listed in the manifest must exist with its recorded size.
+    """
+    manifest = read_manifest(source)
+    metadata = fmt.metadata_from_json(
+        fmt.loads(_read_listed(source, manifest, fmt.METADATA), source.url(fmt.METADATA)), source.url(fmt.METADATA)
+    )
+    skeleton = fmt.loads(_read_listed(source, manifest, fmt.STATE), source.url(fmt.STATE))
+    for loc in metadata.storage_data.values():
+        info = manifest.files.get(loc.file)
+        if info is None or loc.offset + loc.stored > info["size"]:
+            raise CorruptCheckpointError(
+                f"{source.url(fmt.METADATA)}: a chunk lies outside data file {loc.file!r} as listed in the manifest"
+            )
+    if check_sizes:
+        sizes = {e.name: e.size for e in source.store.listdir(source.path)}
+        for name, info in manifest.files.items():
+            if name not in sizes:
+                raise CorruptCheckpointError(f"{source.url(name)}: missing (listed in {fmt.MANIFEST})")
+            if sizes[name] != info["size"]:
+                raise CorruptCheckpointError(
+                    f"{source.url(name)}: has {sizes[name]} bytes, {fmt.MANIFEST} says {info['size']} (truncated?)"
+                )
+    return Checkpoint(source, manifest, metadata, skeleton)
+
+
+# ---- verification ---------------------------------------------------------------------------------
+@dataclass
+class FileReport:
+    name: str
+    ok: bool
+    size: int
+    problem: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """Per-file result of :func:`verify`. ``ok`` is True only if every file verified."""
+
+    url: str
+    ok: bool
+    files: list[FileReport] = field(default_factory=list)
+    error: str = ""
+
+
+def verify(url: str, options: dict[str, Any] | None = None) -> VerifyReport:
+    """Read every byte of the checkpoint at ``url`` and check it against the manifest and metadata.
+
+    Never raises for a bad checkpoint: the report says what is wrong, file by file.
+    """
+    source = source_of(url, options)
+    try:
+        ckpt = open_checkpoint(source, check_sizes=False)
+    except DistCheckpointError as e:
+        return VerifyReport(source.url(), False, error=str(e))
+    blocks_by_file: dict[str, list[tuple[int, fmt.Block]]] = {}
+    for loc in ckpt.metadata.storage_data.values():
+        pos = loc.offset
+        for b in loc.blocks:
+            blocks_by_file.setdefault(loc.file, []).append((pos, b))
+            pos += b.stored
+    files = []
+    for name, info in sorted(ckpt.manifest.files.items()):
+        files.append(_verify_file(ckpt.source, name, info, sorted(blocks_by_file.get(name, []), key=lambda x: x[0])))
+    return VerifyReport(source.url(), all(f.ok for f in files), files)
+
+
+def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, fmt.Block]]) -> FileReport:
+    path = source.store.join(source.path, name)
+    try:
+        size = source.store.size(path)
+    except FileNotFoundError:
+        return FileReport(name, False, 0, "missing")
+    if size != info["size"]:
+        return FileReport(name, False, size, f"size {size}, expected {info['size']}")
+    if name.endswith(".json"):
+        data = source.store.read_bytes(path)
+        ok = fmt.digest(data) == info["xxh3"]
+        return FileReport(name, ok, size, "" if ok else "checksum mismatch")
+    digests = []
+    with source.store.open_read(path) as f:
+        pos = 0
+        for offset, b in blocks:
+            if offset != pos:
+                return FileReport(name, False, size, f"gap or overlap in blocks at byte {pos}")
+            data = f.read(b.stored)
+            if len(data) != b.stored:
+                return FileReport(name, False, size, f"short read at byte {offset}")
+            if fmt.digest(data) != b.digest:
+                return FileReport(name, False, size, f"block at byte {offset} fails its checksum")
+            digests.append(b.digest)
+            pos += b.stored
+    if pos != size or fmt.blocks_digest(digests) != info["xxh3"]:
+        return FileReport(name, False, size, "file digest does not match the manifest")
+    return FileReport(name, True, size)
+
+
+# ---- discovery ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Listed:
+    """A checkpoint directory under a root, committed or not."""
+
+    name: str
+    url: str
+    committed: bool
+    manifest: fmt.Manifest | None
+    problem: str = ""
+
+    @property
+    def order(self) -> tuple[float, int, str]:
+        m = self.manifest
+        return (m.created if m else 0.0, (m.global_step or 0) if m else 0, self.name)
+
+
+def list_checkpoints(root: str, options: dict[str, Any] | None = None) -> list[Listed]:
+    """Checkpoint directories directly under ``root``, oldest first (by commit time); empty if none."""
+    store, path = open_store(root, options)
+    try:
+        entries = store.listdir(path)
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in entries:
+        if not e.is_dir or e.name.startswith("."):
+            continue
+        src = Source(store, store.join(path, e.name))
+        try:
+            out.append(Listed(e.name, src.url(), True, read_manifest(src)))
+        except DistCheckpointError as err:
+            out.append(Listed(e.name, src.url(), False, None, str(err)))
+    return sorted(out, key=lambda c: c.order)
+
+
+def committed(root: str, options: dict[str, Any] | None = None) -> list[Listed]:
+    return [c for c in list_checkpoints(root, options) if c.committed]
+
+
+def latest(roots: list[str], options: dict[str, Any] | None = None) -> list[Listed]:
+    """Committed checkpoints across ``roots`` (primary first, then replicas), newest first, by name.
+
+    When the same name exists in several roots, the first root's copy is listed (replicas are read from
+    when its files fail).
+    """
+    seen: dict[str, Listed] = {}
+    for root in roots:
+        for c in committed(root, options):
+            seen.setdefault(c.name, c)
+    return sorted(seen.values(), key=lambda c: c.order, reverse=True)
+
+
+# ---- retention and cleanup ----------------------------------------------------------------------
+def remove_checkpoint(store: Store, path: str) -> None:
+    """Remove a checkpoint so that it is invisible before any data goes: marker first, then the rest."""
+    store.remove(store.join(path, fmt.MARKER))
+    store.remove(path, recursive=True)
+
+
+def clean_stale(root: str, options: dict[str, Any] | None = None, older_than_s: float = 0.0,
+                dry_run: bool = False) -> list[str]:
+    """Remove staging/trash directories and uncommitted checkpoint directories under ``root``.
+
+    A trash directory whose checkpoint name no longer exists is a committed checkpoint that a crashed
+    overwrite moved aside: it is renamed back, never deleted. Returns the URLs removed (or that would be).
+    """
+    store, path = open_store(root, options)
+    try:
+        entries = store.listdir(path)
+    except FileNotFoundError:
+        return []
+    names = {e.name for e in entries}
+    now = time.time()
+    removed = []
+    for e in entries:
+        if not e.is_dir or (older_than_s and e.mtime and now - e.mtime < older_than_s):
+            continue
+        full = store.join(path, e.name)
+        if e.name.startswith(".") and fmt.TRASH_INFIX in e.name:
+            original = e.name[1:].rsplit(fmt.TRASH_INFIX, 1)[0]
+            if original not in names:
+                try:
+                    read_manifest(Source(store, full))
+                    if not dry_run:
+                        store.rename(full, store.join(path, original))
+                    log.warning("restored %s from an interrupted overwrite", store.url(store.join(path, original)))
+                    continue
+                except DistCheckpointError:
+                    pass
+        elif e.name.startswith(".") and fmt.STAGING_INFIX in e.name:
+            pass
+        elif not e.name.startswith("."):
+            try:
+                read_manifest(Source(store, full))
+                continue  # committed: never touched here
+            except UncommittedCheckpointError:
+                pass
+            except DistCheckpointError:
+                continue  # not ours, or corrupt committed: leave it for a human
+        else:
+            continue
+        removed.append(store.url(full))
+        if not dry_run:
+            store.remove(full, recursive=True)
+    return removed

@@ -1,0 +1,322 @@
+"""DistCheckpointIO: the Lightning ``CheckpointIO`` plugin that saves and loads through DCP.
+
+Two ways in:
+
+* **Routed** (the normal case): once this plugin is given to a Trainer, the strategy calls
+  ``save_routed`` / ``load_routed`` / ``load_optimizers_routed`` / ``remove_routed`` on **every rank**
+  (see :mod:`lightning_distckpt.integration`). Each rank writes and reads only its own part.
+* **Direct**: the plain ``CheckpointIO`` methods (``save_checkpoint``, ``load_checkpoint``,
+  ``remove_checkpoint``) act in the calling process alone, like any CheckpointIO. Lightning uses them for
+  internal files (``ddp_spawn`` results); users can use them to read a checkpoint into a plain dict.
+
+With ``async_save=True`` a routed save blocks only while the tensors are copied into host buffers
+(reused across saves); writing, committing and the after-commit tasks run in one background thread
+with its own gloo process group. At most one save is in flight: the next save, a load, ``wait()`` and
+``teardown()`` wait for it, and an error in the background is raised there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import Strategy
+from typing_extensions import override
+
+from lightning_distckpt import catalog, state
+from lightning_distckpt import format as fmt
+from lightning_distckpt._dist import SOLO, Comm
+from lightning_distckpt.errors import CheckpointSaveError, StateMismatchError
+from lightning_distckpt.integration import model_state_dict, optimizer_state_dict, set_optimizer_state, strategy_name
+from lightning_distckpt.loading import Pending, allocate, match, open_for_load, read_tensors
+from lightning_distckpt.saving import SaveResult, WriteOptions, write_checkpoint
+from lightning_distckpt.snapshot import Snapshotter
+
+log = logging.getLogger(__name__)
+_SKIP = object()
+
+
+@dataclass
+class IOStats:
+    """Timings of the last operations on this rank, for benchmarks and logs."""
+
+    last_save: SaveResult | None = None
+    blocked_s: float = 0.0  # time the training thread was blocked by the last save call
+    saves: int = 0
+    load_bytes_read: dict[str, int] = field(default_factory=dict)
+    load_fallbacks: dict[str, str] = field(default_factory=dict)
+
+
+class DistCheckpointIO(CheckpointIO):
+    """Sharded, verified, atomic checkpoints through ``torch.distributed.checkpoint``.
+
+    Args:
+        async_save: Return from a save once the state is copied to host memory; write in the background.
+        storage_options: Options for the fsspec filesystem of remote URLs (e.g. ``{"user": "hdfs"}``).
+        durable: fsync data files and directories on local filesystems before a checkpoint commits.
+        write_threads: Files (and concurrent streams) per rank and save.
+        read_threads: Concurrent readers per rank and load.
+        chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
+        safe_globals: Extra ``module.Name`` types that non-tensor state may contain (e.g. custom
+            hyper-parameter classes); everything else that JSON cannot hold is refused on load.
+    """
+
+    def __init__(
+        self,
+        async_save: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        durable: bool = True,
+        write_threads: int = 2,
+        read_threads: int = 2,
+        chunk_mb: int = 32,
+        safe_globals: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if write_threads < 1 or read_threads < 1 or chunk_mb < 1:
+            raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
+        self.async_save = async_save
+        self.storage_options = dict(storage_options or {})
+        self.safe_globals = list(safe_globals or [])
+        self.read_threads = read_threads
+        self.write_options = WriteOptions(threads=write_threads, chunk_bytes=chunk_mb << 20, durable=durable,
+                                          storage_options=self.storage_options)
+        self.stats = IOStats()
+        self._pg: dist.ProcessGroup | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._future: Future[None] | None = None
+        self._snapshots = Snapshotter()
+        self._after_commit: list[Callable[[SaveResult | None], None]] = []
+        self._in_flight = False
+        self._failed = False
+        self._lock = threading.Lock()
+        self._loaded: catalog.Checkpoint | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # plain CheckpointIO API: this process alone
+    # ------------------------------------------------------------------------------------------
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` from this process alone (no other rank takes part). Blocks until committed."""
+        skeleton, tensors = state.split(checkpoint)
+        self.wait()
+        self._write(str(path), skeleton, tensors, self._manifest(checkpoint, 1, ""), SOLO)
+
+    @override
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read the whole checkpoint at ``path`` into a plain dict of CPU tensors, in this process alone.
+
+        Optimizer state comes back keyed by parameter FQN. Never executes code from the checkpoint.
+        """
+        url = str(path)
+        ckpt = catalog.open_checkpoint(catalog.source_of(url, self.storage_options))
+        tensors = allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url)
+        read_tensors(ckpt, tensors, threads=self.read_threads, comm=SOLO)
+        if map_location is not None and not callable(map_location):
+            tensors = {k: v.to(map_location) for k, v in tensors.items()}
+        return state.join(ckpt.skeleton, tensors.__getitem__, self.safe_globals)
+
+    @override
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Remove a checkpoint directory (its commit marker first, so it is never half visible)."""
+        store, p = catalog.open_store(str(path), self.storage_options)
+        catalog.remove_checkpoint(store, p)
+
+    @override
+    def teardown(self) -> None:
+        """Wait for the save in flight (raising its error) and release the background thread."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    # ------------------------------------------------------------------------------------------
+    # routed API: called by the strategy on every rank
+    # ------------------------------------------------------------------------------------------
+    def save_routed(self, strategy: Strategy, checkpoint: dict[str, Any], path: str, storage_options: Any = None) -> None:
+        """Collective save. Blocks for the whole save, or (``async_save``) only for the snapshot."""
+        start = time.perf_counter()
+        comm = self._comm()
+        self.wait()
+        url = comm.broadcast(path)
+        skeleton, tensors = state.split(checkpoint)
+        manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
+        if self.async_save:
+            snapshot = self._snapshots.take(tensors)
+            with self._lock:
+                self._in_flight = True  # tasks registered from now on wait for this save
+            self._future = self._pool().submit(self._write, url, skeleton, snapshot, manifest, comm, True)
+        else:
+            self._write(url, skeleton, tensors, manifest, comm)
+        self.stats.blocked_s = time.perf_counter() - start
+
+    def load_routed(self, strategy: Strategy, path: str) -> dict[str, Any]:
+        """Collective load: model tensors are read into the model's own tensors (in place, any sharding).
+
+        Optimizer tensors are read later, by :meth:`load_optimizers_routed`, once the optimizers exist.
+        """
+        comm = self._comm()
+        self.wait()
+        url = comm.broadcast(path)
+        ckpt = open_for_load(url, comm, self.storage_options)
+        module = strategy.lightning_module
+        strict = bool(getattr(module, "strict_loading", True))
+        model = {state.model_key(k): v for k, v in model_state_dict(strategy).items()}
+        model = match(ckpt.metadata, model, state.MODEL, strict, "model", url)
+        extras = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.EXTRA)], url)
+        self._record(read_tensors(ckpt, {**model, **extras}, threads=self.read_threads, comm=comm))
+
+        def lookup(key: str) -> Any:
+            if key.startswith(state.MODEL):
+                return model.get(key, _SKIP)
+            if key.startswith(state.OPTIM):
+                return Pending(key)
+            return extras[key]
+
+        checkpoint = state.join(ckpt.skeleton, lookup, self.safe_globals)
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if v is not _SKIP}
+        self._loaded = ckpt
+        return checkpoint
+
+    def load_optimizers_routed(self, strategy: Strategy, checkpoint: dict[str, Any]) -> None:
+        """Collective: read the optimizer states of the checkpoint last loaded into ``strategy.optimizers``."""
+        ckpt = self._loaded
+        if ckpt is None:
+            raise RuntimeError("load_optimizer_state_dict called before load_checkpoint")
+        comm = self._comm()
+        saved_states = checkpoint.get("optimizer_states", [])
+        optimizers = list(strategy.optimizers)
+        if len(saved_states) != len(optimizers):
+            raise StateMismatchError(f"{ckpt.url} holds {len(saved_states)} optimizer states, the model configures "
+                                     f"{len(optimizers)} optimizers")
+        targets: dict[str, Any] = {}
+        for i, (opt, saved) in enumerate(zip(optimizers, saved_states)):
+            saved_params = saved.get("state", {})
+            live = {
+                state.optim_key(i, fqn, name): t
+                for fqn, st in optimizer_state_dict(strategy, opt)["state"].items() if fqn in saved_params
+                for name, t in st.items() if isinstance(t, torch.Tensor)
+            }  # fmt: skip
+            targets.update(match(ckpt.metadata, live, f"{state.OPTIM}{i}/", True, f"optimizer {i}", ckpt.url))
+        self._record(read_tensors(ckpt, targets, threads=self.read_threads, comm=comm))
+        for opt, saved in zip(optimizers, saved_states):
+            for params in saved.get("state", {}).values():
+                for name, value in params.items():
+                    if isinstance(value, Pending):
+                        params[name] = targets[value.key]
+            set_optimizer_state(strategy, opt, saved)
+        self._loaded = None
+
+    def remove_routed(self, strategy: Strategy, path: str) -> None:
+        """Remove a checkpoint (rank 0). With a save in flight, only after that save has committed."""
+        if self._comm().rank == 0:
+            self.after_commit(lambda result: self.remove_checkpoint(path))
+
+    # ------------------------------------------------------------------------------------------
+    # background work
+    # ------------------------------------------------------------------------------------------
+    def after_commit(self, task: Callable[[SaveResult | None], None]) -> None:
+        """Run ``task`` once the save in flight has committed, or now if none is in flight.
+
+        Tasks are dropped if that save fails, and not run at all while the last save's failure has not
+        been raised yet: nothing is removed unless the checkpoint written before it is committed. Tasks
+        run in the committing thread (the background thread for async saves), must not use
+        collectives, and never fail the save (their errors are logged).
+        """
+        with self._lock:
+            if self._in_flight:
+                self._after_commit.append(task)
+                return
+            if self._failed:
+                return
+        self._run_task(task, self.stats.last_save)
+
+    def wait(self) -> None:
+        """Block until the save in flight has committed; raise :class:`CheckpointSaveError` if it failed."""
+        future, self._future = self._future, None
+        if future is not None:
+            try:
+                future.result()
+            finally:
+                self._failed = False
+
+    def _write(self, url: str, skeleton: Any, tensors: dict[str, Any], manifest: fmt.Manifest, comm: Comm,
+               background: bool = False) -> None:
+        with self._lock:
+            self._in_flight = True
+        try:
+            result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm)
+        except BaseException:
+            with self._lock:
+                self._after_commit.clear()
+                self._in_flight = False
+                self._failed = background  # remembered until wait() raises it
+            raise
+        self.stats.last_save = result
+        self.stats.saves += 1
+        with self._lock:
+            tasks, self._after_commit = self._after_commit, []
+            self._in_flight = False
+        for task in tasks:
+            self._run_task(task, result)
+
+    @staticmethod
+    def _run_task(task: Callable[[SaveResult | None], None], result: SaveResult | None) -> None:
+        try:
+            task(result)
+        except Exception:  # noqa: BLE001 - an after-commit task never fails the save
+            log.exception("after-commit task failed (checkpoint %s)", result.url if result else None)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-save")
+        return self._executor
+
+    def _comm(self) -> Comm:
+        """All ranks of the job, over a dedicated gloo group (created collectively on first use)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return Comm()
+        if self._pg is None:
+            self._pg = dist.new_group(backend="gloo")
+        return Comm(self._pg)
+
+    def _record(self, stats: Any) -> None:
+        self.stats.load_bytes_read = dict(stats.bytes_by_source)
+        self.stats.load_fallbacks = dict(stats.fallbacks)
+
+    @staticmethod
+    def _manifest(checkpoint: dict[str, Any], world_size: int, strategy: str) -> fmt.Manifest:
+        return fmt.Manifest(
+            name="", created=0.0, world_size=world_size,
+            global_step=checkpoint.get("global_step"), epoch=checkpoint.get("epoch"), strategy=strategy,
+            versions={"torch": torch.__version__, "lightning": lightning.__version__, "lightning_distckpt": _version()},
+        )  # fmt: skip
+
+    def __getstate__(self) -> dict[str, Any]:
+        # process groups, threads and buffers belong to one process (ddp_spawn pickles the trainer)
+        s = self.__dict__.copy()
+        s.update(_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _after_commit=[],
+                 _lock=None, _loaded=None, _in_flight=False, _failed=False)
+        return s
+
+    def __setstate__(self, s: dict[str, Any]) -> None:
+        self.__dict__.update(s)
+        self._lock = threading.Lock()
+
+
+def _version() -> str:
+    from lightning_distckpt import __version__
+
+    return __version__

@@ -1,0 +1,118 @@
+"""Reading a checkpoint back: open and verify, match tensors to their targets, read through DCP.
+
+``open_for_load`` and ``read_tensors`` are collective over ``group``: rank 0 reads and verifies the
+documents and broadcasts them, so every rank sees the same checkpoint and the same error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from lightning_distckpt._dist import Comm
+from lightning_distckpt.catalog import Checkpoint, open_checkpoint, source_of
+from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, StateMismatchError
+from lightning_distckpt.planner import load_planner
+from lightning_distckpt.storage.reader import CheckpointReader, ReadStats, Source
+from lightning_distckpt.storage.writer import BlockCodec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Stands for a tensor of the checkpoint that has not been read yet (optimizer state before setup)."""
+
+    key: str
+
+
+def open_for_load(url: str, comm: Comm, options: dict[str, Any] | None = None) -> Checkpoint:
+    """Rank 0 opens and verifies the checkpoint at ``url``; every rank gets the result or the same error."""
+    result: Any = None
+    if comm.rank == 0:
+        try:
+            result = open_checkpoint(source_of(url, options))
+        except DistCheckpointError as e:
+            result = e
+    result = comm.broadcast(result)
+    if isinstance(result, BaseException):
+        raise result
+    if comm.rank != 0:  # rebuild the store in this process (stores are not shared across processes)
+        result.source = source_of(url, options)
+    return result
+
+
+def global_shape(t: Any) -> torch.Size:
+    return t.size() if isinstance(t, ShardedTensor) else t.shape
+
+
+def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
+    """Targets that the checkpoint can fill; raise :class:`StateMismatchError` naming the first bad keys."""
+    saved = {k: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+    missing = [k[len(prefix):] for k in targets if k not in saved]
+    unexpected = [k[len(prefix):] for k in saved if k not in targets]
+    shapes = [
+        f"{k[len(prefix):]}: checkpoint {list(saved[k].size)} vs {what} {list(global_shape(t))}"  # type: ignore[union-attr]
+        for k, t in targets.items()
+        if k in saved and saved[k].size != global_shape(t)  # type: ignore[union-attr]
+    ]
+    if shapes or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"missing in checkpoint: {_first(missing)}")
+        if unexpected:
+            parts.append(f"not in the {what}: {_first(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch: {_first(shapes)}")
+        raise StateMismatchError(f"{url} does not match the {what}: " + "; ".join(parts))
+    return {k: t for k, t in targets.items() if k in saved}
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    more = f" (and {len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(repr(k) for k in keys[:n]) + more
+
+
+def allocate(metadata: Metadata, keys: list[str], url: str) -> dict[str, torch.Tensor]:
+    """Empty CPU tensors for ``keys``, shaped by the metadata, after checking the total fits in memory."""
+    mds = [metadata.state_dict_metadata[k] for k in keys]
+    total = sum(m.size.numel() * m.properties.dtype.itemsize for m in mds if isinstance(m, TensorStorageMetadata))
+    available = psutil.virtual_memory().available
+    if total > available:
+        raise CorruptCheckpointError(
+            f"{url}: metadata asks for {total} bytes of tensors, more than the {available} bytes of free memory"
+        )
+    return {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in zip(keys, mds)}  # type: ignore[union-attr]
+
+
+def read_tensors(
+    ckpt: Checkpoint,
+    targets: dict[str, Any],
+    *,
+    sources: list[Source] | None = None,
+    threads: int = 2,
+    codecs: Any = None,
+    comm: Comm,
+) -> ReadStats:
+    """Fill ``targets`` (plain, DTensor or ShardedTensor; any placement) from the checkpoint's blocks."""
+    reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads,
+                              codecs=codecs or (lambda name: BlockCodec()))
+    try:
+        dcp.load(targets, storage_reader=reader, planner=load_planner(), process_group=comm.group,
+                 no_dist=not comm.active)
+    except BaseException as e:
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for exc in failures.values():
+                inner = exc[0] if isinstance(exc, tuple) else exc
+                if isinstance(inner, DistCheckpointError):
+                    raise type(inner)(str(inner)) from e
+        raise
+    return reader.stats

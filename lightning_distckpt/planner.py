@@ -1,0 +1,152 @@
+"""DCP planners: which rank writes which bytes, and how loads are planned.
+
+Save planning works on *pieces*: the part of each tensor a rank holds (a DTensor's local shard, a
+ShardedTensor's local shards, or a whole plain tensor) with its offsets in the global tensor. Pieces are
+cut along their first dimension into chunks of at most ``chunk_bytes``. A chunk that several ranks hold
+(a replicated tensor: DDP weights, Adam step counters, callback state) is written by exactly one of them,
+chosen by longest-processing-time-first over bytes, so every rank writes about the same number of bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_global_save_plan
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.tensor import DTensor
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A rank's local part of a tensor: ``local`` sits at ``offsets`` inside a tensor of ``global_size``."""
+
+    local: torch.Tensor
+    offsets: torch.Size
+    global_size: torch.Size
+
+
+def pieces(value: Any) -> list[Piece]:
+    """The local pieces of a plain tensor, a DTensor or a ShardedTensor (or pieces already taken)."""
+    if isinstance(value, list) and all(isinstance(p, Piece) for p in value):
+        return value
+    if isinstance(value, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+        return [Piece(value.to_local(), torch.Size(offsets), value.shape)]
+    if isinstance(value, ShardedTensor):
+        return [Piece(s.tensor, torch.Size(s.metadata.shard_offsets), value.size()) for s in value.local_shards()]
+    if isinstance(value, torch.Tensor):
+        return [Piece(value, torch.Size([0] * value.dim()), value.shape)]
+    raise TypeError(f"not a tensor: {type(value).__name__}")
+
+
+def split_rows(piece: Piece, chunk_bytes: int) -> Iterable[tuple[torch.Size, torch.Size, torch.Tensor]]:
+    """Cut a piece along dim 0 into chunks of at most ``chunk_bytes``: (offsets, sizes, view)."""
+    t = piece.local
+    if t.dim() == 0 or t.numel() == 0:
+        yield piece.offsets, t.shape, t
+        return
+    row_bytes = max(1, t[0].numel() * t.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    for start in range(0, t.shape[0], step):
+        rows = min(step, t.shape[0] - start)
+        offsets = torch.Size([piece.offsets[0] + start, *piece.offsets[1:]])
+        yield offsets, torch.Size([rows, *t.shape[1:]]), t.narrow(0, start, rows)
+
+
+def item_bytes(item: WriteItem) -> int:
+    assert item.tensor_data is not None
+    return item.tensor_data.chunk.sizes.numel() * item.tensor_data.properties.dtype.itemsize
+
+
+def balance(plans: list[SavePlan]) -> list[SavePlan]:
+    """Keep each chunk in exactly one plan, giving shared chunks to the least-loaded holder (largest first).
+
+    Chunks held by one rank stay there; every rank then writes about the same number of bytes.
+    """
+    holders: dict[MetadataIndex, list[int]] = {}
+    first: dict[MetadataIndex, WriteItem] = {}
+    for rank, plan in enumerate(plans):
+        for item in plan.items:
+            holders.setdefault(item.index, []).append(rank)
+            first.setdefault(item.index, item)
+    load = [0] * len(plans)
+    owner: dict[MetadataIndex, int] = {}
+    for index, ranks in holders.items():
+        if len(ranks) == 1:
+            owner[index] = ranks[0]
+            load[ranks[0]] += item_bytes(first[index])
+    shared = sorted((i for i, r in holders.items() if len(r) > 1), key=lambda i: -item_bytes(first[i]))
+    for index in shared:
+        rank = min(holders[index], key=lambda r: (load[r], r))
+        owner[index] = rank
+        load[rank] += item_bytes(first[index])
+    return [
+        dataclasses.replace(plan, items=[it for it in plan.items if owner[it.index] == rank])
+        for rank, plan in enumerate(plans)
+    ]
+
+
+class BalancedSavePlanner(SavePlanner):
+    """Plans a save of a flat ``{key: tensor}`` dict (plain, DTensor or ShardedTensor values).
+
+    Not thread-safe; one instance per save. ``resolve_data`` returns views of the caller's tensors, which
+    must not change until the write completes (take a snapshot first for asynchronous saves).
+    """
+
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._views: dict[MetadataIndex, torch.Tensor] = {}
+        self._items: list[WriteItem] = []
+
+    def set_up_planner(self, state_dict: dict[str, Any], storage_meta: Any = None, is_coordinator: bool = False) -> None:
+        self._views.clear()
+        self._items = []
+        for key, value in state_dict.items():
+            for piece in pieces(value):
+                props = TensorProperties(dtype=piece.local.dtype)
+                for offsets, sizes, view in split_rows(piece, self.chunk_bytes):
+                    index = MetadataIndex(key, offsets)
+                    self._views[index] = view
+                    self._items.append(
+                        WriteItem(
+                            index=index,
+                            type=WriteItemType.SHARD,
+                            tensor_data=TensorWriteData(
+                                chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+                                properties=props,
+                                size=piece.global_size,
+                            ),
+                        )
+                    )
+
+    def create_local_plan(self) -> SavePlan:
+        return SavePlan(self._items)
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        plans, metadata = create_default_global_save_plan(balance(all_plans), rewrite_index_hints=False)
+        for key, tmd in metadata.state_dict_metadata.items():
+            covered = sum(c.sizes.numel() for c in tmd.chunks)  # type: ignore[union-attr]
+            if covered != tmd.size.numel():  # type: ignore[union-attr]
+                raise ValueError(f"state key {key!r}: ranks hold overlapping or incomplete parts ({covered} of "
+                                 f"{tmd.size.numel()} elements)")  # type: ignore[union-attr]
+        return plans, metadata
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        return new_plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        return self._views[write_item.index]
+
+
+def load_planner() -> DefaultLoadPlanner:
+    """DCP's default load planner on a flat dict: reads every overlap of stored chunks and local targets."""
+    return DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=False)

@@ -1,0 +1,149 @@
+"""Writing one checkpoint: staging directory, DCP save, manifest, atomic publish, commit marker.
+
+``write_checkpoint`` is collective over ``group`` (every rank calls it with the same URL). It returns only
+once the checkpoint is committed, or raises :class:`CheckpointSaveError` on every rank; in that case the
+staging directory is removed (best effort) and no earlier checkpoint was touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata
+
+from lightning_distckpt._dist import Comm
+from lightning_distckpt import format as fmt
+from lightning_distckpt.catalog import remove_checkpoint
+from lightning_distckpt.errors import CheckpointSaveError
+from lightning_distckpt.planner import BalancedSavePlanner
+from lightning_distckpt.storage import Store, open_store
+from lightning_distckpt.storage.writer import BlockCodec, CheckpointWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How bytes are laid out; identical on every rank."""
+
+    threads: int = 2
+    chunk_bytes: int = 32 << 20
+    block_bytes: int = 8 << 20
+    durable: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SaveResult:
+    """What one rank did in one save."""
+
+    url: str
+    bytes_written: int
+    seconds: float
+    manifest: fmt.Manifest | None = None  # rank 0 only
+
+
+def write_checkpoint(
+    url: str,
+    skeleton: Any,
+    tensors: dict[str, Any],
+    manifest: fmt.Manifest,
+    options: WriteOptions,
+    comm: Comm,
+    codec: BlockCodec | None = None,
+) -> SaveResult:
+    """Save ``tensors`` (flat, possibly sharded) and ``skeleton`` (JSON) as the checkpoint ``url``."""
+    start = time.perf_counter()
+    store, path = open_store(url, options.storage_options, options.durable)
+    parent, name = store.parent(path), store.basename(path)
+    try:
+        fmt.check_name(name, url)
+    except fmt.UnsafeCheckpointError as e:
+        raise CheckpointSaveError(f"{url}: cannot save here: {e}") from None
+    token = comm.broadcast(uuid.uuid4().hex[:12])
+    staging = store.join(parent, fmt.staging_name(name, token))
+    is_coordinator = comm.rank == 0
+
+    error = ""
+    if is_coordinator:
+        try:
+            store.makedirs(staging)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = f"cannot create {store.url(staging)}: {e}"
+    error = comm.broadcast(error)
+    if error:
+        raise CheckpointSaveError(f"saving checkpoint {url} failed: {error}")
+
+    published: list[fmt.Manifest] = []
+
+    def publish(metadata: Metadata) -> None:
+        published.append(_publish(store, path, staging, token, metadata, skeleton, manifest))
+
+    writer = CheckpointWriter(store, staging, threads=options.threads, block_bytes=options.block_bytes,
+                              codec=codec, on_finish=publish)
+    try:
+        dcp.save(tensors, storage_writer=writer, planner=BalancedSavePlanner(options.chunk_bytes),
+                 process_group=comm.group, no_dist=not comm.active)
+    except BaseException as e:
+        if is_coordinator:
+            try:
+                store.remove(staging, recursive=True)
+            except Exception:  # noqa: BLE001 - best effort; gc removes it later
+                log.warning("could not remove staging directory %s", store.url(staging), exc_info=True)
+        raise CheckpointSaveError(f"saving checkpoint {url} failed (nothing was committed): {_root_cause(e)}") from e
+    return SaveResult(url, writer.bytes_written, time.perf_counter() - start, published[0] if published else None)
+
+
+def _root_cause(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: exception}
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, exc in sorted(failures.items()):
+            inner = exc[0] if isinstance(exc, tuple) else exc
+            parts.append(f"rank {rank}: {type(inner).__name__}: {inner}")
+        return "; ".join(parts)
+    return f"{type(e).__name__}: {e}"
+
+
+def _publish(store: Store, path: str, staging: str, token: str, metadata: Metadata, skeleton: Any,
+             manifest: fmt.Manifest) -> fmt.Manifest:
+    """Coordinator only: write the documents, move staging into place, write the commit marker."""
+    files: dict[str, dict[str, int]] = {}
+    by_file: dict[str, list[tuple[int, fmt.Location]]] = {}
+    raw = 0
+    for loc in metadata.storage_data.values():
+        by_file.setdefault(loc.file, []).append((loc.offset, loc))
+        raw += loc.raw
+    for name, locs in by_file.items():
+        locs.sort(key=lambda x: x[0])
+        digests, size = [], 0
+        for offset, loc in locs:
+            if offset != size:
+                raise RuntimeError(f"internal error: chunks of {name} are not contiguous")
+            digests.extend(b.digest for b in loc.blocks)
+            size += loc.stored
+        files[name] = {"size": size, "xxh3": fmt.blocks_digest(digests)}
+    for name, data in ((fmt.METADATA, fmt.dumps(fmt.metadata_to_json(metadata))), (fmt.STATE, fmt.dumps(skeleton))):
+        store.write_bytes(store.join(staging, name), data)
+        files[name] = {"size": len(data), "xxh3": fmt.digest(data)}
+    manifest.name = store.basename(path)
+    manifest.files = files
+    manifest.tensor_bytes = raw
+    manifest.created = time.time()
+    manifest_bytes = fmt.dumps(manifest.to_json())
+    store.write_bytes(store.join(staging, fmt.MANIFEST), manifest_bytes)
+
+    trash = None
+    if store.exists(path):  # overwrite: move the old one aside, it stays recoverable until the new commits
+        trash = store.join(store.parent(path), fmt.trash_name(store.basename(path), token))
+        store.rename(path, trash)
+    store.rename(staging, path)
+    store.write_bytes(store.join(path, fmt.MARKER), fmt.marker_bytes(manifest_bytes))
+    if trash is not None:
+        remove_checkpoint(store, trash)
+    return manifest

@@ -1,0 +1,134 @@
+"""The Store interface: the few operations a checkpoint needs from a storage system.
+
+A store is addressed by URL strings and never turns one into a ``pathlib.Path``: ``hdfs://nn:8020/x``
+stays exactly that from the user's config to the storage client (invariant 4 of the design).
+
+Implementations must be safe to use from several threads at once (the writer and reader run one
+stream per thread) and must not keep state that breaks across ``fork`` (create clients lazily).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory entry as returned by :meth:`Store.listdir`."""
+
+    name: str
+    is_dir: bool
+    size: int
+    mtime: float = 0.0
+
+
+class WriteStream(Protocol):
+    """What :meth:`Store.open_write` returns: append-only bytes, durable once ``close`` returns."""
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
+
+    def close(self) -> None: ...
+
+
+class Store(ABC):
+    """A storage backend. Paths are ``/``-separated strings in the store's own namespace.
+
+    ``url(path)`` gives back the full URL for messages and for other processes.
+    """
+
+    #: URL scheme(s) this store answers, for messages ("file", "hdfs", ...).
+    scheme: str = ""
+
+    # ---- naming -------------------------------------------------------------------------------
+    @abstractmethod
+    def url(self, path: str) -> str:
+        """The full URL of ``path`` (what a user would pass to open it again)."""
+
+    @staticmethod
+    def join(base: str, *names: str) -> str:
+        return posixpath.join(base, *names)
+
+    @staticmethod
+    def parent(path: str) -> str:
+        return posixpath.dirname(path.rstrip("/"))
+
+    @staticmethod
+    def basename(path: str) -> str:
+        return posixpath.basename(path.rstrip("/"))
+
+    # ---- writing ------------------------------------------------------------------------------
+    @abstractmethod
+    def open_write(self, path: str) -> WriteStream:
+        """Create (or truncate) ``path`` for writing. The parent directory exists."""
+
+    @abstractmethod
+    def makedirs(self, path: str) -> None:
+        """Create ``path`` and its parents; no error if it exists."""
+
+    @abstractmethod
+    def rename(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` (``dst`` must not exist) and verify that it happened.
+
+        Atomic where the storage system offers it (POSIX, HDFS); raises :class:`StorageError` if the
+        rename did not take effect.
+        """
+
+    @abstractmethod
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Delete a file, or a directory with ``recursive=True``; no error if it is already gone."""
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        stream = self.open_write(path)
+        try:
+            stream.write(data)
+        finally:
+            stream.close()
+
+    # ---- reading ------------------------------------------------------------------------------
+    @abstractmethod
+    def open_read(self, path: str) -> BinaryIO:
+        """Open ``path`` for reading (seekable)."""
+
+    def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes of ``path`` at ``offset``; a short file is an error."""
+        with self.open_read(path) as f:
+            f.seek(offset)
+            read_exactly(f, buffer, path)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.open_read(path) as f:
+            return f.read()
+
+    @abstractmethod
+    def size(self, path: str) -> int:
+        """Size of a file in bytes; ``FileNotFoundError`` if it does not exist."""
+
+    @abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def isdir(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def listdir(self, path: str) -> list[Entry]:
+        """Entries directly under ``path``; ``FileNotFoundError`` if it does not exist."""
+
+
+def read_exactly(f: BinaryIO, buffer: memoryview, what: str) -> None:
+    """Read ``len(buffer)`` bytes from ``f`` into ``buffer``; raise ``EOFError`` naming ``what`` if short."""
+    view = buffer.cast("B")
+    done = 0
+    while done < len(view):
+        readinto = getattr(f, "readinto", None)
+        if readinto is not None:
+            n = readinto(view[done:])
+        else:
+            chunk = f.read(len(view) - done)
+            n = len(chunk)
+            view[done : done + n] = chunk
+        if not n:
+            raise EOFError(f"{what}: file ends after {done} of {len(view)} expected bytes")
+        done += n

@@ -1,0 +1,223 @@
+"""DCP StorageReader: reads exactly the blocks a rank needs and verifies each before using it.
+
+For every read item the reader finds the stored chunk's blocks that cover the requested rows, reads them
+with one ranged read, checks each block's xxh3 against the metadata and only then decodes and copies the
+bytes into the destination tensor. A block that fails (missing file, short read, wrong checksum) is read
+from the next source that has the same file (a replica); if none has a good copy the load fails with a
+:class:`CorruptCheckpointError` naming file, offset and tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import torch
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from lightning_distckpt.errors import CorruptCheckpointError
+from lightning_distckpt.format import Location, digest
+from lightning_distckpt.storage.base import Store, read_exactly
+from lightning_distckpt.storage.writer import BlockCodec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A copy of the checkpoint: a store and the checkpoint directory's path in it."""
+
+    store: Store
+    path: str
+
+    def url(self, name: str = "") -> str:
+        return self.store.url(self.store.join(self.path, name) if name else self.path)
+
+
+@dataclass
+class ReadStats:
+    """What a load read, per source URL (bytes) and which files needed a fallback source."""
+
+    bytes_by_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class CheckpointReader(StorageReader):
+    """Reads one checkpoint from ``sources`` (the first is preferred). One instance per load."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        metadata: Metadata,
+        *,
+        threads: int = 2,
+        codecs: Callable[[str], BlockCodec] | None = None,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise ValueError("a reader needs at least one source")
+        self.sources = list(sources)
+        self.metadata = metadata
+        self.threads = threads
+        self.codecs = codecs or (lambda name: BlockCodec())
+        self.stats = ReadStats()
+        self._chunks: dict[MetadataIndex, ChunkStorageMetadata] = {
+            MetadataIndex(fqn, c.offsets): c
+            for fqn, tmd in metadata.state_dict_metadata.items()
+            for c in tmd.chunks  # type: ignore[union-attr]
+        }
+        self._bad: set[tuple[int, str]] = set()  # (source index, file) known to be bad
+
+    # -- DCP protocol ------------------------------------------------------------------------------
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return self.metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        by_file: dict[str, list[ReadItem]] = defaultdict(list)
+        for ri in plan.items:
+            by_file[self._loc(ri).file].append(ri)
+        groups = sorted(by_file.items(), key=lambda kv: -sum(self._loc(r).stored for r in kv[1]))
+        work = [(name, sorted(items, key=lambda r: self._loc(r).offset)) for name, items in groups]
+        if self.threads <= 1 or len(work) <= 1:
+            for name, items in work:
+                self._read_file(name, items, planner)
+        else:
+            with ThreadPoolExecutor(min(self.threads, len(work)), thread_name_prefix="distckpt-read") as pool:
+                list(pool.map(lambda w: self._read_file(w[0], w[1], planner), work))
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _loc(self, ri: ReadItem) -> Location:
+        return self.metadata.storage_data[ri.storage_index]
+
+    def _read_file(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
+        handles: dict[int, BinaryIO] = {}
+        try:
+            for ri in items:
+                self._read_item(ri, planner, handles)
+        finally:
+            for f in handles.values():
+                f.close()
+
+    def _read_item(self, ri: ReadItem, planner: LoadPlanner, handles: dict[int, BinaryIO]) -> None:
+        fqn = ri.storage_index.fqn
+        loc = self._loc(ri)
+        chunk = self._chunks[ri.storage_index]
+        dtype = self.metadata.state_dict_metadata[fqn].properties.dtype  # type: ignore[union-attr]
+        shape = list(chunk.sizes)
+        row_bytes = dtype.itemsize * (torch.Size(shape[1:]).numel() if shape else 1)
+        first = ri.storage_offsets[0] if shape else 0
+        rows = ri.lengths[0] if shape else 1
+        raw = self._read_raw(loc, first * row_bytes, (first + rows) * row_bytes, fqn, handles)
+        src = torch.frombuffer(raw, dtype=dtype) if len(raw) else torch.empty(0, dtype=dtype)
+        src = src.reshape([rows, *shape[1:]] if shape else [])
+        for d in range(1, len(shape)):
+            src = src.narrow(d, ri.storage_offsets[d], ri.lengths[d])
+        target = planner.resolve_tensor(ri)
+        if target.shape != src.shape:
+            raise CorruptCheckpointError(
+                f"{self.sources[0].url(loc.file)}: tensor {fqn!r} region {list(src.shape)} does not fit its "
+                f"destination {list(target.shape)}"
+            )
+        target.copy_(src)
+        planner.commit_tensor(ri, target)
+
+    def _read_raw(self, loc: Location, lo: int, hi: int, fqn: str, handles: dict[int, BinaryIO]) -> memoryview:
+        """Raw bytes [lo, hi) of the chunk at ``loc``, from verified (and decoded) blocks."""
+        if hi <= lo:
+            return memoryview(bytearray())
+        selected, raw_pos, stored_pos = [], 0, loc.offset
+        start_raw = start_stored = 0
+        for b in loc.blocks:
+            if raw_pos < hi and raw_pos + b.raw > lo:
+                if not selected:
+                    start_raw, start_stored = raw_pos, stored_pos
+                selected.append(b)
+            raw_pos += b.raw
+            stored_pos += b.stored
+        if raw_pos < hi:
+            raise CorruptCheckpointError(
+                f"{self.sources[0].url(loc.file)}: tensor {fqn!r} needs {hi} bytes, its blocks hold {raw_pos}"
+            )
+        data = memoryview(self._read_verified(loc, start_stored, selected, fqn, handles))
+        if loc.codec:
+            codec = self.codecs(loc.codec)
+            out, pos = bytearray(), 0
+            for b in selected:
+                decoded = codec.decode(data[pos : pos + b.stored], b.raw)
+                if len(decoded) != b.raw:
+                    raise CorruptCheckpointError(
+                        f"{self.sources[0].url(loc.file)}: block of tensor {fqn!r} decodes to {len(decoded)} "
+                        f"bytes, expected {b.raw}"
+                    )
+                out += decoded
+                pos += b.stored
+            data = memoryview(out)
+        return data[lo - start_raw : hi - start_raw]
+
+    def _read_verified(self, loc: Location, offset: int, blocks: Sequence[Any], fqn: str,
+                       handles: dict[int, BinaryIO]) -> bytearray:
+        size = sum(b.stored for b in blocks)
+        problems = []
+        for s, source in enumerate(self.sources):
+            if (s, loc.file) in self._bad:
+                continue
+            buf = bytearray(size)
+            try:
+                f = handles.get(s)
+                if f is None:
+                    f = handles[s] = source.store.open_read(source.store.join(source.path, loc.file))
+                f.seek(offset)
+                read_exactly(f, memoryview(buf), source.url(loc.file))
+            except (OSError, EOFError) as e:
+                problems.append(f"{source.url(loc.file)}: {e}")
+                self._bad.add((s, loc.file))
+                continue
+            view = memoryview(buf)
+            pos, bad = 0, None
+            for b in blocks:
+                if digest(view[pos : pos + b.stored]) != b.digest:
+                    bad = offset + pos
+                    break
+                pos += b.stored
+            if bad is None:
+                with self.stats.lock:
+                    self.stats.bytes_by_source[source.url()] += size
+                    if s:
+                        self.stats.fallbacks[loc.file] = source.url()
+                return buf
+            problems.append(f"{source.url(loc.file)}: block at byte {bad} (tensor {fqn!r}) fails its checksum")
+            self._bad.add((s, loc.file))
+            f = handles.pop(s, None)
+            if f is not None:
+                f.close()
+        if len(self.sources) > 1 and problems:
+            log.warning("no good copy of %s: %s", loc.file, "; ".join(problems))
+        raise CorruptCheckpointError("; ".join(problems) or f"{loc.file}: no readable copy")
