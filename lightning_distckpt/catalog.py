@@ -74,7 +74,10 @@ def read_manifest(source: Source) -> fmt.Manifest:
 
 
 def _read_listed(source: Source, manifest: fmt.Manifest, name: str) -> bytes:
-    data = _read(source, name)
+    try:
+        data = _read(source, name)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{source.url(name)}: missing (listed in {fmt.MANIFEST})") from None
     want = manifest.files[name]
     if len(data) != want["size"] or fmt.digest(data) != want["xxh3"]:
         raise CorruptCheckpointError(f"{source.url(name)}: does not match its checksum in {fmt.MANIFEST}")

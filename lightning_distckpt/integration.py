@@ -93,6 +93,22 @@ def _model(strategy: Strategy) -> torch.nn.Module:
     return model
 
 
+_WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def parameter_fqns(strategy: Strategy) -> set[str]:
+    """FQNs (as in :func:`model_state_dict`) of the model's parameters, without buffers."""
+    module = strategy.lightning_module
+    if module is None:
+        return set()
+    names = set()
+    for name, _ in module.named_parameters():
+        for wrapper in _WRAPPER_NAMES:
+            name = name.replace(wrapper, "")
+        names.add(name)
+    return names
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
 

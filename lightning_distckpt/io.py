@@ -37,7 +37,13 @@ from lightning_distckpt import catalog, state
 from lightning_distckpt import format as fmt
 from lightning_distckpt._dist import SOLO, Comm
 from lightning_distckpt.errors import CheckpointSaveError, StateMismatchError
-from lightning_distckpt.integration import model_state_dict, optimizer_state_dict, set_optimizer_state, strategy_name
+from lightning_distckpt.integration import (
+    model_state_dict,
+    optimizer_state_dict,
+    parameter_fqns,
+    set_optimizer_state,
+    strategy_name,
+)
 from lightning_distckpt.loading import Pending, allocate, match, open_for_load, read_tensors
 from lightning_distckpt.saving import SaveResult, WriteOptions, write_checkpoint
 from lightning_distckpt.snapshot import Snapshotter
@@ -152,13 +158,14 @@ class DistCheckpointIO(CheckpointIO):
         url = comm.broadcast(path)
         skeleton, tensors = state.split(checkpoint)
         manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
+        replicated = _replicated_keys(strategy)
         if self.async_save:
             snapshot = self._snapshots.take(tensors)
             with self._lock:
                 self._in_flight = True  # tasks registered from now on wait for this save
-            self._future = self._pool().submit(self._write, url, skeleton, snapshot, manifest, comm, True)
+            self._future = self._pool().submit(self._write, url, skeleton, snapshot, manifest, comm, replicated, True)
         else:
-            self._write(url, skeleton, tensors, manifest, comm)
+            self._write(url, skeleton, tensors, manifest, comm, replicated)
         self.stats.blocked_s = time.perf_counter() - start
 
     def load_routed(self, strategy: Strategy, path: str) -> dict[str, Any]:
@@ -253,11 +260,11 @@ class DistCheckpointIO(CheckpointIO):
                 self._failed = False
 
     def _write(self, url: str, skeleton: Any, tensors: dict[str, Any], manifest: fmt.Manifest, comm: Comm,
-               background: bool = False) -> None:
+               replicated: Callable[[str], bool] = lambda key: True, background: bool = False) -> None:
         with self._lock:
             self._in_flight = True
         try:
-            result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm)
+            result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, replicated=replicated)
         except BaseException:
             with self._lock:
                 self._after_commit.clear()
@@ -314,6 +321,12 @@ class DistCheckpointIO(CheckpointIO):
     def __setstate__(self, s: dict[str, Any]) -> None:
         self.__dict__.update(s)
         self._lock = threading.Lock()
+
+
+def _replicated_keys(strategy: Strategy) -> Callable[[str], bool]:
+    """Keys whose plain tensors are identical on every rank: parameters and optimizer state."""
+    params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
+    return lambda key: key in params or key.startswith(state.OPTIM)
 
 
 def _version() -> str:

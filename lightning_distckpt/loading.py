@@ -7,6 +7,7 @@ documents and broadcasts them, so every rank sees the same checkpoint and the sa
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,8 +106,10 @@ def read_tensors(
     reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads,
                               codecs=codecs or (lambda name: BlockCodec()))
     try:
-        dcp.load(targets, storage_reader=reader, planner=load_planner(), process_group=comm.group,
-                 no_dist=not comm.active)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(targets, storage_reader=reader, planner=load_planner(), process_group=comm.group,
+                     no_dist=not comm.active)
     except BaseException as e:
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):

@@ -10,7 +10,7 @@ chosen by longest-processing-time-first over bytes, so every rank writes about t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -67,10 +67,13 @@ def item_bytes(item: WriteItem) -> int:
     return item.tensor_data.chunk.sizes.numel() * item.tensor_data.properties.dtype.itemsize
 
 
-def balance(plans: list[SavePlan]) -> list[SavePlan]:
+def balance(plans: list[SavePlan], replicated: Callable[[str], bool] = lambda key: True) -> list[SavePlan]:
     """Keep each chunk in exactly one plan, giving shared chunks to the least-loaded holder (largest first).
 
-    Chunks held by one rank stay there; every rank then writes about the same number of bytes.
+    Chunks held by one rank stay there. A chunk held by several ranks is *replicated* when every holder has
+    the same bytes (``replicated(key)``: parameters and optimizer state under DDP); those are spread so
+    that every rank writes about the same number of bytes. Others (buffers such as BatchNorm statistics,
+    which ranks update on their own) are written by their lowest rank, as Lightning's rank-0 saves do.
     """
     holders: dict[MetadataIndex, list[int]] = {}
     first: dict[MetadataIndex, WriteItem] = {}
@@ -84,8 +87,14 @@ def balance(plans: list[SavePlan]) -> list[SavePlan]:
         if len(ranks) == 1:
             owner[index] = ranks[0]
             load[ranks[0]] += item_bytes(first[index])
-    shared = sorted((i for i, r in holders.items() if len(r) > 1), key=lambda i: -item_bytes(first[i]))
-    for index in shared:
+    shared = []
+    for index, ranks in holders.items():
+        if len(ranks) > 1 and not replicated(index.fqn):
+            owner[index] = min(ranks)
+            load[owner[index]] += item_bytes(first[index])
+        elif len(ranks) > 1:
+            shared.append(index)
+    for index in sorted(shared, key=lambda i: -item_bytes(first[i])):
         rank = min(holders[index], key=lambda r: (load[r], r))
         owner[index] = rank
         load[rank] += item_bytes(first[index])
@@ -102,8 +111,10 @@ class BalancedSavePlanner(SavePlanner):
     must not change until the write completes (take a snapshot first for asynchronous saves).
     """
 
-    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 replicated: Callable[[str], bool] = lambda key: True) -> None:
         self.chunk_bytes = chunk_bytes
+        self.replicated = replicated
         self._views: dict[MetadataIndex, torch.Tensor] = {}
         self._items: list[WriteItem] = []
 
@@ -132,7 +143,7 @@ class BalancedSavePlanner(SavePlanner):
         return SavePlan(self._items)
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        plans, metadata = create_default_global_save_plan(balance(all_plans), rewrite_index_hints=False)
+        plans, metadata = create_default_global_save_plan(balance(all_plans, self.replicated), rewrite_index_hints=False)
         for key, tmd in metadata.state_dict_metadata.items():
             covered = sum(c.sizes.numel() for c in tmd.chunks)  # type: ignore[union-attr]
             if covered != tmd.size.numel():  # type: ignore[union-attr]

@@ -8,8 +8,10 @@ staging directory is removed (best effort) and no earlier checkpoint was touched
 from __future__ import annotations
 
 import logging
+import warnings
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +58,13 @@ def write_checkpoint(
     options: WriteOptions,
     comm: Comm,
     codec: BlockCodec | None = None,
+    replicated: Callable[[str], bool] = lambda key: True,
 ) -> SaveResult:
-    """Save ``tensors`` (flat, possibly sharded) and ``skeleton`` (JSON) as the checkpoint ``url``."""
+    """Save ``tensors`` (flat, possibly sharded) and ``skeleton`` (JSON) as the checkpoint ``url``.
+
+    ``replicated(key)`` says whether a plain tensor has the same bytes on every rank (then any rank may
+    write it, see :func:`~lightning_distckpt.planner.balance`).
+    """
     start = time.perf_counter()
     store, path = open_store(url, options.storage_options, options.durable)
     parent, name = store.parent(path), store.basename(path)
@@ -87,8 +94,10 @@ def write_checkpoint(
     writer = CheckpointWriter(store, staging, threads=options.threads, block_bytes=options.block_bytes,
                               codec=codec, on_finish=publish)
     try:
-        dcp.save(tensors, storage_writer=writer, planner=BalancedSavePlanner(options.chunk_bytes),
-                 process_group=comm.group, no_dist=not comm.active)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(tensors, storage_writer=writer, planner=BalancedSavePlanner(options.chunk_bytes, replicated),
+                     process_group=comm.group, no_dist=not comm.active)
     except BaseException as e:
         if is_coordinator:
             try:

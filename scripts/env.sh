@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create (once per lock file) and activate the project's virtual environment, outside the checkout.
+#
+# The venv lives in ${DISTCKPT_CACHE:-~/.cache/lightning-distckpt}/venv-<hash of requirements/lock.txt>,
+# so a warm machine reuses it and a new machine builds it from PyPI (pip's cache makes rebuilds quick).
+# Source this file: `source scripts/env.sh`. It installs this checkout into the venv (editable, no deps).
+set -euo pipefail
+_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_cache="${DISTCKPT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lightning-distckpt}"
+_lock="$_root/requirements/lock.txt"
+_hash="$(sha256sum "$_lock" | cut -c1-12)"
+_venv="$_cache/venv-$_hash"
+_python="${PYTHON:-python3}"
+
+if [ ! -x "$_venv/bin/python" ] || [ ! -f "$_venv/.complete" ]; then
+  echo ">> creating $_venv (first run on this machine: installs torch and friends from PyPI)" >&2
+  rm -rf "$_venv"
+  mkdir -p "$_cache"
+  "$_python" -m venv "$_venv"
+  "$_venv/bin/pip" install -q --upgrade pip >&2
+  "$_venv/bin/pip" install -q -r "$_lock" >&2
+  touch "$_venv/.complete"
+fi
+# editable install of this checkout (fast; re-pointed at whichever clone runs it)
+"$_venv/bin/pip" install -q --no-deps --no-build-isolation -e "$_root" >&2
+export VIRTUAL_ENV="$_venv"
+export PATH="$_venv/bin:$PATH"
+export DISTCKPT_ROOT="$_root"
+set +euo pipefail

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test suite on a fresh or warm machine: venv, the MiniDFS jars (Maven, cached in ~/.m2), pytest.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+set -euo pipefail
+if command -v mvn >/dev/null 2>&1 && command -v java >/dev/null 2>&1; then
+  bash tools/minidfs/build.sh >/dev/null   # builds the HDFS test launcher and fetches its jars once
+else
+  echo ">> no Java/Maven: HDFS tests will be skipped (they say why)" >&2
+fi
+export OMP_NUM_THREADS=1
+exec python -m pytest -q "$@"

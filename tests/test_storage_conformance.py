@@ -1,0 +1,56 @@
+"""One conformance suite for every storage backend (local here; HDFS and webhdfs add their fixtures)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lightning_distckpt.errors import StorageError
+from lightning_distckpt.storage import Store, open_store
+
+
+@pytest.fixture(params=["local", "file-url"])
+def store_root(request, tmp_path) -> tuple[Store, str]:
+    url = str(tmp_path) if request.param == "local" else f"file://{tmp_path}"
+    return open_store(url)
+
+
+def test_write_read_list_rename_remove(store_root):
+    store, root = store_root
+    d = store.join(root, "ckpt")
+    store.makedirs(d)
+    store.makedirs(d)  # idempotent
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    s = store.open_write(store.join(d, "a.bin"))
+    s.write(data[:1000])
+    s.write(memoryview(data)[1000:])
+    s.close()
+    s.close()  # a second close is harmless
+    assert store.size(store.join(d, "a.bin")) == len(data)
+    assert store.read_bytes(store.join(d, "a.bin")) == data
+    buf = bytearray(100)
+    store.read_into(store.join(d, "a.bin"), 12345, memoryview(buf))
+    assert bytes(buf) == data[12345:12445]
+    with pytest.raises(EOFError, match="a.bin"):
+        store.read_into(store.join(d, "a.bin"), len(data) - 10, memoryview(bytearray(100)))
+    names = {e.name: e for e in store.listdir(d)}
+    assert names["a.bin"].size == len(data) and not names["a.bin"].is_dir
+    store.rename(d, store.join(root, "final"))
+    assert not store.exists(d) and store.isdir(store.join(root, "final"))
+    store.makedirs(d)
+    with pytest.raises(StorageError):  # never rename onto an existing name
+        store.rename(d, store.join(root, "final"))
+    store.remove(store.join(root, "final"), recursive=True)
+    store.remove(store.join(root, "final"), recursive=True)  # already gone: no error
+    assert not store.exists(store.join(root, "final"))
+    with pytest.raises(FileNotFoundError):
+        store.listdir(store.join(root, "nope"))
+    assert store.url(root).endswith(root.rsplit("/", 1)[-1])
+
+
+def test_urls_stay_strings(tmp_path):
+    with pytest.raises(TypeError, match="str"):
+        open_store(tmp_path)  # a pathlib.Path is refused, never silently converted
+    store, path = open_store("memory://bucket/x")
+    assert store.url(path).startswith("memory://")

@@ -1,0 +1,90 @@
+"""A training run for the multi-process tests: ``torchrun --nproc_per_node=N train.py --strategy ddp ...``.
+
+Saves with DistCheckpointIO + DistCheckpoint, optionally resumes, and writes JSON digests of the state
+at save time (``--digest-dir``/saved-<step>.json) and at the end (``--final-digest``; with
+``--resume`` and ``--max-steps`` equal to the checkpoint's step, that is the restored state), so that tests
+can compare states bitwise across strategies and world sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import lightning as L
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Net, data, full_state_digest, strategy, write_json  # noqa: E402
+
+from lightning_distckpt import DistCheckpoint, DistCheckpointIO  # noqa: E402
+
+
+class Probe(L.Callback):
+    """Records state digests: after each save (rank 0 writes) and at train start after a restore."""
+
+    def __init__(self, out: str | None) -> None:
+        self.out = out
+        self.restored = False
+        self.loaded_loops: Any = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # called on every rank inside Trainer.save_checkpoint, before the state is written
+        if not self.out:
+            return
+        digest = full_state_digest(trainer)
+        digest.update({"loops": checkpoint["loops"], "epoch": checkpoint["epoch"]})
+        if trainer.is_global_zero:
+            write_json(os.path.join(self.out, f"saved-{trainer.global_step}.json"), digest)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.restored = True
+        self.loaded_loops = {"loops": checkpoint["loops"], "epoch": checkpoint["epoch"]}
+
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", default="ddp", choices=["single", "ddp", "fsdp", "mp"])
+    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=4)
+    p.add_argument("--keep-last", type=int, default=None)
+    p.add_argument("--resume", default=None, help='"last", a checkpoint URL, or nothing')
+    p.add_argument("--async-save", action="store_true")
+    p.add_argument("--digest-dir", default=None)
+    p.add_argument("--final-digest", default=None, help="write the full state digest at the end of fit here")
+    p.add_argument("--width", type=int, default=32)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model = Net(width=args.width)
+    probe = Probe(args.digest_dir)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world if args.strategy != "single" else 1,
+        strategy=strategy(args.strategy),
+        max_steps=args.max_steps,
+        plugins=[DistCheckpointIO(async_save=args.async_save)],
+        callbacks=[DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last),
+                   probe],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=True,
+    )
+    trainer.fit(model, data(), ckpt_path=args.resume)
+    if args.final_digest:
+        digest = full_state_digest(trainer)
+        if probe.loaded_loops is not None:
+            digest.update(probe.loaded_loops)  # what the restore read (no step ran if max_steps was reached)
+        if trainer.is_global_zero:
+            write_json(args.final_digest, digest)
+
+
+if __name__ == "__main__":
+    main()
