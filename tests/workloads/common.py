@@ -66,7 +66,8 @@ def strategy(name: str) -> Any:
     if name == "ddp":
         return DDPStrategy(process_group_backend="gloo")
     if name == "mp":
-        return ModelParallelStrategy(data_parallel_size=int(os.environ.get("WORLD_SIZE", "1")), tensor_parallel_size=1)
+        world = int(os.environ.get("WORLD_SIZE") or os.environ.get("DISTCKPT_TEST_WORLD", "1"))
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     if name == "fsdp":
         return CPUFSDPStrategy()
     raise ValueError(name)
@@ -120,3 +121,15 @@ def write_json(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
+
+
+class DataModule(L.LightningDataModule):
+    """The same data as :func:`data`, for LightningCLI configs."""
+
+    def __init__(self, n: int = 128, batch_size: int = 16) -> None:
+        super().__init__()
+        self.n = n
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return data(self.n, self.batch_size)

@@ -43,6 +43,45 @@ class Probe(L.Callback):
         self.restored = True
         self.loaded_loops = {"loops": checkpoint["loops"], "epoch": checkpoint["epoch"]}
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after a restore: what was restored, then a marker that training runs (the crash tests wait for it)
+        if not self.out:
+            return
+        if self.restored:
+            digest = full_state_digest(trainer)
+            digest.update(self.loaded_loops)
+            if trainer.is_global_zero:
+                write_json(os.path.join(self.out, f"restored-{trainer.global_step}.json"), digest)
+        if trainer.is_global_zero:
+            write_json(os.path.join(self.out, "started.json"), {"step": trainer.global_step, "pid": os.getpid()})
+
+
+
+def crash_injection() -> None:
+    """``DISTCKPT_TEST_CRASH=<rank>:<LocalStore method>:<n>``: that rank SIGKILLs itself at the n-th call.
+
+    Lets the crash tests hit each step of the commit protocol deterministically (no hook in the package).
+    """
+    spec = os.environ.get("DISTCKPT_TEST_CRASH")
+    if not spec:
+        return
+    rank, method, n = spec.split(":")
+    if os.environ.get("LOCAL_RANK", "0") != rank:
+        return
+    import signal
+
+    from lightning_distckpt.storage.local import LocalStore
+
+    original = getattr(LocalStore, method)
+    calls = {"n": 0}
+
+    def dying(self: Any, *a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *a, **k)
+
+    setattr(LocalStore, method, dying)
 
 
 def main() -> None:
@@ -57,10 +96,13 @@ def main() -> None:
     p.add_argument("--digest-dir", default=None)
     p.add_argument("--final-digest", default=None, help="write the full state digest at the end of fit here")
     p.add_argument("--width", type=int, default=32)
+    p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
     args = p.parse_args()
 
     torch.manual_seed(0)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = args.devices or int(os.environ.get("WORLD_SIZE", "1"))
+    os.environ.setdefault("DISTCKPT_TEST_WORLD", str(world))
+    crash_injection()
     model = Net(width=args.width)
     probe = Probe(args.digest_dir)
     trainer = L.Trainer(

@@ -111,4 +111,16 @@ echo "$hash profile=$profile built=$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$tmp/out/.c
 
 rm -rf "$out"
 mv "$tmp/out" "$out"
+
+# Keep the cache bounded: drop all but the 3 most recently built launchers (~280 MB each).
+# MINIDFS_KEEP_BUILDS=0 disables pruning.
+keep="${MINIDFS_KEEP_BUILDS:-3}"
+if [[ "$keep" -gt 0 ]]; then
+  ls -1t "$cache_root"/*/.complete 2>/dev/null | tail -n +"$((keep + 1))" | while read -r c; do
+    d="$(dirname "$c")"
+    [[ "$d" == "$out" ]] && continue
+    echo "build.sh: pruning old launcher build $d" >&2
+    rm -rf "$d" "$cache_root/.lock-$(basename "$d")"
+  done || true
+fi
 echo "$out"

@@ -172,6 +172,12 @@ public final class MiniDfsLauncher {
     conf.setInt("ipc.client.connect.max.retries", 2);
     conf.setInt("ipc.client.connect.retry.interval", 300);
     conf.setInt("ipc.client.connect.timeout", 2000);
+    // Java IPC clients inside this JVM (DataNode heartbeats, the DataNodes' WebHDFS DFSClients)
+    // keep an idle connection until maxidletime; one opened to the NameNode before a restart
+    // fails the next call with EOFException (WebHDFS then answers 500 once). 1 s makes such
+    // stale connections go away before a restarted NameNode is up. (The server side only
+    // closes idle connections above ipc.client.idlethreshold=4000 connections.)
+    conf.setInt("ipc.client.connection.maxidletime", 1000);
     // Trash and friends off; small handler pools are plenty for tests.
     conf.setInt("dfs.namenode.handler.count", 10);
     conf.setInt("dfs.datanode.handler.count", 4);

@@ -1,0 +1,109 @@
+"""Kill-and-resume harness shared by the crash tests (local here, HDFS in test_hdfs.py).
+
+A cycle starts a 2-rank training job that resumes from ``"last"`` and saves every step, waits until it
+trains, SIGKILLs one rank at a random moment (or lets an injected crash point kill it), then kills what
+is left of the job, as a lost node would. Between cycles it checks the invariants: every committed
+checkpoint still verifies, the newest committed step never goes back, and the next run restores exactly
+the state that was saved at the step it resumed from.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from conftest import WORKLOADS, env, load_json, torchrun_cmd
+
+from lightning_distckpt import list_checkpoints, verify
+
+
+@dataclass
+class Torture:
+    root: Path
+    ckpt_url: str
+    strategy: str = "ddp"
+    width: int = 384
+    seed: int = 0
+    storage_env: dict[str, str] = field(default_factory=dict)
+    newest: int = -1
+    kills: int = 0
+    resumes_checked: int = 0
+    log: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.digests = self.root / "digests"
+        self.digests.mkdir(parents=True, exist_ok=True)
+
+    def command(self) -> list[str]:
+        return torchrun_cmd(WORKLOADS / "train.py", 2, "--strategy", self.strategy, "--ckpt-dir", self.ckpt_url,
+                            "--max-steps", "100000", "--save-every", "1", "--keep-last", "3", "--resume", "last",
+                            "--width", self.width, "--digest-dir", self.digests)  # fmt: skip
+
+    def cycle(self, crash: str | None = None, max_delay: float = 2.0, timeout: float = 120) -> None:
+        started = self.digests / "started.json"
+        started.unlink(missing_ok=True)
+        extra = {"DISTCKPT_TEST_CRASH": crash} if crash else {}
+        out = open(self.root / f"cycle-{self.kills}.log", "w")
+        proc = subprocess.Popen(self.command(), env=env(**self.storage_env, **extra), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            while not started.exists():
+                if proc.poll() is not None:
+                    break  # an injected crash may end the job before training starts
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"job did not start training; see {out.name}")
+                time.sleep(0.05)
+            self._check_restore()
+            if proc.poll() is None:
+                if crash:
+                    proc.wait(timeout=timeout)  # the injected crash point kills a rank; the rest hangs or dies
+                else:
+                    time.sleep(self.rng.uniform(0.0, max_delay))
+                    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+                    victim = self.rng.choice(workers)
+                    victim.send_signal(signal.SIGKILL)
+                    time.sleep(self.rng.uniform(0.0, 0.3))  # the other rank may be mid-save as well
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            out.close()
+        self.kills += 1
+        self._check_committed()
+
+    def _check_restore(self) -> None:
+        s = load_json(self.digests / "started.json")["step"] if (self.digests / "started.json").exists() else None
+        if s is None or s == 0:
+            return
+        assert s == self.newest, f"resumed at step {s}, but the newest committed checkpoint is step {self.newest}"
+        saved, restored = load_json(self.digests / f"saved-{s}.json"), load_json(self.digests / f"restored-{s}.json")
+        for key in ("model", "optim0", "global_step", "lr_schedulers", "loops"):
+            assert saved[key] == restored[key], f"step {s}: restored {key} differs from what was saved"
+        self.resumes_checked += 1
+
+    def _check_committed(self) -> None:
+        committed = [c for c in list_checkpoints(self.ckpt_url) if c.committed]
+        steps = [c.manifest.global_step for c in committed if c.manifest]
+        newest = max(steps, default=-1)
+        assert newest >= self.newest, f"newest committed step went back from {self.newest} to {newest}"
+        for c in committed:
+            report = verify(c.url)
+            assert report.ok, f"committed checkpoint {c.url} no longer verifies: {report}"
+        self.log.append(f"kill {self.kills}: newest committed step {newest} ({len(committed)} committed)")
+        self.newest = newest
+
+    def summary(self) -> dict[str, Any]:
+        return {"kills": self.kills, "resumes_checked": self.resumes_checked, "newest": self.newest}
