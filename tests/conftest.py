@@ -38,8 +38,14 @@ def torchrun_cmd(script: str | Path, nproc: int, *args: Any) -> list[str]:
             f"--master_port={free_port()}", str(script), *map(str, args)]  # fmt: skip
 
 
-def run(cmd: list[str], timeout: float = 240, check: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=env(**env_extra), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run(cmd: list[str], timeout: float = 240, check: bool = True, cwd: Path | None = None,
+        **env_extra: str) -> subprocess.CompletedProcess:
+    """Run a command with the package importable; the default working directory is a throwaway one."""
+    if cwd is None:
+        import tempfile
+
+        cwd = Path(tempfile.mkdtemp(prefix="distckpt-run-"))
+    proc = subprocess.run(cmd, env=env(**env_extra), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- output ---\n"
                              f"{(proc.stdout + proc.stderr)[-6000:]}")
