@@ -9,22 +9,10 @@ Add the plugin and the callback::
     trainer.fit(model, ckpt_path="last")
 """
 
-from lightning_distckpt.callback import DistCheckpoint
-from lightning_distckpt.catalog import VerifyReport, list_checkpoints, verify
-from lightning_distckpt.errors import (
-    CheckpointNotFoundError,
-    CheckpointSaveError,
-    CorruptCheckpointError,
-    DistCheckpointError,
-    NotACheckpointError,
-    StateMismatchError,
-    StorageError,
-    UncommittedCheckpointError,
-    UnsafeCheckpointError,
-)
-from lightning_distckpt.export import export_checkpoint, load_checkpoint
-from lightning_distckpt.integration import install_hook as _install_hook
-from lightning_distckpt.io import DistCheckpointIO
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -47,4 +35,46 @@ __all__ = [
     "verify",
 ]
 
-_install_hook()
+# Public names are imported on first use, so that tools which only read or write checkpoints (the
+# ``distckpt`` command, export) start without importing Lightning.
+_EXPORTS = {
+    "DistCheckpoint": "callback",
+    "DistCheckpointIO": "io",
+    "VerifyReport": "catalog",
+    "list_checkpoints": "catalog",
+    "verify": "catalog",
+    "export_checkpoint": "export",
+    "load_checkpoint": "export",
+    **{name: "errors" for name in __all__ if name.endswith("Error")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_distckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lightning_distckpt.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from lightning_distckpt.callback import DistCheckpoint
+    from lightning_distckpt.catalog import VerifyReport, list_checkpoints, verify
+    from lightning_distckpt.errors import (
+        CheckpointNotFoundError,
+        CheckpointSaveError,
+        CorruptCheckpointError,
+        DistCheckpointError,
+        NotACheckpointError,
+        StateMismatchError,
+        StorageError,
+        UncommittedCheckpointError,
+        UnsafeCheckpointError,
+    )
+    from lightning_distckpt.export import export_checkpoint, load_checkpoint
+    from lightning_distckpt.io import DistCheckpointIO

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from lightning_distckpt.io import DistCheckpointIO
+from lightning_distckpt.loading import read_checkpoint
 
 
 def load_checkpoint(url: str, storage_options: dict[str, Any] | None = None,
                     safe_globals: list[str] | None = None) -> dict[str, Any]:
     """The checkpoint at ``url`` as a plain dict of CPU tensors (optimizer state keyed by parameter FQN)."""
-    return DistCheckpointIO(storage_options=storage_options, safe_globals=safe_globals).load_checkpoint(url)
+    return read_checkpoint(url, storage_options, safe_globals)
 
 
 def to_lightning_format(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -44,9 +44,10 @@ from lightning_distckpt.integration import (
     set_optimizer_state,
     strategy_name,
 )
-from lightning_distckpt.loading import Pending, allocate, match, open_for_load, read_tensors
+from lightning_distckpt.loading import Pending, allocate, match, open_for_load, read_checkpoint, read_tensors
 from lightning_distckpt.saving import SaveResult, WriteOptions, write_checkpoint
 from lightning_distckpt.snapshot import Snapshotter
+from lightning_distckpt.storage import open_store
 
 log = logging.getLogger(__name__)
 _SKIP = object()
@@ -123,18 +124,17 @@ class DistCheckpointIO(CheckpointIO):
 
         Optimizer state comes back keyed by parameter FQN. Never executes code from the checkpoint.
         """
-        url = str(path)
-        ckpt = catalog.open_checkpoint(catalog.source_of(url, self.storage_options))
-        tensors = allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url)
-        read_tensors(ckpt, tensors, threads=self.read_threads, comm=SOLO)
+        checkpoint = read_checkpoint(str(path), self.storage_options, self.safe_globals, self.read_threads)
         if map_location is not None and not callable(map_location):
-            tensors = {k: v.to(map_location) for k, v in tensors.items()}
-        return state.join(ckpt.skeleton, tensors.__getitem__, self.safe_globals)
+            from lightning.fabric.utilities.apply_func import move_data_to_device
+
+            checkpoint = move_data_to_device(checkpoint, map_location)
+        return checkpoint
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
         """Remove a checkpoint directory (its commit marker first, so it is never half visible)."""
-        store, p = catalog.open_store(str(path), self.storage_options)
+        store, p = open_store(str(path), self.storage_options)
         catalog.remove_checkpoint(store, p)
 
     @override
@@ -333,3 +333,8 @@ def _version() -> str:
     from lightning_distckpt import __version__
 
     return __version__
+
+
+from lightning_distckpt.integration import install_hook  # noqa: E402
+
+install_hook()  # assigning a DistCheckpointIO to any strategy routes it (see integration.py)

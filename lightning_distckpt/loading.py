@@ -119,3 +119,19 @@ def read_tensors(
                     raise type(inner)(str(inner)) from e
         raise
     return reader.stats
+
+
+def read_checkpoint(url: str, options: dict[str, Any] | None = None, safe_globals: list[str] | None = None,
+                    threads: int = 2) -> dict[str, Any]:
+    """The whole checkpoint at ``url`` as a plain dict of CPU tensors, read by this process alone.
+
+    Works for any world size and strategy that wrote it. Optimizer state is keyed by parameter FQN.
+    Never executes code from the checkpoint.
+    """
+    from lightning_distckpt import state
+    from lightning_distckpt._dist import SOLO
+
+    ckpt = open_checkpoint(source_of(url, options))
+    tensors = allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url)
+    read_tensors(ckpt, tensors, threads=threads, comm=SOLO)
+    return state.join(ckpt.skeleton, tensors.__getitem__, safe_globals or ())

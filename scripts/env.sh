@@ -8,7 +8,8 @@ set -euo pipefail
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _cache="${DISTCKPT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lightning-distckpt}"
 _lock="$_root/requirements/lock.txt"
-_hash="$(sha256sum "$_lock" | cut -c1-12)"
+_nodeps="$_root/requirements/nodeps.txt"   # packages whose own dependencies we do not want (data-only wheels)
+_hash="$(cat "$_lock" "$_nodeps" | sha256sum | cut -c1-12)"
 _venv="$_cache/venv-$_hash"
 _python="${PYTHON:-python3}"
 
@@ -17,8 +18,9 @@ if [ ! -x "$_venv/bin/python" ] || [ ! -f "$_venv/.complete" ]; then
   rm -rf "$_venv"
   mkdir -p "$_cache"
   "$_python" -m venv "$_venv"
-  "$_venv/bin/pip" install -q --upgrade pip >&2
+  "$_venv/bin/pip" install -q --upgrade pip "setuptools>=68" >&2
   "$_venv/bin/pip" install -q -r "$_lock" >&2
+  "$_venv/bin/pip" install -q --no-deps -r "$_nodeps" >&2
   touch "$_venv/.complete"
 fi
 # editable install of this checkout (fast; re-pointed at whichever clone runs it)

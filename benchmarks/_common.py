@@ -1,0 +1,81 @@
+"""Helpers shared by the benchmark scripts: timing across ranks, page-cache control, JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def drop_caches() -> bool:
+    """Drop the page cache so that reads hit the disk (needs root; returns False when not allowed)."""
+    barrier()
+    ok = True
+    if rank() == 0:
+        try:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError:
+            ok = False
+    barrier()
+    return ok
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall time of ``fn`` on all ranks together (barrier before and after)."""
+    barrier()
+    t0 = time.perf_counter()
+    fn()
+    barrier()
+    return time.perf_counter() - t0
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def dd_write(path: str, nbytes: int, fsync: bool) -> float:
+    """Seconds for ``dd`` to write ``nbytes`` of zeros (conv=fsync when ``fsync``)."""
+    bs = 64 << 20
+    count = max(1, nbytes // bs)
+    args = ["dd", "if=/dev/zero", f"of={path}", f"bs={bs}", f"count={count}", "status=none"]
+    if fsync:
+        args.append("conv=fsync")
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True)
+    return time.perf_counter() - t0
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }  # fmt: skip
+
+
+def write_result(name: str, result: dict[str, Any]) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, sort_keys=True)
+    return path

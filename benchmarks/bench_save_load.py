@@ -1,0 +1,164 @@
+"""Save and load of ~1 GiB of model + AdamW state on N ranks: Lightning's stock checkpointing vs this plugin
+vs ``dd``, all in ONE run on the same machine and disk.
+
+    torchrun --nproc_per_node=2 benchmarks/bench_save_load.py --strategy ddp --dir /tmp/bench
+    torchrun --nproc_per_node=2 benchmarks/bench_save_load.py --strategy mp  --dir /tmp/bench
+
+Each repeat measures, in this order: stock save, plugin save (durable, fsync), plugin save (no fsync), dd
+of the same bytes; then loads with a dropped page cache (cold: the disk is read), stock then plugin. The
+stock path is the same strategy object with the routing removed and TorchCheckpointIO restored, so both
+checkpoint exactly the same state. Writes benchmarks/results/save_load_<strategy>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import barrier, dd_write, drop_caches, environment, rank, stats, timed, write_result  # noqa: E402
+
+from lightning_distckpt import DistCheckpointIO  # noqa: E402
+from lightning_distckpt.integration import routed_class  # noqa: E402
+
+
+class Big(L.LightningModule):
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+
+    def configure_model(self) -> None:
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None and not hasattr(self, "_sharded"):
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.layers:
+                fully_shard(layer, mesh=mesh["data_parallel"])
+            fully_shard(self, mesh=mesh["data_parallel"])
+            self._sharded = True
+
+    def training_step(self, batch, batch_idx):
+        return self.layers(batch[0]).float().pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+class stock_checkpointing:
+    """Temporarily give the strategy back Lightning's own checkpoint methods and TorchCheckpointIO."""
+
+    def __init__(self, strategy) -> None:
+        self.strategy = strategy
+
+    def __enter__(self):
+        self.routed_cls, self.io = type(self.strategy), self.strategy._checkpoint_io
+        self.strategy.__class__ = self.routed_cls.__mro__[1]
+        self.strategy._checkpoint_io = TorchCheckpointIO()
+        return self.strategy
+
+    def __exit__(self, *exc) -> None:
+        self.strategy.__class__ = self.routed_cls
+        self.strategy._checkpoint_io = self.io
+
+
+def load_everything(trainer: L.Trainer, path: str) -> None:
+    """What a resume does with the checkpoint: read it, load model and optimizer state."""
+    s = trainer.strategy
+    ckpt = s.load_checkpoint(path)
+    s.load_model_state_dict(ckpt)
+    s.load_optimizer_state_dict(ckpt)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", choices=["ddp", "mp"], default="ddp")
+    p.add_argument("--dir", default="/tmp/distckpt-bench")
+    p.add_argument("--width", type=int, default=3872)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = (DDPStrategy(process_group_backend="gloo") if args.strategy == "ddp"
+                else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
+    io = DistCheckpointIO()
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=1, plugins=[io],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, args.width)), batch_size=4)
+    model = Big(args.width, args.depth)
+    trainer.fit(model, data)  # one step: AdamW state exists
+
+    base = os.path.join(args.dir, args.strategy)
+    if rank() == 0:
+        shutil.rmtree(base, ignore_errors=True)
+        os.makedirs(base)
+    barrier()
+    paths = {k: os.path.join(base, k) for k in ("stock", "plugin", "plugin_nosync")}
+    rows: dict[str, list[float]] = {k: [] for k in ("stock_save", "plugin_save", "plugin_save_nosync", "dd_fsync",
+                                                       "dd", "stock_load_cold", "plugin_load_cold")}  # fmt: skip
+    bytes_per_rank: list[int] = []
+    for _ in range(args.repeats):
+        for k in paths.values():
+            if rank() == 0:
+                shutil.rmtree(k, ignore_errors=True)
+                if os.path.exists(k):
+                    os.remove(k)
+            barrier()
+        with stock_checkpointing(trainer.strategy):
+            rows["stock_save"].append(timed(lambda: trainer.save_checkpoint(paths["stock"])))
+        rows["plugin_save"].append(timed(lambda: trainer.save_checkpoint(paths["plugin"])))
+        bytes_per_rank = [int(b) for b in _gather(io.stats.last_save.bytes_written)]
+        io.write_options = io.write_options.__class__(**{**io.write_options.__dict__, "durable": False})
+        rows["plugin_save_nosync"].append(timed(lambda: trainer.save_checkpoint(paths["plugin_nosync"])))
+        io.write_options = io.write_options.__class__(**{**io.write_options.__dict__, "durable": True})
+        total = sum(bytes_per_rank)
+        rows["dd_fsync"].append(timed(lambda: dd_write(os.path.join(base, f"dd{rank()}"), total // world, True)))
+        rows["dd"].append(timed(lambda: dd_write(os.path.join(base, f"dd{rank()}"), total // world, False)))
+        if rank() == 0:
+            for r in range(world):
+                os.remove(os.path.join(base, f"dd{r}"))
+        cold = drop_caches()
+        with stock_checkpointing(trainer.strategy):
+            rows["stock_load_cold"].append(timed(lambda: load_everything(trainer, paths["stock"])))
+        drop_caches()
+        rows["plugin_load_cold"].append(timed(lambda: load_everything(trainer, paths["plugin"])))
+
+    if rank() == 0:
+        result = {
+            "benchmark": "save_load", "strategy": args.strategy, "env": environment(), "page_cache_dropped": cold,
+            "state_bytes": total, "bytes_per_rank": bytes_per_rank,
+            "max_over_mean_bytes": max(bytes_per_rank) / (sum(bytes_per_rank) / world),
+            "seconds": {k: stats(v) for k, v in rows.items()},
+        }  # fmt: skip
+        med = {k: v["median"] for k, v in result["seconds"].items()}
+        result["ratios"] = {
+            "plugin_save / stock_save": med["plugin_save"] / med["stock_save"],
+            "plugin_save_nosync / stock_save": med["plugin_save_nosync"] / med["stock_save"],
+            "plugin_load / stock_load (cold)": med["plugin_load_cold"] / med["stock_load_cold"],
+            "plugin throughput / dd (both fsync)": med["dd_fsync"] / med["plugin_save"],
+            "plugin throughput / dd (no fsync)": med["dd"] / med["plugin_save_nosync"],
+        }
+        print(write_result(f"save_load_{args.strategy}", result))
+        for k, v in result["ratios"].items():
+            print(f"{k}: {v:.3f}")
+        print("bytes per rank", bytes_per_rank)
+
+
+def _gather(x: int) -> list[int]:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, x)
+    return out
+
+
+if __name__ == "__main__":
+    main()
