@@ -13,6 +13,7 @@ checkpoint exactly the same state. Writes benchmarks/results/save_load_<strategy
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -116,9 +117,9 @@ def main() -> None:
             rows["stock_save"].append(timed(lambda: trainer.save_checkpoint(paths["stock"])))
         rows["plugin_save"].append(timed(lambda: trainer.save_checkpoint(paths["plugin"])))
         bytes_per_rank = [int(b) for b in _gather(io.stats.last_save.bytes_written)]
-        io.write_options = io.write_options.__class__(**{**io.write_options.__dict__, "durable": False})
+        io.storage = dataclasses.replace(io.storage, durable=False)
         rows["plugin_save_nosync"].append(timed(lambda: trainer.save_checkpoint(paths["plugin_nosync"])))
-        io.write_options = io.write_options.__class__(**{**io.write_options.__dict__, "durable": True})
+        io.storage = dataclasses.replace(io.storage, durable=True)
         total = sum(bytes_per_rank)
         rows["dd_fsync"].append(timed(lambda: dd_write(os.path.join(base, f"dd{rank()}"), total // world, True)))
         rows["dd"].append(timed(lambda: dd_write(os.path.join(base, f"dd{rank()}"), total // world, False)))

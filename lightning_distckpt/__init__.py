@@ -23,6 +23,7 @@ __all__ = [
     "DistCheckpoint",
     "DistCheckpointError",
     "DistCheckpointIO",
+    "HdfsOptions",
     "NotACheckpointError",
     "StateMismatchError",
     "StorageError",
@@ -40,6 +41,7 @@ __all__ = [
 _EXPORTS = {
     "DistCheckpoint": "callback",
     "DistCheckpointIO": "io",
+    "HdfsOptions": "storage.hdfs",
     "VerifyReport": "catalog",
     "list_checkpoints": "catalog",
     "verify": "catalog",
@@ -78,3 +80,4 @@ if TYPE_CHECKING:
     )
     from lightning_distckpt.export import export_checkpoint, load_checkpoint
     from lightning_distckpt.io import DistCheckpointIO
+    from lightning_distckpt.storage.hdfs import HdfsOptions

@@ -136,7 +136,7 @@ class DistCheckpoint(ModelCheckpoint):
             return []
         with self._lock:
             saved = list(self._saved)
-        alive = [p for p in saved if _is_committed(p, self.io.storage_options)]
+        alive = [p for p in saved if _is_committed(p, self.io.storage)]
         protect = set(alive[-self.keep_last :]) | set(self.best_k_models) | {self.best_model_path, self.last_model_path}
         removed = []
         for path in alive:
@@ -154,7 +154,7 @@ class DistCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         """The newest committed checkpoint under ``dirpath`` (what ``ckpt_path="last"`` resumes from)."""
         dirpath = self.dirpath if self.dirpath is not None else self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
-        options = self._io.storage_options if self._io else None
+        options = self._io.storage if self._io else None
         found = catalog.latest([str(dirpath)], options)
         return {found[0].url} if found else set()
 
@@ -171,7 +171,7 @@ class DistCheckpoint(ModelCheckpoint):
                 self._saved = [p for p in state_dict.get("saved", []) if p not in self._saved] + self._saved
 
 
-def _is_committed(url: str, options: dict[str, Any]) -> bool:
+def _is_committed(url: str, options: catalog.StorageLike) -> bool:
     try:
         catalog.read_manifest(catalog.source_of(url, options))
         return True

@@ -22,7 +22,7 @@ from lightning_distckpt.errors import (
     NotACheckpointError,
     UncommittedCheckpointError,
 )
-from lightning_distckpt.storage import Store, open_store
+from lightning_distckpt.storage import StorageLike, Store, open_store
 from lightning_distckpt.storage.reader import Source
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Checkpoint:
         return self.source.url()
 
 
-def source_of(url: str, options: dict[str, Any] | None = None) -> Source:
+def source_of(url: str, options: StorageLike = None) -> Source:
     store, path = open_store(url, options)
     return Source(store, path)
 
@@ -131,7 +131,7 @@ class VerifyReport:
     error: str = ""
 
 
-def verify(url: str, options: dict[str, Any] | None = None) -> VerifyReport:
+def verify(url: str, options: StorageLike = None) -> VerifyReport:
     """Read every byte of the checkpoint at ``url`` and check it against the manifest and metadata.
 
     Never raises for a bad checkpoint: the report says what is wrong, file by file.
@@ -200,7 +200,7 @@ class Listed:
         return (m.created if m else 0.0, (m.global_step or 0) if m else 0, self.name)
 
 
-def list_checkpoints(root: str, options: dict[str, Any] | None = None) -> list[Listed]:
+def list_checkpoints(root: str, options: StorageLike = None) -> list[Listed]:
     """Checkpoint directories directly under ``root``, oldest first (by commit time); empty if none."""
     store, path = open_store(root, options)
     try:
@@ -219,11 +219,11 @@ def list_checkpoints(root: str, options: dict[str, Any] | None = None) -> list[L
     return sorted(out, key=lambda c: c.order)
 
 
-def committed(root: str, options: dict[str, Any] | None = None) -> list[Listed]:
+def committed(root: str, options: StorageLike = None) -> list[Listed]:
     return [c for c in list_checkpoints(root, options) if c.committed]
 
 
-def latest(roots: list[str], options: dict[str, Any] | None = None) -> list[Listed]:
+def latest(roots: list[str], options: StorageLike = None) -> list[Listed]:
     """Committed checkpoints across ``roots`` (primary first, then replicas), newest first, by name.
 
     When the same name exists in several roots, the first root's copy is listed (replicas are read from
@@ -243,7 +243,7 @@ def remove_checkpoint(store: Store, path: str) -> None:
     store.remove(path, recursive=True)
 
 
-def clean_stale(root: str, options: dict[str, Any] | None = None, older_than_s: float = 0.0,
+def clean_stale(root: str, options: StorageLike = None, older_than_s: float = 0.0,
                 dry_run: bool = False) -> list[str]:
     """Remove staging/trash directories and uncommitted checkpoint directories under ``root``.
 

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from lightning_distckpt.loading import read_checkpoint
+from lightning_distckpt.storage import StorageLike
 
 
-def load_checkpoint(url: str, storage_options: dict[str, Any] | None = None,
+def load_checkpoint(url: str, storage_options: StorageLike = None,
                     safe_globals: list[str] | None = None) -> dict[str, Any]:
     """The checkpoint at ``url`` as a plain dict of CPU tensors (optimizer state keyed by parameter FQN)."""
     return read_checkpoint(url, storage_options, safe_globals)
@@ -42,7 +43,7 @@ def to_lightning_format(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_checkpoint(url: str, out: str, weights_only: bool = False, dtype: torch.dtype | None = None,
-                      storage_options: dict[str, Any] | None = None, safe_globals: list[str] | None = None) -> str:
+                      storage_options: StorageLike = None, safe_globals: list[str] | None = None) -> str:
     """Write the checkpoint at ``url`` as one ``torch.save`` file at ``out`` (a local path) and return it.
 
     ``weights_only=True`` writes ``{"state_dict": ...}`` only, loadable with ``torch.load(weights_only=True)``;

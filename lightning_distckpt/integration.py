@@ -77,6 +77,13 @@ class _RoutedStrategy:
     def lightning_restore_optimizer(self) -> bool:
         return True
 
+    def teardown(self) -> None:
+        # ModelParallelStrategy.teardown never calls CheckpointIO.teardown: wait for the save in flight here
+        try:
+            self._distckpt_io.teardown()
+        finally:
+            type(self).__mro__[1].teardown(self)  # type: ignore[attr-defined]
+
     def __reduce__(self) -> tuple[Any, ...]:
         # routed classes are created at run time; pickle the base class and route again on load (ddp_spawn)
         return _unpickle_routed, (type(self).__mro__[1], self.__dict__)

@@ -47,7 +47,7 @@ from lightning_distckpt.integration import (
 from lightning_distckpt.loading import Pending, allocate, match, open_for_load, read_checkpoint, read_tensors
 from lightning_distckpt.saving import SaveResult, WriteOptions, write_checkpoint
 from lightning_distckpt.snapshot import Snapshotter
-from lightning_distckpt.storage import open_store
+from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
 
 log = logging.getLogger(__name__)
 _SKIP = object()
@@ -69,8 +69,10 @@ class DistCheckpointIO(CheckpointIO):
 
     Args:
         async_save: Return from a save once the state is copied to host memory; write in the background.
-        storage_options: Options for the fsspec filesystem of remote URLs (e.g. ``{"user": "hdfs"}``).
+        storage_options: Options for the fsspec filesystem of remote URLs (strings for HDFS client settings).
         durable: fsync data files and directories on local filesystems before a checkpoint commits.
+        hdfs: Replication, block size, user, Hadoop conf dir and retries for ``hdfs://``, ``viewfs://`` and
+            ``webhdfs://`` locations (see :class:`~lightning_distckpt.HdfsOptions`).
         write_threads: Files (and concurrent streams) per rank and save.
         read_threads: Concurrent readers per rank and load.
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
@@ -83,6 +85,7 @@ class DistCheckpointIO(CheckpointIO):
         async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
         durable: bool = True,
+        hdfs: HdfsOptions | None = None,
         write_threads: int = 2,
         read_threads: int = 2,
         chunk_mb: int = 32,
@@ -92,11 +95,10 @@ class DistCheckpointIO(CheckpointIO):
         if write_threads < 1 or read_threads < 1 or chunk_mb < 1:
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
         self.async_save = async_save
-        self.storage_options = dict(storage_options or {})
+        self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs)
         self.safe_globals = list(safe_globals or [])
         self.read_threads = read_threads
-        self.write_options = WriteOptions(threads=write_threads, chunk_bytes=chunk_mb << 20, durable=durable,
-                                          storage_options=self.storage_options)
+        self.write_options = WriteOptions(threads=write_threads, chunk_bytes=chunk_mb << 20)
         self.stats = IOStats()
         self._pg: dist.ProcessGroup | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -124,7 +126,7 @@ class DistCheckpointIO(CheckpointIO):
 
         Optimizer state comes back keyed by parameter FQN. Never executes code from the checkpoint.
         """
-        checkpoint = read_checkpoint(str(path), self.storage_options, self.safe_globals, self.read_threads)
+        checkpoint = read_checkpoint(str(path), self.storage, self.safe_globals, self.read_threads)
         if map_location is not None and not callable(map_location):
             from lightning.fabric.utilities.apply_func import move_data_to_device
 
@@ -134,18 +136,25 @@ class DistCheckpointIO(CheckpointIO):
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
         """Remove a checkpoint directory (its commit marker first, so it is never half visible)."""
-        store, p = open_store(str(path), self.storage_options)
+        store, p = open_store(str(path), self.storage)
         catalog.remove_checkpoint(store, p)
 
     @override
     def teardown(self) -> None:
-        """Wait for the save in flight (raising its error) and release the background thread."""
+        """Wait for the save in flight (raising its error); release the background thread and process group.
+
+        Called on every rank at the end of ``fit`` (routed strategies call it from their ``teardown``).
+        Idempotent; a later save or load creates what it needs again.
+        """
         try:
             self.wait()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._pg is not None:
+                dist.destroy_process_group(self._pg)
+                self._pg = None
 
     # ------------------------------------------------------------------------------------------
     # routed API: called by the strategy on every rank
@@ -176,7 +185,7 @@ class DistCheckpointIO(CheckpointIO):
         comm = self._comm()
         self.wait()
         url = comm.broadcast(path)
-        ckpt = open_for_load(url, comm, self.storage_options)
+        ckpt = open_for_load(url, comm, self.storage)
         module = strategy.lightning_module
         strict = bool(getattr(module, "strict_loading", True))
         model = {state.model_key(k): v for k, v in model_state_dict(strategy).items()}
@@ -264,7 +273,8 @@ class DistCheckpointIO(CheckpointIO):
         with self._lock:
             self._in_flight = True
         try:
-            result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, replicated=replicated)
+            result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, self.storage,
+                                      replicated=replicated)
         except BaseException:
             with self._lock:
                 self._after_commit.clear()

@@ -21,6 +21,7 @@ from lightning_distckpt._dist import Comm
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, source_of
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, StateMismatchError
 from lightning_distckpt.planner import load_planner
+from lightning_distckpt.storage import StorageLike
 from lightning_distckpt.storage.reader import CheckpointReader, ReadStats, Source
 from lightning_distckpt.storage.writer import BlockCodec
 
@@ -34,7 +35,7 @@ class Pending:
     key: str
 
 
-def open_for_load(url: str, comm: Comm, options: dict[str, Any] | None = None) -> Checkpoint:
+def open_for_load(url: str, comm: Comm, options: StorageLike = None) -> Checkpoint:
     """Rank 0 opens and verifies the checkpoint at ``url``; every rank gets the result or the same error."""
     result: Any = None
     if comm.rank == 0:
@@ -121,7 +122,7 @@ def read_tensors(
     return reader.stats
 
 
-def read_checkpoint(url: str, options: dict[str, Any] | None = None, safe_globals: list[str] | None = None,
+def read_checkpoint(url: str, options: StorageLike = None, safe_globals: list[str] | None = None,
                     threads: int = 2) -> dict[str, Any]:
     """The whole checkpoint at ``url`` as a plain dict of CPU tensors, read by this process alone.
 

@@ -12,7 +12,7 @@ import warnings
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
@@ -23,7 +23,7 @@ from lightning_distckpt import format as fmt
 from lightning_distckpt.catalog import remove_checkpoint
 from lightning_distckpt.errors import CheckpointSaveError
 from lightning_distckpt.planner import BalancedSavePlanner
-from lightning_distckpt.storage import Store, open_store
+from lightning_distckpt.storage import Store, StorageLike, open_store
 from lightning_distckpt.storage.writer import BlockCodec, CheckpointWriter
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,6 @@ class WriteOptions:
     threads: int = 2
     chunk_bytes: int = 32 << 20
     block_bytes: int = 8 << 20
-    durable: bool = True
-    storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +55,7 @@ def write_checkpoint(
     manifest: fmt.Manifest,
     options: WriteOptions,
     comm: Comm,
+    storage: StorageLike = None,
     codec: BlockCodec | None = None,
     replicated: Callable[[str], bool] = lambda key: True,
 ) -> SaveResult:
@@ -66,7 +65,7 @@ def write_checkpoint(
     write it, see :func:`~lightning_distckpt.planner.balance`).
     """
     start = time.perf_counter()
-    store, path = open_store(url, options.storage_options, options.durable)
+    store, path = open_store(url, storage)
     parent, name = store.parent(path), store.basename(path)
     try:
         fmt.check_name(name, url)

@@ -18,7 +18,7 @@ if [ ! -x "$_venv/bin/python" ] || [ ! -f "$_venv/.complete" ]; then
   rm -rf "$_venv"
   mkdir -p "$_cache"
   "$_python" -m venv "$_venv"
-  "$_venv/bin/pip" install -q --upgrade pip "setuptools>=68" >&2
+  "$_venv/bin/pip" install -q --upgrade pip "setuptools>=77" >&2
   "$_venv/bin/pip" install -q -r "$_lock" >&2
   "$_venv/bin/pip" install -q --no-deps -r "$_nodeps" >&2
   touch "$_venv/.complete"

@@ -68,3 +68,26 @@ def load_json(path: Path | str) -> Any:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# ---- the test HDFS: one MiniDFSCluster (1 NameNode, 4 DataNodes) for the whole session ----------------
+@pytest.fixture(scope="session")
+def minidfs(tmp_path_factory):
+    from hdfs_cluster import MiniDfs, java_home_or_none
+
+    java_home, reason = java_home_or_none()
+    if java_home is None:
+        pytest.skip(f"HDFS tests need Java 17 (Hadoop 3.5 breaks on Java 23+): {reason}")
+    with MiniDfs.start(tmp_path_factory.mktemp("minidfs"), datanodes=4, java_home=java_home) as dfs:
+        yield dfs
+
+
+@pytest.fixture
+def healthy_minidfs(minidfs):
+    """The cluster with every DataNode and the NameNode up (tests that stop nodes restart them)."""
+    status = minidfs.status()
+    for i in status.get("stopped_datanodes", []):
+        minidfs.restart_datanode(i)
+    if not status.get("namenode_up", True):
+        minidfs.restart_namenode()
+    return minidfs

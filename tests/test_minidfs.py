@@ -15,11 +15,6 @@ import time
 import pytest
 from fsspec.core import url_to_fs
 
-try:
-    from tests.hdfs_cluster import MiniDfs, java_home_or_none
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from hdfs_cluster import MiniDfs, java_home_or_none
-
 pytestmark = pytest.mark.hdfs
 
 MB = 1 << 20
@@ -33,17 +28,6 @@ FAST_FAIL = {
     "dfs.client.failover.sleep.max.millis": "500",
     "dfs.client.socket-timeout": "10000",  # DataNode reads/acks (ms); default 60000
 }
-
-
-# TODO(conftest): this fixture moves to tests/conftest.py (session scope) later.
-@pytest.fixture(scope="module")
-def minidfs(tmp_path_factory):
-    java_home, reason = java_home_or_none()
-    if java_home is None:
-        pytest.skip(f"HDFS tests need Java 17 (Hadoop 3.5 breaks on Java 23+): {reason}")
-    base = tmp_path_factory.mktemp("minidfs")
-    with MiniDfs.start(base, datanodes=4, java_home=java_home) as dfs:
-        yield dfs
 
 
 @pytest.fixture

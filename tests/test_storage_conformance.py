@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
 from lightning_distckpt.errors import StorageError
-from lightning_distckpt.storage import Store, open_store
+from lightning_distckpt.storage import HdfsOptions, StorageConfig, Store, open_store
 
 
-@pytest.fixture(params=["local", "file-url"])
+@pytest.fixture(params=["local", "file-url", pytest.param("hdfs", marks=pytest.mark.hdfs),
+                        pytest.param("webhdfs", marks=pytest.mark.hdfs)])
 def store_root(request, tmp_path) -> tuple[Store, str]:
-    url = str(tmp_path) if request.param == "local" else f"file://{tmp_path}"
-    return open_store(url)
+    if request.param in ("local", "file-url"):
+        return open_store(str(tmp_path) if request.param == "local" else f"file://{tmp_path}")
+    dfs = request.getfixturevalue("healthy_minidfs")
+    base = dfs.namenode_url if request.param == "hdfs" else dfs.webhdfs_url
+    store, root = open_store(f"{base}/conformance-{uuid.uuid4().hex[:8]}", StorageConfig(hdfs=HdfsOptions(user="root")))
+    store.makedirs(root)
+    return store, root
 
 
 def test_write_read_list_rename_remove(store_root):

@@ -9,10 +9,13 @@ stream per thread) and must not keep state that breaks across ``fork`` (create c
 
 from __future__ import annotations
 
+import io
 import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
+
+from lightning_distckpt.storage.retry import RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class Store(ABC):
 
     #: URL scheme(s) this store answers, for messages ("file", "hdfs", ...).
     scheme: str = ""
+    #: How operations are retried on transient errors (one attempt: no retries).
+    retry: RetryPolicy = RetryPolicy()
 
     # ---- naming -------------------------------------------------------------------------------
     @abstractmethod
@@ -121,11 +126,15 @@ def read_exactly(f: BinaryIO, buffer: memoryview, what: str) -> None:
     """Read ``len(buffer)`` bytes from ``f`` into ``buffer``; raise ``EOFError`` naming ``what`` if short."""
     view = buffer.cast("B")
     done = 0
+    readinto = getattr(f, "readinto", None)
     while done < len(view):
-        readinto = getattr(f, "readinto", None)
+        n = None
         if readinto is not None:
-            n = readinto(view[done:])
-        else:
+            try:
+                n = readinto(view[done:])
+            except (NotImplementedError, io.UnsupportedOperation):  # e.g. hdfs-native's reader
+                readinto = None
+        if n is None:
             chunk = f.read(len(view) - done)
             n = len(chunk)
             view[done : done + n] = chunk

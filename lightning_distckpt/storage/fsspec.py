@@ -9,33 +9,67 @@ from typing import Any, BinaryIO
 
 from lightning_distckpt.errors import StorageError
 from lightning_distckpt.storage.base import Entry, Store
+from lightning_distckpt.storage.retry import RetryPolicy
+
+
+class _OnceClosing:
+    """A write stream whose ``close`` runs exactly once (some clients retry or fail on a second close)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self._closed = False
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        self._f.write(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._f.close()
 
 
 class FsspecStore(Store):
     """A store over ``fsspec.core.url_to_fs(url, **options)``.
 
-    The filesystem object is created lazily and again after a ``fork`` (clients are not fork-safe).
-    Renames are verified: some backends (webhdfs) report success for a rename that did not happen.
+    The filesystem object is created lazily, and again in a forked child (clients are not fork-safe).
+    Metadata operations are retried on transient errors per ``retry``. Renames are verified: some
+    backends (webhdfs) report success for a rename that did not happen.
     """
 
-    def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, options: dict[str, Any] | None = None, retry: RetryPolicy | None = None) -> None:
         self._root_url = url
         self._options = dict(options or {})
         self._fs: Any = None
         self._pid = -1
         self._lock = threading.Lock()
         self.scheme = url.split("://", 1)[0] if "://" in url else "file"
+        if retry is not None:
+            self.retry = retry
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_pid": -1, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
             with self._lock:
                 if self._fs is None or self._pid != os.getpid():
-                    from fsspec.core import url_to_fs
-
-                    self._fs, _ = url_to_fs(self._root_url, **self._options)
+                    self._fs = self._make_fs()
                     self._pid = os.getpid()
         return self._fs
+
+    def _make_fs(self) -> Any:
+        from fsspec.core import url_to_fs
+
+        return url_to_fs(self._root_url, **self._options)[0]
+
+    def _do(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.retry.run(lambda: fn(*args, **kwargs), f"{what} {self.url(args[0]) if args else self._root_url}")
 
     def strip(self, url: str) -> str:
         return self.fs._strip_protocol(url)
@@ -44,52 +78,66 @@ class FsspecStore(Store):
         return self.fs.unstrip_protocol(path)
 
     def open_write(self, path: str) -> Any:
-        return self.fs.open(path, "wb")
+        return _OnceClosing(self._do("create", self.fs.open, path, "wb"))
 
     def makedirs(self, path: str) -> None:
-        self.fs.makedirs(path, exist_ok=True)
+        self._do("mkdir", self.fs.makedirs, path, exist_ok=True)
 
     def rename(self, src: str, dst: str) -> None:
-        if self.fs.exists(dst):
+        if self._do("stat", self.fs.exists, dst):
             raise StorageError(errno.EEXIST, f"cannot rename {self.url(src)}: {self.url(dst)} exists")
-        self.fs.mv(src, dst, recursive=True)
+        self._do("rename", self.fs.mv, src, dst, recursive=True)
         self.fs.invalidate_cache()
-        if not self.fs.exists(dst) or self.fs.exists(src):
+        if not self._do("stat", self.fs.exists, dst) or self._do("stat", self.fs.exists, src):
             raise StorageError(
                 errno.EIO, f"rename of {self.url(src)} to {self.url(dst)} reported success but did not happen"
             )
 
     def remove(self, path: str, recursive: bool = False) -> None:
         try:
-            self.fs.rm(path, recursive=recursive)
+            self._do("remove", self.fs.rm, path, recursive=recursive)
         except FileNotFoundError:
             pass
         self.fs.invalidate_cache()
 
     def open_read(self, path: str) -> BinaryIO:
-        return self.fs.open(path, "rb")
+        return self._do("open", self.fs.open, path, "rb")
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._do("read", self.fs.cat_file, path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        def once() -> None:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+        self.retry.run(once, f"write {self.url(path)}")
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         view = buffer.cast("B")
-        data = self.fs.cat_file(path, start=offset, end=offset + len(view))
+        data = self._do("read", self.fs.cat_file, path, start=offset, end=offset + len(view))
         if len(data) != len(view):
             raise EOFError(f"{self.url(path)}: file ends after {len(data)} of {len(view)} expected bytes")
         view[:] = data
 
     def size(self, path: str) -> int:
-        return int(self.fs.size(path))
+        return int(self._do("stat", self.fs.size, path))
 
     def exists(self, path: str) -> bool:
-        return bool(self.fs.exists(path))
+        return bool(self._do("stat", self.fs.exists, path))
 
     def isdir(self, path: str) -> bool:
-        return bool(self.fs.isdir(path))
+        return bool(self._do("stat", self.fs.isdir, path))
 
     def listdir(self, path: str) -> list[Entry]:
         self.fs.invalidate_cache(path)
         out = []
-        for info in self.fs.ls(path, detail=True):
+        for info in self._do("list", self.fs.ls, path, detail=True):
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
             mtime = info.get("mtime") or info.get("modificationTime") or 0
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            elif mtime and float(mtime) > 1e11:  # milliseconds (HDFS)
+                mtime = float(mtime) / 1000
             out.append(Entry(name, info["type"] == "directory", int(info.get("size") or 0), float(mtime or 0)))
         return out

@@ -190,12 +190,21 @@ class CheckpointReader(StorageReader):
             if (s, loc.file) in self._bad:
                 continue
             buf = bytearray(size)
-            try:
+
+            def read_once(s: int = s, source: Source = source, buf: bytearray = buf) -> None:
                 f = handles.get(s)
                 if f is None:
                     f = handles[s] = source.store.open_read(source.store.join(source.path, loc.file))
                 f.seek(offset)
                 read_exactly(f, memoryview(buf), source.url(loc.file))
+
+            def reopen(s: int = s) -> None:
+                f = handles.pop(s, None)
+                if f is not None:
+                    f.close()
+
+            try:
+                source.store.retry.run(read_once, f"read {source.url(loc.file)}", cleanup=reopen)
             except (OSError, EOFError) as e:
                 problems.append(f"{source.url(loc.file)}: {e}")
                 self._bad.add((s, loc.file))

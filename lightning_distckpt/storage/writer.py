@@ -124,8 +124,14 @@ class CheckpointWriter(StorageWriter):
 
     # -- writing -----------------------------------------------------------------------------------
     def _write_file(self, rank: int, k: int, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
+        """Write one file; on a transient storage error the whole file is written again (bounded)."""
         name = data_file_name(rank, k)
-        stream = self.store.open_write(self.store.join(self.staging, name))
+        path = self.store.join(self.staging, name)
+        return self.store.retry.run(lambda: self._write_file_once(path, name, items, planner),
+                                    f"write {self.store.url(path)}", cleanup=lambda: self.store.remove(path))
+
+    def _write_file_once(self, path: str, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
+        stream = self.store.open_write(path)
         offset = 0
         out = []
         try:

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Net, data, full_state_digest, strategy, write_json  # noqa: E402
 
-from lightning_distckpt import DistCheckpoint, DistCheckpointIO  # noqa: E402
+from lightning_distckpt import DistCheckpoint, DistCheckpointIO, HdfsOptions  # noqa: E402
 
 
 class Probe(L.Callback):
@@ -57,31 +57,74 @@ class Probe(L.Callback):
 
 
 
-def crash_injection() -> None:
-    """``DISTCKPT_TEST_CRASH=<rank>:<LocalStore method>:<n>``: that rank SIGKILLs itself at the n-th call.
+def fault_injection() -> None:
+    """Deterministic faults for the tests, without hooks in the package.
 
-    Lets the crash tests hit each step of the commit protocol deterministically (no hook in the package).
+    ``DISTCKPT_TEST_CRASH=<rank>:<LocalStore method>:<n>``: that rank SIGKILLs itself at the n-th call.
+    ``DISTCKPT_TEST_PAUSE=<rank>:<HdfsStore method>:<n>:<dir>``: at the n-th call that rank creates
+    ``<dir>/paused`` and waits for ``<dir>/resume`` (the test stops DataNodes meanwhile). For
+    ``open_write`` the pause happens after the first block written to that stream (its pipeline is open).
     """
-    spec = os.environ.get("DISTCKPT_TEST_CRASH")
-    if not spec:
-        return
-    rank, method, n = spec.split(":")
-    if os.environ.get("LOCAL_RANK", "0") != rank:
-        return
     import signal
+    import time
 
-    from lightning_distckpt.storage.local import LocalStore
+    rank_here = os.environ.get("LOCAL_RANK", "0")
+    crash = os.environ.get("DISTCKPT_TEST_CRASH")
+    if crash:
+        rank, method, n = crash.split(":")
+        if rank == rank_here:
+            from lightning_distckpt.storage.local import LocalStore
 
-    original = getattr(LocalStore, method)
+            _wrap(LocalStore, method, int(n), lambda: os.kill(os.getpid(), signal.SIGKILL))
+    pause = os.environ.get("DISTCKPT_TEST_PAUSE")
+    if pause:
+        rank, method, n, folder = pause.split(":", 3)
+        if rank == rank_here:
+            from lightning_distckpt.storage.fsspec import FsspecStore
+            from lightning_distckpt.storage.hdfs import HdfsStore
+
+            def wait() -> None:
+                open(os.path.join(folder, "paused"), "w").close()
+                while not os.path.exists(os.path.join(folder, "resume")):
+                    time.sleep(0.05)
+
+            if method == "open_write":
+                original = HdfsStore.open_write
+                calls = {"n": 0}
+
+                def open_write(self: Any, path: str) -> Any:
+                    stream = original(self, path)
+                    calls["n"] += 1
+                    if calls["n"] != int(n):
+                        return stream
+                    write, written = stream.write, {"paused": False}
+
+                    def paused_write(data: Any) -> Any:
+                        out = write(data)
+                        if not written["paused"]:
+                            written["paused"] = True
+                            wait()
+                        return out
+
+                    stream.write = paused_write
+                    return stream
+
+                HdfsStore.open_write = open_write
+            else:
+                _wrap(HdfsStore if method in vars(HdfsStore) else FsspecStore, method, int(n), wait)
+
+
+def _wrap(cls: type, method: str, n: int, action: Any) -> None:
+    original = getattr(cls, method)
     calls = {"n": 0}
 
-    def dying(self: Any, *a: Any, **k: Any) -> Any:
+    def wrapped(self: Any, *a: Any, **k: Any) -> Any:
         calls["n"] += 1
-        if calls["n"] == int(n):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if calls["n"] == n:
+            action()
         return original(self, *a, **k)
 
-    setattr(LocalStore, method, dying)
+    setattr(cls, method, wrapped)
 
 
 def main() -> None:
@@ -97,12 +140,14 @@ def main() -> None:
     p.add_argument("--final-digest", default=None, help="write the full state digest at the end of fit here")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
+    p.add_argument("--hdfs-user", default=None)
+    p.add_argument("--hdfs-replication", type=int, default=None)
     args = p.parse_args()
 
     torch.manual_seed(0)
     world = args.devices or int(os.environ.get("WORLD_SIZE", "1"))
     os.environ.setdefault("DISTCKPT_TEST_WORLD", str(world))
-    crash_injection()
+    fault_injection()
     model = Net(width=args.width)
     probe = Probe(args.digest_dir)
     trainer = L.Trainer(
@@ -110,7 +155,8 @@ def main() -> None:
         devices=world if args.strategy != "single" else 1,
         strategy=strategy(args.strategy),
         max_steps=args.max_steps,
-        plugins=[DistCheckpointIO(async_save=args.async_save)],
+        plugins=[DistCheckpointIO(async_save=args.async_save,
+                                  hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication))],
         callbacks=[DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last),
                    probe],
         logger=False,

@@ -1,0 +1,120 @@
+"""Save and load of ~1 GiB of model + AdamW state by 2 ranks on the MiniDFS cluster: DistCheckpointIO vs
+raw hdfs-native writes and reads of the same bytes by the same number of processes, in ONE run.
+
+    python benchmarks/bench_hdfs.py            # starts a MiniDFSCluster (needs Java 17 + Maven), runs torchrun
+
+The raw baseline: each rank writes (then reads) one file per plugin write thread holding exactly the bytes
+that rank's plugin save wrote, in 8 MiB writes through hdfs-native, on concurrent threads. Replication is
+the cluster's (3). Writes benchmarks/results/hdfs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+
+def launcher(args: argparse.Namespace) -> None:
+    from hdfs_cluster import MiniDfs, java_home_or_none
+
+    java_home, reason = java_home_or_none()
+    if java_home is None:
+        raise SystemExit(f"needs Java 17: {reason}")
+    with tempfile.TemporaryDirectory(prefix="bench-minidfs-") as base, MiniDfs.start(base, datanodes=4, java_home=java_home) as dfs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29710", __file__,
+               "--worker", "--url", dfs.namenode_url + "/bench", "--repeats", str(args.repeats),
+               "--width", str(args.width), "--depth", str(args.depth)]  # fmt: skip
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def worker(args: argparse.Namespace) -> None:
+    import lightning as L
+    import torch
+    from _common import barrier, environment, rank, stats, timed, write_result
+    from bench_save_load import Big, load_everything
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_distckpt import DistCheckpointIO
+    from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
+
+    world = int(os.environ["WORLD_SIZE"])
+    io = DistCheckpointIO()
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=DDPStrategy(process_group_backend="gloo"),
+                        max_steps=1, plugins=[io], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, args.width)), batch_size=4)
+    trainer.fit(Big(args.width, args.depth), data)
+    store, root = open_store(args.url, StorageConfig(hdfs=HdfsOptions()))
+    threads = io.write_options.threads
+    payload = os.urandom(8 << 20)
+
+    def raw_write(nbytes: int) -> None:
+        def one(k: int) -> None:
+            s = store.open_write(store.join(root, f"raw-{rank()}-{k}"))
+            left = nbytes // threads
+            while left > 0:
+                n = min(left, len(payload))
+                s.write(memoryview(payload)[:n])
+                left -= n
+            s.close()
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(threads)))
+
+    def raw_read() -> None:
+        def one(k: int) -> None:
+            with store.open_read(store.join(root, f"raw-{rank()}-{k}")) as f:
+                while f.read(8 << 20):
+                    pass
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(threads)))
+
+    rows: dict[str, list[float]] = {k: [] for k in ("plugin_save", "raw_write", "plugin_load", "raw_read")}
+    for i in range(args.repeats):
+        path = f"{args.url}/ckpt-{i}"
+        rows["plugin_save"].append(timed(lambda: trainer.save_checkpoint(path)))
+        mine = io.stats.last_save.bytes_written
+        rows["raw_write"].append(timed(lambda: raw_write(mine)))
+        rows["plugin_load"].append(timed(lambda: load_everything(trainer, path)))
+        rows["raw_read"].append(timed(raw_read))
+        barrier()
+        if rank() == 0:
+            store.remove(store.join(root, f"ckpt-{i}"), recursive=True)
+            for r in range(world):
+                for k in range(threads):
+                    store.remove(store.join(root, f"raw-{r}-{k}"))
+        barrier()
+    total = io.stats.last_save.bytes_written * world
+    if rank() == 0:
+        med = {k: stats(v)["median"] for k, v in rows.items()}
+        result = {
+            "benchmark": "hdfs", "env": environment(), "state_bytes": total, "replication": 3, "datanodes": 4,
+            "seconds": {k: stats(v) for k, v in rows.items()},
+            "throughput_MBps": {k: total / med[k] / 1e6 for k in med},
+            "ratios": {"save: plugin / raw throughput": med["raw_write"] / med["plugin_save"],
+                       "load: plugin / raw throughput": med["raw_read"] / med["plugin_load"]},
+        }  # fmt: skip
+        print(write_result("hdfs", result))
+        for k, v in result["ratios"].items():
+            print(f"{k}: {v:.3f}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--url")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--width", type=int, default=3872)
+    p.add_argument("--depth", type=int, default=6)
+    a = p.parse_args()
+    worker(a) if a.worker else launcher(a)
