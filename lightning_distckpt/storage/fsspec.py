@@ -6,6 +6,7 @@ import errno
 import os
 import threading
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from lightning_distckpt.errors import StorageError
 from lightning_distckpt.storage.base import Entry, Store
@@ -75,7 +76,12 @@ class FsspecStore(Store):
         return self.fs._strip_protocol(url)
 
     def url(self, path: str) -> str:
-        return self.fs.unstrip_protocol(path)
+        """The URL of ``path``, with the host and port of the store's URL (fsspec's ``unstrip_protocol``
+        drops them for webhdfs, which would make the URL unusable in another process)."""
+        parts = urlsplit(self._root_url)
+        if parts.netloc and not self.strip(self._root_url).lstrip("/").startswith(parts.netloc):
+            return f"{parts.scheme}://{parts.netloc}/{path.lstrip('/')}"  # host-based: hdfs, webhdfs
+        return f"{parts.scheme}://{path.lstrip('/')}"  # bucket-based: s3, gs, memory
 
     def open_write(self, path: str) -> Any:
         return _OnceClosing(self._do("create", self.fs.open, path, "wb"))
