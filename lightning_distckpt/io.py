@@ -31,12 +31,19 @@ import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_distckpt import catalog, state
 from lightning_distckpt import format as fmt
 from lightning_distckpt._dist import SOLO, Comm
-from lightning_distckpt.errors import CheckpointSaveError, StateMismatchError
+from lightning_distckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DistCheckpointError,
+    StateMismatchError,
+    UncommittedCheckpointError,
+)
 from lightning_distckpt.integration import (
     model_state_dict,
     optimizer_state_dict,
@@ -62,6 +69,7 @@ class IOStats:
     saves: int = 0
     load_bytes_read: dict[str, int] = field(default_factory=dict)
     load_fallbacks: dict[str, str] = field(default_factory=dict)
+    loaded_from: str = ""
 
 
 class DistCheckpointIO(CheckpointIO):
@@ -108,7 +116,9 @@ class DistCheckpointIO(CheckpointIO):
         self._in_flight = False
         self._failed = False
         self._lock = threading.Lock()
-        self._loaded: catalog.Checkpoint | None = None
+        #: Given the URL being loaded, the checkpoints to try in order, each as its copies' URLs (primary
+        #: first). DistCheckpoint installs one that knows replicas and the "last" fallback.
+        self.resolver: Callable[[str], list[list[str]]] = lambda url: [[url]]
 
     # ------------------------------------------------------------------------------------------
     # plain CheckpointIO API: this process alone
@@ -178,62 +188,93 @@ class DistCheckpointIO(CheckpointIO):
         self.stats.blocked_s = time.perf_counter() - start
 
     def load_routed(self, strategy: Strategy, path: str) -> dict[str, Any]:
-        """Collective load: model tensors are read into the model's own tensors (in place, any sharding).
+        """Collective load of everything the restore needs, verified, before Lightning uses any of it.
 
-        Optimizer tensors are read later, by :meth:`load_optimizers_routed`, once the optimizers exist.
+        Model tensors are read into the model's own tensors (in place, any sharding). Optimizer tensors
+        are read into the optimizers' state when the optimizers exist already (FSDP, ModelParallel),
+        otherwise (DDP restores before setup) into host buffers that ``load_optimizer_state_dict`` applies.
+        Every block is read from the first healthy copy (primary, then replicas). If the checkpoint
+        cannot be read from any copy and it was chosen as "last", the next older one is used, loudly.
         """
         comm = self._comm()
         self.wait()
         url = comm.broadcast(path)
-        ckpt = open_for_load(url, comm, self.storage)
+        candidates = self.resolver(url)
+        first_error: DistCheckpointError | None = None
+        for i, urls in enumerate(candidates):
+            try:
+                checkpoint = self._load_candidate(strategy, urls, comm)
+            except (CorruptCheckpointError, CheckpointNotFoundError, UncommittedCheckpointError) as e:
+                first_error = first_error or e
+                nxt = f"; falling back to the previous checkpoint {candidates[i + 1][0]}" if i + 1 < len(candidates) else ""
+                if comm.rank == 0:
+                    log.error("checkpoint %s cannot be loaded from any copy: %s%s", urls[0], e, nxt)
+                continue
+            if i > 0 and comm.rank == 0:
+                rank_zero_warn(f"RESUMED FROM AN OLDER CHECKPOINT: {urls[0]} (the newer {candidates[0][0]} is "
+                               f"unusable: {first_error}). Training since that older checkpoint will be repeated.")
+            return checkpoint
+        assert first_error is not None
+        raise first_error
+
+    def _load_candidate(self, strategy: Strategy, urls: list[str], comm: Comm) -> dict[str, Any]:
+        ckpt, sources = open_for_load(urls, comm, self.storage)
+        url = ckpt.url
         module = strategy.lightning_module
         strict = bool(getattr(module, "strict_loading", True))
-        model = {state.model_key(k): v for k, v in model_state_dict(strategy).items()}
-        model = match(ckpt.metadata, model, state.MODEL, strict, "model", url)
+        model = match(ckpt.metadata, {state.model_key(k): v for k, v in model_state_dict(strategy).items()},
+                      state.MODEL, strict, "model", url)  # fmt: skip
+        optim: dict[str, Any] = {}
+        if _fitting(module):
+            optimizers = list(strategy.optimizers)
+            saved_n = len({k.split("/")[1] for k in ckpt.metadata.state_dict_metadata if k.startswith(state.OPTIM)})
+            if optimizers:
+                if saved_n and saved_n != len(optimizers):
+                    raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
+                                             f"{len(optimizers)} optimizers")  # fmt: skip
+                for i, opt in enumerate(optimizers):
+                    live = {
+                        state.optim_key(i, fqn, name): t
+                        for fqn, st in optimizer_state_dict(strategy, opt)["state"].items()
+                        for name, t in st.items() if isinstance(t, torch.Tensor)
+                    }  # fmt: skip
+                    prefix = f"{state.OPTIM}{i}/"
+                    saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in ckpt.metadata.state_dict_metadata
+                                    if k.startswith(prefix)}  # fmt: skip
+                    live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
+                    optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
+            else:  # DDP and single device restore before setup: read into host buffers now, apply later
+                optim = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.OPTIM)], url)
         extras = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.EXTRA)], url)
-        self._record(read_tensors(ckpt, {**model, **extras}, threads=self.read_threads, comm=comm))
+        ordered = sources[comm.rank % len(sources):] + sources[: comm.rank % len(sources)]  # spread reads over copies
+        self._record(read_tensors(ckpt, {**model, **optim, **extras}, sources=ordered, threads=self.read_threads,
+                                  comm=comm))  # fmt: skip
 
         def lookup(key: str) -> Any:
             if key.startswith(state.MODEL):
                 return model.get(key, _SKIP)
             if key.startswith(state.OPTIM):
-                return Pending(key)
+                return optim.get(key, Pending(key))
             return extras[key]
 
         checkpoint = state.join(ckpt.skeleton, lookup, self.safe_globals)
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if v is not _SKIP}
-        self._loaded = ckpt
+        self.stats.loaded_from = url
         return checkpoint
 
     def load_optimizers_routed(self, strategy: Strategy, checkpoint: dict[str, Any]) -> None:
-        """Collective: read the optimizer states of the checkpoint last loaded into ``strategy.optimizers``."""
-        ckpt = self._loaded
-        if ckpt is None:
-            raise RuntimeError("load_optimizer_state_dict called before load_checkpoint")
-        comm = self._comm()
+        """Apply the optimizer states that :meth:`load_routed` read (no I/O happens here)."""
         saved_states = checkpoint.get("optimizer_states", [])
         optimizers = list(strategy.optimizers)
         if len(saved_states) != len(optimizers):
-            raise StateMismatchError(f"{ckpt.url} holds {len(saved_states)} optimizer states, the model configures "
-                                     f"{len(optimizers)} optimizers")
-        targets: dict[str, Any] = {}
-        for i, (opt, saved) in enumerate(zip(optimizers, saved_states)):
-            saved_params = saved.get("state", {})
-            live = {
-                state.optim_key(i, fqn, name): t
-                for fqn, st in optimizer_state_dict(strategy, opt)["state"].items() if fqn in saved_params
-                for name, t in st.items() if isinstance(t, torch.Tensor)
-            }  # fmt: skip
-            targets.update(match(ckpt.metadata, live, f"{state.OPTIM}{i}/", True, f"optimizer {i}", ckpt.url))
-        self._record(read_tensors(ckpt, targets, threads=self.read_threads, comm=comm))
+            raise StateMismatchError(f"the checkpoint holds {len(saved_states)} optimizer states, the model configures "
+                                     f"{len(optimizers)} optimizers")  # fmt: skip
         for opt, saved in zip(optimizers, saved_states):
-            for params in saved.get("state", {}).values():
-                for name, value in params.items():
-                    if isinstance(value, Pending):
-                        params[name] = targets[value.key]
+            missing = [p.key for st in saved.get("state", {}).values() for p in st.values() if isinstance(p, Pending)]
+            if missing:
+                raise RuntimeError(f"optimizer state {missing[0]!r} was not read when the checkpoint was loaded")
             set_optimizer_state(strategy, opt, saved)
-        self._loaded = None
 
     def remove_routed(self, strategy: Strategy, path: str) -> None:
         """Remove a checkpoint (rank 0). With a save in flight, only after that save has committed."""
@@ -325,12 +366,19 @@ class DistCheckpointIO(CheckpointIO):
         # process groups, threads and buffers belong to one process (ddp_spawn pickles the trainer)
         s = self.__dict__.copy()
         s.update(_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _after_commit=[],
-                 _lock=None, _loaded=None, _in_flight=False, _failed=False)
+                 _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]])
         return s
 
     def __setstate__(self, s: dict[str, Any]) -> None:
         self.__dict__.update(s)
         self._lock = threading.Lock()
+
+
+def _fitting(module: Any) -> bool:
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    trainer = getattr(module, "_trainer", None)
+    return trainer is None or trainer.state.fn == TrainerFn.FITTING
 
 
 def _replicated_keys(strategy: Strategy) -> Callable[[str], bool]:

@@ -18,7 +18,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from lightning_distckpt._dist import Comm
-from lightning_distckpt.catalog import Checkpoint, open_checkpoint, source_of
+from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, StateMismatchError
 from lightning_distckpt.planner import load_planner
 from lightning_distckpt.storage import StorageLike
@@ -30,25 +30,53 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Pending:
-    """Stands for a tensor of the checkpoint that has not been read yet (optimizer state before setup)."""
+    """Stands for a tensor of the checkpoint that was not read (optimizer state outside ``fit``)."""
 
     key: str
 
 
-def open_for_load(url: str, comm: Comm, options: StorageLike = None) -> Checkpoint:
-    """Rank 0 opens and verifies the checkpoint at ``url``; every rank gets the result or the same error."""
+def open_for_load(urls: str | list[str], comm: Comm, options: StorageLike = None) -> tuple[Checkpoint, list[Source]]:
+    """Open and verify one checkpoint given the URLs of its copies (primary first); collective.
+
+    Rank 0 reads the documents from the first copy whose documents verify, and keeps as sources every
+    copy that is committed with the same manifest (a replica of exactly this checkpoint). Every rank gets
+    the same result, or the same error (that of the first copy).
+    """
+    urls = [urls] if isinstance(urls, str) else list(urls)
     result: Any = None
     if comm.rank == 0:
-        try:
-            result = open_checkpoint(source_of(url, options))
-        except DistCheckpointError as e:
-            result = e
+        result = _open_copies(urls, options)
     result = comm.broadcast(result)
     if isinstance(result, BaseException):
         raise result
-    if comm.rank != 0:  # rebuild the store in this process (stores are not shared across processes)
-        result.source = source_of(url, options)
-    return result
+    ckpt, source_urls = result
+    if comm.rank != 0:  # stores hold clients and belong to one process: build them here
+        ckpt.source = source_of(ckpt.source.url(), options)
+    return ckpt, [source_of(u, options) for u in source_urls]
+
+
+def _open_copies(urls: list[str], options: StorageLike) -> Any:
+    copies = [source_of(u, options) for u in urls]
+    errors: list[DistCheckpointError] = []
+    ckpt = None
+    for source in copies:
+        try:
+            ckpt = open_checkpoint(source)
+            break
+        except DistCheckpointError as e:
+            errors.append(e)
+    if ckpt is None:
+        return errors[0]
+    same = [ckpt.url]
+    for source in copies:
+        if source.url() in same:
+            continue
+        try:
+            if read_manifest(source).to_json() == ckpt.manifest.to_json():
+                same.append(source.url())
+        except DistCheckpointError:
+            continue
+    return ckpt, same
 
 
 def global_shape(t: Any) -> torch.Size:
