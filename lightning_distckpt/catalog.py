@@ -201,21 +201,29 @@ class Listed:
 
 
 def list_checkpoints(root: str, options: StorageLike = None) -> list[Listed]:
-    """Checkpoint directories directly under ``root``, oldest first (by commit time); empty if none."""
+    """Checkpoint directories directly under ``root``, oldest first (by commit time); empty if none.
+
+    A committed checkpoint that a crashed overwrite left in a trash directory is listed under its own
+    name (with the trash directory's URL) until :func:`clean_stale` moves it back: nothing committed is
+    ever invisible.
+    """
     store, path = open_store(root, options)
     try:
         entries = store.listdir(path)
     except FileNotFoundError:
         return []
     out = []
+    present = {e.name for e in entries}
     for e in entries:
-        if not e.is_dir or e.name.startswith("."):
+        name = e.name if not e.name.startswith(".") else fmt.trashed_name(e.name)
+        if not e.is_dir or name is None or (name != e.name and name in present):
             continue
         src = Source(store, store.join(path, e.name))
         try:
-            out.append(Listed(e.name, src.url(), True, read_manifest(src)))
+            out.append(Listed(name, src.url(), True, read_manifest(src)))
         except DistCheckpointError as err:
-            out.append(Listed(e.name, src.url(), False, None, str(err)))
+            if name == e.name:
+                out.append(Listed(name, src.url(), False, None, str(err)))
     return sorted(out, key=lambda c: c.order)
 
 
@@ -227,11 +235,16 @@ def latest(roots: list[str], options: StorageLike = None) -> list[Listed]:
     """Committed checkpoints across ``roots`` (primary first, then replicas), newest first, by name.
 
     When the same name exists in several roots, the first root's copy is listed (replicas are read from
-    when its files fail).
+    when its files fail). A root that cannot be listed is skipped with a warning.
     """
     seen: dict[str, Listed] = {}
     for root in roots:
-        for c in committed(root, options):
+        try:
+            found = committed(root, options)
+        except (OSError, DistCheckpointError) as e:  # an unreachable target is skipped, not fatal
+            log.warning("cannot list checkpoints under %s: %s", root, e)
+            continue
+        for c in found:
             seen.setdefault(c.name, c)
     return sorted(seen.values(), key=lambda c: c.order, reverse=True)
 
@@ -262,8 +275,8 @@ def clean_stale(root: str, options: StorageLike = None, older_than_s: float = 0.
         if not e.is_dir or (older_than_s and e.mtime and now - e.mtime < older_than_s):
             continue
         full = store.join(path, e.name)
-        if e.name.startswith(".") and fmt.TRASH_INFIX in e.name:
-            original = e.name[1:].rsplit(fmt.TRASH_INFIX, 1)[0]
+        original = fmt.trashed_name(e.name)
+        if original is not None:
             if original not in names:
                 try:
                     read_manifest(Source(store, full))

@@ -89,6 +89,13 @@ def trash_name(name: str, token: str) -> str:
     return f".{name}{TRASH_INFIX}{token}"
 
 
+def trashed_name(dirname: str) -> str | None:
+    """The checkpoint name a trash directory (an overwrite in progress or crashed) belongs to, else None."""
+    if dirname.startswith(".") and TRASH_INFIX in dirname:
+        return dirname[1:].rsplit(TRASH_INFIX, 1)[0]
+    return None
+
+
 def data_file_name(rank: int, k: int) -> str:
     return f"__{rank}_{k}.distcp"
 

@@ -59,20 +59,18 @@ def _open_copies(urls: list[str], options: StorageLike) -> Any:
     copies = [source_of(u, options) for u in urls]
     errors: list[DistCheckpointError] = []
     ckpt = None
-    for source in copies:
+    for source in copies:  # the documents of the first copy whose documents verify
         try:
-            ckpt = open_checkpoint(source)
+            ckpt = open_checkpoint(source, check_sizes=len(copies) == 1)
             break
         except DistCheckpointError as e:
             errors.append(e)
     if ckpt is None:
         return errors[0]
-    same = [ckpt.url]
+    same = []  # every copy of exactly this checkpoint, in the given order (primary first)
     for source in copies:
-        if source.url() in same:
-            continue
         try:
-            if read_manifest(source).to_json() == ckpt.manifest.to_json():
+            if source.url() == ckpt.url or read_manifest(source).to_json() == ckpt.manifest.to_json():
                 same.append(source.url())
         except DistCheckpointError:
             continue

@@ -29,3 +29,16 @@ def test_random_kills_then_resume(tmp_path):
     assert t.resumes_checked >= cycles // 2, t.log  # most cycles resumed from a checkpoint and were verified
     assert t.newest > 0
     print("\n".join(t.log))
+
+
+def test_torture_kills_with_replication(tmp_path):
+    """At least 30 SIGKILLs at random moments of 2-rank saves and replications, each followed by an
+    automatic resume from the newest committed copy (primary or replica)."""
+    cycles = int(os.environ.get("DISTCKPT_TORTURE_RAW_CYCLES", "30"))
+    t = Torture(tmp_path, str(tmp_path / "primary"), driver="raw", replica_url=str(tmp_path / "replica"), seed=11)
+    for _ in range(cycles):
+        t.cycle(max_delay=1.5)
+    t.cycle(max_delay=0.3)
+    assert t.kills >= 30 or cycles < 30
+    assert t.resumes_checked >= cycles * 2 // 3, t.log
+    print("\n".join(t.log))

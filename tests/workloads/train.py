@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--final-digest", default=None, help="write the full state digest at the end of fit here")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
+    p.add_argument("--replicas", nargs="*", default=None)
+    p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
     p.add_argument("--hdfs-user", default=None)
     p.add_argument("--hdfs-replication", type=int, default=None)
     args = p.parse_args()
@@ -157,7 +159,8 @@ def main() -> None:
         max_steps=args.max_steps,
         plugins=[DistCheckpointIO(async_save=args.async_save,
                                   hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication))],
-        callbacks=[DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last),
+        callbacks=[DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
+                                  replicas=args.replicas),
                    probe],
         logger=False,
         enable_progress_bar=False,
@@ -166,6 +169,11 @@ def main() -> None:
         use_distributed_sampler=True,
     )
     trainer.fit(model, data(), ckpt_path=args.resume)
+    io = trainer.strategy.checkpoint_io
+    if args.stats and trainer.is_global_zero:
+        cb = trainer.checkpoint_callback
+        write_json(args.stats, {"loaded_from": io.stats.loaded_from, "fallbacks": io.stats.load_fallbacks,
+                                "bytes_by_source": io.stats.load_bytes_read, "replication": cb.replication})
     if args.final_digest:
         digest = full_state_digest(trainer)
         if probe.loaded_loops is not None:
