@@ -1,14 +1,17 @@
-"""Reading a checkpoint outside training, and exporting it to one plain ``torch.save`` file.
+"""Reading a checkpoint outside training, and exporting it to one plain file.
 
-Both run in one process and read the whole checkpoint (whatever world size wrote it) into CPU memory.
+Everything here runs in one process, reads the whole checkpoint (whatever world size, strategy and
+compression wrote it) into CPU memory, and does not import Lightning.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from lightning_distckpt.compression.prune import prune as prune_tensor
+from lightning_distckpt.compression.prune import quantize_int8
 from lightning_distckpt.loading import read_checkpoint
 from lightning_distckpt.storage import StorageLike
 
@@ -42,19 +45,56 @@ def to_lightning_format(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export_checkpoint(url: str, out: str, weights_only: bool = False, dtype: torch.dtype | None = None,
-                      storage_options: StorageLike = None, safe_globals: list[str] | None = None) -> str:
-    """Write the checkpoint at ``url`` as one ``torch.save`` file at ``out`` (a local path) and return it.
+def inference_weights(state_dict: dict[str, Any], dtype: torch.dtype | None = None, prune: float | None = None,
+                      prune_threshold: float | None = None, quantize: Literal["int8"] | None = None,
+                      min_elements: int = 4096) -> dict[str, torch.Tensor]:
+    """Model weights for an inference artifact: optionally pruned, cast, and int8-quantized.
 
-    ``weights_only=True`` writes ``{"state_dict": ...}`` only, loadable with ``torch.load(weights_only=True)``;
-    otherwise a complete Lightning checkpoint. ``dtype`` casts floating-point model tensors.
+    Pruning (by ``prune`` fraction or ``prune_threshold`` magnitude) and quantization apply to floating
+    tensors with at least 2 dimensions and ``min_elements`` elements; a quantized ``name`` becomes an int8
+    ``name`` plus a float32 ``name.scale`` (one per row: ``w ≈ name * name.scale[:, None]``).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        if not torch.is_tensor(t):
+            continue
+        big = t.is_floating_point() and t.dim() >= 2 and t.numel() >= min_elements
+        if big and (prune is not None or prune_threshold is not None):
+            t = prune_tensor(t, fraction=prune, threshold=prune_threshold)
+        if big and quantize == "int8":
+            q, scale = quantize_int8(t)
+            out[name], out[f"{name}.scale"] = q, scale
+            continue
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[name] = t.contiguous()
+    return out
+
+
+def export_checkpoint(url: str, out: str, weights_only: bool = False, dtype: torch.dtype | None = None,
+                      format: Literal["torch", "safetensors"] = "torch", prune: float | None = None,
+                      prune_threshold: float | None = None, quantize: Literal["int8"] | None = None,
+                      storage_options: StorageLike = None, safe_globals: list[str] | None = None) -> str:
+    """Write the checkpoint at ``url`` as one file at ``out`` (a local path) and return ``out``.
+
+    ``format="torch"`` without ``weights_only``, pruning or quantization writes a complete Lightning
+    checkpoint (resumable by Lightning without this package). Otherwise the file holds the model weights
+    only: ``{"state_dict": ...}`` for torch (loadable with ``torch.load(weights_only=True)``), flat tensors
+    for safetensors; see :func:`inference_weights` for ``dtype``, ``prune``, ``quantize``. The
+    checkpoint itself is never modified.
     """
     checkpoint = load_checkpoint(url, storage_options, safe_globals)
-    if dtype is not None:
-        checkpoint["state_dict"] = {
-            k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-            for k, v in checkpoint["state_dict"].items()
-        }
-    data = {"state_dict": checkpoint["state_dict"]} if weights_only else to_lightning_format(checkpoint)
-    torch.save(data, out)
+    lossy = prune is not None or prune_threshold is not None or quantize is not None
+    if format == "torch" and not weights_only and not lossy:
+        if dtype is not None:
+            checkpoint["state_dict"] = inference_weights(checkpoint["state_dict"], dtype=dtype)
+        torch.save(to_lightning_format(checkpoint), out)
+        return out
+    weights = inference_weights(checkpoint["state_dict"], dtype, prune, prune_threshold, quantize)
+    if format == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(weights, out, metadata={"source": url, "format": "lightning-distckpt export"})
+    else:
+        torch.save({"state_dict": weights}, out)
     return out

@@ -151,8 +151,11 @@ class Location:
 
 
 # ---- DCP metadata <-> JSON ---------------------------------------------------------------------
-def metadata_to_json(md: Metadata) -> dict[str, Any]:
-    """Serialize DCP metadata whose storage_data maps every chunk to a :class:`Location`."""
+def metadata_to_json(md: Metadata, encodings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Serialize DCP metadata whose storage_data maps every chunk to a :class:`Location`.
+
+    ``encodings`` describes tensors stored through a tensor codec (see ``compression``).
+    """
     tensors: dict[str, Any] = {}
     for fqn, tmd in md.state_dict_metadata.items():
         if not isinstance(tmd, TensorStorageMetadata):
@@ -162,11 +165,14 @@ def metadata_to_json(md: Metadata) -> dict[str, Any]:
             loc: Location = md.storage_data[MetadataIndex(fqn, c.offsets)]
             chunks.append({"offsets": list(c.offsets), "sizes": list(c.sizes), **loc.to_json()})
         tensors[fqn] = {"dtype": dtype_name(tmd.properties.dtype), "size": list(tmd.size), "chunks": chunks}
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": tensors}
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": tensors, "encodings": encodings or {}}
 
 
 def metadata_from_json(obj: Any, where: str) -> Metadata:
-    """Parse and validate ``metadata.json``: shapes, offsets within bounds, byte counts consistent."""
+    """Parse and validate ``metadata.json``: shapes, offsets within bounds, byte counts consistent, codecs known.
+
+    Tensor encodings end up in ``metadata.planner_data["encodings"]``.
+    """
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME or not isinstance(obj.get("tensors"), dict):
         raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} metadata document")
     check_version(obj.get("version"), where)
@@ -185,8 +191,12 @@ def metadata_from_json(obj: Any, where: str) -> Metadata:
                 if any(o < 0 or n < 0 or o + n > s for o, n, s in zip(offsets, sizes, size)):
                     raise CorruptCheckpointError(f"{here}: chunk {list(offsets)}+{list(sizes)} outside {list(size)}")
                 loc = Location.from_json(c, here)
+                if loc.codec:
+                    from lightning_distckpt.compression.lossless import block_codec
+
+                    block_codec(loc.codec)  # an unknown block codec is an error here, not at read time
                 nbytes = sizes.numel() * dtype.itemsize
-                if not loc.codec and loc.raw != nbytes:
+                if loc.raw != nbytes:
                     raise CorruptCheckpointError(f"{here}: chunk holds {loc.raw} bytes, its shape needs {nbytes}")
                 chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=sizes))
                 storage[MetadataIndex(fqn, offsets)] = loc
@@ -197,7 +207,10 @@ def metadata_from_json(obj: Any, where: str) -> Metadata:
         if sum(c.sizes.numel() for c in chunks) != size.numel():
             raise CorruptCheckpointError(f"{where}: tensor {fqn!r}: chunks do not cover its {list(size)} elements")
         sd_md[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), size, chunks)
-    return Metadata(state_dict_metadata=sd_md, storage_data=storage)
+    from lightning_distckpt.compression import check_encodings
+
+    encodings = check_encodings(obj.get("encodings", {}), where)
+    return Metadata(state_dict_metadata=sd_md, storage_data=storage, planner_data={"encodings": encodings})
 
 
 def check_version(version: Any, where: str) -> None:

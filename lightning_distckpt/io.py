@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import lightning
 import torch
@@ -37,6 +37,7 @@ from typing_extensions import override
 from lightning_distckpt import catalog, state
 from lightning_distckpt import format as fmt
 from lightning_distckpt._dist import SOLO, Comm
+from lightning_distckpt.compression import CompressionConfig, resolve
 from lightning_distckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -51,7 +52,15 @@ from lightning_distckpt.integration import (
     set_optimizer_state,
     strategy_name,
 )
-from lightning_distckpt.loading import Pending, allocate, match, open_for_load, read_checkpoint, read_tensors
+from lightning_distckpt.loading import (
+    Pending,
+    allocate,
+    match,
+    open_for_load,
+    read_checkpoint,
+    read_tensors,
+    saved_tensors,
+)
 from lightning_distckpt.saving import SaveResult, WriteOptions, write_checkpoint
 from lightning_distckpt.snapshot import Snapshotter
 from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
@@ -81,6 +90,8 @@ class DistCheckpointIO(CheckpointIO):
         durable: fsync data files and directories on local filesystems before a checkpoint commits.
         hdfs: Replication, block size, user, Hadoop conf dir and retries for ``hdfs://``, ``viewfs://`` and
             ``webhdfs://`` locations (see :class:`~lightning_distckpt.HdfsOptions`).
+        compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a :class:`~lightning_distckpt.CompressionConfig`
+            (see :mod:`lightning_distckpt.compression`); loading needs no setting.
         write_threads: Files (and concurrent streams) per rank and save.
         read_threads: Concurrent readers per rank and load.
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
@@ -94,6 +105,7 @@ class DistCheckpointIO(CheckpointIO):
         storage_options: dict[str, Any] | None = None,
         durable: bool = True,
         hdfs: HdfsOptions | None = None,
+        compression: Literal["lossless", "bf16", "int8"] | CompressionConfig | None = None,
         write_threads: int = 2,
         read_threads: int = 2,
         chunk_mb: int = 32,
@@ -104,6 +116,7 @@ class DistCheckpointIO(CheckpointIO):
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
         self.async_save = async_save
         self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs)
+        self.compression = resolve(compression)
         self.safe_globals = list(safe_globals or [])
         self.read_threads = read_threads
         self.write_options = WriteOptions(threads=write_threads, chunk_bytes=chunk_mb << 20)
@@ -177,14 +190,14 @@ class DistCheckpointIO(CheckpointIO):
         url = comm.broadcast(path)
         skeleton, tensors = state.split(checkpoint)
         manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
-        replicated = _replicated_keys(strategy)
+        params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
         if self.async_save:
             snapshot = self._snapshots.take(tensors)
             with self._lock:
                 self._in_flight = True  # tasks registered from now on wait for this save
-            self._future = self._pool().submit(self._write, url, skeleton, snapshot, manifest, comm, replicated, True)
+            self._future = self._pool().submit(self._write, url, skeleton, snapshot, manifest, comm, params, True)
         else:
-            self._write(url, skeleton, tensors, manifest, comm, replicated)
+            self._write(url, skeleton, tensors, manifest, comm, params)
         self.stats.blocked_s = time.perf_counter() - start
 
     def load_routed(self, strategy: Strategy, path: str) -> dict[str, Any]:
@@ -227,7 +240,8 @@ class DistCheckpointIO(CheckpointIO):
         optim: dict[str, Any] = {}
         if _fitting(module):
             optimizers = list(strategy.optimizers)
-            saved_n = len({k.split("/")[1] for k in ckpt.metadata.state_dict_metadata if k.startswith(state.OPTIM)})
+            saved = saved_tensors(ckpt.metadata)
+            saved_n = len({k.split("/")[1] for k in saved if k.startswith(state.OPTIM)})
             if optimizers:
                 if saved_n and saved_n != len(optimizers):
                     raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
@@ -239,8 +253,7 @@ class DistCheckpointIO(CheckpointIO):
                         for name, t in st.items() if isinstance(t, torch.Tensor)
                     }  # fmt: skip
                     prefix = f"{state.OPTIM}{i}/"
-                    saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in ckpt.metadata.state_dict_metadata
-                                    if k.startswith(prefix)}  # fmt: skip
+                    saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
                     live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
                     optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
             else:  # DDP and single device restore before setup: read into host buffers now, apply later
@@ -310,12 +323,14 @@ class DistCheckpointIO(CheckpointIO):
                 self._failed = False
 
     def _write(self, url: str, skeleton: Any, tensors: dict[str, Any], manifest: fmt.Manifest, comm: Comm,
-               replicated: Callable[[str], bool] = lambda key: True, background: bool = False) -> None:
+               params: set[str] | None = None, background: bool = False) -> None:
         with self._lock:
             self._in_flight = True
         try:
+            exact = self.compression.exact_every and (self.stats.saves + 1) % self.compression.exact_every == 0
+            compression = self.compression.exact() if exact else self.compression
             result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, self.storage,
-                                      replicated=replicated)
+                                      compression, params)
         except BaseException:
             with self._lock:
                 self._after_commit.clear()
@@ -379,12 +394,6 @@ def _fitting(module: Any) -> bool:
 
     trainer = getattr(module, "_trainer", None)
     return trainer is None or trainer.state.fn == TrainerFn.FITTING
-
-
-def _replicated_keys(strategy: Strategy) -> Callable[[str], bool]:
-    """Keys whose plain tensors are identical on every rank: parameters and optimizer state."""
-    params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
-    return lambda key: key in params or key.startswith(state.OPTIM)
 
 
 def _version() -> str:

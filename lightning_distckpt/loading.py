@@ -15,7 +15,7 @@ import psutil
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt._dist import Comm
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
@@ -23,7 +23,8 @@ from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointErro
 from lightning_distckpt.planner import load_planner
 from lightning_distckpt.storage import StorageLike
 from lightning_distckpt.storage.reader import CheckpointReader, ReadStats, Source
-from lightning_distckpt.storage.writer import BlockCodec
+from lightning_distckpt.compression import PART, block_codec, decode_plan
+from lightning_distckpt.format import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,23 @@ def global_shape(t: Any) -> torch.Size:
     return t.size() if isinstance(t, ShardedTensor) else t.shape
 
 
+def saved_tensors(metadata: Metadata) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Every tensor of the checkpoint as the user sees it (encoded tensors by their own shape and dtype)."""
+    out = {k: (m.size, m.properties.dtype) for k, m in metadata.state_dict_metadata.items() if PART not in k}  # type: ignore[union-attr]
+    for k, e in (metadata.planner_data or {}).get("encodings", {}).items():
+        out[k] = (torch.Size(e["size"]), parse_dtype(e["dtype"], k))
+    return out
+
+
 def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
     """Targets that the checkpoint can fill; raise :class:`StateMismatchError` naming the first bad keys."""
-    saved = {k: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+    saved = {k: size for k, (size, _) in saved_tensors(metadata).items() if k.startswith(prefix)}
     missing = [k[len(prefix):] for k in targets if k not in saved]
     unexpected = [k[len(prefix):] for k in saved if k not in targets]
     shapes = [
-        f"{k[len(prefix):]}: checkpoint {list(saved[k].size)} vs {what} {list(global_shape(t))}"  # type: ignore[union-attr]
+        f"{k[len(prefix):]}: checkpoint {list(saved[k])} vs {what} {list(global_shape(t))}"
         for k, t in targets.items()
-        if k in saved and saved[k].size != global_shape(t)  # type: ignore[union-attr]
+        if k in saved and saved[k] != global_shape(t)
     ]
     if shapes or (strict and (missing or unexpected)):
         parts = []
@@ -110,14 +119,14 @@ def _first(keys: list[str], n: int = 5) -> str:
 
 def allocate(metadata: Metadata, keys: list[str], url: str) -> dict[str, torch.Tensor]:
     """Empty CPU tensors for ``keys``, shaped by the metadata, after checking the total fits in memory."""
-    mds = [metadata.state_dict_metadata[k] for k in keys]
-    total = sum(m.size.numel() * m.properties.dtype.itemsize for m in mds if isinstance(m, TensorStorageMetadata))
+    saved = saved_tensors(metadata)
+    total = sum(saved[k][0].numel() * saved[k][1].itemsize for k in keys)
     available = psutil.virtual_memory().available
     if total > available:
         raise CorruptCheckpointError(
             f"{url}: metadata asks for {total} bytes of tensors, more than the {available} bytes of free memory"
         )
-    return {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in zip(keys, mds)}  # type: ignore[union-attr]
+    return {k: torch.empty(saved[k][0], dtype=saved[k][1]) for k in keys}
 
 
 def read_tensors(
@@ -126,16 +135,15 @@ def read_tensors(
     *,
     sources: list[Source] | None = None,
     threads: int = 2,
-    codecs: Any = None,
     comm: Comm,
 ) -> ReadStats:
     """Fill ``targets`` (plain, DTensor or ShardedTensor; any placement) from the checkpoint's blocks."""
-    reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads,
-                              codecs=codecs or (lambda name: BlockCodec()))
+    reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads, codecs=block_codec)
+    read, decode = decode_plan((ckpt.metadata.planner_data or {}).get("encodings", {}), targets)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(targets, storage_reader=reader, planner=load_planner(), process_group=comm.group,
+            dcp.load(read, storage_reader=reader, planner=load_planner(), process_group=comm.group,
                      no_dist=not comm.active)
     except BaseException as e:
         failures = getattr(e, "failures", None)
@@ -145,6 +153,7 @@ def read_tensors(
                 if isinstance(inner, DistCheckpointError):
                     raise type(inner)(str(inner)) from e
         raise
+    decode()
     return reader.stats
 
 

@@ -17,8 +17,11 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import _create_read_items, create_read_items_for_chunk_list
 from torch.distributed.tensor import DTensor
+
+from lightning_distckpt.errors import UnsafeCheckpointError
 
 DEFAULT_CHUNK_BYTES = 32 << 20
 
@@ -51,7 +54,11 @@ def pieces(value: Any) -> list[Piece]:
 def split_rows(piece: Piece, chunk_bytes: int) -> Iterable[tuple[torch.Size, torch.Size, torch.Tensor]]:
     """Cut a piece along dim 0 into chunks of at most ``chunk_bytes``: (offsets, sizes, view)."""
     t = piece.local
-    if t.dim() == 0 or t.numel() == 0:
+    if t.numel() == 0:  # an empty shard holds nothing; an empty tensor is one empty chunk (same on all ranks)
+        if piece.global_size.numel() == 0:
+            yield piece.offsets, t.shape, t
+        return
+    if t.dim() == 0:
         yield piece.offsets, t.shape, t
         return
     row_bytes = max(1, t[0].numel() * t.element_size())
@@ -158,6 +165,49 @@ class BalancedSavePlanner(SavePlanner):
         return self._views[write_item.index]
 
 
-def load_planner() -> DefaultLoadPlanner:
-    """DCP's default load planner on a flat dict: reads every overlap of stored chunks and local targets."""
-    return DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=False)
+class PieceLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner on a flat dict whose values may also be lists of :class:`Piece` (any row
+    range of a tensor into any buffer): reads every overlap of stored chunks and local targets.
+
+    Never loads byte items (this format has none; DCP would unpickle them).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=False)
+
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
+                       is_coordinator: bool = False) -> None:
+        # not the default's: it walks into lists (our pieces) to initialize meta tensors
+        self.original_state_dict = self.state_dict = state_dict
+        self.metadata = metadata
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
+        requests = []
+        for fqn, obj in self.state_dict.items():
+            if fqn not in self.metadata.state_dict_metadata:
+                raise KeyError(f"state key {fqn!r} is not in the checkpoint")
+            md = self.metadata.state_dict_metadata[fqn]
+            if isinstance(obj, list):
+                chunks = [ChunkStorageMetadata(offsets=p.offsets, sizes=p.local.shape) for p in obj]
+                requests += create_read_items_for_chunk_list(fqn, md, chunks)
+            else:
+                requests += _create_read_items(fqn, md, obj)
+        return LoadPlan(requests)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        obj = self.state_dict[index.fqn]
+        if isinstance(obj, list):
+            piece = obj[index.index or 0]
+            if piece.offsets != index.offset:
+                raise AssertionError(f"internal error: piece of {index.fqn} at {piece.offsets}, read for {index.offset}")
+            return piece.local
+        return super().lookup_tensor(index)
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        raise UnsafeCheckpointError(f"refusing to unpickle state item {read_item.dest_index.fqn!r}")
+
+
+def load_planner() -> PieceLoadPlanner:
+    return PieceLoadPlanner()

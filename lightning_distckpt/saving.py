@@ -24,7 +24,10 @@ from lightning_distckpt.catalog import remove_checkpoint
 from lightning_distckpt.errors import CheckpointSaveError
 from lightning_distckpt.planner import BalancedSavePlanner
 from lightning_distckpt.storage import Store, StorageLike, open_store
-from lightning_distckpt.storage.writer import BlockCodec, CheckpointWriter
+from lightning_distckpt.compression import PART, CompressionConfig, encode
+from lightning_distckpt.compression.lossless import ShuffleZstd
+from lightning_distckpt.state import OPTIM
+from lightning_distckpt.storage.writer import CheckpointWriter
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +59,27 @@ def write_checkpoint(
     options: WriteOptions,
     comm: Comm,
     storage: StorageLike = None,
-    codec: BlockCodec | None = None,
-    replicated: Callable[[str], bool] = lambda key: True,
+    compression: CompressionConfig | None = None,
+    params: set[str] | None = None,
 ) -> SaveResult:
     """Save ``tensors`` (flat, possibly sharded) and ``skeleton`` (JSON) as the checkpoint ``url``.
 
-    ``replicated(key)`` says whether a plain tensor has the same bytes on every rank (then any rank may
-    write it, see :func:`~lightning_distckpt.planner.balance`).
+    ``params`` are the keys of model parameters: with optimizer state, the only plain tensors assumed to
+    hold the same bytes on every rank (so any rank may write them, see
+    :func:`~lightning_distckpt.planner.balance`); ``None`` assumes that of every tensor. ``compression``
+    encodes tensors (on the calling thread, which is the background thread for async saves).
     """
     start = time.perf_counter()
+    compression = compression or CompressionConfig()
+    encodings: dict[str, Any] = {}
+    if compression.preset not in (None, "lossless"):
+        tensors, encodings = encode(tensors, compression, params)
+    codec = ShuffleZstd(compression.zstd_level) if compression.uses_block_codec else None
+    manifest.compression = compression.descriptor()
+
+    def replicated(key: str) -> bool:
+        return params is None or key.split(PART)[0] in params or key.startswith(OPTIM)
+
     store, path = open_store(url, storage)
     parent, name = store.parent(path), store.basename(path)
     try:
@@ -88,7 +103,7 @@ def write_checkpoint(
     published: list[fmt.Manifest] = []
 
     def publish(metadata: Metadata) -> None:
-        published.append(_publish(store, path, staging, token, metadata, skeleton, manifest))
+        published.append(_publish(store, path, staging, token, metadata, skeleton, manifest, encodings))
 
     writer = CheckpointWriter(store, staging, threads=options.threads, block_bytes=options.block_bytes,
                               codec=codec, on_finish=publish)
@@ -119,7 +134,7 @@ def _root_cause(e: BaseException) -> str:
 
 
 def _publish(store: Store, path: str, staging: str, token: str, metadata: Metadata, skeleton: Any,
-             manifest: fmt.Manifest) -> fmt.Manifest:
+             manifest: fmt.Manifest, encodings: dict[str, Any]) -> fmt.Manifest:
     """Coordinator only: write the documents, move staging into place, write the commit marker."""
     files: dict[str, dict[str, int]] = {}
     by_file: dict[str, list[tuple[int, fmt.Location]]] = {}
@@ -136,7 +151,8 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
             digests.extend(b.digest for b in loc.blocks)
             size += loc.stored
         files[name] = {"size": size, "xxh3": fmt.blocks_digest(digests)}
-    for name, data in ((fmt.METADATA, fmt.dumps(fmt.metadata_to_json(metadata))), (fmt.STATE, fmt.dumps(skeleton))):
+    documents = ((fmt.METADATA, fmt.dumps(fmt.metadata_to_json(metadata, encodings))), (fmt.STATE, fmt.dumps(skeleton)))
+    for name, data in documents:
         store.write_bytes(store.join(staging, name), data)
         files[name] = {"size": len(data), "xxh3": fmt.digest(data)}
     manifest.name = store.basename(path)

@@ -32,7 +32,7 @@ class BlockCodec:
 
     name = ""
 
-    def encode(self, raw: memoryview) -> bytes | memoryview:
+    def encode(self, raw: memoryview, itemsize: int = 1) -> bytes | memoryview:
         return raw
 
     def decode(self, stored: memoryview, raw_len: int) -> bytes | memoryview:
@@ -136,11 +136,13 @@ class CheckpointWriter(StorageWriter):
         out = []
         try:
             for item in items:
-                raw = tensor_bytes(planner.resolve_data(item))  # type: ignore[arg-type]
+                tensor = planner.resolve_data(item)
+                raw = tensor_bytes(tensor)  # type: ignore[arg-type]
+                itemsize = tensor.element_size()  # type: ignore[union-attr]
                 blocks = []
                 for start in range(0, max(len(raw), 1), self.block_bytes):
                     chunk = raw[start : start + self.block_bytes]
-                    data = self.codec.encode(chunk)
+                    data = self.codec.encode(chunk, itemsize)
                     stream.write(data)
                     blocks.append(Block(len(data), len(chunk), digest(data)))
                 loc = Location(name, offset, tuple(blocks), self.codec.name)

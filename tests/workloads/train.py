@@ -141,6 +141,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
     p.add_argument("--replicas", nargs="*", default=None)
+    p.add_argument("--compression", default=None)
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
     p.add_argument("--hdfs-user", default=None)
     p.add_argument("--hdfs-replication", type=int, default=None)
@@ -157,7 +158,7 @@ def main() -> None:
         devices=world if args.strategy != "single" else 1,
         strategy=strategy(args.strategy),
         max_steps=args.max_steps,
-        plugins=[DistCheckpointIO(async_save=args.async_save,
+        plugins=[DistCheckpointIO(async_save=args.async_save, compression=args.compression,
                                   hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication))],
         callbacks=[DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
                                   replicas=args.replicas),
