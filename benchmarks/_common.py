@@ -66,6 +66,13 @@ def dd_write(path: str, nbytes: int, fsync: bool) -> float:
     return time.perf_counter() - t0
 
 
+def dd_read(path: str) -> float:
+    """Seconds for ``dd`` to read a file (to /dev/null)."""
+    t0 = time.perf_counter()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={64 << 20}", "status=none"], check=True)
+    return time.perf_counter() - t0
+
+
 def environment() -> dict[str, Any]:
     return {
         "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),

@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import barrier, dd_write, drop_caches, environment, rank, stats, timed, write_result  # noqa: E402
+from _common import barrier, dd_read, dd_write, drop_caches, environment, rank, stats, timed, write_result  # noqa: E402
 
 from lightning_distckpt import DistCheckpointIO  # noqa: E402
 from lightning_distckpt.integration import routed_class  # noqa: E402
@@ -104,7 +104,9 @@ def main() -> None:
     barrier()
     paths = {k: os.path.join(base, k) for k in ("stock", "plugin", "plugin_nosync")}
     rows: dict[str, list[float]] = {k: [] for k in ("stock_save", "plugin_save", "plugin_save_nosync", "dd_fsync",
-                                                       "dd", "stock_load_cold", "plugin_load_cold")}  # fmt: skip
+                                                       "dd", "stock_load_cold", "plugin_load_cold",
+                                                       "read_files_cold")}  # fmt: skip
+    read_per_rank: list[int] = []
     bytes_per_rank: list[int] = []
     for _ in range(args.repeats):
         for k in paths.values():
@@ -131,11 +133,16 @@ def main() -> None:
             rows["stock_load_cold"].append(timed(lambda: load_everything(trainer, paths["stock"])))
         drop_caches()
         rows["plugin_load_cold"].append(timed(lambda: load_everything(trainer, paths["plugin"])))
+        read_per_rank = [int(b) for b in _gather(sum(io.stats.load_bytes_read.values()))]
+        drop_caches()
+        mine = [os.path.join(paths["plugin"], f) for f in sorted(os.listdir(paths["plugin"])) if f.startswith(f"__{rank()}_")]
+        rows["read_files_cold"].append(timed(lambda: [dd_read(f) for f in mine]))
 
     if rank() == 0:
         result = {
             "benchmark": "save_load", "strategy": args.strategy, "env": environment(), "page_cache_dropped": cold,
-            "state_bytes": total, "bytes_per_rank": bytes_per_rank,
+            "state_bytes": total, "bytes_per_rank": bytes_per_rank, "bytes_read_per_rank": read_per_rank,
+            "max_read_over_state": max(read_per_rank) / total,
             "max_over_mean_bytes": max(bytes_per_rank) / (sum(bytes_per_rank) / world),
             "seconds": {k: stats(v) for k, v in rows.items()},
         }  # fmt: skip
@@ -146,6 +153,7 @@ def main() -> None:
             "plugin_load / stock_load (cold)": med["plugin_load_cold"] / med["stock_load_cold"],
             "plugin throughput / dd (both fsync)": med["dd_fsync"] / med["plugin_save"],
             "plugin throughput / dd (no fsync)": med["dd"] / med["plugin_save_nosync"],
+            "plugin load throughput / read of the same files (cold)": med["read_files_cold"] / med["plugin_load_cold"],
         }
         print(write_result(f"save_load_{args.strategy}", result))
         for k, v in result["ratios"].items():

@@ -23,7 +23,9 @@ __all__ = [
     "DistCheckpoint",
     "DistCheckpointError",
     "DistCheckpointIO",
+    "CompressionConfig",
     "HdfsOptions",
+    "KnowledgeDistillation",
     "NotACheckpointError",
     "StateMismatchError",
     "StorageError",
@@ -42,6 +44,8 @@ _EXPORTS = {
     "DistCheckpoint": "callback",
     "DistCheckpointIO": "io",
     "HdfsOptions": "storage.hdfs",
+    "CompressionConfig": "compression",
+    "KnowledgeDistillation": "distill",
     "VerifyReport": "catalog",
     "list_checkpoints": "catalog",
     "verify": "catalog",
@@ -80,4 +84,6 @@ if TYPE_CHECKING:
     )
     from lightning_distckpt.export import export_checkpoint, load_checkpoint
     from lightning_distckpt.io import DistCheckpointIO
+    from lightning_distckpt.compression import CompressionConfig
+    from lightning_distckpt.distill import KnowledgeDistillation
     from lightning_distckpt.storage.hdfs import HdfsOptions

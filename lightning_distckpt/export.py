@@ -98,3 +98,37 @@ def export_checkpoint(url: str, out: str, weights_only: bool = False, dtype: tor
     else:
         torch.save({"state_dict": weights}, out)
     return out
+
+
+def export_sharded_safetensors(url: str, out_dir: str, shard_bytes: int, **kwargs: Any) -> list[str]:
+    """Model weights as safetensors shards of at most ``shard_bytes`` plus ``model.safetensors.index.json``
+    (the Hugging Face layout), for models too large for one file. Returns the files written."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    storage_options = kwargs.pop("storage_options", None)
+    checkpoint = load_checkpoint(url, storage_options)
+    weights = inference_weights(checkpoint["state_dict"], **kwargs)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in weights.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    os.makedirs(out_dir, exist_ok=True)
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"source": url})
+        files.append(os.path.join(out_dir, fname))
+        weight_map.update({k: fname for k in shard})
+    index = os.path.join(out_dir, "model.safetensors.index.json")
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    with open(index, "w") as f:
+        json.dump({"metadata": {"total_size": total, "source": url}, "weight_map": weight_map}, f, indent=1)
+    return [*files, index]

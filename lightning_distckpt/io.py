@@ -62,6 +62,7 @@ from lightning_distckpt.loading import (
     saved_tensors,
 )
 from lightning_distckpt.saving import SaveResult, WriteOptions, write_checkpoint
+from lightning_distckpt.planner import PlanCache
 from lightning_distckpt.snapshot import Snapshotter
 from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
 
@@ -78,6 +79,7 @@ class IOStats:
     saves: int = 0
     load_bytes_read: dict[str, int] = field(default_factory=dict)
     load_fallbacks: dict[str, str] = field(default_factory=dict)
+    load_bytes_broadcast: int = 0
     loaded_from: str = ""
 
 
@@ -92,6 +94,8 @@ class DistCheckpointIO(CheckpointIO):
             ``webhdfs://`` locations (see :class:`~lightning_distckpt.HdfsOptions`).
         compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a :class:`~lightning_distckpt.CompressionConfig`
             (see :mod:`lightning_distckpt.compression`); loading needs no setting.
+        balanced_reads: Read each replicated tensor (DDP state) once across the ranks and broadcast it,
+            instead of every rank reading all of it.
         write_threads: Files (and concurrent streams) per rank and save.
         read_threads: Concurrent readers per rank and load.
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
@@ -106,6 +110,7 @@ class DistCheckpointIO(CheckpointIO):
         durable: bool = True,
         hdfs: HdfsOptions | None = None,
         compression: Literal["lossless", "bf16", "int8"] | CompressionConfig | None = None,
+        balanced_reads: bool = True,
         write_threads: int = 2,
         read_threads: int = 2,
         chunk_mb: int = 32,
@@ -117,6 +122,7 @@ class DistCheckpointIO(CheckpointIO):
         self.async_save = async_save
         self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs)
         self.compression = resolve(compression)
+        self.balanced_reads = balanced_reads
         self.safe_globals = list(safe_globals or [])
         self.read_threads = read_threads
         self.write_options = WriteOptions(threads=write_threads, chunk_bytes=chunk_mb << 20)
@@ -125,6 +131,7 @@ class DistCheckpointIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._future: Future[None] | None = None
         self._snapshots = Snapshotter()
+        self._plan_cache = PlanCache()
         self._after_commit: list[Callable[[SaveResult | None], None]] = []
         self._in_flight = False
         self._failed = False
@@ -178,6 +185,7 @@ class DistCheckpointIO(CheckpointIO):
             if self._pg is not None:
                 dist.destroy_process_group(self._pg)
                 self._pg = None
+            self._plan_cache.clear()
 
     # ------------------------------------------------------------------------------------------
     # routed API: called by the strategy on every rank
@@ -261,7 +269,7 @@ class DistCheckpointIO(CheckpointIO):
         extras = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.EXTRA)], url)
         ordered = sources[comm.rank % len(sources):] + sources[: comm.rank % len(sources)]  # spread reads over copies
         self._record(read_tensors(ckpt, {**model, **optim, **extras}, sources=ordered, threads=self.read_threads,
-                                  comm=comm))  # fmt: skip
+                                  comm=comm, balanced=self.balanced_reads))  # fmt: skip
 
         def lookup(key: str) -> Any:
             if key.startswith(state.MODEL):
@@ -330,7 +338,7 @@ class DistCheckpointIO(CheckpointIO):
             exact = self.compression.exact_every and (self.stats.saves + 1) % self.compression.exact_every == 0
             compression = self.compression.exact() if exact else self.compression
             result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, self.storage,
-                                      compression, params)
+                                      compression, params, self._plan_cache if comm.active else None)
         except BaseException:
             with self._lock:
                 self._after_commit.clear()
@@ -368,6 +376,7 @@ class DistCheckpointIO(CheckpointIO):
     def _record(self, stats: Any) -> None:
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
+        self.stats.load_bytes_broadcast = stats.bytes_broadcast
 
     @staticmethod
     def _manifest(checkpoint: dict[str, Any], world_size: int, strategy: str) -> fmt.Manifest:
@@ -380,7 +389,7 @@ class DistCheckpointIO(CheckpointIO):
     def __getstate__(self) -> dict[str, Any]:
         # process groups, threads and buffers belong to one process (ddp_spawn pickles the trainer)
         s = self.__dict__.copy()
-        s.update(_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _after_commit=[],
+        s.update(_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _plan_cache=PlanCache(), _after_commit=[],
                  _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]])
         return s
 

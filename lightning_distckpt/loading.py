@@ -18,6 +18,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt._dist import Comm
+from lightning_distckpt.balanced_read import broadcast, split
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, StateMismatchError
 from lightning_distckpt.planner import load_planner
@@ -136,10 +137,19 @@ def read_tensors(
     sources: list[Source] | None = None,
     threads: int = 2,
     comm: Comm,
+    balanced: bool = True,
 ) -> ReadStats:
-    """Fill ``targets`` (plain, DTensor or ShardedTensor; any placement) from the checkpoint's blocks."""
+    """Fill ``targets`` (plain, DTensor or ShardedTensor; any placement) from the checkpoint's blocks.
+
+    With ``balanced`` (and several ranks), plain CPU tensors that every rank loads are read once, split
+    over the ranks, and broadcast (:mod:`~lightning_distckpt.balanced_read`).
+    """
     reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads, codecs=block_codec)
-    read, decode = decode_plan((ckpt.metadata.planner_data or {}).get("encodings", {}), targets)
+    owned = None
+    local_targets = targets
+    if balanced and comm.active:
+        local_targets, owned = split(targets, comm)
+    read, decode = decode_plan((ckpt.metadata.planner_data or {}).get("encodings", {}), local_targets)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -154,6 +164,8 @@ def read_tensors(
                     raise type(inner)(str(inner)) from e
         raise
     decode()
+    if owned is not None:
+        reader.stats.bytes_broadcast = broadcast(targets, owned, comm)
     return reader.stats
 
 
@@ -171,3 +183,21 @@ def read_checkpoint(url: str, options: StorageLike = None, safe_globals: list[st
     tensors = allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url)
     read_tensors(ckpt, tensors, threads=threads, comm=SOLO)
     return state.join(ckpt.skeleton, tensors.__getitem__, safe_globals or ())
+
+
+def load_weights(url: str, module: torch.nn.Module, options: StorageLike = None, prefix: str = "",
+                 strict: bool = True) -> None:
+    """Read only the model weights of the checkpoint at ``url`` into ``module`` (in place), in this process.
+
+    ``prefix`` is prepended to ``module``'s keys to find them in the checkpoint (``"net."`` for a
+    LightningModule that held the module as ``self.net``). Any world size, strategy or compression.
+    """
+    from lightning_distckpt import state
+    from lightning_distckpt._dist import SOLO
+
+    ckpt = open_checkpoint(source_of(url, options))
+    targets = {state.model_key(prefix + k): v for k, v in module.state_dict().items()}
+    saved = {k for k in saved_tensors(ckpt.metadata) if k.startswith(state.MODEL + prefix)}
+    targets = match(ckpt.metadata, targets, state.MODEL + prefix, strict, "module", url) if strict else {
+        k: v for k, v in targets.items() if k in saved}  # fmt: skip
+    read_tensors(ckpt, targets, comm=SOLO)

@@ -111,6 +111,29 @@ def balance(plans: list[SavePlan], replicated: Callable[[str], bool] = lambda ke
     ]
 
 
+_SAME = "distckpt:same-plan"
+
+
+@dataclasses.dataclass
+class PlanCache:
+    """The last successful plans of a series of saves of the same structure (one per DistCheckpointIO).
+
+    When a rank's local plan is unchanged it sends a marker instead of its items; when every rank's is
+    unchanged the coordinator reuses the balanced global plan and metadata instead of planning again, and
+    sends markers back. Any failed save clears it (on every rank, since failures are collective).
+    """
+
+    local: SavePlan | None = None
+    central: SavePlan | None = None
+    all_plans: list[SavePlan] | None = None
+    global_plans: list[SavePlan] | None = None
+    metadata: Metadata | None = None
+    hits: int = 0
+
+    def clear(self) -> None:
+        self.local = self.central = self.all_plans = self.global_plans = self.metadata = None
+
+
 class BalancedSavePlanner(SavePlanner):
     """Plans a save of a flat ``{key: tensor}`` dict (plain, DTensor or ShardedTensor values).
 
@@ -119,9 +142,11 @@ class BalancedSavePlanner(SavePlanner):
     """
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 replicated: Callable[[str], bool] = lambda key: True) -> None:
+                 replicated: Callable[[str], bool] = lambda key: True, cache: PlanCache | None = None) -> None:
         self.chunk_bytes = chunk_bytes
         self.replicated = replicated
+        self.cache = cache or PlanCache()
+        self._pending_local: SavePlan | None = None
         self._views: dict[MetadataIndex, torch.Tensor] = {}
         self._items: list[WriteItem] = []
 
@@ -147,18 +172,37 @@ class BalancedSavePlanner(SavePlanner):
                     )
 
     def create_local_plan(self) -> SavePlan:
-        return SavePlan(self._items)
+        plan = SavePlan(self._items)
+        self._pending_local = plan
+        if self.cache.local is not None and self.cache.local.items == plan.items:
+            return SavePlan([], planner_data=_SAME)
+        return plan
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        c = self.cache
+        if c.all_plans is not None and len(c.all_plans) == len(all_plans):
+            if all(p.planner_data == _SAME for p in all_plans) and c.global_plans is not None and c.metadata is not None:
+                c.hits += 1
+                metadata = dataclasses.replace(c.metadata, storage_data=None)
+                return [SavePlan([], planner_data=_SAME) for _ in all_plans], metadata
+            all_plans = [c.all_plans[i] if p.planner_data == _SAME else p for i, p in enumerate(all_plans)]
+        elif any(p.planner_data == _SAME for p in all_plans):
+            raise RuntimeError("internal error: a rank reused a save plan the coordinator does not have")
         plans, metadata = create_default_global_save_plan(balance(all_plans, self.replicated), rewrite_index_hints=False)
         for key, tmd in metadata.state_dict_metadata.items():
             covered = sum(c.sizes.numel() for c in tmd.chunks)  # type: ignore[union-attr]
             if covered != tmd.size.numel():  # type: ignore[union-attr]
                 raise ValueError(f"state key {key!r}: ranks hold overlapping or incomplete parts ({covered} of "
                                  f"{tmd.size.numel()} elements)")  # type: ignore[union-attr]
+        c.all_plans, c.global_plans, c.metadata = all_plans, plans, dataclasses.replace(metadata, storage_data=None)
         return plans, metadata
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        if new_plan.planner_data == _SAME:
+            assert self.cache.central is not None
+            return self.cache.central
+        self.cache.central = new_plan
+        self.cache.local = self._pending_local
         return new_plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:

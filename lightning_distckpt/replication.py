@@ -48,7 +48,8 @@ class _Job:
     attempt: int = 0
 
 
-def _copy_file(src: Source, dst: Source, name: str, blocks: list[tuple[int, fmt.Block]] | None, size: int) -> int:
+def copy_file(src: Source, dst: Source, name: str, blocks: list[tuple[int, fmt.Block]] | None, size: int,
+              progress: Callable[[int], None] | None = None) -> int:
     """Copy one file, verifying each block (data files) or the whole (documents); returns its digest."""
     reader = src.store.open_read(src.store.join(src.path, name))
     writer = dst.store.open_write(dst.store.join(dst.path, name))
@@ -56,6 +57,8 @@ def _copy_file(src: Source, dst: Source, name: str, blocks: list[tuple[int, fmt.
         if blocks is None:
             data = reader.read()
             writer.write(data)
+            if progress:
+                progress(len(data))
             return fmt.digest(data)
         digests, pos = [], 0
         for offset, b in blocks:
@@ -65,6 +68,8 @@ def _copy_file(src: Source, dst: Source, name: str, blocks: list[tuple[int, fmt.
             if len(data) != b.stored or fmt.digest(data) != b.digest:
                 raise CorruptCheckpointError(f"{src.url(name)}: block at byte {offset} fails its checksum; not copied")
             writer.write(data)
+            if progress:
+                progress(len(data))
             digests.append(b.digest)
             pos += b.stored
         if pos != size:
@@ -185,7 +190,7 @@ class Replicator:
             for i, name in enumerate(data_files):
                 if i % world == rank:
                     info = primary.manifest.files[name]
-                    got = _copy_file(primary.source, staging, name, blocks.get(name, []), info["size"])
+                    got = copy_file(primary.source, staging, name, blocks.get(name, []), info["size"])
                     if got != info["xxh3"]:
                         raise CorruptCheckpointError(f"{primary.source.url(name)}: digest differs from its manifest")
                     copied += info["size"]
@@ -196,7 +201,7 @@ class Replicator:
             try:
                 for name in (fmt.METADATA, fmt.STATE):
                     info = primary.manifest.files[name]
-                    if _copy_file(primary.source, staging, name, None, info["size"]) != info["xxh3"]:
+                    if copy_file(primary.source, staging, name, None, info["size"]) != info["xxh3"]:
                         raise CorruptCheckpointError(f"{primary.source.url(name)}: digest differs from its manifest")
                 sizes = {e.name: e.size for e in staging.store.listdir(staging.path)}
                 for name, info in primary.manifest.files.items():
@@ -231,3 +236,55 @@ class Replicator:
 
 def describe(stats: ReplicaStats) -> dict[str, Any]:
     return {"copied": stats.copied, "failures": stats.failures, "pending": stats.pending}
+
+
+def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
+                    progress: Callable[[int], None] | None = None) -> fmt.Manifest:
+    """Copy one committed checkpoint to ``dst_url`` (any store to any store), in this process, verified.
+
+    Every block is checked against the source's checksums as it is copied; the copy is committed (renamed
+    into place, its own marker written) only when complete. Resumable: an interrupted copy leaves a
+    staging directory named after the source's manifest, and the next call keeps the files there that
+    already verify. Refuses to overwrite an existing checkpoint at ``dst_url``.
+    """
+    src = open_checkpoint(source_of(src_url, storage))
+    dst = source_of(dst_url, storage)
+    store = dst.store
+    if store.exists(dst.path):
+        raise DistCheckpointError(f"{dst.url()}: already exists; remove it first or copy elsewhere")
+    parent, name = store.parent(dst.path), store.basename(dst.path)
+    token = f"c{fmt.digest(fmt.dumps(src.manifest.to_json())):016x}"[:13]
+    staging = Source(store, store.join(parent, fmt.staging_name(name, token)))
+    store.makedirs(staging.path)
+    present = {e.name: e.size for e in store.listdir(staging.path)}
+    blocks = blocks_by_file(src)
+    for fname, info in sorted(src.manifest.files.items()):
+        kind = None if fname in (fmt.METADATA, fmt.STATE) else blocks.get(fname, [])
+        if present.get(fname) == info["size"] and _digest_of(staging, fname, kind) == info["xxh3"]:
+            if progress:
+                progress(info["size"])
+            continue  # copied completely before an interruption
+        if copy_file(src.source, staging, fname, kind, info["size"], progress) != info["xxh3"]:
+            raise CorruptCheckpointError(f"{src.source.url(fname)}: digest differs from its manifest; not copied")
+    manifest_bytes = fmt.dumps(src.manifest.to_json())
+    store.write_bytes(store.join(staging.path, fmt.MANIFEST), manifest_bytes)
+    store.rename(staging.path, dst.path)
+    store.write_bytes(store.join(dst.path, fmt.MARKER), fmt.marker_bytes(manifest_bytes))
+    return src.manifest
+
+
+def _digest_of(source: Source, name: str, blocks: list[tuple[int, fmt.Block]] | None) -> int | None:
+    """The digest of an existing file as the manifest defines it, or None if it cannot be read."""
+    try:
+        with source.store.open_read(source.store.join(source.path, name)) as f:
+            if blocks is None:
+                return fmt.digest(f.read())
+            digests = []
+            for _, b in blocks:
+                data = f.read(b.stored)
+                if fmt.digest(data) != b.digest:
+                    return None
+                digests.append(b.digest)
+            return fmt.blocks_digest(digests)
+    except (OSError, EOFError):
+        return None

@@ -22,7 +22,7 @@ from lightning_distckpt._dist import Comm
 from lightning_distckpt import format as fmt
 from lightning_distckpt.catalog import remove_checkpoint
 from lightning_distckpt.errors import CheckpointSaveError
-from lightning_distckpt.planner import BalancedSavePlanner
+from lightning_distckpt.planner import BalancedSavePlanner, PlanCache
 from lightning_distckpt.storage import Store, StorageLike, open_store
 from lightning_distckpt.compression import PART, CompressionConfig, encode
 from lightning_distckpt.compression.lossless import ShuffleZstd
@@ -61,6 +61,7 @@ def write_checkpoint(
     storage: StorageLike = None,
     compression: CompressionConfig | None = None,
     params: set[str] | None = None,
+    plan_cache: PlanCache | None = None,
 ) -> SaveResult:
     """Save ``tensors`` (flat, possibly sharded) and ``skeleton`` (JSON) as the checkpoint ``url``.
 
@@ -110,9 +111,11 @@ def write_checkpoint(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(tensors, storage_writer=writer, planner=BalancedSavePlanner(options.chunk_bytes, replicated),
+            dcp.save(tensors, storage_writer=writer, planner=BalancedSavePlanner(options.chunk_bytes, replicated, plan_cache),
                      process_group=comm.group, no_dist=not comm.active)
     except BaseException as e:
+        if plan_cache is not None:
+            plan_cache.clear()
         if is_coordinator:
             try:
                 store.remove(staging, recursive=True)

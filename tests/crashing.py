@@ -13,13 +13,14 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
-from conftest import WORKLOADS, env, load_json, torchrun_cmd
+from conftest import WORKLOADS, env, free_port, load_json, torchrun_cmd
 
 from lightning_distckpt import list_checkpoints, verify
 
@@ -62,40 +63,54 @@ class Torture:
     def roots(self) -> list[str]:
         return [self.ckpt_url] + ([self.replica_url] if self.replica_url else [])
 
-    def cycle(self, crash: str | None = None, max_delay: float = 2.0, timeout: float = 120) -> None:
+    def _start(self, extra: dict[str, str], out: Any) -> list[subprocess.Popen]:
+        """The job's processes: torchrun (its agent starts the ranks) or, for the raw driver, the two
+        ranks started directly (no agent: a cycle starts ~3 s sooner)."""
+        if self.driver != "raw":
+            return [subprocess.Popen(self.command(), env=env(**self.storage_env, **extra), stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)]  # fmt: skip
+        port = str(free_port())
+        cmd = self.command()[self.command().index(str(WORKLOADS / "raw_train.py")) :]
+        return [subprocess.Popen([sys.executable, *cmd], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env=env(**self.storage_env, **extra, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                for r in range(2)]  # fmt: skip
+
+    def cycle(self, crash: str | None = None, max_delay: float = 2.0, timeout: float = 120, min_delay: float = 0.0) -> None:
         started = self.digests / "started.json"
         started.unlink(missing_ok=True)
         extra = {"DISTCKPT_TEST_CRASH": crash} if crash else {}
         out = open(self.root / f"cycle-{self.kills}.log", "w")
-        proc = subprocess.Popen(self.command(), env=env(**self.storage_env, **extra), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        procs = self._start(extra, out)
+        alive = lambda: all(p.poll() is None for p in procs)  # noqa: E731
         try:
             deadline = time.monotonic() + timeout
             while not started.exists():
-                if proc.poll() is not None:
+                if not alive():
                     break  # an injected crash may end the job before training starts
                 if time.monotonic() > deadline:
                     raise AssertionError(f"job did not start training; see {out.name}")
                 time.sleep(0.05)
             self._check_restore()
-            if proc.poll() is None:
+            if alive():
                 if crash:
-                    proc.wait(timeout=timeout)  # the injected crash point kills a rank; the rest hangs or dies
+                    procs[0].wait(timeout=timeout)  # the injected crash point kills a rank; the rest ends
                 else:
-                    time.sleep(self.rng.uniform(0.0, max_delay))
-                    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                               if "train.py" in " ".join(p.cmdline())]  # fmt: skip
-                    victim = self.rng.choice(workers)
-                    victim.send_signal(signal.SIGKILL)
+                    time.sleep(self.rng.uniform(min_delay, max_delay))
+                    ranks = procs if len(procs) > 1 else [
+                        p for p in psutil.Process(procs[0].pid).children(recursive=True)
+                        if "train.py" in " ".join(p.cmdline())]  # fmt: skip
+                    self.rng.choice(ranks).send_signal(signal.SIGKILL)
                     time.sleep(self.rng.uniform(0.0, 0.3))  # the other rank may be mid-save as well
         except subprocess.TimeoutExpired:
             pass
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            for p in procs:  # what is left of the job dies too, as with a lost node
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
             out.close()
         self.kills += 1
         self._check_committed()

@@ -18,7 +18,7 @@ INJECTED = ["0:open_write:3", "1:open_write:3", "0:write_bytes:5", "0:write_byte
 
 
 def test_random_kills_then_resume(tmp_path):
-    cycles = int(os.environ.get("DISTCKPT_TORTURE_CYCLES", "8"))
+    cycles = int(os.environ.get("DISTCKPT_TORTURE_CYCLES", "3"))
     t = Torture(tmp_path, str(tmp_path / "ckpts"), seed=int(os.environ.get("DISTCKPT_TORTURE_SEED", "0")))
     for crash in INJECTED:
         t.cycle(crash=crash)

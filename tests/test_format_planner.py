@@ -107,3 +107,26 @@ def test_chunks_resolve_to_views_of_the_right_rows():
     assert [list(it.index.offset) for it in items] == [[0, 0], [3, 0], [6, 0], [9, 0]]
     assert torch.equal(p.resolve_data(items[1]), t[3:6])
     assert isinstance(items[0].index, MetadataIndex) and isinstance(SavePlan(items), SavePlan)
+
+
+def test_plan_cache_skips_replanning_of_an_unchanged_structure():
+    from lightning_distckpt.planner import PlanCache
+
+    caches = [PlanCache(), PlanCache()]
+    tensors = {"model/w": torch.zeros(64, 64), "model/b": torch.zeros(64)}
+
+    def save(ts):
+        planners = [BalancedSavePlanner(4096, cache=c) for c in caches]
+        local = []
+        for p in planners:
+            p.set_up_planner(ts)
+            local.append(p.create_local_plan())
+        plans, md = planners[0].create_global_plan(local)  # rank 0 coordinates
+        return [p.finish_plan(plan) for p, plan in zip(planners, plans)], md, local
+
+    first, md1, local1 = save(tensors)
+    second, md2, local2 = save(tensors)
+    assert not local1[0].planner_data and all(p.planner_data for p in local2)  # ranks sent "unchanged" markers
+    assert caches[0].hits == 1 and second == first and md2.state_dict_metadata == md1.state_dict_metadata
+    third, md3, _ = save({**tensors, "model/c": torch.zeros(8, 8)})  # a changed structure is planned again
+    assert caches[0].hits == 1 and "model/c" in md3.state_dict_metadata

@@ -118,8 +118,8 @@ def test_namenode_down_gives_a_clear_error_and_loses_nothing(healthy_minidfs):
 
 
 def test_kills_during_saves_to_hdfs(healthy_minidfs, tmp_path):
-    t = Torture(tmp_path, url_for(healthy_minidfs, "hdfs", "torture"), width=256, seed=7)
+    t = Torture(tmp_path, url_for(healthy_minidfs, "hdfs", "torture"), width=256, seed=7, driver="raw")
     for _ in range(4):
-        t.cycle(max_delay=3.0)
+        t.cycle(min_delay=1.0, max_delay=4.0)
     t.cycle(max_delay=0.5)
     assert t.newest > 0 and t.resumes_checked >= 2, t.log

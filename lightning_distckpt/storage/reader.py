@@ -48,6 +48,7 @@ class ReadStats:
 
     bytes_by_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fallbacks: dict[str, str] = field(default_factory=dict)
+    bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 _PERMANENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-_TRANSIENT_TEXT = ("SafeModeException", "RetriableException", "EOFException", "Connection reset", "timed out",
-                   "Broken pipe", "LeaseExpiredException", "could only be written to", "DataNode")  # fmt: skip
+_TRANSIENT_TEXT = ("safemodeexception", "retriableexception", "eofexception", "connection reset", "connection closed",
+                   "timed out", "broken pipe", "leaseexpiredexception", "could only be written to", "datanode",
+                   "datatransfererror")  # fmt: skip
 
 
 def is_transient(e: BaseException) -> bool:
@@ -31,7 +32,7 @@ def is_transient(e: BaseException) -> bool:
         return e.errno not in _PERMANENT_ERRNO
     if isinstance(e, (ConnectionError, TimeoutError)):
         return True
-    return isinstance(e, RuntimeError) and any(t in str(e) for t in _TRANSIENT_TEXT)
+    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _TRANSIENT_TEXT)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,138 @@
+"""Training stall per save (async vs sync vs Lightning's stock checkpointing) and host memory over many
+async saves, for ~1 GiB of model + AdamW state on N ranks, in ONE run.
+
+    torchrun --nproc_per_node=2 benchmarks/bench_async.py --dir /tmp/bench-async
+
+Stall = wall time of the training step that includes the save minus the median normal step of the same
+run. Each save is preceded by a "settle" step that waits for the previous save, so saves never overlap.
+For async saves the extra time of the two following steps (the background write shares the CPU) is
+reported separately. Writes benchmarks/results/async.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+
+import lightning as L
+import psutil
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import barrier, environment, rank, stats, write_result  # noqa: E402
+from bench_save_load import Big, stock_checkpointing  # noqa: E402
+
+from lightning_distckpt import DistCheckpointIO  # noqa: E402
+
+MODES = ("stock", "sync", "async")
+
+
+class Schedule(L.Callback):
+    """Per step: 'normal', 'settle' (wait for the save in flight), or a save in one of MODES."""
+
+    def __init__(self, io: DistCheckpointIO, base: str, reps: int, rss_saves: int) -> None:
+        plan: list[str] = ["normal"] * 3
+        for _ in range(reps):
+            for mode in MODES:
+                plan += ["normal", "normal", "settle", mode, "after1", "after2"]
+        plan += ["settle"]
+        for _ in range(rss_saves):
+            plan += ["rss", "normal"]
+        plan += ["settle"]
+        self.plan, self.io, self.base = plan, io, base
+        self.starts: list[float] = []
+        self.blocked: dict[str, list[float]] = {m: [] for m in MODES}
+        self.rss: list[int] = []
+        self.n = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.plan)
+
+    def on_train_batch_start(self, trainer, *args):
+        self.starts.append(time.perf_counter())
+        if self.plan[trainer.global_step] == "settle":
+            self.io.wait()
+
+    def on_train_batch_end(self, trainer, *args):
+        kind = self.plan[trainer.global_step - 1]
+        if kind not in MODES and kind != "rss":
+            return
+        self.n += 1
+        path = os.path.join(self.base, f"ckpt-{self.n % 2}")
+        if rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        barrier()
+        t0 = time.perf_counter()
+        if kind == "stock":
+            with stock_checkpointing(trainer.strategy):
+                trainer.save_checkpoint(path)
+        else:
+            self.io.async_save = kind in ("async", "rss")
+            trainer.save_checkpoint(path)
+        if kind in MODES:
+            self.blocked[kind].append(time.perf_counter() - t0)
+        else:
+            self.rss.append(psutil.Process().memory_info().rss)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", choices=["ddp", "mp"], default="ddp")
+    p.add_argument("--dir", default="/tmp/distckpt-bench-async")
+    p.add_argument("--width", type=int, default=3872)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rss-saves", type=int, default=30)
+    args = p.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    base = os.path.join(args.dir, args.strategy)
+    if rank() == 0:
+        shutil.rmtree(base, ignore_errors=True)
+        os.makedirs(base)
+    io = DistCheckpointIO(durable=False)
+    sched = Schedule(io, base, args.reps, args.rss_saves)
+    strategy = (DDPStrategy(process_group_backend="gloo") if args.strategy == "ddp"
+                else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=sched.steps, plugins=[io],
+                        callbacks=[sched], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4 * sched.steps, args.width)),
+                                       batch_size=4)  # fmt: skip
+    model = Big(args.width, args.depth)
+    trainer.fit(model, data)
+    if rank() != 0:
+        return
+    dur = [b - a for a, b in zip(sched.starts, sched.starts[1:])]
+    kinds = sched.plan[: len(dur)]
+    normal = statistics.median(d for d, k in zip(dur, kinds) if k == "normal")
+    stall = {m: [d - normal for d, k in zip(dur, kinds) if k == m] for m in MODES}
+    after = [d - normal for d, k in zip(dur, kinds) if k in ("after1", "after2")]
+    after_async = [a for i, a in enumerate(after) if (i // 2) % len(MODES) == MODES.index("async")]
+    rss = sched.rss
+    result = {
+        "benchmark": "async", "strategy": args.strategy, "env": environment(), "normal_step_s": normal,
+        "state_bytes": 3 * sum(p.numel() * 4 for p in model.parameters()),  # DTensor.numel() is global
+        "stall_s": {m: stats(v) for m, v in stall.items()},
+        "blocked_in_save_s": {m: stats(v) for m, v in sched.blocked.items()},
+        "extra_time_of_2_steps_after_async_save_s": stats(after_async) if after_async else None,
+        "rss_bytes_after_each_async_save": rss,
+        "rss_growth_after_second_save": (max(rss[2:]) - rss[1]) / rss[1] if len(rss) > 2 else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "snapshot_buffer_bytes": io._snapshots.nbytes,
+        "plan_cache_hits": io._plan_cache.hits,
+    }  # fmt: skip
+    med = {m: result["stall_s"][m]["median"] for m in MODES}
+    result["ratios"] = {"async stall / sync stall": med["async"] / med["sync"], "async stall / stock stall": med["async"] / med["stock"]}
+    print(write_result(f"async_{args.strategy}", result))
+    print({k: round(v, 3) for k, v in result["ratios"].items()}, "rss growth", result["rss_growth_after_second_save"])
+
+
+if __name__ == "__main__":
+    main()
