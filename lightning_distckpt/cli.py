@@ -152,7 +152,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from lightning_distckpt import catalog
 
-    report = catalog.verify(args.ckpt, _storage(args))
+    storage = _storage(args)
+    catalog.read_manifest(catalog.source_of(args.ckpt, storage))  # not found / not committed: exit 3 here
+    report = catalog.verify(args.ckpt, storage)
     obj = {"url": report.url, "ok": report.ok, "error": report.error,
            "files": [{"name": f.name, "ok": f.ok, "size": f.size, "problem": f.problem} for f in report.files]}
 

@@ -201,11 +201,11 @@ def test_resumed_training_stays_on_track(tmp_path):
 
 @pytest.mark.slow
 def test_int8_state_reshards_2_to_3_and_to_1(tmp_path):
-    train("mp", 2, tmp_path / "ck", "--max-steps", 4, "--save-every", 4, "--compression", "int8", "--async-save",
+    train("mp", 2, tmp_path / "ck", "--max-steps", 4, "--save-every", 4, "--compression", "int8", "--async-save", "--width", 128,
           "--digest-dir", tmp_path)  # fmt: skip
-    train("mp", 3, tmp_path / "ck", "--max-steps", 4, "--save-every", 4, "--resume", "last",
+    train("mp", 3, tmp_path / "ck", "--max-steps", 4, "--save-every", 4, "--resume", "last", "--width", 128,
           "--final-digest", tmp_path / "mp3.json")  # fmt: skip
-    train("single", 1, tmp_path / "ck", "--max-steps", 4, "--save-every", 4, "--resume", "last",
+    train("single", 1, tmp_path / "ck", "--max-steps", 4, "--save-every", 4, "--resume", "last", "--width", 128,
           "--final-digest", tmp_path / "one.json")  # fmt: skip
     saved, mp3, one = (load_json(tmp_path / n) for n in ("saved-4.json", "mp3.json", "one.json"))
     assert mp3["model"] == one["model"] and mp3["optim0"] == one["optim0"]  # the same decoded bytes
