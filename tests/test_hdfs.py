@@ -28,8 +28,8 @@ def url_for(dfs, scheme: str, name: str) -> str:
     return f"{base}/{name}-{time.monotonic_ns()}"
 
 
-CASES = [("hdfs", "ddp", 2, "mp", 3), ("hdfs", "mp", 2, "ddp", 2), ("webhdfs", "ddp", 2, "mp", 2),
-         ("webhdfs", "mp", 2, "ddp", 3)]  # fmt: skip
+# DDP and ModelParallel both save and resume, over both clients, and each resume changes the world size
+CASES = [("hdfs", "ddp", 2, "mp", 3), ("webhdfs", "mp", 2, "ddp", 3)]
 
 
 @pytest.mark.parametrize("scheme,src,n_src,dst,n_dst", CASES, ids=[f"{c[0]}-{c[1]}{c[2]}-to-{c[3]}{c[4]}" for c in CASES])
