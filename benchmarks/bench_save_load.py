@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=3872)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--plugin-only", action="store_true", help="skip the stock and no-fsync saves (scaling runs)")
+    p.add_argument("--name", default=None, help="results file name (default save_load_<strategy>)")
     args = p.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,13 +117,15 @@ def main() -> None:
                 if os.path.exists(k):
                     os.remove(k)
             barrier()
-        with stock_checkpointing(trainer.strategy):
-            rows["stock_save"].append(timed(lambda: trainer.save_checkpoint(paths["stock"])))
+        if not args.plugin_only:
+            with stock_checkpointing(trainer.strategy):
+                rows["stock_save"].append(timed(lambda: trainer.save_checkpoint(paths["stock"])))
         rows["plugin_save"].append(timed(lambda: trainer.save_checkpoint(paths["plugin"])))
         bytes_per_rank = [int(b) for b in _gather(io.stats.last_save.bytes_written)]
-        io.storage = dataclasses.replace(io.storage, durable=False)
-        rows["plugin_save_nosync"].append(timed(lambda: trainer.save_checkpoint(paths["plugin_nosync"])))
-        io.storage = dataclasses.replace(io.storage, durable=True)
+        if not args.plugin_only:
+            io.storage = dataclasses.replace(io.storage, durable=False)
+            rows["plugin_save_nosync"].append(timed(lambda: trainer.save_checkpoint(paths["plugin_nosync"])))
+            io.storage = dataclasses.replace(io.storage, durable=True)
         total = sum(bytes_per_rank)
         rows["dd_fsync"].append(timed(lambda: dd_write(os.path.join(base, f"dd{rank()}"), total // world, True)))
         rows["dd"].append(timed(lambda: dd_write(os.path.join(base, f"dd{rank()}"), total // world, False)))
@@ -129,8 +133,9 @@ def main() -> None:
             for r in range(world):
                 os.remove(os.path.join(base, f"dd{r}"))
         cold = drop_caches()
-        with stock_checkpointing(trainer.strategy):
-            rows["stock_load_cold"].append(timed(lambda: load_everything(trainer, paths["stock"])))
+        if not args.plugin_only:
+            with stock_checkpointing(trainer.strategy):
+                rows["stock_load_cold"].append(timed(lambda: load_everything(trainer, paths["stock"])))
         drop_caches()
         rows["plugin_load_cold"].append(timed(lambda: load_everything(trainer, paths["plugin"])))
         read_per_rank = [int(b) for b in _gather(sum(io.stats.load_bytes_read.values()))]
@@ -144,9 +149,15 @@ def main() -> None:
             "state_bytes": total, "bytes_per_rank": bytes_per_rank, "bytes_read_per_rank": read_per_rank,
             "max_read_over_state": max(read_per_rank) / total,
             "max_over_mean_bytes": max(bytes_per_rank) / (sum(bytes_per_rank) / world),
-            "seconds": {k: stats(v) for k, v in rows.items()},
+            "seconds": {k: stats(v) for k, v in rows.items() if v},
         }  # fmt: skip
         med = {k: v["median"] for k, v in result["seconds"].items()}
+        if args.plugin_only:
+            result["ratios"] = {"plugin throughput / dd (both fsync)": med["dd_fsync"] / med["plugin_save"],
+                                "plugin load throughput / read of the same files (cold)":
+                                    med["read_files_cold"] / med["plugin_load_cold"]}  # fmt: skip
+            print(write_result(args.name or f"save_load_{args.strategy}", result))
+            return
         result["ratios"] = {
             "plugin_save / stock_save": med["plugin_save"] / med["stock_save"],
             "plugin_save_nosync / stock_save": med["plugin_save_nosync"] / med["stock_save"],
@@ -155,7 +166,7 @@ def main() -> None:
             "plugin throughput / dd (no fsync)": med["dd"] / med["plugin_save_nosync"],
             "plugin load throughput / read of the same files (cold)": med["read_files_cold"] / med["plugin_load_cold"],
         }
-        print(write_result(f"save_load_{args.strategy}", result))
+        print(write_result(args.name or f"save_load_{args.strategy}", result))
         for k, v in result["ratios"].items():
             print(f"{k}: {v:.3f}")
         print("bytes per rank", bytes_per_rank)

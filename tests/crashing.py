@@ -41,7 +41,8 @@ class Torture:
     storage_env: dict[str, str] = field(default_factory=dict)
     newest: int = -1
     kills: int = 0
-    resumes_checked: int = 0
+    resumes_attempted: int = 0  # restarts that found a committed checkpoint to resume from
+    resumes_checked: int = 0  # ... and restored exactly the newest one
     log: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -117,6 +118,8 @@ class Torture:
 
     def _check_restore(self) -> None:
         s = load_json(self.digests / "started.json")["step"] if (self.digests / "started.json").exists() else None
+        if self.newest > 0 and s is not None:
+            self.resumes_attempted += 1
         if s is None or s == 0:
             return
         assert s == self.newest, f"resumed at step {s}, but the newest committed checkpoint is step {self.newest}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 import sys
 from typing import Any
 
@@ -53,7 +54,8 @@ class Probe(L.Callback):
             if trainer.is_global_zero:
                 write_json(os.path.join(self.out, f"restored-{trainer.global_step}.json"), digest)
         if trainer.is_global_zero:
-            write_json(os.path.join(self.out, "started.json"), {"step": trainer.global_step, "pid": os.getpid()})
+            write_json(os.path.join(self.out, "started.json"), {"step": trainer.global_step, "pid": os.getpid(),
+                                                                "time": time.time()})
 
 
 
