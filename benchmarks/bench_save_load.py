@@ -109,6 +109,7 @@ def main() -> None:
                                                        "dd", "stock_load_cold", "plugin_load_cold",
                                                        "read_files_cold")}  # fmt: skip
     read_per_rank: list[int] = []
+    phases: list[dict[str, float]] = []
     bytes_per_rank: list[int] = []
     for _ in range(args.repeats):
         for k in paths.values():
@@ -139,6 +140,7 @@ def main() -> None:
         drop_caches()
         rows["plugin_load_cold"].append(timed(lambda: load_everything(trainer, paths["plugin"])))
         read_per_rank = [int(b) for b in _gather(sum(io.stats.load_bytes_read.values()))]
+        phases.append(dict(io.stats.load_s))
         drop_caches()
         mine = [os.path.join(paths["plugin"], f) for f in sorted(os.listdir(paths["plugin"])) if f.startswith(f"__{rank()}_")]
         rows["read_files_cold"].append(timed(lambda: [dd_read(f) for f in mine]))
@@ -147,7 +149,7 @@ def main() -> None:
         result = {
             "benchmark": "save_load", "strategy": args.strategy, "env": environment(), "page_cache_dropped": cold,
             "state_bytes": total, "bytes_per_rank": bytes_per_rank, "bytes_read_per_rank": read_per_rank,
-            "max_read_over_state": max(read_per_rank) / total,
+            "max_read_over_state": max(read_per_rank) / total, "plugin_load_phases_rank0": phases,
             "max_over_mean_bytes": max(bytes_per_rank) / (sum(bytes_per_rank) / world),
             "seconds": {k: stats(v) for k, v in rows.items() if v},
         }  # fmt: skip

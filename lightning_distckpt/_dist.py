@@ -22,6 +22,8 @@ def is_dist() -> bool:
 class Comm:
     group: dist.ProcessGroup | None = None
     solo: bool = False
+    #: a second group of the same ranks for bulk transfers that run while ``group`` coordinates
+    bulk: dist.ProcessGroup | None = None
 
     @property
     def active(self) -> bool:

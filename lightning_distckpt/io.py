@@ -81,6 +81,7 @@ class IOStats:
     load_fallbacks: dict[str, str] = field(default_factory=dict)
     load_bytes_broadcast: int = 0
     loaded_from: str = ""
+    load_s: dict[str, float] = field(default_factory=dict)  # the last load's phases
 
 
 class DistCheckpointIO(CheckpointIO):
@@ -128,6 +129,7 @@ class DistCheckpointIO(CheckpointIO):
         self.write_options = WriteOptions(threads=write_threads, chunk_bytes=chunk_mb << 20)
         self.stats = IOStats()
         self._pg: dist.ProcessGroup | None = None
+        self._bulk_pg: dist.ProcessGroup | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._future: Future[None] | None = None
         self._snapshots = Snapshotter()
@@ -184,7 +186,8 @@ class DistCheckpointIO(CheckpointIO):
                 self._executor = None
             if self._pg is not None:
                 dist.destroy_process_group(self._pg)
-                self._pg = None
+                dist.destroy_process_group(self._bulk_pg)
+                self._pg = self._bulk_pg = None
             self._plan_cache.clear()
 
     # ------------------------------------------------------------------------------------------
@@ -239,7 +242,9 @@ class DistCheckpointIO(CheckpointIO):
         raise first_error
 
     def _load_candidate(self, strategy: Strategy, urls: list[str], comm: Comm) -> dict[str, Any]:
+        start = time.perf_counter()
         ckpt, sources = open_for_load(urls, comm, self.storage)
+        self.stats.load_s = {"open": time.perf_counter() - start}
         url = ckpt.url
         module = strategy.lightning_module
         strict = bool(getattr(module, "strict_loading", True))
@@ -291,11 +296,13 @@ class DistCheckpointIO(CheckpointIO):
         if len(saved_states) != len(optimizers):
             raise StateMismatchError(f"the checkpoint holds {len(saved_states)} optimizer states, the model configures "
                                      f"{len(optimizers)} optimizers")  # fmt: skip
+        start = time.perf_counter()
         for opt, saved in zip(optimizers, saved_states):
             missing = [p.key for st in saved.get("state", {}).values() for p in st.values() if isinstance(p, Pending)]
             if missing:
                 raise RuntimeError(f"optimizer state {missing[0]!r} was not read when the checkpoint was loaded")
             set_optimizer_state(strategy, opt, saved)
+        self.stats.load_s["apply_optimizers"] = time.perf_counter() - start
 
     def remove_routed(self, strategy: Strategy, path: str) -> None:
         """Remove a checkpoint (rank 0). With a save in flight, only after that save has committed."""
@@ -371,12 +378,14 @@ class DistCheckpointIO(CheckpointIO):
             return Comm()
         if self._pg is None:
             self._pg = dist.new_group(backend="gloo")
-        return Comm(self._pg)
+            self._bulk_pg = dist.new_group(backend="gloo")  # balanced reads broadcast here while reading
+        return Comm(self._pg, bulk=self._bulk_pg)
 
     def _record(self, stats: Any) -> None:
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
         self.stats.load_bytes_broadcast = stats.bytes_broadcast
+        self.stats.load_s.update(read=stats.read_s, broadcast=stats.broadcast_s)
 
     @staticmethod
     def _manifest(checkpoint: dict[str, Any], world_size: int, strategy: str) -> fmt.Manifest:
@@ -389,7 +398,7 @@ class DistCheckpointIO(CheckpointIO):
     def __getstate__(self) -> dict[str, Any]:
         # process groups, threads and buffers belong to one process (ddp_spawn pickles the trainer)
         s = self.__dict__.copy()
-        s.update(_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _plan_cache=PlanCache(), _after_commit=[],
+        s.update(_pg=None, _bulk_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _plan_cache=PlanCache(), _after_commit=[],
                  _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]])
         return s
 

@@ -7,6 +7,7 @@ documents and broadcasts them, so every rank sees the same checkpoint and the sa
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt._dist import Comm
-from lightning_distckpt.balanced_read import broadcast, split
+from lightning_distckpt.balanced_read import Broadcaster, deal, is_balanceable, rounds
+from lightning_distckpt.planner import Piece
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, StateMismatchError
 from lightning_distckpt.planner import load_planner
@@ -91,6 +93,20 @@ def saved_tensors(metadata: Metadata) -> dict[str, tuple[torch.Size, torch.dtype
     return out
 
 
+def row_layout(metadata: Metadata) -> dict[str, list[tuple[int, int]]]:
+    """For every tensor stored in chunks of whole rows: the chunks' (first row, rows), as the user sees the
+    tensor (an encoded tensor by the layout of its first part)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for key, md in metadata.state_dict_metadata.items():
+        base = key.split(PART)[0]
+        chunks = md.chunks  # type: ignore[union-attr]
+        if base in out or not chunks or not len(md.size):  # type: ignore[union-attr]
+            continue
+        if all(list(c.offsets[1:]) == [0] * (len(c.offsets) - 1) and list(c.sizes[1:]) == list(md.size[1:]) for c in chunks):  # type: ignore[union-attr]
+            out[base] = [(c.offsets[0], c.sizes[0]) for c in chunks]
+    return out
+
+
 def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
     """Targets that the checkpoint can fill; raise :class:`StateMismatchError` naming the first bad keys."""
     saved = {k: size for k, (size, _) in saved_tensors(metadata).items() if k.startswith(prefix)}
@@ -144,12 +160,37 @@ def read_tensors(
     With ``balanced`` (and several ranks), plain CPU tensors that every rank loads are read once, split
     over the ranks, and broadcast (:mod:`~lightning_distckpt.balanced_read`).
     """
+    start = time.perf_counter()
     reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads, codecs=block_codec)
-    owned = None
-    local_targets = targets
-    if balanced and comm.active:
-        local_targets, owned = split(targets, comm)
-    read, decode = decode_plan((ckpt.metadata.planner_data or {}).get("encodings", {}), local_targets)
+    encodings = (ckpt.metadata.planner_data or {}).get("encodings", {})
+    if not (balanced and comm.active):
+        _load_round(reader, encodings, targets, comm)
+        reader.stats.read_s = time.perf_counter() - start
+        return reader.stats
+    owned = deal(targets, comm, row_layout(ckpt.metadata))
+    others = {k: v for k, v in targets.items() if not is_balanceable(v)}  # read by every rank that has them
+    sender = Broadcaster(targets, comm)
+    for i, round_owned in enumerate(rounds(owned, ROUNDS)):
+        part = dict(others) if i == 0 else {}
+        for c in round_owned[comm.rank]:
+            t = targets[c.key]
+            view = t if t.dim() == 0 else t.narrow(0, c.start, c.rows)  # type: ignore[union-attr]
+            offsets = torch.Size([c.start] + [0] * (t.dim() - 1)) if t.dim() else torch.Size([])  # type: ignore[union-attr]
+            part.setdefault(c.key, []).append(Piece(view, offsets, t.shape))  # type: ignore[union-attr]
+        _load_round(reader, encodings, part, comm)
+        sender.send(round_owned)  # runs while the next round is read
+    reader.stats.read_s = time.perf_counter() - start
+    reader.stats.bytes_broadcast = sender.wait()
+    reader.stats.broadcast_s = time.perf_counter() - start - reader.stats.read_s
+    return reader.stats
+
+
+ROUNDS = 4  # balanced reads: broadcast one round while reading the next
+
+
+def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: dict[str, Any], comm: Comm) -> None:
+    """One collective DCP load of ``targets`` (decoding encoded tensors into them)."""
+    read, decode = decode_plan(encodings, targets)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -164,9 +205,6 @@ def read_tensors(
                     raise type(inner)(str(inner)) from e
         raise
     decode()
-    if owned is not None:
-        reader.stats.bytes_broadcast = broadcast(targets, owned, comm)
-    return reader.stats
 
 
 def read_checkpoint(url: str, options: StorageLike = None, safe_globals: list[str] | None = None,

@@ -49,6 +49,8 @@ class ReadStats:
     bytes_by_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fallbacks: dict[str, str] = field(default_factory=dict)
     bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads)
+    read_s: float = 0.0
+    broadcast_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -136,7 +138,18 @@ class CheckpointReader(StorageReader):
         row_bytes = dtype.itemsize * (torch.Size(shape[1:]).numel() if shape else 1)
         first = ri.storage_offsets[0] if shape else 0
         rows = ri.lengths[0] if shape else 1
-        raw = self._read_raw(loc, first * row_bytes, (first + rows) * row_bytes, fqn, handles)
+        lo, hi = first * row_bytes, (first + rows) * row_bytes
+        if not loc.codec and hi > lo and all(o == 0 for o in ri.storage_offsets[1:]) and list(ri.lengths[1:]) == shape[1:]:
+            target = planner.resolve_tensor(ri)
+            if target.dtype == dtype and target.device.type == "cpu" and target.is_contiguous():
+                blocks, start_raw, start_stored = self._select(loc, lo, hi)
+                if start_raw == lo and start_raw + sum(b.raw for b in blocks) == hi:
+                    # whole blocks into a contiguous destination: read them straight into it, then verify
+                    into = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+                    self._read_verified(loc, start_stored, blocks, fqn, handles, into=into)
+                    planner.commit_tensor(ri, target)
+                    return
+        raw = self._read_raw(loc, lo, hi, fqn, handles)
         src = torch.frombuffer(raw, dtype=dtype) if len(raw) else torch.empty(0, dtype=dtype)
         src = src.reshape([rows, *shape[1:]] if shape else [])
         for d in range(1, len(shape)):
@@ -150,10 +163,9 @@ class CheckpointReader(StorageReader):
         target.copy_(src)
         planner.commit_tensor(ri, target)
 
-    def _read_raw(self, loc: Location, lo: int, hi: int, fqn: str, handles: dict[int, BinaryIO]) -> memoryview:
-        """Raw bytes [lo, hi) of the chunk at ``loc``, from verified (and decoded) blocks."""
-        if hi <= lo:
-            return memoryview(bytearray())
+    @staticmethod
+    def _select(loc: Location, lo: int, hi: int) -> tuple[list[Any], int, int]:
+        """The blocks of ``loc`` that cover raw bytes [lo, hi), and where the first one starts (raw, stored)."""
         selected, raw_pos, stored_pos = [], 0, loc.offset
         start_raw = start_stored = 0
         for b in loc.blocks:
@@ -163,9 +175,16 @@ class CheckpointReader(StorageReader):
                 selected.append(b)
             raw_pos += b.raw
             stored_pos += b.stored
-        if raw_pos < hi:
+        return selected, start_raw, start_stored
+
+    def _read_raw(self, loc: Location, lo: int, hi: int, fqn: str, handles: dict[int, BinaryIO]) -> memoryview:
+        """Raw bytes [lo, hi) of the chunk at ``loc``, from verified (and decoded) blocks."""
+        if hi <= lo:
+            return memoryview(bytearray())
+        selected, start_raw, start_stored = self._select(loc, lo, hi)
+        if start_raw + sum(b.raw for b in selected) < hi:
             raise CorruptCheckpointError(
-                f"{self.sources[0].url(loc.file)}: tensor {fqn!r} needs {hi} bytes, its blocks hold {raw_pos}"
+                f"{self.sources[0].url(loc.file)}: tensor {fqn!r} needs {hi} bytes, its blocks hold less"
             )
         data = memoryview(self._read_verified(loc, start_stored, selected, fqn, handles))
         if loc.codec:
@@ -184,13 +203,15 @@ class CheckpointReader(StorageReader):
         return data[lo - start_raw : hi - start_raw]
 
     def _read_verified(self, loc: Location, offset: int, blocks: Sequence[Any], fqn: str,
-                       handles: dict[int, BinaryIO]) -> bytearray:
+                       handles: dict[int, BinaryIO], into: memoryview | None = None) -> bytearray | memoryview:
+        """The stored bytes of ``blocks`` (read into ``into`` if given), each block checked against its digest,
+        from the first source that has them intact."""
         size = sum(b.stored for b in blocks)
         problems = []
         for s, source in enumerate(self.sources):
             if (s, loc.file) in self._bad:
                 continue
-            buf = bytearray(size)
+            buf = into if into is not None else bytearray(size)
 
             def read_once(s: int = s, source: Source = source, buf: bytearray = buf) -> None:
                 f = handles.get(s)
