@@ -68,6 +68,8 @@ class Schedule(L.Callback):
         path = os.path.join(self.base, f"ckpt-{self.n % 2}")
         if rank() == 0:
             shutil.rmtree(path, ignore_errors=True)
+            if os.path.isfile(path):
+                os.remove(path)
         barrier()
         t0 = time.perf_counter()
         if kind == "stock":
@@ -96,7 +98,7 @@ def main() -> None:
     if rank() == 0:
         shutil.rmtree(base, ignore_errors=True)
         os.makedirs(base)
-    io = DistCheckpointIO(durable=False)
+    io = DistCheckpointIO()  # the defaults a user gets (durable: files are fsync'ed before the commit)
     sched = Schedule(io, base, args.reps, args.rss_saves)
     strategy = (DDPStrategy(process_group_backend="gloo") if args.strategy == "ddp"
                 else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))

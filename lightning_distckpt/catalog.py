@@ -251,8 +251,12 @@ def latest(roots: list[str], options: StorageLike = None) -> list[Listed]:
 
 # ---- retention and cleanup ----------------------------------------------------------------------
 def remove_checkpoint(store: Store, path: str) -> None:
-    """Remove a checkpoint so that it is invisible before any data goes: marker first, then the rest."""
-    store.remove(store.join(path, fmt.MARKER))
+    """Remove a checkpoint so that it is invisible before any data goes: marker first, then the rest.
+
+    A plain file at ``path`` (e.g. a checkpoint of Lightning's own format being overwritten) is removed too.
+    """
+    if store.isdir(path):
+        store.remove(store.join(path, fmt.MARKER))
     store.remove(path, recursive=True)
 
 

@@ -203,7 +203,8 @@ class DistCheckpointIO(CheckpointIO):
         manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
         params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
         if self.async_save:
-            snapshot = self._snapshots.take(tensors)
+            snapshot = self._snapshots.take(tensors, self._plan_cache.owned() if comm.active else None,
+                                            self.write_options.chunk_bytes)
             with self._lock:
                 self._in_flight = True  # tasks registered from now on wait for this save
             self._future = self._pool().submit(self._write, url, skeleton, snapshot, manifest, comm, params, True)

@@ -133,6 +133,12 @@ class PlanCache:
     def clear(self) -> None:
         self.local = self.central = self.all_plans = self.global_plans = self.metadata = None
 
+    def owned(self) -> set[tuple[str, tuple[int, ...]]] | None:
+        """The chunks (key, offsets) this rank wrote in the last successful save, if any."""
+        if self.central is None:
+            return None
+        return {(it.index.fqn, tuple(it.index.offset or ())) for it in self.central.items}
+
 
 class BalancedSavePlanner(SavePlanner):
     """Plans a save of a flat ``{key: tensor}`` dict (plain, DTensor or ShardedTensor values).

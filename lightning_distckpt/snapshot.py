@@ -13,29 +13,41 @@ from typing import Any
 
 import torch
 
-from lightning_distckpt.planner import Piece, pieces
+from lightning_distckpt.planner import DEFAULT_CHUNK_BYTES, Piece, pieces, split_rows
 
 
 class Snapshotter:
     def __init__(self) -> None:
-        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._buffers: dict[tuple[str, Any], torch.Tensor] = {}
 
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
-    def take(self, tensors: dict[str, Any]) -> dict[str, list[Piece]]:
+    def take(self, tensors: dict[str, Any], owned: set[tuple[str, tuple[int, ...]]] | None = None,
+             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, list[Piece]]:
+        """Copy ``tensors`` into host buffers; returns pieces backed by those buffers.
+
+        ``owned``: the chunks (key, offsets) this rank wrote in the previous save of the same structure
+        (from the plan cache). Of a key listed there, only those chunks are copied: a rank never writes
+        the chunks of a replicated tensor that another rank writes, so it need not snapshot them.
+        """
         out: dict[str, list[Piece]] = {}
         used = set()
         cuda = False
+        owned_keys = {k for k, _ in owned} if owned else set()
         for key, value in tensors.items():
             snap = []
             for i, p in enumerate(pieces(value)):
-                buf = self._buffer((key, i), p.local)
-                buf.copy_(p.local.detach(), non_blocking=p.local.is_cuda)
-                cuda |= p.local.is_cuda
-                used.add((key, i))
-                snap.append(Piece(buf, p.offsets, p.global_size))
+                parts = ([(tuple(o), Piece(v, o, p.global_size)) for o, _, v in split_rows(p, chunk_bytes)
+                          if (key, tuple(o)) in owned]  # type: ignore[operator]
+                         if key in owned_keys else [(i, p)])  # fmt: skip
+                for tag, part in parts:
+                    buf = self._buffer((key, tag), part.local)
+                    buf.copy_(part.local.detach(), non_blocking=part.local.is_cuda)
+                    cuda |= part.local.is_cuda
+                    used.add((key, tag))
+                    snap.append(Piece(buf, part.offsets, part.global_size))
             out[key] = snap
         if cuda:
             torch.cuda.synchronize()
@@ -43,7 +55,7 @@ class Snapshotter:
             del self._buffers[stale]
         return out
 
-    def _buffer(self, key: tuple[str, int], like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, key: tuple[str, Any], like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(key)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
             pin = like.is_cuda and torch.cuda.is_available()

@@ -226,3 +226,10 @@ def test_manifest_with_escaping_path_is_refused(tmp_path, saved):
     _rewrite_consistently(url, fmt.METADATA, fmt.dumps(md))
     with pytest.raises(UnsafeCheckpointError, match="etc/passwd"):
         load_checkpoint(url)
+
+
+def test_saving_over_a_plain_file_replaces_it(tmp_path):
+    target = tmp_path / "model.ckpt"
+    torch.save({"old": 1}, target)  # e.g. a checkpoint of Lightning's own format at the same path
+    DistCheckpointIO().save_checkpoint({"w": torch.ones(3)}, str(target))
+    assert torch.equal(load_checkpoint(str(target))["w"], torch.ones(3)) and sorted(os.listdir(tmp_path)) == ["model.ckpt"]
