@@ -128,16 +128,19 @@ class PlanCache:
     all_plans: list[SavePlan] | None = None
     global_plans: list[SavePlan] | None = None
     metadata: Metadata | None = None
+    known: set[str] = dataclasses.field(default_factory=set)  # every key this rank held since the last clear
     hits: int = 0
 
     def clear(self) -> None:
         self.local = self.central = self.all_plans = self.global_plans = self.metadata = None
+        self.known = set()
 
-    def owned(self) -> set[tuple[str, tuple[int, ...]]] | None:
-        """The chunks (key, offsets) this rank wrote in the last successful save, if any."""
+    def owned(self) -> tuple[set[str], set[tuple[str, tuple[int, ...]]]] | None:
+        """Of the last successful save: the keys this rank held, and the chunks (key, offsets) it wrote."""
         if self.central is None:
             return None
-        return {(it.index.fqn, tuple(it.index.offset or ())) for it in self.central.items}
+        return (set(self.known),
+                {(it.index.fqn, tuple(it.index.offset or ())) for it in self.central.items})
 
 
 class BalancedSavePlanner(SavePlanner):
@@ -209,6 +212,8 @@ class BalancedSavePlanner(SavePlanner):
             return self.cache.central
         self.cache.central = new_plan
         self.cache.local = self._pending_local
+        if self._pending_local is not None:
+            self.cache.known |= {it.index.fqn for it in self._pending_local.items}
         return new_plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:

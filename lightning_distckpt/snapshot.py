@@ -24,18 +24,19 @@ class Snapshotter:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
-    def take(self, tensors: dict[str, Any], owned: set[tuple[str, tuple[int, ...]]] | None = None,
+    def take(self, tensors: dict[str, Any], owned: tuple[set[str], set[tuple[str, tuple[int, ...]]]] | None = None,
              chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, list[Piece]]:
         """Copy ``tensors`` into host buffers; returns pieces backed by those buffers.
 
-        ``owned``: the chunks (key, offsets) this rank wrote in the previous save of the same structure
-        (from the plan cache). Of a key listed there, only those chunks are copied: a rank never writes
-        the chunks of a replicated tensor that another rank writes, so it need not snapshot them.
+        ``owned``: (the keys this rank held, the chunks (key, offsets) it wrote) in the previous save of
+        the same structure (from the plan cache). Of a key held then, only the chunks it wrote are copied:
+        a rank never writes the chunks of a replicated tensor that another rank writes, so it need not
+        snapshot them. A new key is copied whole.
         """
         out: dict[str, list[Piece]] = {}
         used = set()
         cuda = False
-        owned_keys = {k for k, _ in owned} if owned else set()
+        owned_keys, owned = owned if owned else (set(), set())
         for key, value in tensors.items():
             snap = []
             for i, p in enumerate(pieces(value)):
