@@ -5,7 +5,9 @@ raw hdfs-native writes and reads of the same bytes by the same number of process
 
 The raw baseline: each rank writes (then reads) one file per plugin write thread holding exactly the bytes
 that rank's plugin save wrote, in 8 MiB writes through hdfs-native, on concurrent threads. Replication is
-the cluster's (3). Writes benchmarks/results/hdfs.json.
+the cluster's (3). ``--strategy mp`` (sharded: each rank loads exactly its share, like the baseline) or
+``ddp`` (replicated: each rank reads its half and receives the other half by broadcast, so every rank
+ends up with all of the state). Writes benchmarks/results/hdfs_<strategy>.json.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def launcher(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-minidfs-") as base, MiniDfs.start(base, datanodes=4, java_home=java_home) as dfs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29710", __file__,
                "--worker", "--url", dfs.namenode_url + "/bench", "--repeats", str(args.repeats),
-               "--width", str(args.width), "--depth", str(args.depth)]  # fmt: skip
+               "--width", str(args.width), "--depth", str(args.depth), "--strategy", args.strategy]  # fmt: skip
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -41,14 +43,16 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from _common import barrier, environment, rank, stats, timed, write_result
     from bench_save_load import Big, load_everything
-    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from lightning_distckpt import DistCheckpointIO
     from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
 
     world = int(os.environ["WORLD_SIZE"])
     io = DistCheckpointIO()
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=DDPStrategy(process_group_backend="gloo"),
+    strategy = (DDPStrategy(process_group_backend="gloo") if args.strategy == "ddp"
+                else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy,
                         max_steps=1, plugins=[io], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, args.width)), batch_size=4)
@@ -80,12 +84,14 @@ def worker(args: argparse.Namespace) -> None:
             list(pool.map(one, range(threads)))
 
     rows: dict[str, list[float]] = {k: [] for k in ("plugin_save", "raw_write", "plugin_load", "raw_read")}
+    phases: list[dict[str, float]] = []
     for i in range(args.repeats):
         path = f"{args.url}/ckpt-{i}"
         rows["plugin_save"].append(timed(lambda: trainer.save_checkpoint(path)))
         mine = io.stats.last_save.bytes_written
         rows["raw_write"].append(timed(lambda: raw_write(mine)))
         rows["plugin_load"].append(timed(lambda: load_everything(trainer, path)))
+        phases.append(dict(io.stats.load_s))
         rows["raw_read"].append(timed(raw_read))
         barrier()
         if rank() == 0:
@@ -98,13 +104,14 @@ def worker(args: argparse.Namespace) -> None:
     if rank() == 0:
         med = {k: stats(v)["median"] for k, v in rows.items()}
         result = {
-            "benchmark": "hdfs", "env": environment(), "state_bytes": total, "replication": 3, "datanodes": 4,
+            "benchmark": "hdfs", "strategy": args.strategy, "env": environment(), "state_bytes": total,
+            "replication": 3, "datanodes": 4, "plugin_load_phases_rank0": phases,
             "seconds": {k: stats(v) for k, v in rows.items()},
             "throughput_MBps": {k: total / med[k] / 1e6 for k in med},
             "ratios": {"save: plugin / raw throughput": med["raw_write"] / med["plugin_save"],
                        "load: plugin / raw throughput": med["raw_read"] / med["plugin_load"]},
         }  # fmt: skip
-        print(write_result("hdfs", result))
+        print(write_result(f"hdfs_{args.strategy}", result))
         for k, v in result["ratios"].items():
             print(f"{k}: {v:.3f}")
 
@@ -116,5 +123,6 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--width", type=int, default=3872)
     p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--strategy", choices=["ddp", "mp"], default="mp")
     a = p.parse_args()
     worker(a) if a.worker else launcher(a)

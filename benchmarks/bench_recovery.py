@@ -35,7 +35,7 @@ def job(work: Path, *extra: str) -> float:
     digests.mkdir(exist_ok=True)
     (digests / "started.json").unlink(missing_ok=True)
     cmd = torchrun_cmd(WORKLOADS / "train.py", 2, "--strategy", "ddp", "--ckpt-dir", work / "primary", "--replicas",
-                       work / "replica", "--width", WIDTH, "--digest-dir", digests, *extra)  # fmt: skip
+                       work / "replica", "--width", WIDTH, "--digest-dir", digests, "--timing-only", *extra)  # fmt: skip
     t0 = time.time()
     subprocess.run(cmd, env=env(), check=True, capture_output=True, cwd=work)
     return json.loads((digests / "started.json").read_text())["time"] - t0

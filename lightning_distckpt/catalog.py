@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,29 +132,37 @@ class VerifyReport:
     error: str = ""
 
 
-def verify(url: str, options: StorageLike = None) -> VerifyReport:
+def verify(url: str, options: StorageLike = None, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Read every byte of the checkpoint at ``url`` and check it against the manifest and metadata.
 
-    Never raises for a bad checkpoint: the report says what is wrong, file by file.
+    Never raises for a bad checkpoint: the report says what is wrong, file by file. ``progress`` is
+    called with the number of bytes read as the check goes.
     """
     source = source_of(url, options)
     try:
         ckpt = open_checkpoint(source, check_sizes=False)
     except DistCheckpointError as e:
         return VerifyReport(source.url(), False, error=str(e))
-    blocks_by_file: dict[str, list[tuple[int, fmt.Block]]] = {}
-    for loc in ckpt.metadata.storage_data.values():
-        pos = loc.offset
-        for b in loc.blocks:
-            blocks_by_file.setdefault(loc.file, []).append((pos, b))
-            pos += b.stored
+    blocks = blocks_by_file(ckpt)
     files = []
     for name, info in sorted(ckpt.manifest.files.items()):
-        files.append(_verify_file(ckpt.source, name, info, sorted(blocks_by_file.get(name, []), key=lambda x: x[0])))
+        files.append(_verify_file(ckpt.source, name, info, blocks.get(name, []), progress or (lambda n: None)))
     return VerifyReport(source.url(), all(f.ok for f in files), files)
 
 
-def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, fmt.Block]]) -> FileReport:
+def blocks_by_file(ckpt: Checkpoint) -> dict[str, list[tuple[int, fmt.Block]]]:
+    """Every data file's blocks as (offset in the file, block), in file order."""
+    out: dict[str, list[tuple[int, fmt.Block]]] = {}
+    for loc in ckpt.metadata.storage_data.values():
+        pos = loc.offset
+        for b in loc.blocks:
+            out.setdefault(loc.file, []).append((pos, b))
+            pos += b.stored
+    return {k: sorted(v, key=lambda x: x[0]) for k, v in out.items()}
+
+
+def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, fmt.Block]],
+                 progress: Callable[[int], None]) -> FileReport:
     path = source.store.join(source.path, name)
     try:
         size = source.store.size(path)
@@ -163,6 +172,7 @@ def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[t
         return FileReport(name, False, size, f"size {size}, expected {info['size']}")
     if name.endswith(".json"):
         data = source.store.read_bytes(path)
+        progress(len(data))
         ok = fmt.digest(data) == info["xxh3"]
         return FileReport(name, ok, size, "" if ok else "checksum mismatch")
     digests = []
@@ -174,6 +184,7 @@ def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[t
             data = f.read(b.stored)
             if len(data) != b.stored:
                 return FileReport(name, False, size, f"short read at byte {offset}")
+            progress(len(data))
             if fmt.digest(data) != b.digest:
                 return FileReport(name, False, size, f"block at byte {offset} fails its checksum")
             digests.append(b.digest)

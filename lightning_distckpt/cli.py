@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -153,8 +152,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from lightning_distckpt import catalog
 
     storage = _storage(args)
-    catalog.read_manifest(catalog.source_of(args.ckpt, storage))  # not found / not committed: exit 3 here
-    report = catalog.verify(args.ckpt, storage)
+    manifest = catalog.read_manifest(catalog.source_of(args.ckpt, storage))  # not found / not committed: exit 3
+    total = sum(f["size"] for f in manifest.files.values())
+    with _progress(args, total, f"verify {os.path.basename(args.ckpt.rstrip('/'))}") as advance:
+        report = catalog.verify(args.ckpt, storage, progress=advance)
     obj = {"url": report.url, "ok": report.ok, "error": report.error,
            "files": [{"name": f.name, "ok": f.ok, "size": f.size, "problem": f.problem} for f in report.files]}
 

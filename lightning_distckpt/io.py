@@ -386,7 +386,8 @@ class DistCheckpointIO(CheckpointIO):
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
         self.stats.load_bytes_broadcast = stats.bytes_broadcast
-        self.stats.load_s.update(read=stats.read_s, broadcast=stats.broadcast_s)
+        self.stats.load_s.update(read=stats.read_s, broadcast=stats.broadcast_s,
+                                 slowest_file=max(stats.file_s.values(), default=0.0))
 
     @staticmethod
     def _manifest(checkpoint: dict[str, Any], world_size: int, strategy: str) -> fmt.Manifest:

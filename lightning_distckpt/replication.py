@@ -21,7 +21,7 @@ from typing import Any
 
 from lightning_distckpt import format as fmt
 from lightning_distckpt._dist import Comm
-from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
+from lightning_distckpt.catalog import blocks_by_file, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError
 from lightning_distckpt.storage import StorageLike
 from lightning_distckpt.storage.reader import Source
@@ -78,16 +78,6 @@ def copy_file(src: Source, dst: Source, name: str, blocks: list[tuple[int, fmt.B
     finally:
         reader.close()
         writer.close()
-
-
-def blocks_by_file(ckpt: Checkpoint) -> dict[str, list[tuple[int, fmt.Block]]]:
-    out: dict[str, list[tuple[int, fmt.Block]]] = {}
-    for loc in ckpt.metadata.storage_data.values():
-        pos = loc.offset
-        for b in loc.blocks:
-            out.setdefault(loc.file, []).append((pos, b))
-            pos += b.stored
-    return {k: sorted(v, key=lambda x: x[0]) for k, v in out.items()}
 
 
 class Replicator:

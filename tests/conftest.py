@@ -60,6 +60,18 @@ def train(strategy: str, nproc: int, ckpt_dir: Path | str, *args: Any, timeout: 
                timeout=timeout, check=check)
 
 
+def rewrite_document(url: str, name: str, data: bytes) -> None:
+    """Replace a checkpoint document and recompute the manifest and marker, as a malicious author would."""
+    from lightning_distckpt import format as fmt
+
+    open(os.path.join(url, name), "wb").write(data)
+    manifest = json.load(open(os.path.join(url, fmt.MANIFEST)))
+    manifest["files"][name] = {"size": len(data), "xxh3": fmt.digest(data)}
+    mbytes = fmt.dumps(manifest)
+    open(os.path.join(url, fmt.MANIFEST), "wb").write(mbytes)
+    open(os.path.join(url, fmt.MARKER), "wb").write(fmt.marker_bytes(mbytes))
+
+
 def load_json(path: Path | str) -> Any:
     with open(path) as f:
         return json.load(f)

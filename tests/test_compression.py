@@ -9,7 +9,7 @@ import os
 import lightning as L
 import pytest
 import torch
-from conftest import load_json, train
+from conftest import load_json, rewrite_document, train
 from workloads.common import Net, data
 
 from lightning_distckpt import CorruptCheckpointError, DistCheckpoint, DistCheckpointIO, export_checkpoint, load_checkpoint
@@ -90,22 +90,12 @@ def test_dynamic_maps_are_sorted_and_span_zero_to_one():
     assert set(CODECS) == {"int8-rows", "dyn8", "dyn8-sqrt"}
 
 
-def _rewrite(url: str, name: str, obj: dict) -> None:
-    data = fmt.dumps(obj)
-    open(os.path.join(url, name), "wb").write(data)
-    manifest = json.load(open(os.path.join(url, fmt.MANIFEST)))
-    manifest["files"][name] = {"size": len(data), "xxh3": fmt.digest(data)}
-    mbytes = fmt.dumps(manifest)
-    open(os.path.join(url, fmt.MANIFEST), "wb").write(mbytes)
-    open(os.path.join(url, fmt.MARKER), "wb").write(fmt.marker_bytes(mbytes))
-
-
 def test_unknown_codec_version_is_a_clear_error(tmp_path):
     url = str(tmp_path / "c")
     DistCheckpointIO(compression="int8").save_checkpoint(state(torch.float32), url)
     md = json.load(open(os.path.join(url, fmt.METADATA)))
     md["encodings"]["model/l.weight"]["version"] = 99
-    _rewrite(url, fmt.METADATA, md)
+    rewrite_document(url, fmt.METADATA, fmt.dumps(md))
     with pytest.raises(CorruptCheckpointError, match=r"int8-rows.*version 99.*upgrade lightning-distckpt"):
         load_checkpoint(url)
 
@@ -117,7 +107,7 @@ def test_unknown_block_codec_is_a_clear_error(tmp_path):
     for t in md["tensors"].values():
         for c in t["chunks"]:
             c["c"] = "brotli-9"
-    _rewrite(url, fmt.METADATA, md)
+    rewrite_document(url, fmt.METADATA, fmt.dumps(md))
     with pytest.raises(CorruptCheckpointError, match="brotli-9.*not supported"):
         load_checkpoint(url)
 

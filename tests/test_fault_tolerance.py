@@ -22,8 +22,10 @@ def fit(dirpath, max_steps, resume=None, **cb) -> tuple[L.Trainer, Net, DistChec
     torch.manual_seed(0)
     model = Net()
     callback = DistCheckpoint(dirpath=str(dirpath), every_n_train_steps=2, **cb)
+    # compressed and asynchronous: replication, verification and fallback compose with both
+    io = DistCheckpointIO(compression="lossless", async_save=True)
     t = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, plugins=[DistCheckpointIO()], callbacks=[callback])  # fmt: skip
+                  enable_model_summary=False, plugins=[io], callbacks=[callback])  # fmt: skip
     t.fit(model, data(), ckpt_path=resume)
     return t, model, callback
 

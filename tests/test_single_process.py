@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import rewrite_document
 from workloads.common import Net, data
 
 from lightning_distckpt import (
@@ -190,16 +191,6 @@ def test_unwritable_target_fails_cleanly(tmp_path):
         DistCheckpointIO().save_checkpoint({"w": torch.ones(1)}, str(blocker / "ckpt"))
 
 
-def _rewrite_consistently(url: str, name: str, data: bytes) -> None:
-    """Replace a document and recompute the manifest and marker, as a malicious author would."""
-    open(os.path.join(url, name), "wb").write(data)
-    manifest = json.load(open(os.path.join(url, fmt.MANIFEST)))
-    manifest["files"][name] = {"size": len(data), "xxh3": fmt.digest(data)}
-    mbytes = fmt.dumps(manifest)
-    open(os.path.join(url, fmt.MANIFEST), "wb").write(mbytes)
-    open(os.path.join(url, fmt.MARKER), "wb").write(fmt.marker_bytes(mbytes))
-
-
 def test_crafted_pickle_in_a_consistent_checkpoint_is_refused(tmp_path, saved):
     import base64
     import pickle
@@ -211,7 +202,7 @@ def test_crafted_pickle_in_a_consistent_checkpoint_is_refused(tmp_path, saved):
     url = copy_ckpt(newest(saved), tmp_path / "evil")
     skeleton = json.load(open(os.path.join(url, fmt.STATE)))
     skeleton["hyper_parameters"] = {"__pickle__": base64.b64encode(pickle.dumps(Boom())).decode()}
-    _rewrite_consistently(url, fmt.STATE, fmt.dumps(skeleton))
+    rewrite_document(url, fmt.STATE, fmt.dumps(skeleton))
     with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
         load_checkpoint(url)
     with pytest.raises(UnsafeCheckpointError):
@@ -223,7 +214,7 @@ def test_manifest_with_escaping_path_is_refused(tmp_path, saved):
     url = copy_ckpt(newest(saved), tmp_path / "esc")
     md = json.load(open(os.path.join(url, fmt.METADATA)))
     md["tensors"]["model/net.0.weight"]["chunks"][0]["f"] = "../../../etc/passwd"
-    _rewrite_consistently(url, fmt.METADATA, fmt.dumps(md))
+    rewrite_document(url, fmt.METADATA, fmt.dumps(md))
     with pytest.raises(UnsafeCheckpointError, match="etc/passwd"):
         load_checkpoint(url)
 
@@ -233,3 +224,33 @@ def test_saving_over_a_plain_file_replaces_it(tmp_path):
     torch.save({"old": 1}, target)  # e.g. a checkpoint of Lightning's own format at the same path
     DistCheckpointIO().save_checkpoint({"w": torch.ones(3)}, str(target))
     assert torch.equal(load_checkpoint(str(target))["w"], torch.ones(3)) and sorted(os.listdir(tmp_path)) == ["model.ckpt"]
+
+
+def test_a_strategy_that_cannot_be_routed_fails_at_setup():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    class OwnSaving(FSDPStrategy):  # a sharded strategy with its own checkpoint code: we cannot route it
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+            raise AssertionError("never reached")
+
+    with pytest.raises(TypeError, match="cannot route checkpoints of .*OwnSaving.*overrides save_checkpoint"):
+        L.Trainer(accelerator="cpu", strategy=OwnSaving(), plugins=[DistCheckpointIO()])
+
+    class Unknown(DDPStrategy.__mro__[1]):  # ParallelStrategy: not one of the supported ones
+        pass
+
+    with pytest.raises(TypeError, match="only ModelParallelStrategy, FSDPStrategy, DDPStrategy, SingleDeviceStrategy"):
+        from lightning_distckpt.integration import route
+
+        route(Unknown.__new__(Unknown), DistCheckpointIO())
+
+
+def test_a_failed_background_save_is_raised_not_lost(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    torch.manual_seed(0)
+    t = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  plugins=[DistCheckpointIO(async_save=True)],
+                  callbacks=[DistCheckpoint(dirpath=str(blocker / "ckpts"), every_n_train_steps=2)])  # fmt: skip
+    with pytest.raises(CheckpointSaveError, match=r"ckpts/epoch=0-step=2.*cannot create"):
+        t.fit(Net(), data())  # raised by the next save (step 4) or at teardown, on the training thread

@@ -35,12 +35,25 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     return codes.sort().values.to(torch.float32)
 
 
-def _nearest_code(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code for every element of ``x`` (values within the code book's range)."""
-    hi = torch.searchsorted(codes, x.contiguous()).clamp_(1, len(codes) - 1)
-    lo = hi - 1
-    pick_hi = (codes[hi] - x).abs() < (x - codes[lo]).abs()
-    return torch.where(pick_hi, hi, lo).to(torch.uint8)
+_DECADES = {True: 5, False: 6}  # magnitudes span 10^-decades .. 1
+_STEPS = {True: 126, False: 254}  # geometric steps between the smallest and the largest magnitude
+
+
+def _code_index(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Index into :func:`dynamic_map` of the code nearest (in log scale) to every element of ``x``.
+
+    ``x`` is normalized (|x| <= 1). Computed arithmetically (the map is geometric), in a few passes.
+    """
+    d, n = _DECADES[signed], _STEPS[signed]
+    mag = x.abs()
+    k = torch.log10(mag.clamp(min=10.0 ** -(d + 1))).add_(d).mul_(n / d).round_().clamp_(0, n)
+    if signed:  # [-1 .. -1e-5] (127), 0, [1e-5 .. 1] (127), 1
+        tiny = mag < 10.0 ** (-d) / 2
+        idx = torch.where(x < 0, n - k, n + 2 + k)
+        idx = torch.where(tiny, torch.full_like(idx, n + 1), idx)
+    else:  # 0, [1e-6 .. 1] (255); a positive value never maps to 0
+        idx = torch.where(mag > 0, k + 1, torch.zeros_like(k))
+    return idx.to(torch.uint8)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -113,11 +126,7 @@ class Dynamic8(Codec):
         b, pad = self._blocks(x, block)
         absmax = b.abs().amax(dim=2)
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        normed = (b / safe[..., None]).reshape(-1)
-        q = _nearest_code(normed, dynamic_map(self.signed))
-        if not self.signed:  # a positive second moment never becomes 0 (Adam would divide by eps alone)
-            q = torch.where((normed > 0) & (q == 0), torch.ones_like(q), q)
-        q = q.reshape(b.shape)
+        q = _code_index(b / safe[..., None], self.signed)  # a positive second moment never becomes 0
         q = q.reshape(x.shape[0], -1)[:, : x.shape[1]] if pad else q.reshape(x.shape)
         return {"q": q.reshape(t.shape), "absmax": absmax}
 

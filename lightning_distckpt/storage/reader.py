@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,7 @@ class ReadStats:
     bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads)
     read_s: float = 0.0
     broadcast_s: float = 0.0
+    file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -122,12 +124,15 @@ class CheckpointReader(StorageReader):
 
     def _read_file(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
         handles: dict[int, BinaryIO] = {}
+        start = time.perf_counter()
         try:
             for ri in items:
                 self._read_item(ri, planner, handles)
         finally:
             for f in handles.values():
                 f.close()
+            with self.stats.lock:
+                self.stats.file_s[name] = self.stats.file_s.get(name, 0.0) + time.perf_counter() - start
 
     def _read_item(self, ri: ReadItem, planner: LoadPlanner, handles: dict[int, BinaryIO]) -> None:
         fqn = ri.storage_index.fqn

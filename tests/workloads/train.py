@@ -26,14 +26,15 @@ from lightning_distckpt import DistCheckpoint, DistCheckpointIO, HdfsOptions  # 
 class Probe(L.Callback):
     """Records state digests: after each save (rank 0 writes) and at train start after a restore."""
 
-    def __init__(self, out: str | None) -> None:
+    def __init__(self, out: str | None, digests: bool = True) -> None:
         self.out = out
+        self.digests = digests  # False: only write started.json (timing runs)
         self.restored = False
         self.loaded_loops: Any = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # called on every rank inside Trainer.save_checkpoint, before the state is written
-        if not self.out:
+        if not self.out or not self.digests:
             return
         digest = full_state_digest(trainer)
         digest.update({"loops": checkpoint["loops"], "epoch": checkpoint["epoch"]})
@@ -48,7 +49,7 @@ class Probe(L.Callback):
         # after a restore: what was restored, then a marker that training runs (the crash tests wait for it)
         if not self.out:
             return
-        if self.restored:
+        if self.restored and self.digests:
             digest = full_state_digest(trainer)
             digest.update(self.loaded_loops)
             if trainer.is_global_zero:
@@ -144,6 +145,7 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
     p.add_argument("--replicas", nargs="*", default=None)
     p.add_argument("--compression", default=None)
+    p.add_argument("--timing-only", action="store_true", help="no state digests (they take seconds at 1 GiB)")
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
     p.add_argument("--hdfs-user", default=None)
     p.add_argument("--hdfs-replication", type=int, default=None)
@@ -154,7 +156,7 @@ def main() -> None:
     os.environ.setdefault("DISTCKPT_TEST_WORLD", str(world))
     fault_injection()
     model = Net(width=args.width)
-    probe = Probe(args.digest_dir)
+    probe = Probe(args.digest_dir, digests=not args.timing_only)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=world if args.strategy != "single" else 1,
