@@ -4,8 +4,8 @@ async saves, for ~1 GiB of model + AdamW state on N ranks, in ONE run.
     torchrun --nproc_per_node=2 benchmarks/bench_async.py --dir /tmp/bench-async
 
 Stall = wall time of the training step that includes the save minus the median normal step of the same
-run. Each save is preceded by a "settle" step that waits for the previous save, so saves never overlap.
-For async saves the extra time of the two following steps (the background write shares the CPU) is
+run (removing the checkpoint two saves back happens in the settle step, outside it). Each save is preceded
+by a "settle" step that waits for the previous save, so saves never overlap. For async saves the extra time of the two following steps (the background write shares the CPU) is
 reported separately. Writes benchmarks/results/async.json.
 """
 
@@ -59,6 +59,16 @@ class Schedule(L.Callback):
         self.starts.append(time.perf_counter())
         if self.plan[trainer.global_step] == "settle":
             self.io.wait()
+            self._clear(self.n + 1)  # the next save's directory, outside the timed save steps
+
+    def _clear(self, n: int) -> None:
+        """Remove the previous checkpoint at save n's path (a stall of the harness, not of the save)."""
+        path = os.path.join(self.base, f"ckpt-{n % 2}")
+        if rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.isfile(path):
+                os.remove(path)
+        barrier()
 
     def on_train_batch_end(self, trainer, *args):
         kind = self.plan[trainer.global_step - 1]
@@ -66,11 +76,8 @@ class Schedule(L.Callback):
             return
         self.n += 1
         path = os.path.join(self.base, f"ckpt-{self.n % 2}")
-        if rank() == 0:
-            shutil.rmtree(path, ignore_errors=True)
-            if os.path.isfile(path):
-                os.remove(path)
-        barrier()
+        if kind == "rss":
+            self._clear(self.n)
         t0 = time.perf_counter()
         if kind == "stock":
             with stock_checkpointing(trainer.strategy):
@@ -87,11 +94,13 @@ class Schedule(L.Callback):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--strategy", choices=["ddp", "mp"], default="ddp")
+    p.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank, NCCL")
     p.add_argument("--dir", default="/tmp/distckpt-bench-async")
     p.add_argument("--width", type=int, default=3872)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rss-saves", type=int, default=30)
+    p.add_argument("--name", default=None, help="results file name (default async_<strategy>)")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = os.path.join(args.dir, args.strategy)
@@ -100,9 +109,9 @@ def main() -> None:
         os.makedirs(base)
     io = DistCheckpointIO()  # the defaults a user gets (durable: files are fsync'ed before the commit)
     sched = Schedule(io, base, args.reps, args.rss_saves)
-    strategy = (DDPStrategy(process_group_backend="gloo") if args.strategy == "ddp"
+    strategy = (DDPStrategy(process_group_backend="gloo" if args.accelerator == "cpu" else "nccl") if args.strategy == "ddp"
                 else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=sched.steps, plugins=[io],
+    trainer = L.Trainer(accelerator=args.accelerator, devices=world, strategy=strategy, max_steps=sched.steps, plugins=[io],
                         callbacks=[sched], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)  # fmt: skip
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4 * sched.steps, args.width)),
@@ -132,7 +141,7 @@ def main() -> None:
     }  # fmt: skip
     med = {m: result["stall_s"][m]["median"] for m in MODES}
     result["ratios"] = {"async stall / sync stall": med["async"] / med["sync"], "async stall / stock stall": med["async"] / med["stock"]}
-    print(write_result(f"async_{args.strategy}", result))
+    print(write_result(args.name or f"async_{args.strategy}", result))
     print({k: round(v, 3) for k, v in result["ratios"].items()}, "rss growth", result["rss_growth_after_second_save"])
 
 

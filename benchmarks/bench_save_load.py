@@ -70,6 +70,20 @@ class stock_checkpointing:
         self.strategy._checkpoint_io = self.io
 
 
+def local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def poison(model: nn.Module) -> list[torch.Tensor]:
+    """CPU copies of this rank's parameters, then NaN in the parameters (a load must overwrite every one)."""
+    copies = []
+    with torch.no_grad():
+        for p in model.parameters():
+            copies.append(local(p).detach().cpu().clone())
+            local(p).fill_(float("nan"))
+    return copies
+
+
 def load_everything(trainer: L.Trainer, path: str) -> None:
     """What a resume does with the checkpoint: read it, load model and optimizer state."""
     s = trainer.strategy
@@ -81,6 +95,7 @@ def load_everything(trainer: L.Trainer, path: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--strategy", choices=["ddp", "mp"], default="ddp")
+    p.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank, NCCL")
     p.add_argument("--dir", default="/tmp/distckpt-bench")
     p.add_argument("--width", type=int, default=3872)
     p.add_argument("--depth", type=int, default=6)
@@ -90,10 +105,10 @@ def main() -> None:
     args = p.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    strategy = (DDPStrategy(process_group_backend="gloo") if args.strategy == "ddp"
+    strategy = (DDPStrategy(process_group_backend="gloo" if args.accelerator == "cpu" else "nccl") if args.strategy == "ddp"
                 else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
     io = DistCheckpointIO()
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=1, plugins=[io],
+    trainer = L.Trainer(accelerator=args.accelerator, devices=world, strategy=strategy, max_steps=1, plugins=[io],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, args.width)), batch_size=4)
     model = Big(args.width, args.depth)
@@ -109,6 +124,7 @@ def main() -> None:
                                                        "dd", "stock_load_cold", "plugin_load_cold",
                                                        "read_files_cold")}  # fmt: skip
     read_per_rank: list[int] = []
+    restored_ok: list[bool] = []
     phases: list[dict[str, float]] = []
     bytes_per_rank: list[int] = []
     for _ in range(args.repeats):
@@ -138,7 +154,12 @@ def main() -> None:
             with stock_checkpointing(trainer.strategy):
                 rows["stock_load_cold"].append(timed(lambda: load_everything(trainer, paths["stock"])))
         drop_caches()
+        copies = poison(model) if not restored_ok else None  # first repeat: the load must overwrite NaNs
         rows["plugin_load_cold"].append(timed(lambda: load_everything(trainer, paths["plugin"])))
+        if copies is not None:
+            restored_ok.append(all(torch.equal(local(p).cpu(), c) for p, c in zip(model.parameters(), copies)))
+            if not restored_ok[-1]:
+                raise SystemExit("the plugin's load did not restore the saved parameters")
         read_per_rank = [int(b) for b in _gather(sum(io.stats.load_bytes_read.values()))]
         phases.append(dict(io.stats.load_s))
         drop_caches()
@@ -149,7 +170,8 @@ def main() -> None:
         result = {
             "benchmark": "save_load", "strategy": args.strategy, "env": environment(), "page_cache_dropped": cold,
             "state_bytes": total, "bytes_per_rank": bytes_per_rank, "bytes_read_per_rank": read_per_rank,
-            "max_read_over_state": max(read_per_rank) / total, "plugin_load_phases_rank0": phases,
+            "max_read_over_state": max(read_per_rank) / total,
+            "load_restores_the_saved_parameters": all(restored_ok), "plugin_load_phases_rank0": phases,
             "max_over_mean_bytes": max(bytes_per_rank) / (sum(bytes_per_rank) / world),
             "seconds": {k: stats(v) for k, v in rows.items() if v},
         }  # fmt: skip

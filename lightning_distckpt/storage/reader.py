@@ -2,7 +2,8 @@
 
 For every read item the reader finds the stored chunk's blocks that cover the requested rows, reads them
 with one ranged read, checks each block's xxh3 against the metadata and only then decodes and copies the
-bytes into the destination tensor. A block that fails (missing file, short read, wrong checksum) is read
+bytes into the destination tensor (uncompressed blocks go straight into a CPU destination, or through
+pinned buffers into an accelerator's). A block that fails (missing file, short read, wrong checksum) is read
 from the next source that has the same file (a replica); if none has a good copy the load fails with a
 :class:`CorruptCheckpointError` naming file, offset and tensor.
 """
@@ -30,6 +31,9 @@ from lightning_distckpt.storage.base import Store, read_exactly
 from lightning_distckpt.storage.writer import BlockCodec
 
 log = logging.getLogger(__name__)
+
+#: pinned host buffer size for reads into accelerator memory
+STAGE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class CheckpointReader(StorageReader):
             for c in tmd.chunks  # type: ignore[union-attr]
         }
         self._bad: set[tuple[int, str]] = set()  # (source index, file) known to be bad
+        self._devices: set[torch.device] = set()  # accelerators that _read_to_device copied to
 
     # -- DCP protocol ------------------------------------------------------------------------------
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -110,6 +115,8 @@ class CheckpointReader(StorageReader):
         else:
             with ThreadPoolExecutor(min(self.threads, len(work)), thread_name_prefix="distckpt-read") as pool:
                 list(pool.map(lambda w: self._read_file(w[0], w[1], planner), work))
+        for device in self._devices:  # the non-blocking copies of _read_to_device
+            torch.get_device_module(device).synchronize(device)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -146,12 +153,15 @@ class CheckpointReader(StorageReader):
         lo, hi = first * row_bytes, (first + rows) * row_bytes
         if not loc.codec and hi > lo and all(o == 0 for o in ri.storage_offsets[1:]) and list(ri.lengths[1:]) == shape[1:]:
             target = planner.resolve_tensor(ri)
-            if target.dtype == dtype and target.device.type == "cpu" and target.is_contiguous():
+            if target.dtype == dtype and target.is_contiguous():
                 blocks, start_raw, start_stored = self._select(loc, lo, hi)
                 if start_raw == lo and start_raw + sum(b.raw for b in blocks) == hi:
                     # whole blocks into a contiguous destination: read them straight into it, then verify
-                    into = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-                    self._read_verified(loc, start_stored, blocks, fqn, handles, into=into)
+                    flat = target.reshape(-1).view(torch.uint8)
+                    if target.device.type == "cpu":
+                        self._read_verified(loc, start_stored, blocks, fqn, handles, into=memoryview(flat.numpy()))
+                    else:
+                        self._read_to_device(loc, start_stored, blocks, fqn, handles, flat)
                     planner.commit_tensor(ri, target)
                     return
         raw = self._read_raw(loc, lo, hi, fqn, handles)
@@ -167,6 +177,24 @@ class CheckpointReader(StorageReader):
             )
         target.copy_(src)
         planner.commit_tensor(ri, target)
+
+    def _read_to_device(self, loc: Location, offset: int, blocks: Sequence[Any], fqn: str,
+                        handles: dict[int, BinaryIO], flat: torch.Tensor) -> None:
+        """Read ``blocks`` into the accelerator bytes ``flat`` through pinned host buffers of about
+        ``STAGE_BYTES``: each is verified, then copied without blocking this thread (the caching host allocator
+        keeps a buffer until its copy is done; ``read_data`` synchronizes the device before it returns)."""
+        pos, i = 0, 0
+        while i < len(blocks):
+            batch = [blocks[i]]
+            while i + len(batch) < len(blocks) and sum(b.stored for b in batch) + blocks[i + len(batch)].stored <= STAGE_BYTES:
+                batch.append(blocks[i + len(batch)])
+            size = sum(b.stored for b in batch)
+            stage = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self._read_verified(loc, offset + pos, batch, fqn, handles, into=memoryview(stage.numpy()))
+            flat[pos : pos + size].copy_(stage, non_blocking=True)
+            self._devices.add(flat.device)
+            pos += size
+            i += len(batch)
 
     @staticmethod
     def _select(loc: Location, lo: int, hi: int) -> tuple[list[Any], int, int]:

@@ -58,17 +58,27 @@ def data(n: int = 128, batch_size: int = 16) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
+def accelerator() -> str:
+    """``cpu`` (the tests) or ``cuda`` (the GPU check: ``DISTCKPT_TEST_ACCELERATOR=cuda``)."""
+    return os.environ.get("DISTCKPT_TEST_ACCELERATOR", "cpu")
+
+
 def strategy(name: str) -> Any:
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
+    cuda = accelerator() == "cuda"
     if name == "single":
-        return SingleDeviceStrategy(device=torch.device("cpu"))
+        return SingleDeviceStrategy(device=torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"))
     if name == "ddp":
-        return DDPStrategy(process_group_backend="gloo")
+        return DDPStrategy(process_group_backend="nccl" if cuda else "gloo")
     if name == "mp":
         world = int(os.environ.get("WORLD_SIZE") or os.environ.get("DISTCKPT_TEST_WORLD", "1"))
         return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     if name == "fsdp":
+        if cuda:
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            return FSDPStrategy(use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
         return CPUFSDPStrategy()
     raise ValueError(name)
 

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Net, data, full_state_digest, strategy, write_json  # noqa: E402
+from common import Net, accelerator, data, full_state_digest, strategy, write_json  # noqa: E402
 
 from lightning_distckpt import DistCheckpoint, DistCheckpointIO, HdfsOptions  # noqa: E402
 
@@ -158,7 +158,7 @@ def main() -> None:
     model = Net(width=args.width)
     probe = Probe(args.digest_dir, digests=not args.timing_only)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator(),
         devices=world if args.strategy != "single" else 1,
         strategy=strategy(args.strategy),
         max_steps=args.max_steps,
