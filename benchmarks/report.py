@@ -112,7 +112,9 @@ def hdfs() -> str:
                 ["DistCheckpointIO save", fmt_s(s["plugin_save"]), f"{t['plugin_save']:.0f} MB/s"],
                 ["raw hdfs-native write", fmt_s(s["raw_write"]), f"{t['raw_write']:.0f} MB/s"],
                 ["DistCheckpointIO load (model + optimizer restored)", fmt_s(s["plugin_load"]), f"{t['plugin_load']:.0f} MB/s"],
-                ["raw hdfs-native read", fmt_s(s["raw_read"]), f"{t['raw_read']:.0f} MB/s"],
+                ["raw hdfs-native read (read_range_stream)", fmt_s(s["raw_read"]), f"{t['raw_read']:.0f} MB/s"],
+                *([["raw hdfs-native read (8 MiB read calls)", fmt_s(s["raw_read_8mib"]), f"{t['raw_read_8mib']:.0f} MB/s"]]
+                  if "raw_read_8mib" in s else []),
             ]),
             f"\nState: {r['state_bytes'] / 2**30:.2f} GiB. Plugin / raw throughput: save "
             f"**{r['ratios']['save: plugin / raw throughput']:.2f}×**, load **{r['ratios']['load: plugin / raw throughput']:.2f}×** "

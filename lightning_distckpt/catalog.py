@@ -24,6 +24,7 @@ from lightning_distckpt.errors import (
     UncommittedCheckpointError,
 )
 from lightning_distckpt.storage import StorageLike, Store, open_store
+from lightning_distckpt.storage.base import read_blocks
 from lightning_distckpt.storage.reader import Source
 
 log = logging.getLogger(__name__)
@@ -175,20 +176,22 @@ def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[t
         progress(len(data))
         ok = fmt.digest(data) == info["xxh3"]
         return FileReport(name, ok, size, "" if ok else "checksum mismatch")
-    digests = []
+    pos = 0
+    for offset, b in blocks:
+        if offset != pos:
+            return FileReport(name, False, size, f"gap or overlap in blocks at byte {pos}")
+        pos += b.stored
+    digests, pos = [], 0
     with source.store.open_read(path) as f:
-        pos = 0
-        for offset, b in blocks:
-            if offset != pos:
-                return FileReport(name, False, size, f"gap or overlap in blocks at byte {pos}")
-            data = f.read(b.stored)
-            if len(data) != b.stored:
-                return FileReport(name, False, size, f"short read at byte {offset}")
-            progress(len(data))
-            if fmt.digest(data) != b.digest:
-                return FileReport(name, False, size, f"block at byte {offset} fails its checksum")
-            digests.append(b.digest)
-            pos += b.stored
+        try:
+            for (offset, b), data in zip(blocks, read_blocks(f, [b.stored for _, b in blocks], path)):
+                progress(len(data))
+                if fmt.digest(data) != b.digest:
+                    return FileReport(name, False, size, f"block at byte {offset} fails its checksum")
+                digests.append(b.digest)
+                pos += b.stored
+        except EOFError:
+            return FileReport(name, False, size, f"short read after byte {pos}")
     if pos != size or fmt.blocks_digest(digests) != info["xxh3"]:
         return FileReport(name, False, size, "file digest does not match the manifest")
     return FileReport(name, True, size)

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from lightning_distckpt._dist import Comm
 from lightning_distckpt.catalog import blocks_by_file, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError
 from lightning_distckpt.storage import StorageLike
+from lightning_distckpt.storage.base import read_blocks
 from lightning_distckpt.storage.reader import Source
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,16 @@ def copy_file(src: Source, dst: Source, name: str, blocks: list[tuple[int, fmt.B
             if progress:
                 progress(len(data))
             return fmt.digest(data)
-        digests, pos = [], 0
+        pos = 0
         for offset, b in blocks:
             if offset != pos:
                 raise CorruptCheckpointError(f"{src.url(name)}: blocks are not contiguous at byte {pos}")
-            data = reader.read(b.stored)
-            if len(data) != b.stored or fmt.digest(data) != b.digest:
+            pos += b.stored
+        digests, pos = [], 0
+        pieces = zip(blocks, read_blocks(reader, [b.stored for _, b in blocks], src.url(name)))
+        while (item := _next_block(pieces)) is not None:
+            (offset, b), data = item
+            if fmt.digest(data) != b.digest:
                 raise CorruptCheckpointError(f"{src.url(name)}: block at byte {offset} fails its checksum; not copied")
             writer.write(data)
             if progress:
@@ -263,6 +268,14 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     return src.manifest
 
 
+def _next_block(pieces: Iterator[Any]) -> Any:
+    """The next (block, bytes) of a data file being copied; a file shorter than its blocks is corrupt."""
+    try:
+        return next(pieces, None)
+    except EOFError as e:
+        raise CorruptCheckpointError(f"{e}; not copied") from None
+
+
 def _digest_of(source: Source, name: str, blocks: list[tuple[int, fmt.Block]] | None) -> int | None:
     """The digest of an existing file as the manifest defines it, or None if it cannot be read."""
     try:
@@ -270,8 +283,7 @@ def _digest_of(source: Source, name: str, blocks: list[tuple[int, fmt.Block]] | 
             if blocks is None:
                 return fmt.digest(f.read())
             digests = []
-            for _, b in blocks:
-                data = f.read(b.stored)
+            for (_, b), data in zip(blocks, read_blocks(f, [b.stored for _, b in blocks], name)):
                 if fmt.digest(data) != b.digest:
                     return None
                 digests.append(b.digest)

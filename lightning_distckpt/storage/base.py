@@ -13,7 +13,8 @@ import io
 import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO, Protocol
 
 from lightning_distckpt.storage.retry import RetryPolicy
 
@@ -100,8 +101,7 @@ class Store(ABC):
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with the bytes of ``path`` at ``offset``; a short file is an error."""
         with self.open_read(path) as f:
-            f.seek(offset)
-            read_exactly(f, buffer, path)
+            read_at(f, offset, buffer, path)
 
     def read_bytes(self, path: str) -> bytes:
         with self.open_read(path) as f:
@@ -120,6 +120,59 @@ class Store(ABC):
     @abstractmethod
     def listdir(self, path: str) -> list[Entry]:
         """Entries directly under ``path``; ``FileNotFoundError`` if it does not exist."""
+
+
+def read_at(f: BinaryIO, offset: int, buffer: memoryview, what: str) -> None:
+    """Fill ``buffer`` with the bytes of ``f`` at ``offset``; raise ``EOFError`` naming ``what`` if short.
+
+    Uses the file's ``read_range_stream`` where it has one: hdfs-native's streams the blocks with pipelining
+    and reads about 3× faster than ``seek`` + ``read`` on the MiniDFS cluster (2 files of 512 MiB by 2
+    threads: 1.0 s vs 3.7 s). The file position is then left unspecified.
+    """
+    stream = getattr(f, "read_range_stream", None)
+    length = _length(f) if stream is not None else None
+    if stream is None or length is None:
+        f.seek(offset)
+        read_exactly(f, buffer, what)
+        return
+    view = buffer.cast("B")
+    if offset + len(view) > length:  # checked first: hdfs-native panics when asked to read past the end
+        raise EOFError(f"{what}: file ends after {max(0, length - offset)} of {len(view)} expected bytes at offset "
+                       f"{offset}")
+    done = 0
+    for piece in stream(offset, len(view)):
+        n = len(piece)
+        if done + n > len(view):
+            raise OSError(f"{what}: the stream returned more than the {len(view)} bytes asked for")
+        view[done : done + n] = piece
+        done += n
+    if done < len(view):
+        raise EOFError(f"{what}: file ends after {done} of {len(view)} expected bytes at offset {offset}")
+
+
+def read_blocks(f: BinaryIO, sizes: Sequence[int], what: str, window: int = 64 << 20) -> Iterator[memoryview]:
+    """Consecutive pieces of ``sizes`` bytes from the start of ``f``, read about ``window`` bytes at a time
+    with :func:`read_at`; ``EOFError`` naming ``what`` if the file is shorter."""
+    i, offset = 0, 0
+    while i < len(sizes):
+        j, total = i + 1, sizes[i]
+        while j < len(sizes) and total + sizes[j] <= window:
+            total += sizes[j]
+            j += 1
+        buf = memoryview(bytearray(total))
+        read_at(f, offset, buf, what)
+        pos = 0
+        for n in sizes[i:j]:
+            yield buf[pos : pos + n]
+            pos += n
+        offset, i = offset + total, j
+
+
+def _length(f: Any) -> int | None:
+    try:
+        return len(f)
+    except TypeError:
+        return None
 
 
 def read_exactly(f: BinaryIO, buffer: memoryview, what: str) -> None:

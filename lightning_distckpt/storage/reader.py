@@ -27,7 +27,7 @@ from torch.futures import Future
 
 from lightning_distckpt.errors import CorruptCheckpointError
 from lightning_distckpt.format import Location, digest
-from lightning_distckpt.storage.base import Store, read_exactly
+from lightning_distckpt.storage.base import Store, read_at
 from lightning_distckpt.storage.writer import BlockCodec
 
 log = logging.getLogger(__name__)
@@ -250,8 +250,7 @@ class CheckpointReader(StorageReader):
                 f = handles.get(s)
                 if f is None:
                     f = handles[s] = source.store.open_read(source.store.join(source.path, loc.file))
-                f.seek(offset)
-                read_exactly(f, memoryview(buf), source.url(loc.file))
+                read_at(f, offset, memoryview(buf), source.url(loc.file))
 
             def reopen(s: int = s) -> None:
                 f = handles.pop(s, None)
