@@ -25,6 +25,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -104,6 +105,7 @@ class DistCheckpoint(ModelCheckpoint):
         self._lock = threading.Lock()
         self._io: DistCheckpointIO | None = None
         self._replicator: Replicator | None = None
+        self._final_replication: dict[str, Any] | None = None
         self._last_resolved: str | None = None
 
     # -- wiring ------------------------------------------------------------------------------------
@@ -145,12 +147,18 @@ class DistCheckpoint(ModelCheckpoint):
         if self._replicator is not None:
             self.io.wait()  # the last save commits, and queues its replication, first
             self._replicator.close(self.replication_timeout_s)
+            self._final_replication = describe(self._replicator.stats)
             self._replicator = None
+            if trainer.is_global_zero:  # the final counts, also of copies that ended after the last step
+                for key in ("failures", "pending"):
+                    name = "distckpt/replica_failures" if key == "failures" else "distckpt/replicas_pending"
+                    trainer.callback_metrics[name] = torch.tensor(float(self._final_replication[key]))
 
     @property
     def replication(self) -> dict[str, Any] | None:
-        """Replication counters (``copied``, ``failures``, ``pending``), or None without replicas."""
-        return describe(self._replicator.stats) if self._replicator else None
+        """Replication counters (``copied``, ``failures``, ``pending``); after ``fit`` the final ones. None
+        without replicas."""
+        return describe(self._replicator.stats) if self._replicator else self._final_replication
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:

@@ -150,6 +150,36 @@ def read_at(f: BinaryIO, offset: int, buffer: memoryview, what: str) -> None:
         raise EOFError(f"{what}: file ends after {done} of {len(view)} expected bytes at offset {offset}")
 
 
+def read_scatter(f: BinaryIO, offset: int, views: Sequence[memoryview], what: str) -> None:
+    """Fill ``views`` one after the other with the bytes of ``f`` from ``offset`` on: one ranged stream where
+    the file has ``read_range_stream`` (see :func:`read_at`), else one read per view."""
+    views = [v.cast("B") for v in views]
+    stream = getattr(f, "read_range_stream", None)
+    length = _length(f) if stream is not None else None
+    if stream is None or length is None:
+        pos = offset
+        for v in views:
+            read_at(f, pos, v, what)
+            pos += len(v)
+        return
+    total = sum(len(v) for v in views)
+    if offset + total > length:
+        raise EOFError(f"{what}: file ends after {max(0, length - offset)} of {total} expected bytes at offset {offset}")
+    k, done = 0, 0  # view index, bytes done in it
+    for piece in stream(offset, total):
+        piece = memoryview(piece)
+        while len(piece):
+            while k < len(views) and done == len(views[k]):
+                k, done = k + 1, 0
+            if k == len(views):
+                raise OSError(f"{what}: the stream returned more than the {total} bytes asked for")
+            n = min(len(piece), len(views[k]) - done)
+            views[k][done : done + n] = piece[:n]
+            piece, done = piece[n:], done + n
+    if sum(len(v) for v in views[:k]) + done < total:
+        raise EOFError(f"{what}: the stream ended early at offset {offset}")
+
+
 def read_blocks(f: BinaryIO, sizes: Sequence[int], what: str, window: int = 64 << 20) -> Iterator[memoryview]:
     """Consecutive pieces of ``sizes`` bytes from the start of ``f``, read about ``window`` bytes at a time
     with :func:`read_at`; ``EOFError`` naming ``what`` if the file is shorter."""

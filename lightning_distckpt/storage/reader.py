@@ -27,7 +27,7 @@ from torch.futures import Future
 
 from lightning_distckpt.errors import CorruptCheckpointError
 from lightning_distckpt.format import Location, digest
-from lightning_distckpt.storage.base import Store, read_at
+from lightning_distckpt.storage.base import Store, read_at, read_scatter
 from lightning_distckpt.storage.writer import BlockCodec
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,29 @@ class ReadStats:
     broadcast_s: float = 0.0
     file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True, eq=False)
+class _Direct:
+    """A read item whose stored blocks go unchanged into ``target`` (contiguous, same dtype)."""
+
+    ri: ReadItem
+    target: torch.Tensor
+    offset: int  # of the first block in the file
+    blocks: Sequence[Any]
+
+    @property
+    def end(self) -> int:
+        return self.offset + sum(b.stored for b in self.blocks)
+
+
+def _intact(view: memoryview, blocks: Sequence[Any]) -> bool:
+    pos = 0
+    for b in blocks:
+        if digest(view[pos : pos + b.stored]) != b.digest:
+            return False
+        pos += b.stored
+    return True
 
 
 class CheckpointReader(StorageReader):
@@ -133,13 +156,84 @@ class CheckpointReader(StorageReader):
         handles: dict[int, BinaryIO] = {}
         start = time.perf_counter()
         try:
-            for ri in items:
-                self._read_item(ri, planner, handles)
+            for run in self._runs(items, planner):
+                if isinstance(run, list):
+                    self._read_run(name, run, planner, handles)
+                else:
+                    self._read_item(run, planner, handles)
         finally:
             for f in handles.values():
                 f.close()
             with self.stats.lock:
                 self.stats.file_s[name] = self.stats.file_s.get(name, 0.0) + time.perf_counter() - start
+
+    def _direct(self, ri: ReadItem, planner: LoadPlanner) -> _Direct | None:
+        """Where the item's whole, uncompressed blocks can go straight into a contiguous destination."""
+        fqn = ri.storage_index.fqn
+        loc = self._loc(ri)
+        chunk = self._chunks[ri.storage_index]
+        dtype = self.metadata.state_dict_metadata[fqn].properties.dtype  # type: ignore[union-attr]
+        shape = list(chunk.sizes)
+        row_bytes = dtype.itemsize * (torch.Size(shape[1:]).numel() if shape else 1)
+        first = ri.storage_offsets[0] if shape else 0
+        rows = ri.lengths[0] if shape else 1
+        lo, hi = first * row_bytes, (first + rows) * row_bytes
+        if loc.codec or hi <= lo or any(o != 0 for o in ri.storage_offsets[1:]) or list(ri.lengths[1:]) != shape[1:]:
+            return None
+        target = planner.resolve_tensor(ri)
+        if target.dtype != dtype or not target.is_contiguous():
+            return None
+        blocks, start_raw, start_stored = self._select(loc, lo, hi)
+        if start_raw != lo or start_raw + sum(b.raw for b in blocks) != hi:
+            return None
+        return _Direct(ri, target, start_stored, blocks)
+
+    def _runs(self, items: list[ReadItem], planner: LoadPlanner) -> list[ReadItem | list[_Direct]]:
+        """The items of one file in offset order: runs of adjacent direct reads into CPU memory (read with
+        one ranged stream each) and single items."""
+        out: list[ReadItem | list[_Direct]] = []
+        for ri in items:
+            d = self._direct(ri, planner)
+            if d is None or d.target.device.type != "cpu":
+                out.append(ri)
+            elif out and isinstance(out[-1], list) and out[-1][-1].end == d.offset:
+                out[-1].append(d)
+            else:
+                out.append([d])
+        return out
+
+    def _read_run(self, name: str, run: list[_Direct], planner: LoadPlanner, handles: dict[int, BinaryIO]) -> None:
+        """One ranged read of adjacent items from the first source, straight into their destinations, then
+        per-block verification; an item that fails (or a failed read) goes through :meth:`_read_item`,
+        which tries every source."""
+        retry: list[_Direct] = run
+        if (0, name) not in self._bad and len(run) > 1:
+            source = self.sources[0]
+            views = [memoryview(d.target.reshape(-1).view(torch.uint8).numpy()) for d in run]
+
+            def read_once() -> None:
+                f = handles.get(0)
+                if f is None:
+                    f = handles[0] = source.store.open_read(source.store.join(source.path, name))
+                read_scatter(f, run[0].offset, views, source.url(name))
+
+            def reopen() -> None:
+                f = handles.pop(0, None)
+                if f is not None:
+                    f.close()
+
+            try:
+                source.store.retry.run(read_once, f"read {source.url(name)}", cleanup=reopen)
+                retry = [d for d, v in zip(run, views) if not _intact(v, d.blocks)]
+                with self.stats.lock:
+                    self.stats.bytes_by_source[source.url()] += sum(d.end - d.offset for d in run if d not in retry)
+                for d in run:
+                    if d not in retry:
+                        planner.commit_tensor(d.ri, d.target)
+            except (OSError, EOFError):
+                pass  # the careful path below records the problem and tries the other sources
+        for d in retry:
+            self._read_item(d.ri, planner, handles)
 
     def _read_item(self, ri: ReadItem, planner: LoadPlanner, handles: dict[int, BinaryIO]) -> None:
         fqn = ri.storage_index.fqn
@@ -151,19 +245,16 @@ class CheckpointReader(StorageReader):
         first = ri.storage_offsets[0] if shape else 0
         rows = ri.lengths[0] if shape else 1
         lo, hi = first * row_bytes, (first + rows) * row_bytes
-        if not loc.codec and hi > lo and all(o == 0 for o in ri.storage_offsets[1:]) and list(ri.lengths[1:]) == shape[1:]:
-            target = planner.resolve_tensor(ri)
-            if target.dtype == dtype and target.is_contiguous():
-                blocks, start_raw, start_stored = self._select(loc, lo, hi)
-                if start_raw == lo and start_raw + sum(b.raw for b in blocks) == hi:
-                    # whole blocks into a contiguous destination: read them straight into it, then verify
-                    flat = target.reshape(-1).view(torch.uint8)
-                    if target.device.type == "cpu":
-                        self._read_verified(loc, start_stored, blocks, fqn, handles, into=memoryview(flat.numpy()))
-                    else:
-                        self._read_to_device(loc, start_stored, blocks, fqn, handles, flat)
-                    planner.commit_tensor(ri, target)
-                    return
+        direct = self._direct(ri, planner)
+        if direct is not None:
+            # whole blocks into a contiguous destination: read them straight into it, then verify
+            flat = direct.target.reshape(-1).view(torch.uint8)
+            if flat.device.type == "cpu":
+                self._read_verified(loc, direct.offset, direct.blocks, fqn, handles, into=memoryview(flat.numpy()))
+            else:
+                self._read_to_device(loc, direct.offset, direct.blocks, fqn, handles, flat)
+            planner.commit_tensor(ri, direct.target)
+            return
         raw = self._read_raw(loc, lo, hi, fqn, handles)
         src = torch.frombuffer(raw, dtype=dtype) if len(raw) else torch.empty(0, dtype=dtype)
         src = src.reshape([rows, *shape[1:]] if shape else [])
