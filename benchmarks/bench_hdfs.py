@@ -6,7 +6,8 @@ raw hdfs-native writes and reads of the same bytes by the same number of process
 The raw baseline: each rank writes (then reads) one file per plugin write thread holding exactly the bytes
 that rank's plugin save wrote, in 8 MiB writes through hdfs-native, on concurrent threads, and reads them
 back with ``read_range_stream`` (hdfs-native's fastest read; ``raw_read_8mib``: 8 MiB ``read`` calls,
-reported beside it). Replication is
+and ``raw_read_verified``: stream, copy into preallocated memory and checksum, the least work a verified
+load does, reported beside it). Replication is
 the cluster's (3). ``--strategy mp`` (sharded: each rank loads exactly its share, like the baseline) or
 ``ddp`` (replicated: each rank reads its half and receives the other half by broadcast, so every rank
 ends up with all of the state). Writes benchmarks/results/hdfs_<strategy>.json.
@@ -49,6 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from lightning_distckpt import DistCheckpointIO
+    from lightning_distckpt.format import digest
     from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
 
     world = int(os.environ["WORLD_SIZE"])
@@ -77,12 +79,22 @@ def worker(args: argparse.Namespace) -> None:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, range(threads)))
 
-    def raw_read(streamed: bool) -> Callable[[], None]:
+    buffers: dict[int, memoryview] = {}  # for "verified" reads, allocated (and touched) once, like model state
+
+    def raw_read(mode: str) -> Callable[[], None]:
         def one(k: int) -> None:
             with store.open_read(store.join(root, f"raw-{rank()}-{k}")) as f:
-                if streamed:  # hdfs-native's fastest way to read a file
+                if mode == "stream":  # hdfs-native's fastest way to read a file
                     for _ in f.read_range_stream(0, len(f)):
                         pass
+                elif mode == "verified":  # the least a verified load does: stream, copy into memory, checksum
+                    view = buffers.setdefault(k, memoryview(bytearray(len(f))))
+                    pos = 0
+                    for piece in f.read_range_stream(0, len(f)):
+                        view[pos : pos + len(piece)] = piece
+                        pos += len(piece)
+                    for i in range(0, pos, 8 << 20):
+                        digest(view[i : i + (8 << 20)])
                 else:
                     while f.read(8 << 20):
                         pass
@@ -94,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
         return run
 
     rows: dict[str, list[float]] = {k: [] for k in ("plugin_save", "raw_write", "plugin_load", "raw_read",
-                                                       "raw_read_8mib")}  # fmt: skip
+                                                       "raw_read_8mib", "raw_read_verified")}  # fmt: skip
     phases: list[dict[str, float]] = []
     for i in range(args.repeats):
         path = f"{args.url}/ckpt-{i}"
@@ -103,8 +115,11 @@ def worker(args: argparse.Namespace) -> None:
         rows["raw_write"].append(timed(lambda: raw_write(mine)))
         rows["plugin_load"].append(timed(lambda: load_everything(trainer, path)))
         phases.append(dict(io.stats.load_s))
-        rows["raw_read"].append(timed(raw_read(streamed=True)))
-        rows["raw_read_8mib"].append(timed(raw_read(streamed=False)))
+        rows["raw_read"].append(timed(raw_read("stream")))
+        rows["raw_read_8mib"].append(timed(raw_read("8mib")))
+        if i == 0:
+            raw_read("verified")()  # allocate and touch the buffers outside the timing
+        rows["raw_read_verified"].append(timed(raw_read("verified")))
         barrier()
         if rank() == 0:
             store.remove(store.join(root, f"ckpt-{i}"), recursive=True)
@@ -121,7 +136,8 @@ def worker(args: argparse.Namespace) -> None:
             "seconds": {k: stats(v) for k, v in rows.items()},
             "throughput_MBps": {k: total / med[k] / 1e6 for k in med},
             "ratios": {"save: plugin / raw throughput": med["raw_write"] / med["plugin_save"],
-                       "load: plugin / raw throughput": med["raw_read"] / med["plugin_load"]},
+                       "load: plugin / raw throughput": med["raw_read"] / med["plugin_load"],
+                       "load: plugin / raw read + copy + checksum": med["raw_read_verified"] / med["plugin_load"]},
         }  # fmt: skip
         print(write_result(f"hdfs_{args.strategy}", result))
         for k, v in result["ratios"].items():

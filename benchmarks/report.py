@@ -115,10 +115,16 @@ def hdfs() -> str:
                 ["raw hdfs-native read (read_range_stream)", fmt_s(s["raw_read"]), f"{t['raw_read']:.0f} MB/s"],
                 *([["raw hdfs-native read (8 MiB read calls)", fmt_s(s["raw_read_8mib"]), f"{t['raw_read_8mib']:.0f} MB/s"]]
                   if "raw_read_8mib" in s else []),
+                *([["raw read_range_stream + copy into memory + xxh3", fmt_s(s["raw_read_verified"]),
+                    f"{t['raw_read_verified']:.0f} MB/s"]] if "raw_read_verified" in s else []),
             ]),
             f"\nState: {r['state_bytes'] / 2**30:.2f} GiB. Plugin / raw throughput: save "
             f"**{r['ratios']['save: plugin / raw throughput']:.2f}×**, load **{r['ratios']['load: plugin / raw throughput']:.2f}×** "
-            f"(target ≥ 0.8×).{phase}\n",
+            f"(target ≥ 0.8×)"
+            + (f"; load vs raw read + copy + checksum (the least a verified load does): "
+               f"**{r['ratios']['load: plugin / raw read + copy + checksum']:.2f}×**"
+               if "load: plugin / raw read + copy + checksum" in r["ratios"] else "")
+            + f".{phase}\n",
         ]  # fmt: skip
     if not parts:
         return ""
@@ -143,7 +149,7 @@ def async_() -> str:
         "## Async saving: training stall per save\n",
         "Command: `torchrun --nproc_per_node=2 benchmarks/bench_async.py` (DDP, ~1 GiB of state; stall = the training "
         "step that includes the save minus the median normal step of the same run; saves of the three kinds "
-        "interleaved in one run).\n",
+        "interleaved in one run; the previous checkpoint is removed in a step outside the timing).\n",
         env_line(r) + f" Normal step: {r['normal_step_s']:.2f} s.\n",
         table(["save", "stall per save", "time inside the save call"], [
             ["Lightning stock", fmt_s(st["stock"]), fmt_s(bl["stock"])],
@@ -151,7 +157,9 @@ def async_() -> str:
             ["DistCheckpointIO, async_save=True", fmt_s(st["async"]), fmt_s(bl["async"])],
         ]),
         f"\nAsync stall / sync stall = **{r['ratios']['async stall / sync stall']:.2f}**, async / stock = "
-        f"**{r['ratios']['async stall / stock stall']:.2f}** (target ≤ 0.15 each). "
+        f"**{r['ratios']['async stall / stock stall']:.2f}** (target ≤ 0.15 each)"
+        + (f"; the async stall is within the noise of a normal step (stall spread {st['async']['min']:+.2f} to "
+           f"{st['async']['max']:+.2f} s), so its ratios read as about zero. " if st["async"]["min"] < 0 else ". ")
         + (f"The two steps after an async save took {after['median']:+.2f} s in total against normal steps (median; "
            "the background write shares the machine's 2 cores with training). " if after else "")
         + f"Host memory over {len(r['rss_bytes_after_each_async_save'])} async saves: RSS grew "

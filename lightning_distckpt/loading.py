@@ -107,6 +107,16 @@ def row_layout(metadata: Metadata) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
+def chunk_places(metadata: Metadata) -> dict[tuple[str, int], tuple[str, int]]:
+    """Where each stored chunk of whole rows lives: (key as the user sees it, first row) -> (file, offset)."""
+    out: dict[tuple[str, int], tuple[str, int]] = {}
+    for index, loc in (metadata.storage_data or {}).items():
+        base = index.fqn.split(PART)[0]
+        if index.offset is not None and len(index.offset):
+            out.setdefault((base, int(index.offset[0])), (loc.file, loc.offset))
+    return out
+
+
 def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
     """Targets that the checkpoint can fill; raise :class:`StateMismatchError` naming the first bad keys."""
     saved = {k: size for k, (size, _) in saved_tensors(metadata).items() if k.startswith(prefix)}
@@ -167,7 +177,7 @@ def read_tensors(
         _load_round(reader, encodings, targets, comm)
         reader.stats.read_s = time.perf_counter() - start
         return reader.stats
-    owned = deal(targets, comm, row_layout(ckpt.metadata))
+    owned = deal(targets, comm, row_layout(ckpt.metadata), chunk_places(ckpt.metadata))
     others = {k: v for k, v in targets.items() if not is_balanceable(v)}  # read by every rank that has them
     sender = Broadcaster(targets, comm)
     for i, round_owned in enumerate(rounds(owned, ROUNDS)):
