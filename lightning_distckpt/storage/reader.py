@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
@@ -58,6 +58,18 @@ class ReadStats:
     broadcast_s: float = 0.0
     file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Geometry(NamedTuple):
+    """Where a read item's rows are: its chunk's stored location, dtype and shape, raw bytes [lo, hi)."""
+
+    fqn: str
+    loc: Location
+    dtype: torch.dtype
+    shape: list[int]
+    rows: int
+    lo: int
+    hi: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,17 +179,18 @@ class CheckpointReader(StorageReader):
             with self.stats.lock:
                 self.stats.file_s[name] = self.stats.file_s.get(name, 0.0) + time.perf_counter() - start
 
-    def _direct(self, ri: ReadItem, planner: LoadPlanner) -> _Direct | None:
-        """Where the item's whole, uncompressed blocks can go straight into a contiguous destination."""
+    def _geometry(self, ri: ReadItem) -> _Geometry:
         fqn = ri.storage_index.fqn
-        loc = self._loc(ri)
-        chunk = self._chunks[ri.storage_index]
         dtype = self.metadata.state_dict_metadata[fqn].properties.dtype  # type: ignore[union-attr]
-        shape = list(chunk.sizes)
+        shape = list(self._chunks[ri.storage_index].sizes)
         row_bytes = dtype.itemsize * (torch.Size(shape[1:]).numel() if shape else 1)
         first = ri.storage_offsets[0] if shape else 0
         rows = ri.lengths[0] if shape else 1
-        lo, hi = first * row_bytes, (first + rows) * row_bytes
+        return _Geometry(fqn, self._loc(ri), dtype, shape, rows, first * row_bytes, (first + rows) * row_bytes)
+
+    def _direct(self, ri: ReadItem, planner: LoadPlanner) -> _Direct | None:
+        """Where the item's whole, uncompressed blocks can go straight into a contiguous destination."""
+        fqn, loc, dtype, shape, rows, lo, hi = self._geometry(ri)
         if loc.codec or hi <= lo or any(o != 0 for o in ri.storage_offsets[1:]) or list(ri.lengths[1:]) != shape[1:]:
             return None
         target = planner.resolve_tensor(ri)
@@ -236,15 +249,7 @@ class CheckpointReader(StorageReader):
             self._read_item(d.ri, planner, handles)
 
     def _read_item(self, ri: ReadItem, planner: LoadPlanner, handles: dict[int, BinaryIO]) -> None:
-        fqn = ri.storage_index.fqn
-        loc = self._loc(ri)
-        chunk = self._chunks[ri.storage_index]
-        dtype = self.metadata.state_dict_metadata[fqn].properties.dtype  # type: ignore[union-attr]
-        shape = list(chunk.sizes)
-        row_bytes = dtype.itemsize * (torch.Size(shape[1:]).numel() if shape else 1)
-        first = ri.storage_offsets[0] if shape else 0
-        rows = ri.lengths[0] if shape else 1
-        lo, hi = first * row_bytes, (first + rows) * row_bytes
+        fqn, loc, dtype, shape, rows, lo, hi = self._geometry(ri)
         direct = self._direct(ri, planner)
         if direct is not None:
             # whole blocks into a contiguous destination: read them straight into it, then verify
