@@ -139,6 +139,13 @@ def hdfs() -> str:
     ])  # fmt: skip
 
 
+def stall_table(stall: dict[str, Any], blocked: dict[str, Any]) -> str:
+    rows = [("stock", "Lightning stock"), ("sync", "DistCheckpointIO, synchronous"),
+            ("async", "DistCheckpointIO, async_save=True")]  # fmt: skip
+    return table(["save", "stall per save", "time inside the save call"],
+                 [[label, fmt_s(stall[k]), fmt_s(blocked[k])] for k, label in rows])
+
+
 def async_() -> str:
     r = load("async_ddp")
     if r is None:
@@ -151,11 +158,7 @@ def async_() -> str:
         "step that includes the save minus the median normal step of the same run; saves of the three kinds "
         "interleaved in one run; the previous checkpoint is removed in a step outside the timing).\n",
         env_line(r) + f" Normal step: {r['normal_step_s']:.2f} s.\n",
-        table(["save", "stall per save", "time inside the save call"], [
-            ["Lightning stock", fmt_s(st["stock"]), fmt_s(bl["stock"])],
-            ["DistCheckpointIO, synchronous", fmt_s(st["sync"]), fmt_s(bl["sync"])],
-            ["DistCheckpointIO, async_save=True", fmt_s(st["async"]), fmt_s(bl["async"])],
-        ]),
+        stall_table(st, bl),
         f"\nAsync stall / sync stall = **{r['ratios']['async stall / sync stall']:.2f}**, async / stock = "
         f"**{r['ratios']['async stall / stock stall']:.2f}** (target ≤ 0.15 each)"
         + (f"; the async stall is within the noise of a normal step (stall spread {st['async']['min']:+.2f} to "
@@ -313,11 +316,7 @@ def gpu() -> str:
         "lossless compression, each hop checks that the restored model, optimizer, scheduler and loop state is "
         "bitwise the saved one.\n",
         "### Async saving on the GPU\n",
-        table(["save", "stall per save", "time inside the save call"], [
-            ["Lightning stock", fmt_s(st["stock"]), fmt_s(bl["stock"])],
-            ["DistCheckpointIO, synchronous", fmt_s(st["sync"]), fmt_s(bl["sync"])],
-            ["DistCheckpointIO, async_save=True", fmt_s(st["async"]), fmt_s(bl["async"])],
-        ]),
+        stall_table(st, bl),
         f"\nAsync stall / sync stall = **{a['ratios']['async stall / sync stall']:.3f}**, async / stock = "
         f"**{a['ratios']['async stall / stock stall']:.3f}**: the step blocks for the device-to-pinned-host copy "
         f"({a['state_bytes'] / 2**30:.1f} GiB in {bl['async']['median']:.3f} s, median; the maximum is the first "
