@@ -121,6 +121,8 @@ def hdfs() -> str:
             f"\nState: {r['state_bytes'] / 2**30:.2f} GiB. Plugin / raw throughput: save "
             f"**{r['ratios']['save: plugin / raw throughput']:.2f}×**, load **{r['ratios']['load: plugin / raw throughput']:.2f}×** "
             f"(target ≥ 0.8×)"
+            + (f"; load vs raw 8 MiB read calls: **{s['raw_read_8mib']['median'] / s['plugin_load']['median']:.2f}×**"
+               if "raw_read_8mib" in s else "")
             + (f"; load vs raw read + copy + checksum (the least a verified load does): "
                f"**{r['ratios']['load: plugin / raw read + copy + checksum']:.2f}×**"
                if "load: plugin / raw read + copy + checksum" in r["ratios"] else "")

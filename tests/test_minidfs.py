@@ -10,6 +10,7 @@ Run:  pytest -m hdfs tests/test_minidfs.py -v
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -140,6 +141,20 @@ def test_datanode_loss(minidfs, hdfs, webhdfs):
             minidfs.restart_datanode(1)
     assert _read_native(hdfs, "/dn/mid.bin") == data
     assert minidfs.status()["live_datanodes"] == 4
+
+
+def test_a_datanode_whose_port_was_taken_restarts_on_new_ports(minidfs, hdfs):
+    minidfs.stop_datanode(2)
+    port = minidfs.status()["stopped_ipc_ports"]["2"]
+    with socket.socket() as squatter:  # its ports were ephemeral: any socket may take one meanwhile
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        reply = minidfs.restart_datanode(2)
+    assert "kept_ports=false" in reply, reply
+    assert minidfs.status()["live_datanodes"] == 4
+    data = _payload()
+    _write_native(hdfs, "/dn/after-restart.bin", data)
+    assert _read_native(hdfs, "/dn/after-restart.bin") == data
 
 
 def test_namenode_restart(minidfs, hdfs, webhdfs):

@@ -10,6 +10,7 @@ import java.io.PrintStream;
 import java.io.PrintWriter;
 import java.io.StringWriter;
 import java.io.Writer;
+import java.lang.reflect.Field;
 import java.net.BindException;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
@@ -64,6 +65,8 @@ public final class MiniDfsLauncher {
   private static final Map<Integer, String> dnUuids = new TreeMap<>();
   /** logical index -> properties of a stopped DataNode (needed to restart it). */
   private static final Map<Integer, DataNodeProperties> stopped = new TreeMap<>();
+  /** logical index -> IPC port of a DataNode when it was last stopped (tests occupy it). */
+  private static final Map<Integer, Integer> lastIpcPorts = new TreeMap<>();
   private static boolean nameNodeUp = true;
   private static String nnHost;
   private static int nnRpcPort;
@@ -268,8 +271,10 @@ public final class MiniDfsLauncher {
     if (p < 0) {
       throw new IllegalStateException("DataNode " + i + " not found");
     }
+    int ipcPort = cluster.getDataNodes().get(p).getIpcPort();  // (not readable once it is stopped)
     DataNodeProperties props = cluster.stopDataNode(p);
     stopped.put(i, props);
+    lastIpcPorts.put(i, ipcPort);
     if (nameNodeUp) {
       // Without this the NameNode keeps the node "live" until the heartbeat expiry.
       cluster.setDataNodeDead(props.getDatanode().getDatanodeId());
@@ -287,8 +292,12 @@ public final class MiniDfsLauncher {
     try {
       cluster.restartDataNode(props, true);
     } catch (BindException e) {
+      // Another socket took one of its old ports meanwhile (they were ephemeral). restartDataNode(props,
+      // true) has already written the old ports into the DataNode's configuration: reset them to 0, or the
+      // retry on "new" ports binds the same busy port again.
       log("restart_datanode " + i + ": ports busy, restarting on new ports: " + oneLine(e));
       keptPorts = false;
+      anyPorts(props);
       cluster.restartDataNode(props, false);
     }
     stopped.remove(i);
@@ -297,6 +306,16 @@ public final class MiniDfsLauncher {
       waitUntil(() -> liveDataNodes() == cluster.getDataNodes().size(), "DataNode " + i + " to register");
     }
     return "restarted datanode " + i + " kept_ports=" + keptPorts + " live=" + (nameNodeUp ? liveDataNodes() : -1);
+  }
+
+  /** Let a DataNode that restarts bind any free ports (its Configuration is package-private). */
+  private static void anyPorts(DataNodeProperties props) throws ReflectiveOperationException {
+    Field field = DataNodeProperties.class.getDeclaredField("conf");
+    field.setAccessible(true);
+    Configuration dnConf = (Configuration) field.get(props);
+    for (String key : new String[] {"dfs.datanode.address", "dfs.datanode.ipc.address", "dfs.datanode.http.address"}) {
+      dnConf.set(key, "127.0.0.1:0");
+    }
   }
 
   private static String stopNameNode() {
@@ -387,6 +406,9 @@ public final class MiniDfsLauncher {
     m.put("running_datanodes", cluster.getDataNodes().size());
     m.put("live_datanodes", nameNodeUp ? liveDataNodes() : -1);
     m.put("stopped_datanodes", new ArrayList<>(stopped.keySet()));
+    Map<String, Object> ports = new LinkedHashMap<>();
+    lastIpcPorts.forEach((k, v) -> ports.put(String.valueOf(k), v));
+    m.put("stopped_ipc_ports", ports);
     boolean safe = false;
     if (nameNodeUp) {
       FSNamesystem ns = cluster.getNamesystem(0);
@@ -443,6 +465,11 @@ public final class MiniDfsLauncher {
     }
     if (v instanceof Number || v instanceof Boolean) {
       return v.toString();
+    }
+    if (v instanceof Map) {
+      @SuppressWarnings("unchecked")
+      Map<String, Object> map = (Map<String, Object>) v;
+      return toJson(map);
     }
     if (v instanceof List) {
       StringBuilder sb = new StringBuilder("[");
