@@ -52,7 +52,7 @@ def same_state(saved: dict[str, Any], restored: dict[str, Any]) -> list[str]:
     return missing + [k for k in sorted(keys) if saved.get(k) != restored.get(k)]
 
 
-def chain(work: Path, accel: str, env: dict[str, str], width: int) -> list[dict[str, Any]]:
+def chain(work: Path, accel: str, env: dict[str, str], width: int, compression: str) -> list[dict[str, Any]]:
     hops = [("mp", 1, accel), ("fsdp", 1, accel), ("ddp", 1, accel), ("single", 1, accel), ("mp", 2, "cpu"),
             ("mp", 1, accel)]
     ckpt, digests = work / "chain", work / "digests"
@@ -61,7 +61,8 @@ def chain(work: Path, accel: str, env: dict[str, str], width: int) -> list[dict[
     for hop, (strategy, n, device) in enumerate(hops):
         step = 4 + hop
         args = ["--strategy", strategy, "--ckpt-dir", ckpt, "--max-steps", step, "--save-every", 4 if hop == 0 else 1,
-                "--digest-dir", digests, "--width", width, "--async-save", "--compression", "lossless",
+                "--digest-dir", digests, "--width", width, "--async-save",
+                *(["--compression", compression] if compression != "none" else []),
                 *([] if hop == 0 else ["--resume", "last"])]  # fmt: skip
         rc, log, secs = sh(launch(0 if strategy == "single" else n, TRAIN, *args),
                            {**env, "DISTCKPT_TEST_ACCELERATOR": device}, timeout=180)  # fmt: skip
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--accelerator", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--small", action="store_true", help="tiny sizes (a dry run of this driver)")
     p.add_argument("--skip-chain", action="store_true", help="timings only (the chain's result stays as it was)")
+    p.add_argument("--skip-bench", action="store_true", help="the chain only")
+    p.add_argument("--compression", default="lossless", help="of the chain's saves (none: uncompressed)")
     p.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
     args = p.parse_args()
     out = Path(args.out)
@@ -105,7 +108,8 @@ def main() -> None:
     summary["torch"] = torch.__version__
     summary["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     if not args.skip_chain:
-        summary["chain"] = chain(work, args.accelerator, env, 32)
+        summary["chain"] = chain(work / args.compression, args.accelerator, env, 32, args.compression)
+        summary["chain_compression"] = args.compression
         summary["chain_ok"] = all(r["ok"] for r in summary["chain"]) and len(summary["chain"]) == 6
         save_summary()
 
@@ -114,7 +118,7 @@ def main() -> None:
         ("async_gpu_mp", "bench_async.py", ["--strategy", "mp", "--reps", 3, "--rss-saves", 4]),
         ("save_load_gpu_mp", "bench_save_load.py", ["--strategy", "mp", "--repeats", 2]),
     ]
-    for name, script, extra in benches:
+    for name, script, extra in [] if args.skip_bench else benches:
         cmd = launch(1, ROOT / "benchmarks" / script, "--accelerator", args.accelerator, "--width", width,
                      "--depth", depth, "--dir", work / name, "--name", name, *extra)  # fmt: skip
         rc, log, secs = sh(cmd, env, timeout=300)
