@@ -316,7 +316,10 @@ def gpu() -> str:
         "one rank; the machine's local disk._\n",
         f"**Exact resume on the GPU** ({'passed' if chk['chain_ok'] else 'FAILED'}): {hops}; async saves with "
         "lossless compression, each hop checks that the restored model, optimizer, scheduler and loop state is "
-        "bitwise the saved one.\n",
+        "bitwise the saved one"
+        + (f"; the same chain uncompressed (reads straight into GPU memory through pinned buffers): "
+           f"{'passed' if chk['chain_uncompressed_ok'] else 'FAILED'}" if "chain_uncompressed" in chk else "")
+        + ".\n",
         "### Async saving on the GPU\n",
         stall_table(st, bl),
         f"\nAsync stall / sync stall = **{a['ratios']['async stall / sync stall']:.3f}**, async / stock = "
