@@ -81,6 +81,20 @@ def environment() -> dict[str, Any]:
     }  # fmt: skip
 
 
+def bench_trainer(strategy: str, io: Any, max_steps: int, accelerator: str = "cpu", callbacks: list[Any] | None = None) -> Any:
+    """A quiet Trainer on ``WORLD_SIZE`` ranks: ``strategy`` "ddp" (gloo on CPU, NCCL on GPUs) or "mp"
+    (ModelParallelStrategy, data parallel over every rank), with ``io`` as its CheckpointIO."""
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    strat = (DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else "nccl") if strategy == "ddp"
+             else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))  # fmt: skip
+    return L.Trainer(accelerator=accelerator, devices=world, strategy=strat, max_steps=max_steps, plugins=[io],
+                     callbacks=callbacks or [], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False)  # fmt: skip
+
+
 def write_result(name: str, result: dict[str, Any]) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")

@@ -22,10 +22,9 @@ import time
 import lightning as L
 import psutil
 import torch
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import barrier, environment, rank, stats, write_result  # noqa: E402
+from _common import barrier, bench_trainer, environment, rank, stats, write_result  # noqa: E402
 from bench_save_load import Big, stock_checkpointing  # noqa: E402
 
 from lightning_distckpt import DistCheckpointIO  # noqa: E402
@@ -102,18 +101,13 @@ def main() -> None:
     p.add_argument("--rss-saves", type=int, default=30)
     p.add_argument("--name", default=None, help="results file name (default async_<strategy>)")
     args = p.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     base = os.path.join(args.dir, args.strategy)
     if rank() == 0:
         shutil.rmtree(base, ignore_errors=True)
         os.makedirs(base)
     io = DistCheckpointIO()  # the defaults a user gets (durable: files are fsync'ed before the commit)
     sched = Schedule(io, base, args.reps, args.rss_saves)
-    strategy = (DDPStrategy(process_group_backend="gloo" if args.accelerator == "cpu" else "nccl") if args.strategy == "ddp"
-                else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
-    trainer = L.Trainer(accelerator=args.accelerator, devices=world, strategy=strategy, max_steps=sched.steps, plugins=[io],
-                        callbacks=[sched], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
+    trainer = bench_trainer(args.strategy, io, sched.steps, args.accelerator, callbacks=[sched])
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4 * sched.steps, args.width)),
                                        batch_size=4)  # fmt: skip
     model = Big(args.width, args.depth)

@@ -43,11 +43,9 @@ def launcher(args: argparse.Namespace) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import lightning as L
     import torch
-    from _common import barrier, environment, rank, stats, timed, write_result
+    from _common import barrier, bench_trainer, environment, rank, stats, timed, write_result
     from bench_save_load import Big, load_everything
-    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from lightning_distckpt import DistCheckpointIO
     from lightning_distckpt.format import digest
@@ -55,11 +53,7 @@ def worker(args: argparse.Namespace) -> None:
 
     world = int(os.environ["WORLD_SIZE"])
     io = DistCheckpointIO()
-    strategy = (DDPStrategy(process_group_backend="gloo") if args.strategy == "ddp"
-                else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy,
-                        max_steps=1, plugins=[io], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = bench_trainer(args.strategy, io, 1)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, args.width)), batch_size=4)
     trainer.fit(Big(args.width, args.depth), data)
     store, root = open_store(args.url, StorageConfig(hdfs=HdfsOptions()))

@@ -21,11 +21,10 @@ import sys
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import barrier, dd_read, dd_write, drop_caches, environment, rank, stats, timed, write_result  # noqa: E402
+from _common import barrier, bench_trainer, dd_read, dd_write, drop_caches, environment, rank, stats, timed, write_result  # noqa: E402
 
 from lightning_distckpt import DistCheckpointIO  # noqa: E402
 from lightning_distckpt.integration import routed_class  # noqa: E402
@@ -105,11 +104,8 @@ def main() -> None:
     args = p.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    strategy = (DDPStrategy(process_group_backend="gloo" if args.accelerator == "cpu" else "nccl") if args.strategy == "ddp"
-                else ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
     io = DistCheckpointIO()
-    trainer = L.Trainer(accelerator=args.accelerator, devices=world, strategy=strategy, max_steps=1, plugins=[io],
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = bench_trainer(args.strategy, io, 1, args.accelerator)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, args.width)), batch_size=4)
     model = Big(args.width, args.depth)
     trainer.fit(model, data)  # one step: AdamW state exists

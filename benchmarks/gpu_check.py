@@ -30,6 +30,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "tests" / "workloads" / "train.py"
+sys.path.insert(0, str(TRAIN.parent))
+from common import state_differences  # noqa: E402
 
 
 def sh(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, float]:
@@ -43,13 +45,6 @@ def launch(nproc: int, script: Path, *args: Any) -> list[str]:
         return [sys.executable, str(script), *map(str, args)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
             *map(str, args)]  # fmt: skip
-
-
-def same_state(saved: dict[str, Any], restored: dict[str, Any]) -> list[str]:
-    """Keys whose digests differ (empty: bitwise the same state)."""
-    keys = {"model", "optim0", "optim0_groups", "global_step", "lr_schedulers", "loops", "epoch"}
-    missing = sorted(keys - set(saved) - set(restored))
-    return missing + [k for k in sorted(keys) if saved.get(k) != restored.get(k)]
 
 
 def chain(work: Path, accel: str, env: dict[str, str], width: int, compression: str) -> list[dict[str, Any]]:
@@ -71,7 +66,7 @@ def chain(work: Path, accel: str, env: dict[str, str], width: int, compression: 
         if rc == 0 and hop:
             saved = json.loads((digests / f"saved-{step - 1}.json").read_text())
             restored = json.loads((digests / f"restored-{step - 1}.json").read_text())
-            row["differs"] = same_state(saved, restored)
+            row["differs"] = state_differences(saved, restored)
         row["ok"] = rc == 0 and not row.get("differs")
         if not row["ok"]:
             row["log_tail"] = log

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import load_json, train
+from workloads.common import state_differences
 
 from lightning_distckpt import list_checkpoints
 
@@ -19,10 +20,9 @@ CHAIN = [("mp", 2), ("mp", 3), ("mp", 2), ("ddp", 2), ("mp", 2), ("fsdp", 2), ("
 
 
 def assert_same_state(saved: dict, restored: dict) -> None:
-    keys = set(saved) | set(restored)
-    assert keys >= {"model", "optim0", "optim0_groups", "global_step", "lr_schedulers", "loops", "epoch"}
-    diffs = [k for k in sorted(keys) if saved.get(k) != restored.get(k)]
-    detail = {k: [kk for kk in saved[k] if saved[k][kk] != restored[k].get(kk)] for k in diffs if isinstance(saved.get(k), dict)}
+    diffs = state_differences(saved, restored)
+    detail = {k: [kk for kk in saved[k] if saved[k][kk] != restored.get(k, {}).get(kk)] for k in diffs
+              if isinstance(saved.get(k), dict)}  # fmt: skip
     assert not diffs, f"state differs in {diffs}: {detail}"
 
 

@@ -123,79 +123,70 @@ class Store(ABC):
 
 
 def read_at(f: BinaryIO, offset: int, buffer: memoryview, what: str) -> None:
-    """Fill ``buffer`` with the bytes of ``f`` at ``offset``; raise ``EOFError`` naming ``what`` if short.
+    """Fill ``buffer`` with the bytes of ``f`` at ``offset``; raise ``EOFError`` naming ``what`` if short."""
+    read_scatter(f, offset, [buffer], what)
 
-    Uses the file's ``read_range_stream`` where it has one: hdfs-native's streams the blocks with pipelining
-    and reads about 3× faster than ``seek`` + ``read`` on the MiniDFS cluster (2 files of 512 MiB by 2
-    threads: 1.0 s vs 3.7 s). The file position is then left unspecified.
+
+def read_scatter(f: BinaryIO, offset: int, views: Sequence[memoryview], what: str) -> None:
+    """Fill ``views`` one after the other with the bytes of ``f`` from ``offset`` on; ``EOFError`` naming
+    ``what`` if the file is shorter.
+
+    Uses one ``read_range_stream`` where the file has it: hdfs-native's streams the blocks with pipelining and
+    reads about 3× faster than ``seek`` + ``read`` on the MiniDFS cluster (2 files of 512 MiB by 2 threads:
+    1.0 s vs 3.7 s). The file position is then left unspecified.
     """
+    views = [v.cast("B") for v in views]
+    total = sum(len(v) for v in views)
     stream = getattr(f, "read_range_stream", None)
     length = _length(f) if stream is not None else None
     if stream is None or length is None:
         f.seek(offset)
-        read_exactly(f, buffer, what)
-        return
-    view = buffer.cast("B")
-    if offset + len(view) > length:  # checked first: hdfs-native panics when asked to read past the end
-        raise EOFError(f"{what}: file ends after {max(0, length - offset)} of {len(view)} expected bytes at offset "
-                       f"{offset}")
-    done = 0
-    for piece in stream(offset, len(view)):
-        n = len(piece)
-        if done + n > len(view):
-            raise OSError(f"{what}: the stream returned more than the {len(view)} bytes asked for")
-        view[done : done + n] = piece
-        done += n
-    if done < len(view):
-        raise EOFError(f"{what}: file ends after {done} of {len(view)} expected bytes at offset {offset}")
-
-
-def read_scatter(f: BinaryIO, offset: int, views: Sequence[memoryview], what: str) -> None:
-    """Fill ``views`` one after the other with the bytes of ``f`` from ``offset`` on: one ranged stream where
-    the file has ``read_range_stream`` (see :func:`read_at`), else one read per view."""
-    views = [v.cast("B") for v in views]
-    stream = getattr(f, "read_range_stream", None)
-    length = _length(f) if stream is not None else None
-    if stream is None or length is None:
-        pos = offset
         for v in views:
-            read_at(f, pos, v, what)
-            pos += len(v)
+            read_exactly(f, v, what)
         return
-    total = sum(len(v) for v in views)
-    if offset + total > length:
+    if offset + total > length:  # checked first: hdfs-native panics when asked to read past the end
         raise EOFError(f"{what}: file ends after {max(0, length - offset)} of {total} expected bytes at offset {offset}")
-    k, done = 0, 0  # view index, bytes done in it
+    k, done, filled = 0, 0, 0  # view index, bytes done in it, bytes done in all
     for piece in stream(offset, total):
         piece = memoryview(piece)
+        if filled + len(piece) > total:
+            raise OSError(f"{what}: the stream returned more than the {total} bytes asked for")
+        filled += len(piece)
         while len(piece):
-            while k < len(views) and done == len(views[k]):
+            while done == len(views[k]):
                 k, done = k + 1, 0
-            if k == len(views):
-                raise OSError(f"{what}: the stream returned more than the {total} bytes asked for")
             n = min(len(piece), len(views[k]) - done)
             views[k][done : done + n] = piece[:n]
             piece, done = piece[n:], done + n
-    if sum(len(v) for v in views[:k]) + done < total:
-        raise EOFError(f"{what}: the stream ended early at offset {offset}")
+    if filled < total:
+        raise EOFError(f"{what}: file ends after {filled} of {total} expected bytes at offset {offset}")
+
+
+def windows(sizes: Sequence[int], limit: int) -> Iterator[tuple[int, int, int]]:
+    """Consecutive groups of ``sizes`` of at most ``limit`` bytes (at least one item each): ``(i, j, total)``
+    for ``sizes[i:j]``."""
+    i = 0
+    while i < len(sizes):
+        j, total = i + 1, sizes[i]
+        while j < len(sizes) and total + sizes[j] <= limit:
+            total += sizes[j]
+            j += 1
+        yield i, j, total
+        i = j
 
 
 def read_blocks(f: BinaryIO, sizes: Sequence[int], what: str, window: int = 64 << 20) -> Iterator[memoryview]:
     """Consecutive pieces of ``sizes`` bytes from the start of ``f``, read about ``window`` bytes at a time
     with :func:`read_at`; ``EOFError`` naming ``what`` if the file is shorter."""
-    i, offset = 0, 0
-    while i < len(sizes):
-        j, total = i + 1, sizes[i]
-        while j < len(sizes) and total + sizes[j] <= window:
-            total += sizes[j]
-            j += 1
+    offset = 0
+    for i, j, total in windows(sizes, window):
         buf = memoryview(bytearray(total))
         read_at(f, offset, buf, what)
         pos = 0
         for n in sizes[i:j]:
             yield buf[pos : pos + n]
             pos += n
-        offset, i = offset + total, j
+        offset += total
 
 
 def _length(f: Any) -> int | None:

@@ -27,7 +27,7 @@ from torch.futures import Future
 
 from lightning_distckpt.errors import CorruptCheckpointError
 from lightning_distckpt.format import Location, digest
-from lightning_distckpt.storage.base import Store, read_at, read_scatter
+from lightning_distckpt.storage.base import Store, read_at, read_scatter, windows
 from lightning_distckpt.storage.writer import BlockCodec
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,7 @@ class CheckpointReader(StorageReader):
         start = time.perf_counter()
         try:
             for run in self._runs(items, planner):
-                if isinstance(run, list):
-                    self._read_run(name, run, planner, handles)
-                else:
-                    self._read_item(run, planner, handles)
+                self._read_run(name, run, planner, handles)
         finally:
             for f in handles.values():
                 f.close()
@@ -190,7 +187,7 @@ class CheckpointReader(StorageReader):
 
     def _direct(self, ri: ReadItem, planner: LoadPlanner) -> _Direct | None:
         """Where the item's whole, uncompressed blocks can go straight into a contiguous destination."""
-        fqn, loc, dtype, shape, rows, lo, hi = self._geometry(ri)
+        _, loc, dtype, shape, _, lo, hi = self._geometry(ri)
         if loc.codec or hi <= lo or any(o != 0 for o in ri.storage_offsets[1:]) or list(ri.lengths[1:]) != shape[1:]:
             return None
         target = planner.resolve_tensor(ri)
@@ -201,34 +198,37 @@ class CheckpointReader(StorageReader):
             return None
         return _Direct(ri, target, start_stored, blocks)
 
-    def _runs(self, items: list[ReadItem], planner: LoadPlanner) -> list[ReadItem | list[_Direct]]:
-        """The items of one file in offset order: runs of adjacent direct reads into CPU memory (read with
-        one ranged stream each) and single items."""
-        out: list[ReadItem | list[_Direct]] = []
+    def _runs(self, items: list[ReadItem], planner: LoadPlanner) -> list[list[tuple[ReadItem, _Direct | None]]]:
+        """The items of one file in offset order, each with its direct read (or None), grouped into runs of
+        adjacent direct reads into CPU memory (one ranged stream each); every other item is a run of one."""
+        out: list[list[tuple[ReadItem, _Direct | None]]] = []
+        last: _Direct | None = None  # the direct CPU read that ends the last run
         for ri in items:
             d = self._direct(ri, planner)
-            if d is None or d.target.device.type != "cpu":
-                out.append(ri)
-            elif out and isinstance(out[-1], list) and out[-1][-1].end == d.offset:
-                out[-1].append(d)
+            cpu = d is not None and d.target.device.type == "cpu"
+            if cpu and last is not None and last.end == d.offset:  # type: ignore[union-attr]
+                out[-1].append((ri, d))
             else:
-                out.append([d])
+                out.append([(ri, d)])
+            last = d if cpu else None
         return out
 
-    def _read_run(self, name: str, run: list[_Direct], planner: LoadPlanner, handles: dict[int, BinaryIO]) -> None:
-        """One ranged read of adjacent items from the first source, straight into their destinations, then
-        per-block verification; an item that fails (or a failed read) goes through :meth:`_read_item`,
-        which tries every source."""
-        retry: list[_Direct] = run
-        if (0, name) not in self._bad and len(run) > 1:
+    def _read_run(self, name: str, run: list[tuple[ReadItem, _Direct | None]], planner: LoadPlanner,
+                  handles: dict[int, BinaryIO]) -> None:
+        """Several adjacent direct reads: one ranged read from the first source straight into their
+        destinations, then per-block verification; an item that fails (or a failed read) goes through
+        :meth:`_read_item`, which tries every source. A run of one: :meth:`_read_item`."""
+        retry = run
+        if len(run) > 1 and (0, name) not in self._bad:
             source = self.sources[0]
-            views = [memoryview(d.target.reshape(-1).view(torch.uint8).numpy()) for d in run]
+            directs = [d for _, d in run if d is not None]
+            views = [memoryview(d.target.reshape(-1).view(torch.uint8).numpy()) for d in directs]
 
             def read_once() -> None:
                 f = handles.get(0)
                 if f is None:
                     f = handles[0] = source.store.open_read(source.store.join(source.path, name))
-                read_scatter(f, run[0].offset, views, source.url(name))
+                read_scatter(f, directs[0].offset, views, source.url(name))
 
             def reopen() -> None:
                 f = handles.pop(0, None)
@@ -237,20 +237,23 @@ class CheckpointReader(StorageReader):
 
             try:
                 source.store.retry.run(read_once, f"read {source.url(name)}", cleanup=reopen)
-                retry = [d for d, v in zip(run, views) if not _intact(v, d.blocks)]
-                with self.stats.lock:
-                    self.stats.bytes_by_source[source.url()] += sum(d.end - d.offset for d in run if d not in retry)
-                for d in run:
-                    if d not in retry:
-                        planner.commit_tensor(d.ri, d.target)
             except (OSError, EOFError):
                 pass  # the careful path below records the problem and tries the other sources
-        for d in retry:
-            self._read_item(d.ri, planner, handles)
+            else:
+                intact = [_intact(v, d.blocks) for d, v in zip(directs, views)]
+                with self.stats.lock:
+                    self.stats.bytes_by_source[source.url()] += sum(d.end - d.offset for d, ok in zip(directs, intact) if ok)
+                for d, ok in zip(directs, intact):
+                    if ok:
+                        planner.commit_tensor(d.ri, d.target)
+                retry = [item for item, ok in zip(run, intact) if not ok]
+        for ri, d in retry:
+            self._read_item(ri, d, planner, handles)
 
-    def _read_item(self, ri: ReadItem, planner: LoadPlanner, handles: dict[int, BinaryIO]) -> None:
+    def _read_item(self, ri: ReadItem, direct: _Direct | None, planner: LoadPlanner,
+                   handles: dict[int, BinaryIO]) -> None:
+        """One item from the first source that has it intact; ``direct``: its direct read (``_direct``)."""
         fqn, loc, dtype, shape, rows, lo, hi = self._geometry(ri)
-        direct = self._direct(ri, planner)
         if direct is not None:
             # whole blocks into a contiguous destination: read them straight into it, then verify
             flat = direct.target.reshape(-1).view(torch.uint8)
@@ -279,18 +282,13 @@ class CheckpointReader(StorageReader):
         """Read ``blocks`` into the accelerator bytes ``flat`` through pinned host buffers of about
         ``STAGE_BYTES``: each is verified, then copied without blocking this thread (the caching host allocator
         keeps a buffer until its copy is done; ``read_data`` synchronizes the device before it returns)."""
-        pos, i = 0, 0
-        while i < len(blocks):
-            batch = [blocks[i]]
-            while i + len(batch) < len(blocks) and sum(b.stored for b in batch) + blocks[i + len(batch)].stored <= STAGE_BYTES:
-                batch.append(blocks[i + len(batch)])
-            size = sum(b.stored for b in batch)
+        pos = 0
+        for i, j, size in windows([b.stored for b in blocks], STAGE_BYTES):
             stage = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            self._read_verified(loc, offset + pos, batch, fqn, handles, into=memoryview(stage.numpy()))
+            self._read_verified(loc, offset + pos, blocks[i:j], fqn, handles, into=memoryview(stage.numpy()))
             flat[pos : pos + size].copy_(stage, non_blocking=True)
             self._devices.add(flat.device)
             pos += size
-            i += len(batch)
 
     @staticmethod
     def _select(loc: Location, lo: int, hi: int) -> tuple[list[Any], int, int]:

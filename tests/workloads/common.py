@@ -126,6 +126,16 @@ def full_state_digest(trainer: L.Trainer) -> dict[str, Any]:
     return out
 
 
+#: what every restored-state digest must hold (full_state_digest + the loops and epoch the restore read)
+STATE_KEYS = {"model", "optim0", "optim0_groups", "global_step", "lr_schedulers", "loops", "epoch"}
+
+
+def state_differences(saved: dict[str, Any], restored: dict[str, Any]) -> list[str]:
+    """Keys of two state digests that are missing or differ; empty: bitwise the same state."""
+    keys = set(saved) | set(restored)
+    return sorted(STATE_KEYS - keys) + [k for k in sorted(keys) if saved.get(k) != restored.get(k)]
+
+
 def write_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
