@@ -60,8 +60,8 @@ def main() -> None:
             d = os.path.join(work, str(preset))
             DistCheckpointIO(compression=preset).save_checkpoint(state, os.path.join(d, name))
             after = fit(d, 2 * args.steps, preset, "last")
-            base = size(os.path.join(work, "None", name)) if preset else size(os.path.join(d, name))
-            print(f"{str(preset):<10} {size(os.path.join(d, name)):>10} {size(os.path.join(d, name)) / base:>8.2f} "
+            stored, base = size(os.path.join(d, name)), size(os.path.join(work, "None", name))
+            print(f"{str(preset):<10} {stored:>10} {stored / base:>8.2f} "
                   f"{after[4]:>28.4f} {after[-1]:>11.4f}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)

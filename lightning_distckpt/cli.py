@@ -50,7 +50,7 @@ def _size(n: float) -> str:
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"
+    raise AssertionError("unreachable")  # the loop returns at TiB
 
 
 @contextmanager
@@ -99,7 +99,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         head = f"{'NAME':<32} {'STEP':>8} {'SIZE':>10} {'WORLD':>5} {'COMPRESSION':<11} STATUS"
         lines = [head]
         for r in rows:
-            status = ("verified" if r.get("verified") else "CORRUPT" if "verified" in r else "committed") if r["committed"] else f"UNCOMMITTED"
+            status = ("verified" if r.get("verified") else "CORRUPT" if "verified" in r else "committed") if r["committed"] else "UNCOMMITTED"
             if r["replicas"]:
                 status += f" (+{len(r['replicas'])} replica{'s' if len(r['replicas']) > 1 else ''})"
             lines.append(f"{r['name']:<32} {r['step'] if r['step'] is not None else '-':>8} "
@@ -113,6 +113,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from lightning_distckpt import catalog
+    from lightning_distckpt import format as fmt
+    from lightning_distckpt.compression import PART
     from lightning_distckpt.loading import saved_tensors
 
     ckpt = catalog.open_checkpoint(catalog.source_of(args.ckpt, _storage(args)), check_sizes=False)
@@ -120,13 +122,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     stored: dict[str, int] = {}
     chunks: dict[str, list[str]] = {}
     for index, loc in ckpt.metadata.storage_data.items():
-        base = index.fqn.split("::")[0]
+        base = index.fqn.split(PART)[0]
         stored[base] = stored.get(base, 0) + loc.stored
         chunks.setdefault(base, []).append(loc.file)
     tensors = []
     for key, (size, dtype) in sorted(saved_tensors(ckpt.metadata).items()):
         files = sorted(set(chunks.get(key, [])))
-        tensors.append({"name": key, "shape": list(size), "dtype": str(dtype).removeprefix("torch."),
+        tensors.append({"name": key, "shape": list(size), "dtype": fmt.dtype_name(dtype),
                         "chunks": len(chunks.get(key, [])), "files": files, "stored_bytes": stored.get(key, 0),
                         "codec": encodings.get(key, {}).get("codec")})  # fmt: skip
     state_keys = sorted(ckpt.skeleton) if isinstance(ckpt.skeleton, dict) else []

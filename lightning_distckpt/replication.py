@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,16 +67,17 @@ def copy_file(src: Source, dst: Source, name: str, blocks: list[tuple[int, fmt.B
                 raise CorruptCheckpointError(f"{src.url(name)}: blocks are not contiguous at byte {pos}")
             pos += b.stored
         digests, pos = [], 0
-        pieces = zip(blocks, read_blocks(reader, [b.stored for _, b in blocks], src.url(name)))
-        while (item := _next_block(pieces)) is not None:
-            (offset, b), data = item
-            if fmt.digest(data) != b.digest:
-                raise CorruptCheckpointError(f"{src.url(name)}: block at byte {offset} fails its checksum; not copied")
-            writer.write(data)
-            if progress:
-                progress(len(data))
-            digests.append(b.digest)
-            pos += b.stored
+        try:
+            for (offset, b), data in zip(blocks, read_blocks(reader, [b.stored for _, b in blocks], src.url(name))):
+                if fmt.digest(data) != b.digest:
+                    raise CorruptCheckpointError(f"{src.url(name)}: block at byte {offset} fails its checksum; not copied")
+                writer.write(data)
+                if progress:
+                    progress(len(data))
+                digests.append(b.digest)
+                pos += b.stored
+        except EOFError as e:  # a file shorter than its blocks
+            raise CorruptCheckpointError(f"{e}; not copied") from None
         if pos != size:
             raise CorruptCheckpointError(f"{src.url(name)}: blocks cover {pos} of {size} bytes")
         return fmt.blocks_digest(digests)
@@ -266,14 +267,6 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     store.rename(staging.path, dst.path)
     store.write_bytes(store.join(dst.path, fmt.MARKER), fmt.marker_bytes(manifest_bytes))
     return src.manifest
-
-
-def _next_block(pieces: Iterator[Any]) -> Any:
-    """The next (block, bytes) of a data file being copied; a file shorter than its blocks is corrupt."""
-    try:
-        return next(pieces, None)
-    except EOFError as e:
-        raise CorruptCheckpointError(f"{e}; not copied") from None
 
 
 def _digest_of(source: Source, name: str, blocks: list[tuple[int, fmt.Block]] | None) -> int | None:

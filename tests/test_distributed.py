@@ -40,7 +40,6 @@ def test_exact_resume_across_strategies_and_world_sizes(tmp_path):
                 assert_same_state(saved, restored)
             except AssertionError as e:
                 raise AssertionError(f"{prev[0]} on {prev[1]} -> {strategy} on {n}: {e}") from None
-        (tmp_path / "started.json").unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("strategy,async_save", [("ddp", True), ("mp", False)], ids=["ddp-async", "mp"])

@@ -16,6 +16,9 @@ from functools import lru_cache
 
 import torch
 
+_DECADES = {True: 5, False: 6}  # magnitudes span 10^-decades .. 1
+_STEPS = {True: 126, False: 254}  # geometric steps between the smallest and the largest magnitude
+
 
 @lru_cache(maxsize=None)
 def dynamic_map(signed: bool) -> torch.Tensor:
@@ -27,16 +30,12 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     reason bitsandbytes' 8-bit optimizers use a dynamic map).
     """
     if signed:
-        mags = torch.logspace(-5, 0, 127, dtype=torch.float64)
+        mags = torch.logspace(-_DECADES[True], 0, _STEPS[True] + 1, dtype=torch.float64)
         codes = torch.cat([-mags.flip(0), torch.zeros(1, dtype=torch.float64), mags, torch.ones(1, dtype=torch.float64)])
     else:
-        mags = torch.logspace(-6, 0, 255, dtype=torch.float64)
+        mags = torch.logspace(-_DECADES[False], 0, _STEPS[False] + 1, dtype=torch.float64)
         codes = torch.cat([torch.zeros(1, dtype=torch.float64), mags])
     return codes.sort().values.to(torch.float32)
-
-
-_DECADES = {True: 5, False: 6}  # magnitudes span 10^-decades .. 1
-_STEPS = {True: 126, False: 254}  # geometric steps between the smallest and the largest magnitude
 
 
 def _code_index(x: torch.Tensor, signed: bool) -> torch.Tensor:
