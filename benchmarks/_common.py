@@ -41,6 +41,15 @@ def drop_caches() -> bool:
     return ok
 
 
+def settle() -> None:
+    """Flush dirty pages (rank 0, for the whole machine) so that writeback from an earlier step does not
+    run during the next timed one."""
+    barrier()
+    if rank() == 0:
+        os.sync()
+    barrier()
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Wall time of ``fn`` on all ranks together (barrier before and after)."""
     barrier()

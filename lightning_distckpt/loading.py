@@ -180,7 +180,8 @@ def read_tensors(
     owned = deal(targets, comm, row_layout(ckpt.metadata), chunk_places(ckpt.metadata))
     others = {k: v for k, v in targets.items() if not is_balanceable(v)}  # read by every rank that has them
     sender = Broadcaster(targets, comm)
-    for i, round_owned in enumerate(rounds(owned, ROUNDS)):
+    most = max(sum(c.nbytes for c in chunks) for chunks in owned)
+    for i, round_owned in enumerate(rounds(owned, max(1, min(ROUNDS, most // ROUND_MIN_BYTES)))):
         part = dict(others) if i == 0 else {}
         for c in round_owned[comm.rank]:
             t = targets[c.key]
@@ -196,6 +197,7 @@ def read_tensors(
 
 
 ROUNDS = 4  # balanced reads: broadcast one round while reading the next
+ROUND_MIN_BYTES = 32 << 20  # fewer rounds when a rank reads less than ROUNDS of these (each round costs a collective)
 
 
 def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: dict[str, Any], comm: Comm) -> None:

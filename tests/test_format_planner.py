@@ -55,6 +55,19 @@ def test_marker_must_name_the_manifest():
         fmt.check_marker(fmt.marker_bytes(manifest)[:10], manifest, "COMMITTED")
 
 
+@pytest.mark.parametrize("piece", [1, 1000, 65536, 1 << 20])
+def test_block_digests_fed_in_pieces_equal_digests_of_whole_blocks(piece):
+    data = bytes(range(256)) * 1500 + b"tail"
+    sizes = [0, 7, 100_000, 0, 200_000, len(data) - 300_007]
+    d = fmt.BlockDigests(sizes)
+    for i in range(0, len(data), piece):
+        d.update(data[i : i + piece])
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    assert d.digests == [fmt.digest(data[s : s + n]) for s, n in zip(starts, sizes)]
+    with pytest.raises(ValueError, match="1 bytes more"):
+        d.update(b"x")
+
+
 def _plans(world, tensors, replicated=lambda k: True, chunk=1 << 20):
     plans = []
     for _ in range(world):

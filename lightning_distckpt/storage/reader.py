@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from lightning_distckpt.errors import CorruptCheckpointError
-from lightning_distckpt.format import Location, digest
+from lightning_distckpt.format import BlockDigests, Location
 from lightning_distckpt.storage.base import Store, read_at, read_scatter, windows
 from lightning_distckpt.storage.writer import BlockCodec
 
@@ -84,15 +84,6 @@ class _Direct:
     @property
     def end(self) -> int:
         return self.offset + sum(b.stored for b in self.blocks)
-
-
-def _intact(view: memoryview, blocks: Sequence[Any]) -> bool:
-    pos = 0
-    for b in blocks:
-        if digest(view[pos : pos + b.stored]) != b.digest:
-            return False
-        pos += b.stored
-    return True
 
 
 class CheckpointReader(StorageReader):
@@ -216,7 +207,7 @@ class CheckpointReader(StorageReader):
     def _read_run(self, name: str, run: list[tuple[ReadItem, _Direct | None]], planner: LoadPlanner,
                   handles: dict[int, BinaryIO]) -> None:
         """Several adjacent direct reads: one ranged read from the first source straight into their
-        destinations, then per-block verification; an item that fails (or a failed read) goes through
+        destinations, each block checked as its bytes stream in; an item that fails (or a failed read) goes through
         :meth:`_read_item`, which tries every source. A run of one: :meth:`_read_item`."""
         retry = run
         if len(run) > 1 and (0, name) not in self._bad:
@@ -224,11 +215,13 @@ class CheckpointReader(StorageReader):
             directs = [d for _, d in run if d is not None]
             views = [memoryview(d.target.reshape(-1).view(torch.uint8).numpy()) for d in directs]
 
-            def read_once() -> None:
+            def read_once() -> list[int]:
                 f = handles.get(0)
                 if f is None:
                     f = handles[0] = source.store.open_read(source.store.join(source.path, name))
-                read_scatter(f, directs[0].offset, views, source.url(name))
+                digests = BlockDigests([b.stored for d in directs for b in d.blocks])
+                read_scatter(f, directs[0].offset, views, source.url(name), digests)
+                return digests.digests
 
             def reopen() -> None:
                 f = handles.pop(0, None)
@@ -236,11 +229,14 @@ class CheckpointReader(StorageReader):
                     f.close()
 
             try:
-                source.store.retry.run(read_once, f"read {source.url(name)}", cleanup=reopen)
+                got = source.store.retry.run(read_once, f"read {source.url(name)}", cleanup=reopen)
             except (OSError, EOFError):
                 pass  # the careful path below records the problem and tries the other sources
             else:
-                intact = [_intact(v, d.blocks) for d, v in zip(directs, views)]
+                intact, pos = [], 0
+                for d in directs:
+                    intact.append(got[pos : pos + len(d.blocks)] == [b.digest for b in d.blocks])
+                    pos += len(d.blocks)
                 with self.stats.lock:
                     self.stats.bytes_by_source[source.url()] += sum(d.end - d.offset for d, ok in zip(directs, intact) if ok)
                 for d, ok in zip(directs, intact):
@@ -340,11 +336,13 @@ class CheckpointReader(StorageReader):
                 continue
             buf = into if into is not None else bytearray(size)
 
-            def read_once(s: int = s, source: Source = source, buf: bytearray = buf) -> None:
+            def read_once(s: int = s, source: Source = source, buf: bytearray = buf) -> list[int]:
                 f = handles.get(s)
                 if f is None:
                     f = handles[s] = source.store.open_read(source.store.join(source.path, loc.file))
-                read_at(f, offset, memoryview(buf), source.url(loc.file))
+                digests = BlockDigests([b.stored for b in blocks])
+                read_at(f, offset, memoryview(buf), source.url(loc.file), digests)
+                return digests.digests
 
             def reopen(s: int = s) -> None:
                 f = handles.pop(s, None)
@@ -352,15 +350,14 @@ class CheckpointReader(StorageReader):
                     f.close()
 
             try:
-                source.store.retry.run(read_once, f"read {source.url(loc.file)}", cleanup=reopen)
+                got = source.store.retry.run(read_once, f"read {source.url(loc.file)}", cleanup=reopen)
             except (OSError, EOFError) as e:
                 problems.append(f"{source.url(loc.file)}: {e}")
                 self._bad.add((s, loc.file))
                 continue
-            view = memoryview(buf)
             pos, bad = 0, None
-            for b in blocks:
-                if digest(view[pos : pos + b.stored]) != b.digest:
+            for b, d in zip(blocks, got):
+                if d != b.digest:
                     bad = offset + pos
                     break
                 pos += b.stored
