@@ -9,7 +9,10 @@ back with ``read_range_stream``, discarding the bytes (hdfs-native's fastest rea
 beside it: ``raw_read_8mib`` (8 MiB ``read`` calls), ``raw_read_copy`` (the stream copied into preallocated,
 touched memory, as a load must) and ``raw_read_verified`` (that plus the xxh3 of every 8 MiB block, the least
 work a verified load does). Every timed step starts after a ``sync`` (writeback from the previous step would
-slow it down) and the reads alternate their order between repeats. Replication is
+slow it down) and the reads alternate their order between repeats. Under DDP every rank needs all of the
+state, so two more rows: ``raw_read_all_copy`` (every rank streams every rank's files into memory) and
+``plugin_load_unbalanced`` (the plugin with ``balanced_reads=False``: every rank reads everything).
+Replication is
 the cluster's (3). ``--strategy mp`` (sharded: each rank loads exactly its share, like the baseline) or
 ``ddp`` (replicated: each rank reads its half and receives the other half by broadcast, so every rank
 ends up with all of the state). Writes benchmarks/results/hdfs_<strategy>.json.
@@ -75,18 +78,22 @@ def worker(args: argparse.Namespace) -> None:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, range(threads)))
 
-    buffers: dict[int, memoryview] = {}  # for "verified" reads, allocated (and touched) once, like model state
+    buffers: dict[str, memoryview] = {}  # for reads into memory, allocated (and touched) once, like model state
 
     def raw_read(mode: str) -> Callable[[], None]:
+        # "copy_all": every rank streams every rank's files into memory (what a DDP resume needs on each rank)
+        names = [f"raw-{r}-{k}" for r in range(world) for k in range(threads)] if mode == "copy_all" else \
+                [f"raw-{rank()}-{k}" for k in range(threads)]  # fmt: skip
+
         def one(k: int) -> None:
-            with store.open_read(store.join(root, f"raw-{rank()}-{k}")) as f:
+            with store.open_read(store.join(root, names[k])) as f:
                 if mode == "stream":  # hdfs-native's fastest way to read a file
                     for _ in f.read_range_stream(0, len(f)):
                         pass
-                elif mode in ("copy", "verified"):  # into preallocated memory; "verified" checks it like a load
-                    if k not in buffers:
-                        buffers[k] = memoryview(bytearray(len(f)))
-                    view, pos = buffers[k], 0
+                elif mode in ("copy", "copy_all", "verified"):  # into preallocated memory; "verified" checks it like a load
+                    if names[k] not in buffers:
+                        buffers[names[k]] = memoryview(bytearray(len(f)))
+                    view, pos = buffers[names[k]], 0
                     digests = BlockDigests([8 << 20] * (len(f) // (8 << 20)) + [len(f) % (8 << 20)])
                     for piece in f.read_range_stream(0, len(f)):
                         if mode == "verified":
@@ -99,12 +106,23 @@ def worker(args: argparse.Namespace) -> None:
 
         def run() -> None:
             with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(one, range(threads)))
+                list(pool.map(one, range(len(names))))
 
         return run
 
+    ddp = args.strategy == "ddp"
     rows: dict[str, list[float]] = {k: [] for k in ("plugin_save", "raw_write", "plugin_load", "raw_read",
                                                        "raw_read_8mib", "raw_read_copy", "raw_read_verified")}  # fmt: skip
+    if ddp:
+        rows.update(plugin_load_unbalanced=[], raw_read_all_copy=[])
+
+    def unbalanced_load(path: str) -> None:
+        io.balanced_reads = False
+        try:
+            load_everything(trainer, path)
+        finally:
+            io.balanced_reads = True
+
     phases: list[dict[str, float]] = []
     for i in range(args.repeats):
         path = f"{args.url}/ckpt-{i}"
@@ -112,11 +130,15 @@ def worker(args: argparse.Namespace) -> None:
         mine = io.stats.last_save.bytes_written
         settle()
         rows["raw_write"].append(timed(lambda: raw_write(mine)))
-        if i == 0:
-            raw_read("verified")()  # allocate and touch the buffers outside the timing
+        if i == 0:  # allocate and touch the buffers outside the timing
+            raw_read("verified")()
+            if ddp:
+                raw_read("copy_all")()
         reads = [("plugin_load", lambda: load_everything(trainer, path)), ("raw_read", raw_read("stream")),
                  ("raw_read_8mib", raw_read("8mib")), ("raw_read_copy", raw_read("copy")),
                  ("raw_read_verified", raw_read("verified"))]
+        if ddp:
+            reads += [("plugin_load_unbalanced", lambda: unbalanced_load(path)), ("raw_read_all_copy", raw_read("copy_all"))]
         for name, fn in reads if i % 2 == 0 else reversed(reads):  # alternate who reads first
             settle()
             rows[name].append(timed(fn))
@@ -143,6 +165,11 @@ def worker(args: argparse.Namespace) -> None:
                        "load: plugin / raw stream into memory": med["raw_read_copy"] / med["plugin_load"],
                        "load: plugin / raw stream into memory + checksum": med["raw_read_verified"] / med["plugin_load"]},
         }  # fmt: skip
+        if ddp:
+            result["ratios"].update({
+                "load: plugin / raw stream of all the state into memory by every rank": med["raw_read_all_copy"] / med["plugin_load"],
+                "load: plugin / plugin without balanced reads": med["plugin_load_unbalanced"] / med["plugin_load"],
+            })  # fmt: skip
         print(write_result(f"hdfs_{args.strategy}", result))
         for k, v in result["ratios"].items():
             print(f"{k}: {v:.3f}")

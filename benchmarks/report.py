@@ -101,12 +101,16 @@ HDFS_ROWS = [
     ("raw_read_8mib", "raw 8 MiB read() calls"),
     ("raw_read_copy", "raw read_range_stream into preallocated memory"),
     ("raw_read_verified", "raw read_range_stream into memory + xxh3 per 8 MiB"),
+    ("plugin_load_unbalanced", "DistCheckpointIO load, balanced_reads=False (every rank reads everything)"),
+    ("raw_read_all_copy", "raw read_range_stream of all the state into memory, by every rank"),
 ]
 HDFS_LOAD_RATIOS = [
+    ("load: plugin / raw stream of all the state into memory by every rank", "every rank streaming all the state into memory"),
     ("load: plugin / raw stream into memory", "the stream into memory"),
     ("load: plugin / raw 8 MiB read() calls", "8 MiB read() calls"),
     ("load: plugin / raw stream into memory + checksum", "the stream into memory + xxh3"),
     ("load: plugin / raw throughput", "the discarded stream"),
+    ("load: plugin / plugin without balanced reads", "itself without balanced reads"),
 ]
 
 

@@ -147,7 +147,7 @@ def verify(url: str, options: StorageLike = None, progress: Callable[[int], None
     blocks = blocks_by_file(ckpt)
     files = []
     for name, info in sorted(ckpt.manifest.files.items()):
-        files.append(_verify_file(ckpt.source, name, info, blocks.get(name, []), progress or (lambda n: None)))
+        files.append(verify_file(ckpt.source, name, info, blocks.get(name, []), progress))
     return VerifyReport(source.url(), all(f.ok for f in files), files)
 
 
@@ -162,9 +162,12 @@ def blocks_by_file(ckpt: Checkpoint) -> dict[str, list[tuple[int, fmt.Block]]]:
     return {k: sorted(v, key=lambda x: x[0]) for k, v in out.items()}
 
 
-def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, fmt.Block]],
-                 progress: Callable[[int], None]) -> FileReport:
+def verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, fmt.Block]],
+                progress: Callable[[int], None] | None = None) -> FileReport:
+    """Check one file of a checkpoint against its manifest entry ``info`` and (data files) its ``blocks``,
+    reading every byte; ``progress`` gets the bytes read as the check goes. Never raises for a bad file."""
     path = source.store.join(source.path, name)
+    progress = progress or (lambda n: None)
     try:
         size = source.store.size(path)
     except FileNotFoundError:

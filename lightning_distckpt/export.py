@@ -1,7 +1,7 @@
 """Reading a checkpoint outside training, and exporting it to one plain file.
 
-Everything here runs in one process, reads the whole checkpoint (whatever world size, strategy and
-compression wrote it) into CPU memory, and does not import Lightning.
+Everything here runs in one process, reads the checkpoint (whatever world size, strategy and compression
+wrote it; only the model weights when only they are exported) into CPU memory, and does not import Lightning.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from lightning_distckpt.compression.prune import prune as prune_tensor
 from lightning_distckpt.compression.prune import quantize_int8
-from lightning_distckpt.loading import read_checkpoint
+from lightning_distckpt.loading import read_checkpoint, read_model_weights
 from lightning_distckpt.storage import StorageLike
 
 
@@ -83,14 +83,14 @@ def export_checkpoint(url: str, out: str, weights_only: bool = False, dtype: tor
     for safetensors; see :func:`inference_weights` for ``dtype``, ``prune``, ``quantize``. The
     checkpoint itself is never modified.
     """
-    checkpoint = load_checkpoint(url, storage_options, safe_globals)
     lossy = prune is not None or prune_threshold is not None or quantize is not None
     if format == "torch" and not weights_only and not lossy:
+        checkpoint = load_checkpoint(url, storage_options, safe_globals)
         if dtype is not None:
             checkpoint["state_dict"] = inference_weights(checkpoint["state_dict"], dtype=dtype)
         torch.save(to_lightning_format(checkpoint), out)
         return out
-    weights = inference_weights(checkpoint["state_dict"], dtype, prune, prune_threshold, quantize)
+    weights = inference_weights(read_model_weights(url, storage_options), dtype, prune, prune_threshold, quantize)
     if format == "safetensors":
         from safetensors.torch import save_file
 
@@ -109,8 +109,7 @@ def export_sharded_safetensors(url: str, out_dir: str, shard_bytes: int, **kwarg
     from safetensors.torch import save_file
 
     storage_options = kwargs.pop("storage_options", None)
-    checkpoint = load_checkpoint(url, storage_options)
-    weights = inference_weights(checkpoint["state_dict"], **kwargs)
+    weights = inference_weights(read_model_weights(url, storage_options), **kwargs)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in weights.items():

@@ -184,10 +184,10 @@ class DistCheckpointIO(CheckpointIO):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-            if self._pg is not None:
-                dist.destroy_process_group(self._pg)
-                dist.destroy_process_group(self._bulk_pg)
-                self._pg = self._bulk_pg = None
+            for pg in (self._pg, self._bulk_pg):
+                if pg is not None:
+                    dist.destroy_process_group(pg)
+            self._pg = self._bulk_pg = None
             self._plan_cache.clear()
 
     # ------------------------------------------------------------------------------------------
@@ -221,8 +221,8 @@ class DistCheckpointIO(CheckpointIO):
         Every block is read from the first healthy copy (primary, then replicas). If the checkpoint
         cannot be read from any copy and it was chosen as "last", the next older one is used, loudly.
         """
-        comm = self._comm()
         self.wait()
+        comm = self._comm(bulk=self.balanced_reads)
         url = comm.broadcast(path)
         candidates = self.resolver(url)
         first_error: DistCheckpointError | None = None
@@ -373,13 +373,15 @@ class DistCheckpointIO(CheckpointIO):
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-save")
         return self._executor
 
-    def _comm(self) -> Comm:
-        """All ranks of the job, over a dedicated gloo group (created collectively on first use)."""
+    def _comm(self, bulk: bool = False) -> Comm:
+        """All ranks of the job, over a dedicated gloo group (created collectively on first use); with ``bulk``
+        a second one too, on which balanced reads broadcast while the next round is read."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return Comm()
         if self._pg is None:
             self._pg = dist.new_group(backend="gloo")
-            self._bulk_pg = dist.new_group(backend="gloo")  # balanced reads broadcast here while reading
+        if bulk and self._bulk_pg is None:
+            self._bulk_pg = dist.new_group(backend="gloo")
         return Comm(self._pg, bulk=self._bulk_pg)
 
     def _record(self, stats: Any) -> None:

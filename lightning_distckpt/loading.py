@@ -235,6 +235,18 @@ def read_checkpoint(url: str, options: StorageLike = None, safe_globals: list[st
     return state.join(ckpt.skeleton, tensors.__getitem__, safe_globals or ())
 
 
+def read_model_weights(url: str, options: StorageLike = None) -> dict[str, torch.Tensor]:
+    """Only the model weights of the checkpoint at ``url``, ``{FQN: CPU tensor}``, read by this process alone
+    (the optimizer state, often twice the weights' bytes, is not read). Any world size, strategy, compression."""
+    from lightning_distckpt import state
+    from lightning_distckpt._dist import SOLO
+
+    ckpt = open_checkpoint(source_of(url, options))
+    tensors = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.MODEL)], url)
+    read_tensors(ckpt, tensors, comm=SOLO)
+    return {k[len(state.MODEL) :]: v for k, v in tensors.items()}
+
+
 def load_weights(url: str, module: torch.nn.Module, options: StorageLike = None, prefix: str = "",
                  strict: bool = True) -> None:
     """Read only the model weights of the checkpoint at ``url`` into ``module`` (in place), in this process.

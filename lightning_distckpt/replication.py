@@ -21,7 +21,7 @@ from typing import Any
 
 from lightning_distckpt import format as fmt
 from lightning_distckpt._dist import Comm
-from lightning_distckpt.catalog import blocks_by_file, open_checkpoint, read_manifest, source_of
+from lightning_distckpt.catalog import blocks_by_file, open_checkpoint, read_manifest, source_of, verify_file
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError
 from lightning_distckpt.storage import StorageLike
 from lightning_distckpt.storage.base import read_blocks
@@ -256,7 +256,7 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     blocks = blocks_by_file(src)
     for fname, info in sorted(src.manifest.files.items()):
         kind = None if fname in (fmt.METADATA, fmt.STATE) else blocks.get(fname, [])
-        if present.get(fname) == info["size"] and _digest_of(staging, fname, kind) == info["xxh3"]:
+        if present.get(fname) == info["size"] and verify_file(staging, fname, info, kind or []).ok:
             if progress:
                 progress(info["size"])
             continue  # copied completely before an interruption
@@ -267,19 +267,3 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     store.rename(staging.path, dst.path)
     store.write_bytes(store.join(dst.path, fmt.MARKER), fmt.marker_bytes(manifest_bytes))
     return src.manifest
-
-
-def _digest_of(source: Source, name: str, blocks: list[tuple[int, fmt.Block]] | None) -> int | None:
-    """The digest of an existing file as the manifest defines it, or None if it cannot be read."""
-    try:
-        with source.store.open_read(source.store.join(source.path, name)) as f:
-            if blocks is None:
-                return fmt.digest(f.read())
-            digests = []
-            for (_, b), data in zip(blocks, read_blocks(f, [b.stored for _, b in blocks], name)):
-                if fmt.digest(data) != b.digest:
-                    return None
-                digests.append(b.digest)
-            return fmt.blocks_digest(digests)
-    except (OSError, EOFError):
-        return None

@@ -120,9 +120,12 @@ class Torture:
         s = load_json(self.digests / "started.json")["step"] if (self.digests / "started.json").exists() else None
         if self.newest > 0 and s is not None:
             self.resumes_attempted += 1
-        if s is None or s == 0:
+        if s is None:
             return
-        assert s == self.newest, f"resumed at step {s}, but the newest committed checkpoint is step {self.newest}"
+        assert s == max(self.newest, 0), (f"started at step {s}, but the newest committed checkpoint is step "
+                                          f"{self.newest}")  # a restart from scratch despite a checkpoint fails too
+        if s == 0:
+            return
         saved, restored = load_json(self.digests / f"saved-{s}.json"), load_json(self.digests / f"restored-{s}.json")
         keys = ("model", "optim") if self.driver == "raw" else ("model", "optim0", "global_step", "lr_schedulers", "loops")
         for key in keys:

@@ -98,7 +98,7 @@ def test_misuse_fails_at_fit_start(teacher_ckpt, student, match):
                   enable_model_summary=False, callbacks=[kd])  # fmt: skip
     with pytest.raises((RuntimeError, ValueError), match=match):
         t.fit(model, data())
-    assert t.global_step == 0  # before the first step, not mid-run
+    assert t.fit_loop.epoch_loop.batch_progress.total.ready == 0  # at fit start (the probe), before any batch ran
 
 
 @pytest.mark.slow

@@ -118,6 +118,26 @@ def test_export_loads_without_this_package(tmp_path, saved):
     assert stock.global_step == 8
 
 
+def test_weights_only_export_reads_no_optimizer_state(tmp_path, saved):
+    from lightning_distckpt.catalog import open_checkpoint, source_of
+
+    url = copy_ckpt(newest(saved), tmp_path / "w")
+    meta = open_checkpoint(source_of(url)).metadata
+    index, loc = next((i, l) for i, l in meta.storage_data.items() if i.fqn.startswith("optim/") and l.stored > 64)
+    with open(os.path.join(url, loc.file), "r+b") as f:  # damage only an optimizer tensor's bytes
+        f.seek(loc.offset + 8)
+        b = f.read(1)
+        f.seek(loc.offset + 8)
+        f.write(bytes([b[0] ^ 0xFF]))
+    out = export_checkpoint(url, str(tmp_path / "w.safetensors"), format="safetensors")
+    from safetensors.torch import load_file
+
+    expected = load_checkpoint(newest(saved))["state_dict"]
+    assert {k: torch.equal(v, expected[k]) for k, v in load_file(out).items()} == {k: True for k in expected}
+    with pytest.raises(CorruptCheckpointError, match=loc.file):  # a full export reads the damaged bytes
+        export_checkpoint(url, str(tmp_path / "full.ckpt"))
+
+
 def test_verify_reports_each_file(tmp_path, saved):
     url = copy_ckpt(newest(saved), tmp_path / "v")
     report = verify(url)
