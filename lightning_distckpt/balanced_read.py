@@ -53,27 +53,20 @@ def deal(targets: dict[str, object], comm: Comm, layout: dict[str, list[tuple[in
          chunk_bytes: int = 16 << 20) -> list[list[_Chunk]]:
     """Every rank's chunks of the balanceable targets, in about equal bytes.
 
-    ``layout`` gives each key's stored row ranges, so that no block is read by two ranks. With ``places``
-    (where each stored chunk starts: file, offset) the chunks are taken in file order and cut into ``world``
-    runs of about equal bytes (a chunk goes to the rank whose share holds its middle byte): each rank then
-    reads long adjacent ranges, one stream each. Without, they are dealt largest first to the least loaded.
+    ``layout`` gives each key's stored row ranges, so that no block is read by two ranks. The chunks are
+    taken in file order (``places``: where each stored chunk starts, file and offset; chunks without a place
+    go last, in key order) and cut into ``world`` runs of about equal bytes (a chunk goes to the rank whose
+    share holds its middle byte): each rank then reads long adjacent ranges, one stream each.
     """
-    layout = layout or {}
+    layout, places = layout or {}, places or {}
     chunks = [c for k, t in targets.items() if is_balanceable(t) for c in _chunks(k, t, chunk_bytes, layout.get(k))]
+    last = ("\uffff", 0)
+    chunks.sort(key=lambda c: (places.get((c.key, c.start), last), c.key, c.start))
     owned: list[list[_Chunk]] = [[] for _ in range(comm.world_size)]
-    if places:
-        last = ("\uffff", 0)  # chunks without a known place go last, in key order
-        chunks.sort(key=lambda c: (places.get((c.key, c.start), last), c.key, c.start))
-        total, done = sum(c.nbytes for c in chunks) or 1, 0
-        for c in chunks:
-            owned[min(comm.world_size - 1, (2 * done + c.nbytes) * comm.world_size // (2 * total))].append(c)
-            done += c.nbytes
-        return owned
-    load = [0] * comm.world_size
-    for c in sorted(chunks, key=lambda c: (-c.nbytes, c.key, c.start)):
-        r = load.index(min(load))
-        owned[r].append(c)
-        load[r] += c.nbytes
+    total, done = sum(c.nbytes for c in chunks) or 1, 0
+    for c in chunks:
+        owned[min(comm.world_size - 1, (2 * done + c.nbytes) * comm.world_size // (2 * total))].append(c)
+        done += c.nbytes
     return owned
 
 

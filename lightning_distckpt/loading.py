@@ -253,13 +253,12 @@ def load_weights(url: str, module: torch.nn.Module, options: StorageLike = None,
 
     ``prefix`` is prepended to ``module``'s keys to find them in the checkpoint (``"net."`` for a
     LightningModule that held the module as ``self.net``). Any world size, strategy or compression.
+    ``strict=False`` tolerates missing and unexpected keys; a shape mismatch is always a
+    :class:`StateMismatchError`.
     """
     from lightning_distckpt import state
     from lightning_distckpt._dist import SOLO
 
     ckpt = open_checkpoint(source_of(url, options))
     targets = {state.model_key(prefix + k): v for k, v in module.state_dict().items()}
-    saved = {k for k in saved_tensors(ckpt.metadata) if k.startswith(state.MODEL + prefix)}
-    targets = match(ckpt.metadata, targets, state.MODEL + prefix, strict, "module", url) if strict else {
-        k: v for k, v in targets.items() if k in saved}  # fmt: skip
-    read_tensors(ckpt, targets, comm=SOLO)
+    read_tensors(ckpt, match(ckpt.metadata, targets, state.MODEL + prefix, strict, "module", url), comm=SOLO)

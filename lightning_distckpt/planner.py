@@ -126,13 +126,12 @@ class PlanCache:
     local: SavePlan | None = None
     central: SavePlan | None = None
     all_plans: list[SavePlan] | None = None
-    global_plans: list[SavePlan] | None = None
     metadata: Metadata | None = None
     known: set[str] = dataclasses.field(default_factory=set)  # every key this rank held since the last clear
     hits: int = 0
 
     def clear(self) -> None:
-        self.local = self.central = self.all_plans = self.global_plans = self.metadata = None
+        self.local = self.central = self.all_plans = self.metadata = None
         self.known = set()
 
     def owned(self) -> tuple[set[str], set[tuple[str, tuple[int, ...]]]] | None:
@@ -190,7 +189,7 @@ class BalancedSavePlanner(SavePlanner):
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         c = self.cache
         if c.all_plans is not None and len(c.all_plans) == len(all_plans):
-            if all(p.planner_data == _SAME for p in all_plans) and c.global_plans is not None and c.metadata is not None:
+            if all(p.planner_data == _SAME for p in all_plans) and c.metadata is not None:
                 c.hits += 1
                 metadata = dataclasses.replace(c.metadata, storage_data=None)
                 return [SavePlan([], planner_data=_SAME) for _ in all_plans], metadata
@@ -203,7 +202,7 @@ class BalancedSavePlanner(SavePlanner):
             if covered != tmd.size.numel():  # type: ignore[union-attr]
                 raise ValueError(f"state key {key!r}: ranks hold overlapping or incomplete parts ({covered} of "
                                  f"{tmd.size.numel()} elements)")  # type: ignore[union-attr]
-        c.all_plans, c.global_plans, c.metadata = all_plans, plans, dataclasses.replace(metadata, storage_data=None)
+        c.all_plans, c.metadata = all_plans, dataclasses.replace(metadata, storage_data=None)
         return plans, metadata
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:

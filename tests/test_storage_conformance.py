@@ -61,3 +61,31 @@ def test_urls_stay_strings(tmp_path):
         open_store(tmp_path)  # a pathlib.Path is refused, never silently converted
     store, path = open_store("memory://bucket/x")
     assert store.url(path).startswith("memory://")
+
+
+@pytest.mark.parametrize("error,transient", [
+    (RuntimeError('OperationFailed("Failed to complete file in time")'), True),  # hdfs-native, DataNodes lost
+    (RuntimeError("Connection reset by peer"), True),
+    (ConnectionRefusedError(111, "refused"), True),
+    (FileNotFoundError(2, "gone"), False),
+    (OSError(28, "No space left on device"), False),
+    (RuntimeError("checksum mismatch in block"), False),
+])
+def test_transient_errors_are_retried_and_others_raised_at_once(error, transient):
+    from lightning_distckpt.storage.retry import RetryPolicy, is_transient
+
+    assert is_transient(error) is transient
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise error
+        return "done"
+
+    if transient:
+        assert RetryPolicy(attempts=3, backoff_s=0.01).run(flaky, "op") == "done" and len(calls) == 3
+    else:
+        with pytest.raises(type(error)):
+            RetryPolicy(attempts=3, backoff_s=0.01).run(flaky, "op")
+        assert len(calls) == 1

@@ -1,6 +1,7 @@
 """Bounded retries with exponential backoff for transient storage errors.
 
-Transient: a connection refused or reset, a timeout, a DataNode that went away, a NameNode in safe mode.
+Transient: a connection refused or reset, a timeout, a DataNode that went away, a NameNode in safe mode, a
+file that could not be completed because its last block lacks replicas.
 Not transient (raised at once): a missing or existing file, permission denied, no space left.
 """
 
@@ -22,7 +23,10 @@ _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryE
 _PERMANENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _TRANSIENT_TEXT = ("safemodeexception", "retriableexception", "eofexception", "connection reset", "connection closed",
                    "timed out", "broken pipe", "leaseexpiredexception", "could only be written to", "datanode",
-                   "datatransfererror")  # fmt: skip
+                   "datatransfererror",
+                   # the NameNode has not yet heard of enough replicas of the last block (a DataNode was lost):
+                   # hdfs-native gave up completing the file; writing it again is what helps
+                   "failed to complete file", "does not have enough number of replicas")  # fmt: skip
 
 
 def is_transient(e: BaseException) -> bool:
