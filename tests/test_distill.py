@@ -122,7 +122,7 @@ def test_teacher_from_a_2_rank_int8_checkpoint_into_1_and_3_processes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["mp"])  # DDP students run in the test above
+@pytest.mark.parametrize("strategy", ["mp", "ddp"])
 def test_kd_run_resumes_exactly_with_2_processes(teacher_ckpt, tmp_path, strategy):
     base = ["--strategy", strategy, "--teacher-ckpt", teacher_ckpt]
     run(torchrun_cmd(WORKLOADS / "distill.py", 2, *base, "--max-steps", 8, "--out", tmp_path))
