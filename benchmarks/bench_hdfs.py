@@ -157,7 +157,7 @@ def worker(args: argparse.Namespace) -> None:
         result = {
             "benchmark": "hdfs", "strategy": args.strategy, "env": environment(), "state_bytes": total,
             "replication": 3, "datanodes": 4, "plugin_load_phases_rank0": phases,
-            "seconds": {k: stats(v) for k, v in rows.items()},
+            "seconds": {k: stats(v) for k, v in rows.items()}, "samples_s": rows,
             "throughput_MBps": {k: total / med[k] / 1e6 for k in med},
             "ratios": {"save: plugin / raw throughput": med["raw_write"] / med["plugin_save"],
                        "load: plugin / raw throughput": med["raw_read"] / med["plugin_load"],
@@ -179,7 +179,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--worker", action="store_true")
     p.add_argument("--url")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--width", type=int, default=3872)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--strategy", choices=["ddp", "mp"], default="mp")

@@ -114,6 +114,16 @@ HDFS_LOAD_RATIOS = [
 ]
 
 
+def per_repeat(r: dict[str, Any], strategy: str) -> str:
+    """The load ratio against the target's baseline, repeat by repeat (runs that kept their samples)."""
+    samples = r.get("samples_s")
+    base = "raw_read_all_copy" if strategy == "ddp" else "raw_read_copy"
+    if not samples or base not in samples:
+        return ""
+    ratios = sorted(b / p for b, p in zip(samples[base], samples["plugin_load"]))
+    return f" Per repeat, load vs that baseline ranged {ratios[0]:.2f}–{ratios[-1]:.2f}× ({len(ratios)} repeats)."
+
+
 def hdfs() -> str:
     parts = []
     for strategy, title in (("mp", "ModelParallel (sharded: each rank loads its share)"),
@@ -135,7 +145,7 @@ def hdfs() -> str:
             f"\nState: {r['state_bytes'] / 2**30:.2f} GiB. Plugin / raw throughput (target ≥ 0.8× both ways): save "
             f"**{r['ratios']['save: plugin / raw throughput']:.2f}×**; load "
             + "; ".join(f"vs {label} **{r['ratios'][key]:.2f}×**" for key, label in HDFS_LOAD_RATIOS if key in r["ratios"])
-            + f".{phase}\n",
+            + f".{per_repeat(r, strategy)}{phase}\n",
         ]  # fmt: skip
     if not parts:
         return ""
