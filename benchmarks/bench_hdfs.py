@@ -94,9 +94,10 @@ def worker(args: argparse.Namespace) -> None:
                     if names[k] not in buffers:
                         buffers[names[k]] = memoryview(bytearray(len(f)))
                     view, pos = buffers[names[k]], 0
-                    digests = BlockDigests([8 << 20] * (len(f) // (8 << 20)) + [len(f) % (8 << 20)])
+                    digests = BlockDigests([8 << 20] * (len(f) // (8 << 20)) + [len(f) % (8 << 20)]) \
+                        if mode == "verified" else None  # fmt: skip
                     for piece in f.read_range_stream(0, len(f)):
-                        if mode == "verified":
+                        if digests is not None:
                             digests.update(piece)
                         view[pos : pos + len(piece)] = piece
                         pos += len(piece)

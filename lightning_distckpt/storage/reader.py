@@ -1,9 +1,9 @@
 """DCP StorageReader: reads exactly the blocks a rank needs and verifies each before using it.
 
 For every read item the reader finds the stored chunk's blocks that cover the requested rows, reads them
-with one ranged read, checks each block's xxh3 against the metadata and only then decodes and copies the
-bytes into the destination tensor (uncompressed blocks go straight into a CPU destination, or through
-pinned buffers into an accelerator's). A block that fails (missing file, short read, wrong checksum) is read
+with one ranged read and checks each block's xxh3 against the metadata as its bytes stream in. Uncompressed
+blocks land straight in a CPU destination (or in pinned buffers bound for an accelerator's); compressed ones
+are decoded after their check. A tensor is handed to DCP only once all of its blocks matched. A block that fails (missing file, short read, wrong checksum) is read
 from the next source that has the same file (a replica); if none has a good copy the load fails with a
 :class:`CorruptCheckpointError` naming file, offset and tensor.
 """
@@ -84,6 +84,16 @@ class _Direct:
     @property
     def end(self) -> int:
         return self.offset + sum(b.stored for b in self.blocks)
+
+
+def _first_bad(blocks: Sequence[Any], got: Sequence[int]) -> int | None:
+    """Byte position (from the first block) of the first block whose digest is not in ``got``; None if all match."""
+    pos = 0
+    for b, d in zip(blocks, got):
+        if d != b.digest:
+            return pos
+        pos += b.stored
+    return None
 
 
 class CheckpointReader(StorageReader):
@@ -235,7 +245,7 @@ class CheckpointReader(StorageReader):
             else:
                 intact, pos = [], 0
                 for d in directs:
-                    intact.append(got[pos : pos + len(d.blocks)] == [b.digest for b in d.blocks])
+                    intact.append(_first_bad(d.blocks, got[pos : pos + len(d.blocks)]) is None)
                     pos += len(d.blocks)
                 with self.stats.lock:
                     self.stats.bytes_by_source[source.url()] += sum(d.end - d.offset for d, ok in zip(directs, intact) if ok)
@@ -251,7 +261,7 @@ class CheckpointReader(StorageReader):
         """One item from the first source that has it intact; ``direct``: its direct read (``_direct``)."""
         fqn, loc, dtype, shape, rows, lo, hi = self._geometry(ri)
         if direct is not None:
-            # whole blocks into a contiguous destination: read them straight into it, then verify
+            # whole blocks into a contiguous destination: read them straight into it, verified as they stream in
             flat = direct.target.reshape(-1).view(torch.uint8)
             if flat.device.type == "cpu":
                 self._read_verified(loc, direct.offset, direct.blocks, fqn, handles, into=memoryview(flat.numpy()))
@@ -355,19 +365,14 @@ class CheckpointReader(StorageReader):
                 problems.append(f"{source.url(loc.file)}: {e}")
                 self._bad.add((s, loc.file))
                 continue
-            pos, bad = 0, None
-            for b, d in zip(blocks, got):
-                if d != b.digest:
-                    bad = offset + pos
-                    break
-                pos += b.stored
+            bad = _first_bad(blocks, got)
             if bad is None:
                 with self.stats.lock:
                     self.stats.bytes_by_source[source.url()] += size
                     if s:
                         self.stats.fallbacks[loc.file] = source.url()
                 return buf
-            problems.append(f"{source.url(loc.file)}: block at byte {bad} (tensor {fqn!r}) fails its checksum")
+            problems.append(f"{source.url(loc.file)}: block at byte {offset + bad} (tensor {fqn!r}) fails its checksum")
             self._bad.add((s, loc.file))
             f = handles.pop(s, None)
             if f is not None:
