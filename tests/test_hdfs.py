@@ -47,6 +47,19 @@ def test_two_rank_save_and_resume(healthy_minidfs, tmp_path, scheme, src, n_src,
     assert_same_state(load_json(tmp_path / "saved-4.json"), load_json(tmp_path / "restored.json"))
 
 
+def test_viewfs_urls_go_through_the_mount_table_to_the_cluster(healthy_minidfs):
+    from urllib.parse import urlparse
+
+    target = url_for(healthy_minidfs, "hdfs", "vfs")  # where the mount table points
+    mount = {"fs.viewfs.mounttable.ckpts.link./ckpt": target,  # what core-site.xml would hold
+             "fs.viewfs.mounttable.ckpts.linkFallback": healthy_minidfs.namenode_url + "/elsewhere"}
+    io = DistCheckpointIO(hdfs=HdfsOptions(user="root", config=mount))
+    io.save_checkpoint({"w": torch.arange(1000.0)}, "viewfs://ckpts/ckpt/first")
+    assert torch.equal(io.load_checkpoint("viewfs://ckpts/ckpt/first")["w"], torch.arange(1000.0))
+    (ckpt,) = list_checkpoints(target, ROOT_CFG)  # the checkpoint lives on the mounted cluster
+    assert ckpt.name == "first" and ckpt.committed and urlparse(ckpt.url).path.endswith("/first")
+
+
 def test_replication_factor_is_applied(healthy_minidfs):
     url = url_for(healthy_minidfs, "hdfs", "repl")
     DistCheckpointIO(hdfs=HdfsOptions(replication=2, block_size_mb=1)).save_checkpoint({"w": torch.randn(600_000)}, url)
