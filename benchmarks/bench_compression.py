@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, stats, write_result  # noqa: E402
 
 from lightning_distckpt import DistCheckpoint, DistCheckpointIO, load_checkpoint  # noqa: E402
-from lightning_distckpt.compression.lossless import ShuffleZstd  # noqa: E402
-from lightning_distckpt.compression.prune import prune, quantize_int8  # noqa: E402
+from lightning_distckpt.transforms.lossless import ShuffleZstd  # noqa: E402
+from lightning_distckpt.transforms.prune import prune, quantize_int8  # noqa: E402
 
 PRESETS = [None, "lossless", "bf16", "int8"]
 T = 120  # 5 epochs of 24 steps: the save falls on an epoch boundary, so the exact resume is bit-identical

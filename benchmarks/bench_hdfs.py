@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     from bench_save_load import Big, load_everything
 
     from lightning_distckpt import DistCheckpointIO
-    from lightning_distckpt.format import BlockDigests
+    from lightning_distckpt.ondisk import BlockDigests
     from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
 
     world = int(os.environ["WORLD_SIZE"])

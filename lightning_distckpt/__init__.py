@@ -41,16 +41,16 @@ __all__ = [
 # Public names are imported on first use, so that tools which only read or write checkpoints (the
 # ``distckpt`` command, export) start without importing Lightning.
 _EXPORTS = {
-    "DistCheckpoint": "callback",
-    "DistCheckpointIO": "io",
+    "DistCheckpoint": "integration.callback",
+    "DistCheckpointIO": "integration.plugin",
     "HdfsOptions": "storage.hdfs",
-    "CompressionConfig": "compression",
-    "KnowledgeDistillation": "distill",
-    "VerifyReport": "catalog",
-    "list_checkpoints": "catalog",
-    "verify": "catalog",
-    "export_checkpoint": "export",
-    "load_checkpoint": "export",
+    "CompressionConfig": "transforms.compression",
+    "KnowledgeDistillation": "integration.distill",
+    "VerifyReport": "catalog.verify",
+    "list_checkpoints": "catalog.listing",
+    "verify": "catalog.verify",
+    "export_checkpoint": "ops.export",
+    "load_checkpoint": "ops.export",
     **{name: "errors" for name in __all__ if name.endswith("Error")},
 }
 
@@ -69,8 +69,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from lightning_distckpt.callback import DistCheckpoint
-    from lightning_distckpt.catalog import VerifyReport, list_checkpoints, verify
+    from lightning_distckpt.catalog.listing import list_checkpoints
+    from lightning_distckpt.catalog.verify import VerifyReport, verify
     from lightning_distckpt.errors import (
         CheckpointNotFoundError,
         CheckpointSaveError,
@@ -82,8 +82,9 @@ if TYPE_CHECKING:
         UncommittedCheckpointError,
         UnsafeCheckpointError,
     )
-    from lightning_distckpt.export import export_checkpoint, load_checkpoint
-    from lightning_distckpt.io import DistCheckpointIO
-    from lightning_distckpt.compression import CompressionConfig
-    from lightning_distckpt.distill import KnowledgeDistillation
+    from lightning_distckpt.integration.callback import DistCheckpoint
+    from lightning_distckpt.integration.distill import KnowledgeDistillation
+    from lightning_distckpt.integration.plugin import DistCheckpointIO
+    from lightning_distckpt.ops.export import export_checkpoint, load_checkpoint
     from lightning_distckpt.storage.hdfs import HdfsOptions
+    from lightning_distckpt.transforms.compression import CompressionConfig

@@ -28,4 +28,6 @@ fi
 export VIRTUAL_ENV="$_venv"
 export PATH="$_venv/bin:$PATH"
 export DISTCKPT_ROOT="$_root"
+# this checkout first on the path, whichever checkout the shared venv's editable install points at
+export PYTHONPATH="$_root${PYTHONPATH:+:$PYTHONPATH}"
 set +euo pipefail

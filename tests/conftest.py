@@ -62,7 +62,7 @@ def train(strategy: str, nproc: int, ckpt_dir: Path | str, *args: Any, timeout: 
 
 def rewrite_document(url: str, name: str, data: bytes) -> None:
     """Replace a checkpoint document and recompute the manifest and marker, as a malicious author would."""
-    from lightning_distckpt import format as fmt
+    from lightning_distckpt import ondisk as fmt
 
     open(os.path.join(url, name), "wb").write(data)
     manifest = json.load(open(os.path.join(url, fmt.MANIFEST)))

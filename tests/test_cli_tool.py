@@ -18,9 +18,9 @@ from conftest import env
 from workloads.common import Net, data
 
 from lightning_distckpt import DistCheckpoint, DistCheckpointIO, load_checkpoint
-from lightning_distckpt import format as fmt
-from lightning_distckpt.cli import main
-from lightning_distckpt.replication import copy_checkpoint
+from lightning_distckpt import ondisk as fmt
+from lightning_distckpt.cli.main import main
+from lightning_distckpt.catalog.replication import copy_checkpoint
 from lightning_distckpt.storage import HdfsOptions, StorageConfig
 
 EXE = shutil.which("distckpt", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))

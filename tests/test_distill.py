@@ -12,7 +12,7 @@ from torch import nn
 from workloads.common import Net, data
 
 from lightning_distckpt import DistCheckpoint, DistCheckpointIO, KnowledgeDistillation, load_checkpoint
-from lightning_distckpt.loading import load_weights
+from lightning_distckpt.engine.loading import load_weights
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from conftest import load_json, train
 from workloads.common import Net, data
 
 from lightning_distckpt import CorruptCheckpointError, DistCheckpoint, DistCheckpointIO, list_checkpoints, verify
-from lightning_distckpt import format as fmt
+from lightning_distckpt import ondisk as fmt
 
 
 def fit(dirpath, max_steps, resume=None, **cb) -> tuple[L.Trainer, Net, DistCheckpoint]:

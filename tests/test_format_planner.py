@@ -7,9 +7,9 @@ import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan
 
-from lightning_distckpt import format as fmt
+from lightning_distckpt import ondisk as fmt
 from lightning_distckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
-from lightning_distckpt.planner import BalancedSavePlanner, Piece, balance, item_bytes
+from lightning_distckpt.parallel.planner import BalancedSavePlanner, Piece, balance, item_bytes
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", "..", ".", "", "x\\y", "a\x00"])
@@ -123,7 +123,7 @@ def test_chunks_resolve_to_views_of_the_right_rows():
 
 
 def test_plan_cache_skips_replanning_of_an_unchanged_structure():
-    from lightning_distckpt.planner import PlanCache
+    from lightning_distckpt.parallel.planner import PlanCache
 
     caches = [PlanCache(), PlanCache()]
     tensors = {"model/w": torch.zeros(64, 64), "model/b": torch.zeros(64)}

@@ -27,7 +27,7 @@ from lightning_distckpt import (
     load_checkpoint,
     verify,
 )
-from lightning_distckpt import format as fmt
+from lightning_distckpt import ondisk as fmt
 
 
 def trainer(ckpt_dir, max_steps, **cb) -> L.Trainer:
@@ -262,7 +262,7 @@ def test_a_strategy_that_cannot_be_routed_fails_at_setup():
     Unknown.__abstractmethods__ = frozenset()  # instantiable without implementing the collectives
 
     with pytest.raises(TypeError, match="only ModelParallelStrategy, FSDPStrategy, DDPStrategy, SingleDeviceStrategy"):
-        from lightning_distckpt.integration import route
+        from lightning_distckpt.integration.routing import route
 
         route(Unknown.__new__(Unknown), DistCheckpointIO())
 

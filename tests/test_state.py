@@ -10,8 +10,9 @@ import os
 import pytest
 import torch
 
-from lightning_distckpt import UnsafeCheckpointError, state
-from lightning_distckpt.format import dumps, loads
+from lightning_distckpt import UnsafeCheckpointError
+from lightning_distckpt.ondisk import skeleton as state
+from lightning_distckpt.ondisk import dumps, loads
 
 
 def roundtrip(obj):

@@ -11,11 +11,15 @@ from lightning_distckpt.errors import StorageError
 from lightning_distckpt.storage import HdfsOptions, StorageConfig, Store, open_store
 
 
-@pytest.fixture(params=["local", "file-url", pytest.param("hdfs", marks=pytest.mark.hdfs),
+@pytest.fixture(params=["local", "file-url", "memory", pytest.param("hdfs", marks=pytest.mark.hdfs),
                         pytest.param("webhdfs", marks=pytest.mark.hdfs)])
 def store_root(request, tmp_path) -> tuple[Store, str]:
     if request.param in ("local", "file-url"):
         return open_store(str(tmp_path) if request.param == "local" else f"file://{tmp_path}")
+    if request.param == "memory":  # fsspec's in-process filesystem through the plain FsspecStore
+        store, root = open_store(f"memory://conformance-{uuid.uuid4().hex[:8]}")
+        store.makedirs(root)
+        return store, root
     dfs = request.getfixturevalue("healthy_minidfs")
     base = dfs.namenode_url if request.param == "hdfs" else dfs.webhdfs_url
     store, root = open_store(f"{base}/conformance-{uuid.uuid4().hex[:8]}", StorageConfig(hdfs=HdfsOptions(user="root")))

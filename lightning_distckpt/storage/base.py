@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from lightning_distckpt.storage.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from lightning_distckpt.format import BlockDigests
+    from lightning_distckpt.ondisk.digests import BlockDigests
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,17 @@ class Store(ABC):
     @abstractmethod
     def listdir(self, path: str) -> list[Entry]:
         """Entries directly under ``path``; ``FileNotFoundError`` if it does not exist."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A copy of a checkpoint: a store and the checkpoint directory's path in it."""
+
+    store: Store
+    path: str
+
+    def url(self, name: str = "") -> str:
+        return self.store.url(self.store.join(self.path, name) if name else self.path)
 
 
 def read_at(f: BinaryIO, offset: int, buffer: memoryview, what: str, digests: BlockDigests | None = None) -> None:

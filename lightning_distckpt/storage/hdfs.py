@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lightning_distckpt.storage.fsspec import FsspecStore, _OnceClosing
+from lightning_distckpt.storage.fsspec_store import FsspecStore, _OnceClosing
 from lightning_distckpt.storage.retry import RetryPolicy
 
 #: hdfs-native options that make a dead NameNode fail a call in well under a second (our policy retries).

@@ -20,12 +20,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from lightning_distckpt import catalog, state
-from lightning_distckpt._dist import Comm
-from lightning_distckpt.loading import allocate, open_for_load, read_tensors
-from lightning_distckpt.replication import Replicator
-from lightning_distckpt.saving import WriteOptions, write_checkpoint
-from lightning_distckpt.format import Manifest
+from lightning_distckpt import catalog
+from lightning_distckpt.ondisk import skeleton as state
+from lightning_distckpt.parallel.comm import Comm
+from lightning_distckpt.engine.loading import allocate, open_for_load, read_tensors
+from lightning_distckpt.catalog.replication import Replicator
+from lightning_distckpt.engine.saving import WriteOptions, write_checkpoint
+from lightning_distckpt.ondisk import Manifest
 from lightning_distckpt.storage import open_store
 
 

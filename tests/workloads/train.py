@@ -83,7 +83,7 @@ def fault_injection() -> None:
     if pause:
         rank, method, n, folder = pause.split(":", 3)
         if rank == rank_here:
-            from lightning_distckpt.storage.fsspec import FsspecStore
+            from lightning_distckpt.storage.fsspec_store import FsspecStore
             from lightning_distckpt.storage.hdfs import HdfsStore
 
             def wait() -> None:

@@ -1,0 +1,269 @@
+"""Copies committed checkpoints to replica targets, in the background, every rank doing its share.
+
+After a checkpoint commits on the primary, :meth:`Replicator.submit` queues it on every rank. A background
+thread per rank then copies, for each replica target, the data files assigned to that rank (round-robin
+over the manifest's files), checking every block against the primary's metadata as it goes. The ranks
+agree over their own gloo process group (separate from the save's), and rank 0 copies the documents,
+moves the staging directory into place and writes the replica's own commit marker, after checking the
+replica's files against the manifest. A failed copy is logged, counted, retried later, and never fails
+training. Not used when there are no replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_distckpt import ondisk
+from lightning_distckpt.catalog.documents import open_checkpoint, read_manifest, source_of
+from lightning_distckpt.catalog.verify import blocks_by_file, verify_file
+from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError
+from lightning_distckpt.parallel.comm import Comm
+from lightning_distckpt.storage import Source, StorageLike
+from lightning_distckpt.storage.base import read_blocks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplicaStats:
+    """Counters for logs and metrics (rank 0's are authoritative)."""
+
+    copied: int = 0
+    failures: int = 0
+    pending: int = 0
+    last_error: str = ""
+    bytes_copied: int = 0
+    by_target: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    name: str
+    primary: str
+    attempt: int = 0
+
+
+def copy_file(src: Source, dst: Source, name: str, blocks: list[tuple[int, ondisk.Block]] | None, size: int,
+              progress: Callable[[int], None] | None = None) -> int:
+    """Copy one file, verifying each block (data files) or the whole (documents); returns its digest."""
+    reader = src.store.open_read(src.store.join(src.path, name))
+    writer = dst.store.open_write(dst.store.join(dst.path, name))
+    try:
+        if blocks is None:
+            data = reader.read()
+            writer.write(data)
+            if progress:
+                progress(len(data))
+            return ondisk.digest(data)
+        pos = 0
+        for offset, b in blocks:
+            if offset != pos:
+                raise CorruptCheckpointError(f"{src.url(name)}: blocks are not contiguous at byte {pos}")
+            pos += b.stored
+        digests, pos = [], 0
+        try:
+            for (offset, b), data in zip(blocks, read_blocks(reader, [b.stored for _, b in blocks], src.url(name))):
+                if ondisk.digest(data) != b.digest:
+                    raise CorruptCheckpointError(f"{src.url(name)}: block at byte {offset} fails its checksum; not copied")
+                writer.write(data)
+                if progress:
+                    progress(len(data))
+                digests.append(b.digest)
+                pos += b.stored
+        except EOFError as e:  # a file shorter than its blocks
+            raise CorruptCheckpointError(f"{e}; not copied") from None
+        if pos != size:
+            raise CorruptCheckpointError(f"{src.url(name)}: blocks cover {pos} of {size} bytes")
+        return ondisk.blocks_digest(digests)
+    finally:
+        reader.close()
+        writer.close()
+
+
+class Replicator:
+    """Background replication of committed checkpoints to ``targets`` (root URLs), collective over ``comm``.
+
+    Every rank must create it (same targets, same order of ``submit`` calls). ``after_replica_commit`` is
+    called on rank 0 with (target root, checkpoint name) after each replica commits (retention hooks in).
+    """
+
+    def __init__(self, targets: list[str], storage: StorageLike, comm: Comm, max_attempts: int = 3,
+                 retry_delay_s: float = 5.0, after_replica_commit: Callable[[str, str], None] | None = None) -> None:
+        self.targets = list(targets)
+        self.storage = storage
+        self.comm = comm
+        self.max_attempts = max_attempts
+        self.retry_delay_s = retry_delay_s
+        self.after_replica_commit = after_replica_commit
+        self.stats = ReplicaStats()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="distckpt-replicate", daemon=True)
+        self._thread.start()
+
+    def submit(self, name: str, primary_url: str) -> None:
+        """Queue a committed checkpoint for replication (non-blocking; call on every rank, same order)."""
+        self.stats.pending += 1
+        self._queue.put(_Job(name, primary_url))
+
+    def close(self, timeout_s: float = 600.0) -> bool:
+        """Finish the queued copies (bounded by ``timeout_s``); True if all finished."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("replication still running after %.0f s; %d checkpoint(s) not replicated", timeout_s,
+                        self.stats.pending)  # fmt: skip
+            return False
+        return True
+
+    # -- background thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            ok, error = self._replicate(job)
+            if ok:
+                self.stats.pending -= 1
+                self.stats.copied += 1
+                continue
+            self.stats.failures += 1
+            self.stats.last_error = error
+            job.attempt += 1
+            if job.attempt < self.max_attempts:
+                log.warning("replication of %s failed (attempt %d of %d), retrying in %.0f s: %s", job.name,
+                            job.attempt, self.max_attempts, self.retry_delay_s, error)  # fmt: skip
+                time.sleep(self.retry_delay_s)
+                self._queue.put(job)
+            else:
+                self.stats.pending -= 1
+                log.error("replication of %s given up after %d attempts: %s", job.name, job.attempt, error)
+
+    def _replicate(self, job: _Job) -> tuple[bool, str]:
+        """One attempt at copying ``job`` to every target; the same outcome on every rank."""
+        errors = []
+        for target in self.targets:
+            try:
+                self._replicate_to(job, target)
+            except Exception as e:  # noqa: BLE001 - replication never fails training
+                errors.append(f"{target}: {type(e).__name__}: {e}")
+        return (not errors), "; ".join(errors)
+
+    def _replicate_to(self, job: _Job, target: str) -> None:
+        rank, world = self.comm.rank, self.comm.world_size
+        error = ""
+        copied = 0
+        already = False
+        try:
+            primary = open_checkpoint(source_of(job.primary, self.storage))
+            dst_root = source_of(target, self.storage)
+            final = dst_root.store.join(dst_root.path, job.name)
+            token = f"{ondisk.digest(ondisk.dumps(primary.manifest.to_json())):016x}"[:12]
+            staging = Source(dst_root.store, dst_root.store.join(dst_root.path, ondisk.staging_name(job.name, "r" + token)))
+            if rank == 0:
+                try:  # already replicated, with this very manifest?
+                    already = read_manifest(Source(dst_root.store, final)).to_json() == primary.manifest.to_json()
+                except DistCheckpointError:
+                    already = False
+                if not already:
+                    if dst_root.store.exists(final):  # an older or broken copy under the same name
+                        dst_root.store.remove(final, recursive=True)
+                    staging.store.remove(staging.path, recursive=True)  # a crashed earlier attempt
+                    staging.store.makedirs(staging.path)
+        except Exception as e:  # noqa: BLE001 - agreed on below
+            error = f"rank {rank}: {type(e).__name__}: {e}"
+        self._agree(error)
+        if self.comm.broadcast(already):
+            return
+        blocks = blocks_by_file(primary)
+        data_files = sorted(n for n in primary.manifest.files if n not in (ondisk.METADATA, ondisk.STATE))
+        try:
+            for i, name in enumerate(data_files):
+                if i % world == rank:
+                    info = primary.manifest.files[name]
+                    got = copy_file(primary.source, staging, name, blocks.get(name, []), info["size"])
+                    if got != info["xxh3"]:
+                        raise CorruptCheckpointError(f"{primary.source.url(name)}: digest differs from its manifest")
+                    copied += info["size"]
+        except Exception as e:  # noqa: BLE001
+            error = f"rank {rank}: {type(e).__name__}: {e}"
+        self._agree(error)
+        if rank == 0:
+            try:
+                for name in (ondisk.METADATA, ondisk.STATE):
+                    info = primary.manifest.files[name]
+                    if copy_file(primary.source, staging, name, None, info["size"]) != info["xxh3"]:
+                        raise CorruptCheckpointError(f"{primary.source.url(name)}: digest differs from its manifest")
+                sizes = {e.name: e.size for e in staging.store.listdir(staging.path)}
+                for name, info in primary.manifest.files.items():
+                    if sizes.get(name) != info["size"]:
+                        raise CorruptCheckpointError(f"{staging.url(name)}: copy has {sizes.get(name)} bytes, "
+                                                     f"expected {info['size']}")  # fmt: skip
+                manifest_bytes = ondisk.dumps(primary.manifest.to_json())
+                staging.store.write_bytes(staging.store.join(staging.path, ondisk.MANIFEST), manifest_bytes)
+                staging.store.rename(staging.path, final)
+                staging.store.write_bytes(staging.store.join(final, ondisk.MARKER), ondisk.marker_bytes(manifest_bytes))
+            except Exception as e:  # noqa: BLE001
+                error = f"rank 0: {type(e).__name__}: {e}"
+                try:
+                    staging.store.remove(staging.path, recursive=True)
+                except Exception:  # noqa: BLE001 - best effort; gc removes it later
+                    pass
+        self._agree(error)
+        self.stats.bytes_copied += copied
+        self.stats.by_target[target] = self.stats.by_target.get(target, 0) + 1
+        if rank == 0 and self.after_replica_commit is not None:
+            try:
+                self.after_replica_commit(target, job.name)
+            except Exception:  # noqa: BLE001
+                log.exception("retention on replica %s failed", target)
+
+    def _agree(self, error: str) -> None:
+        """All ranks learn every rank's error; raise the same failure everywhere if any rank failed."""
+        errors = [e for e in self.comm.all_gather(error) if e]
+        if errors:
+            raise DistCheckpointError("; ".join(errors))
+
+
+def describe(stats: ReplicaStats) -> dict[str, Any]:
+    return {"copied": stats.copied, "failures": stats.failures, "pending": stats.pending}
+
+
+def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
+                    progress: Callable[[int], None] | None = None) -> ondisk.Manifest:
+    """Copy one committed checkpoint to ``dst_url`` (any store to any store), in this process, verified.
+
+    Every block is checked against the source's checksums as it is copied; the copy is committed (renamed
+    into place, its own marker written) only when complete. Resumable: an interrupted copy leaves a
+    staging directory named after the source's manifest, and the next call keeps the files there that
+    already verify. Refuses to overwrite an existing checkpoint at ``dst_url``.
+    """
+    src = open_checkpoint(source_of(src_url, storage))
+    dst = source_of(dst_url, storage)
+    store = dst.store
+    if store.exists(dst.path):
+        raise DistCheckpointError(f"{dst.url()}: already exists; remove it first or copy elsewhere")
+    parent, name = store.parent(dst.path), store.basename(dst.path)
+    token = f"c{ondisk.digest(ondisk.dumps(src.manifest.to_json())):016x}"[:13]
+    staging = Source(store, store.join(parent, ondisk.staging_name(name, token)))
+    store.makedirs(staging.path)
+    present = {e.name: e.size for e in store.listdir(staging.path)}
+    blocks = blocks_by_file(src)
+    for fname, info in sorted(src.manifest.files.items()):
+        kind = None if fname in (ondisk.METADATA, ondisk.STATE) else blocks.get(fname, [])
+        if present.get(fname) == info["size"] and verify_file(staging, fname, info, kind or []).ok:
+            if progress:
+                progress(info["size"])
+            continue  # copied completely before an interruption
+        if copy_file(src.source, staging, fname, kind, info["size"], progress) != info["xxh3"]:
+            raise CorruptCheckpointError(f"{src.source.url(fname)}: digest differs from its manifest; not copied")
+    manifest_bytes = ondisk.dumps(src.manifest.to_json())
+    store.write_bytes(store.join(staging.path, ondisk.MANIFEST), manifest_bytes)
+    store.rename(staging.path, dst.path)
+    store.write_bytes(store.join(dst.path, ondisk.MARKER), ondisk.marker_bytes(manifest_bytes))
+    return src.manifest

@@ -1,0 +1,372 @@
+"""DCP StorageReader: reads exactly the blocks a rank needs and verifies each before using it.
+
+For every read item the reader finds the stored chunk's blocks that cover the requested rows, reads them
+with one ranged read and checks each block's xxh3 against the metadata as its bytes stream in. Uncompressed
+blocks land straight in a CPU destination (or in pinned buffers bound for an accelerator's); compressed ones
+are decoded after their check. A tensor is handed to DCP only once all of its blocks matched. A block that fails (missing file, short read, wrong checksum) is read
+from the next source that has the same file (a replica); if none has a good copy the load fails with a
+:class:`CorruptCheckpointError` naming file, offset and tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, NamedTuple
+
+import torch
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from lightning_distckpt.errors import CorruptCheckpointError
+from lightning_distckpt.ondisk.digests import BlockDigests
+from lightning_distckpt.ondisk.metadata import Location
+from lightning_distckpt.storage.base import Source, read_at, read_scatter, windows
+from lightning_distckpt.transforms.block import BlockCodec
+
+log = logging.getLogger(__name__)
+
+#: pinned host buffer size for reads into accelerator memory
+STAGE_BYTES = 64 << 20
+
+
+@dataclass
+class ReadStats:
+    """What a load read, per source URL (bytes) and which files needed a fallback source."""
+
+    bytes_by_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads)
+    read_s: float = 0.0
+    broadcast_s: float = 0.0
+    file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Geometry(NamedTuple):
+    """Where a read item's rows are: its chunk's stored location, dtype and shape, raw bytes [lo, hi)."""
+
+    fqn: str
+    loc: Location
+    dtype: torch.dtype
+    shape: list[int]
+    rows: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, eq=False)
+class _Direct:
+    """A read item whose stored blocks go unchanged into ``target`` (contiguous, same dtype)."""
+
+    ri: ReadItem
+    target: torch.Tensor
+    offset: int  # of the first block in the file
+    blocks: Sequence[Any]
+
+    @property
+    def end(self) -> int:
+        return self.offset + sum(b.stored for b in self.blocks)
+
+
+def _first_bad(blocks: Sequence[Any], got: Sequence[int]) -> int | None:
+    """Byte position (from the first block) of the first block whose digest is not in ``got``; None if all match."""
+    pos = 0
+    for b, d in zip(blocks, got):
+        if d != b.digest:
+            return pos
+        pos += b.stored
+    return None
+
+
+class CheckpointReader(StorageReader):
+    """Reads one checkpoint from ``sources`` (the first is preferred). One instance per load."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        metadata: Metadata,
+        *,
+        threads: int = 2,
+        codecs: Callable[[str], BlockCodec] | None = None,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise ValueError("a reader needs at least one source")
+        self.sources = list(sources)
+        self.metadata = metadata
+        self.threads = threads
+        self.codecs = codecs or (lambda name: BlockCodec())
+        self.stats = ReadStats()
+        self._chunks: dict[MetadataIndex, ChunkStorageMetadata] = {
+            MetadataIndex(fqn, c.offsets): c
+            for fqn, tmd in metadata.state_dict_metadata.items()
+            for c in tmd.chunks  # type: ignore[union-attr]
+        }
+        self._bad: set[tuple[int, str]] = set()  # (source index, file) known to be bad
+        self._devices: set[torch.device] = set()  # accelerators that _read_to_device copied to
+
+    # -- DCP protocol ------------------------------------------------------------------------------
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return self.metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        by_file: dict[str, list[ReadItem]] = defaultdict(list)
+        for ri in plan.items:
+            by_file[self._loc(ri).file].append(ri)
+        groups = sorted(by_file.items(), key=lambda kv: -sum(self._loc(r).stored for r in kv[1]))
+        work = [(name, sorted(items, key=lambda r: self._loc(r).offset)) for name, items in groups]
+        if self.threads <= 1 or len(work) <= 1:
+            for name, items in work:
+                self._read_file(name, items, planner)
+        else:
+            with ThreadPoolExecutor(min(self.threads, len(work)), thread_name_prefix="distckpt-read") as pool:
+                list(pool.map(lambda w: self._read_file(w[0], w[1], planner), work))
+        for device in self._devices:  # the non-blocking copies of _read_to_device
+            torch.get_device_module(device).synchronize(device)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _loc(self, ri: ReadItem) -> Location:
+        return self.metadata.storage_data[ri.storage_index]
+
+    def _read_file(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
+        handles: dict[int, BinaryIO] = {}
+        start = time.perf_counter()
+        try:
+            for run in self._runs(items, planner):
+                self._read_run(name, run, planner, handles)
+        finally:
+            for f in handles.values():
+                f.close()
+            with self.stats.lock:
+                self.stats.file_s[name] = self.stats.file_s.get(name, 0.0) + time.perf_counter() - start
+
+    def _geometry(self, ri: ReadItem) -> _Geometry:
+        fqn = ri.storage_index.fqn
+        dtype = self.metadata.state_dict_metadata[fqn].properties.dtype  # type: ignore[union-attr]
+        shape = list(self._chunks[ri.storage_index].sizes)
+        row_bytes = dtype.itemsize * (torch.Size(shape[1:]).numel() if shape else 1)
+        first = ri.storage_offsets[0] if shape else 0
+        rows = ri.lengths[0] if shape else 1
+        return _Geometry(fqn, self._loc(ri), dtype, shape, rows, first * row_bytes, (first + rows) * row_bytes)
+
+    def _direct(self, ri: ReadItem, planner: LoadPlanner) -> _Direct | None:
+        """Where the item's whole, uncompressed blocks can go straight into a contiguous destination."""
+        _, loc, dtype, shape, _, lo, hi = self._geometry(ri)
+        if loc.codec or hi <= lo or any(o != 0 for o in ri.storage_offsets[1:]) or list(ri.lengths[1:]) != shape[1:]:
+            return None
+        target = planner.resolve_tensor(ri)
+        if target.dtype != dtype or not target.is_contiguous():
+            return None
+        blocks, start_raw, start_stored = self._select(loc, lo, hi)
+        if start_raw != lo or start_raw + sum(b.raw for b in blocks) != hi:
+            return None
+        return _Direct(ri, target, start_stored, blocks)
+
+    def _runs(self, items: list[ReadItem], planner: LoadPlanner) -> list[list[tuple[ReadItem, _Direct | None]]]:
+        """The items of one file in offset order, each with its direct read (or None), grouped into runs of
+        adjacent direct reads into CPU memory (one ranged stream each); every other item is a run of one."""
+        out: list[list[tuple[ReadItem, _Direct | None]]] = []
+        last: _Direct | None = None  # the direct CPU read that ends the last run
+        for ri in items:
+            d = self._direct(ri, planner)
+            cpu = d is not None and d.target.device.type == "cpu"
+            if cpu and last is not None and last.end == d.offset:  # type: ignore[union-attr]
+                out[-1].append((ri, d))
+            else:
+                out.append([(ri, d)])
+            last = d if cpu else None
+        return out
+
+    def _read_run(self, name: str, run: list[tuple[ReadItem, _Direct | None]], planner: LoadPlanner,
+                  handles: dict[int, BinaryIO]) -> None:
+        """Several adjacent direct reads: one ranged read from the first source straight into their
+        destinations, each block checked as its bytes stream in; an item that fails (or a failed read) goes through
+        :meth:`_read_item`, which tries every source. A run of one: :meth:`_read_item`."""
+        retry = run
+        if len(run) > 1 and (0, name) not in self._bad:
+            source = self.sources[0]
+            directs = [d for _, d in run if d is not None]
+            views = [memoryview(d.target.reshape(-1).view(torch.uint8).numpy()) for d in directs]
+
+            def read_once() -> list[int]:
+                f = handles.get(0)
+                if f is None:
+                    f = handles[0] = source.store.open_read(source.store.join(source.path, name))
+                digests = BlockDigests([b.stored for d in directs for b in d.blocks])
+                read_scatter(f, directs[0].offset, views, source.url(name), digests)
+                return digests.digests
+
+            def reopen() -> None:
+                f = handles.pop(0, None)
+                if f is not None:
+                    f.close()
+
+            try:
+                got = source.store.retry.run(read_once, f"read {source.url(name)}", cleanup=reopen)
+            except (OSError, EOFError):
+                pass  # the careful path below records the problem and tries the other sources
+            else:
+                intact, pos = [], 0
+                for d in directs:
+                    intact.append(_first_bad(d.blocks, got[pos : pos + len(d.blocks)]) is None)
+                    pos += len(d.blocks)
+                with self.stats.lock:
+                    self.stats.bytes_by_source[source.url()] += sum(d.end - d.offset for d, ok in zip(directs, intact) if ok)
+                for d, ok in zip(directs, intact):
+                    if ok:
+                        planner.commit_tensor(d.ri, d.target)
+                retry = [item for item, ok in zip(run, intact) if not ok]
+        for ri, d in retry:
+            self._read_item(ri, d, planner, handles)
+
+    def _read_item(self, ri: ReadItem, direct: _Direct | None, planner: LoadPlanner,
+                   handles: dict[int, BinaryIO]) -> None:
+        """One item from the first source that has it intact; ``direct``: its direct read (``_direct``)."""
+        fqn, loc, dtype, shape, rows, lo, hi = self._geometry(ri)
+        if direct is not None:
+            # whole blocks into a contiguous destination: read them straight into it, verified as they stream in
+            flat = direct.target.reshape(-1).view(torch.uint8)
+            if flat.device.type == "cpu":
+                self._read_verified(loc, direct.offset, direct.blocks, fqn, handles, into=memoryview(flat.numpy()))
+            else:
+                self._read_to_device(loc, direct.offset, direct.blocks, fqn, handles, flat)
+            planner.commit_tensor(ri, direct.target)
+            return
+        raw = self._read_raw(loc, lo, hi, fqn, handles)
+        src = torch.frombuffer(raw, dtype=dtype) if len(raw) else torch.empty(0, dtype=dtype)
+        src = src.reshape([rows, *shape[1:]] if shape else [])
+        for d in range(1, len(shape)):
+            src = src.narrow(d, ri.storage_offsets[d], ri.lengths[d])
+        target = planner.resolve_tensor(ri)
+        if target.shape != src.shape:
+            raise CorruptCheckpointError(
+                f"{self.sources[0].url(loc.file)}: tensor {fqn!r} region {list(src.shape)} does not fit its "
+                f"destination {list(target.shape)}"
+            )
+        target.copy_(src)
+        planner.commit_tensor(ri, target)
+
+    def _read_to_device(self, loc: Location, offset: int, blocks: Sequence[Any], fqn: str,
+                        handles: dict[int, BinaryIO], flat: torch.Tensor) -> None:
+        """Read ``blocks`` into the accelerator bytes ``flat`` through pinned host buffers of about
+        ``STAGE_BYTES``: each is verified, then copied without blocking this thread (the caching host allocator
+        keeps a buffer until its copy is done; ``read_data`` synchronizes the device before it returns)."""
+        pos = 0
+        for i, j, size in windows([b.stored for b in blocks], STAGE_BYTES):
+            stage = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self._read_verified(loc, offset + pos, blocks[i:j], fqn, handles, into=memoryview(stage.numpy()))
+            flat[pos : pos + size].copy_(stage, non_blocking=True)
+            self._devices.add(flat.device)
+            pos += size
+
+    @staticmethod
+    def _select(loc: Location, lo: int, hi: int) -> tuple[list[Any], int, int]:
+        """The blocks of ``loc`` that cover raw bytes [lo, hi), and where the first one starts (raw, stored)."""
+        selected, raw_pos, stored_pos = [], 0, loc.offset
+        start_raw = start_stored = 0
+        for b in loc.blocks:
+            if raw_pos < hi and raw_pos + b.raw > lo:
+                if not selected:
+                    start_raw, start_stored = raw_pos, stored_pos
+                selected.append(b)
+            raw_pos += b.raw
+            stored_pos += b.stored
+        return selected, start_raw, start_stored
+
+    def _read_raw(self, loc: Location, lo: int, hi: int, fqn: str, handles: dict[int, BinaryIO]) -> memoryview:
+        """Raw bytes [lo, hi) of the chunk at ``loc``, from verified (and decoded) blocks."""
+        if hi <= lo:
+            return memoryview(bytearray())
+        selected, start_raw, start_stored = self._select(loc, lo, hi)
+        if start_raw + sum(b.raw for b in selected) < hi:
+            raise CorruptCheckpointError(
+                f"{self.sources[0].url(loc.file)}: tensor {fqn!r} needs {hi} bytes, its blocks hold less"
+            )
+        data = memoryview(self._read_verified(loc, start_stored, selected, fqn, handles))
+        if loc.codec:
+            codec = self.codecs(loc.codec)
+            out, pos = bytearray(), 0
+            for b in selected:
+                decoded = codec.decode(data[pos : pos + b.stored], b.raw)
+                if len(decoded) != b.raw:
+                    raise CorruptCheckpointError(
+                        f"{self.sources[0].url(loc.file)}: block of tensor {fqn!r} decodes to {len(decoded)} "
+                        f"bytes, expected {b.raw}"
+                    )
+                out += decoded
+                pos += b.stored
+            data = memoryview(out)
+        return data[lo - start_raw : hi - start_raw]
+
+    def _read_verified(self, loc: Location, offset: int, blocks: Sequence[Any], fqn: str,
+                       handles: dict[int, BinaryIO], into: memoryview | None = None) -> bytearray | memoryview:
+        """The stored bytes of ``blocks`` (read into ``into`` if given), each block checked against its digest,
+        from the first source that has them intact."""
+        size = sum(b.stored for b in blocks)
+        problems = []
+        for s, source in enumerate(self.sources):
+            if (s, loc.file) in self._bad:
+                continue
+            buf = into if into is not None else bytearray(size)
+
+            def read_once(s: int = s, source: Source = source, buf: bytearray = buf) -> list[int]:
+                f = handles.get(s)
+                if f is None:
+                    f = handles[s] = source.store.open_read(source.store.join(source.path, loc.file))
+                digests = BlockDigests([b.stored for b in blocks])
+                read_at(f, offset, memoryview(buf), source.url(loc.file), digests)
+                return digests.digests
+
+            def reopen(s: int = s) -> None:
+                f = handles.pop(s, None)
+                if f is not None:
+                    f.close()
+
+            try:
+                got = source.store.retry.run(read_once, f"read {source.url(loc.file)}", cleanup=reopen)
+            except (OSError, EOFError) as e:
+                problems.append(f"{source.url(loc.file)}: {e}")
+                self._bad.add((s, loc.file))
+                continue
+            bad = _first_bad(blocks, got)
+            if bad is None:
+                with self.stats.lock:
+                    self.stats.bytes_by_source[source.url()] += size
+                    if s:
+                        self.stats.fallbacks[loc.file] = source.url()
+                return buf
+            problems.append(f"{source.url(loc.file)}: block at byte {offset + bad} (tensor {fqn!r}) fails its checksum")
+            self._bad.add((s, loc.file))
+            f = handles.pop(s, None)
+            if f is not None:
+                f.close()
+        if len(self.sources) > 1 and problems:
+            log.warning("no good copy of %s: %s", loc.file, "; ".join(problems))
+        raise CorruptCheckpointError("; ".join(problems) or f"{loc.file}: no readable copy")

@@ -1,0 +1,175 @@
+"""Writing one checkpoint: staging directory, DCP save, manifest, atomic publish, commit marker.
+
+``write_checkpoint`` is collective over ``group`` (every rank calls it with the same URL). It returns only
+once the checkpoint is committed, or raises :class:`CheckpointSaveError` on every rank; in that case the
+staging directory is removed (best effort) and no earlier checkpoint was touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata
+
+from lightning_distckpt import ondisk
+from lightning_distckpt.catalog import remove_checkpoint
+from lightning_distckpt.engine.writer import CheckpointWriter
+from lightning_distckpt.errors import CheckpointSaveError, UnsafeCheckpointError
+from lightning_distckpt.ondisk.skeleton import OPTIM
+from lightning_distckpt.parallel.comm import Comm
+from lightning_distckpt.parallel.planner import BalancedSavePlanner, PlanCache
+from lightning_distckpt.storage import Store, StorageLike, open_store
+from lightning_distckpt.transforms import PART, CompressionConfig
+from lightning_distckpt.transforms.compression import encode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How bytes are laid out; identical on every rank."""
+
+    threads: int = 2
+    chunk_bytes: int = 32 << 20
+    block_bytes: int = 8 << 20
+
+
+@dataclass
+class SaveResult:
+    """What one rank did in one save."""
+
+    url: str
+    bytes_written: int
+    seconds: float
+    manifest: ondisk.Manifest | None = None  # rank 0 only
+
+
+def write_checkpoint(
+    url: str,
+    skeleton: Any,
+    tensors: dict[str, Any],
+    manifest: ondisk.Manifest,
+    options: WriteOptions,
+    comm: Comm,
+    storage: StorageLike = None,
+    compression: CompressionConfig | None = None,
+    params: set[str] | None = None,
+    plan_cache: PlanCache | None = None,
+) -> SaveResult:
+    """Save ``tensors`` (flat, possibly sharded) and ``skeleton`` (JSON) as the checkpoint ``url``.
+
+    ``params`` are the keys of model parameters: with optimizer state, the only plain tensors assumed to
+    hold the same bytes on every rank (so any rank may write them, see
+    :func:`~lightning_distckpt.planner.balance`); ``None`` assumes that of every tensor. ``compression``
+    encodes tensors (on the calling thread, which is the background thread for async saves).
+    """
+    start = time.perf_counter()
+    compression = compression or CompressionConfig()
+    encodings: dict[str, Any] = {}
+    if compression.preset not in (None, "lossless"):
+        tensors, encodings = encode(tensors, compression, params)
+    codec = compression.make_block_codec()
+    manifest.compression = compression.descriptor()
+
+    def replicated(key: str) -> bool:
+        return params is None or key.split(PART)[0] in params or key.startswith(OPTIM)
+
+    store, path = open_store(url, storage)
+    parent, name = store.parent(path), store.basename(path)
+    try:
+        ondisk.check_name(name, url)
+    except UnsafeCheckpointError as e:
+        raise CheckpointSaveError(f"{url}: cannot save here: {e}") from None
+    token = comm.broadcast(uuid.uuid4().hex[:12])
+    staging = store.join(parent, ondisk.staging_name(name, token))
+    is_coordinator = comm.rank == 0
+
+    error = ""
+    if is_coordinator:
+        try:
+            store.makedirs(staging)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = f"cannot create {store.url(staging)}: {e}"
+    error = comm.broadcast(error)
+    if error:
+        raise CheckpointSaveError(f"saving checkpoint {url} failed: {error}")
+
+    published: list[ondisk.Manifest] = []
+
+    def publish(metadata: Metadata) -> None:
+        published.append(_publish(store, path, staging, token, metadata, skeleton, manifest, encodings))
+
+    writer = CheckpointWriter(store, staging, threads=options.threads, block_bytes=options.block_bytes,
+                              codec=codec, on_finish=publish)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(tensors, storage_writer=writer, planner=BalancedSavePlanner(options.chunk_bytes, replicated, plan_cache),
+                     process_group=comm.group, no_dist=not comm.active)
+    except BaseException as e:
+        if plan_cache is not None:
+            plan_cache.clear()
+        if is_coordinator:
+            try:
+                store.remove(staging, recursive=True)
+            except Exception:  # noqa: BLE001 - best effort; gc removes it later
+                log.warning("could not remove staging directory %s", store.url(staging), exc_info=True)
+        raise CheckpointSaveError(f"saving checkpoint {url} failed (nothing was committed): {_root_cause(e)}") from e
+    return SaveResult(url, writer.bytes_written, time.perf_counter() - start, published[0] if published else None)
+
+
+def _root_cause(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: exception}
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, exc in sorted(failures.items()):
+            inner = exc[0] if isinstance(exc, tuple) else exc
+            parts.append(f"rank {rank}: {type(inner).__name__}: {inner}")
+        return "; ".join(parts)
+    return f"{type(e).__name__}: {e}"
+
+
+def _publish(store: Store, path: str, staging: str, token: str, metadata: Metadata, skeleton: Any,
+             manifest: ondisk.Manifest, encodings: dict[str, Any]) -> ondisk.Manifest:
+    """Coordinator only: write the documents, move staging into place, write the commit marker."""
+    files: dict[str, dict[str, int]] = {}
+    by_file: dict[str, list[tuple[int, ondisk.Location]]] = {}
+    raw = 0
+    for loc in metadata.storage_data.values():
+        by_file.setdefault(loc.file, []).append((loc.offset, loc))
+        raw += loc.raw
+    for name, locs in by_file.items():
+        locs.sort(key=lambda x: x[0])
+        digests, size = [], 0
+        for offset, loc in locs:
+            if offset != size:
+                raise RuntimeError(f"internal error: chunks of {name} are not contiguous")
+            digests.extend(b.digest for b in loc.blocks)
+            size += loc.stored
+        files[name] = {"size": size, "xxh3": ondisk.blocks_digest(digests)}
+    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(metadata, encodings))), (ondisk.STATE, ondisk.dumps(skeleton)))
+    for name, data in documents:
+        store.write_bytes(store.join(staging, name), data)
+        files[name] = {"size": len(data), "xxh3": ondisk.digest(data)}
+    manifest.name = store.basename(path)
+    manifest.files = files
+    manifest.tensor_bytes = raw
+    manifest.created = time.time()
+    manifest_bytes = ondisk.dumps(manifest.to_json())
+    store.write_bytes(store.join(staging, ondisk.MANIFEST), manifest_bytes)
+
+    trash = None
+    if store.exists(path):  # overwrite: move the old one aside, it stays recoverable until the new commits
+        trash = store.join(store.parent(path), ondisk.trash_name(store.basename(path), token))
+        store.rename(path, trash)
+    store.rename(staging, path)
+    store.write_bytes(store.join(path, ondisk.MARKER), ondisk.marker_bytes(manifest_bytes))
+    if trash is not None:
+        remove_checkpoint(store, trash)
+    return manifest

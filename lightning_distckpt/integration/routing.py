@@ -1,0 +1,174 @@
+"""How Lightning strategies are routed through :class:`~lightning_distckpt.DistCheckpointIO`.
+
+Lightning's sharded strategies bypass ``CheckpointIO`` (FSDP and ModelParallel call DCP themselves) and
+DDP saves on rank 0 only. Routing gives the strategy instance a subclass of its own class whose
+checkpoint methods call the plugin on every rank:
+
+* ``save_checkpoint`` / ``load_checkpoint`` / ``remove_checkpoint`` -> the plugin (collective);
+* ``lightning_module_state_dict`` / ``optimizer_state`` -> portable, FQN-keyed state
+  (``torch.distributed.checkpoint.state_dict``), sharded tensors stay sharded;
+* ``load_model_state_dict`` / ``load_optimizer_state_dict`` -> ``set_*_state_dict``; optimizer tensors
+  are read from storage only here, when the optimizers exist.
+
+Routing happens when a ``DistCheckpointIO`` is assigned to a strategy (``Trainer(plugins=[...])``), and
+again (idempotently) in ``DistCheckpoint.setup``. A strategy that cannot be routed fails right there.
+A routed strategy pickles as its base class and is routed again when unpickled (``ddp_spawn``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from lightning_distckpt.integration.adapters import _model, model_state_dict, optimizer_state_dict
+
+#: Strategies whose checkpoint methods we know how to replace; subclasses are routed too, unless they
+#: override a checkpoint method themselves (then we cannot know what they need and refuse).
+SUPPORTED: tuple[type[Strategy], ...] = (ModelParallelStrategy, FSDPStrategy, DDPStrategy, SingleDeviceStrategy)
+_METHODS = ("save_checkpoint", "load_checkpoint", "remove_checkpoint", "load_model_state_dict",
+            "load_optimizer_state_dict", "lightning_module_state_dict", "optimizer_state")  # fmt: skip
+
+
+class RoutedIO:
+    """What a routed strategy calls on every rank; :class:`~lightning_distckpt.DistCheckpointIO` implements it.
+
+    Defined here so that routing needs nothing from the plugin (the plugin depends on routing, not back).
+    """
+
+    def save_routed(self, strategy: Strategy, checkpoint: dict[str, Any], path: str, storage_options: Any = None) -> None:
+        raise NotImplementedError
+
+    def load_routed(self, strategy: Strategy, path: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_optimizers_routed(self, strategy: Strategy, checkpoint: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def remove_routed(self, strategy: Strategy, path: str) -> None:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        raise NotImplementedError
+
+
+class _RoutedStrategy:
+    """The methods a routed strategy class gets, copied into a direct subclass of the strategy's class.
+
+    (A mixin base would be simpler, but Python refuses ``__class__`` assignment when the new class has an
+    extra base.) ``self`` is a Lightning ``Strategy``; no zero-argument ``super()`` here.
+    """
+
+    _distckpt_routed = True
+    _distckpt_io: RoutedIO
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        self._distckpt_io.save_routed(self, checkpoint, _as_url(filepath), storage_options)  # type: ignore[arg-type]
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        return self._distckpt_io.load_routed(self, _as_url(checkpoint_path))  # type: ignore[arg-type]
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        self._distckpt_io.remove_routed(self, _as_url(filepath))  # type: ignore[arg-type]
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return model_state_dict(self)  # type: ignore[arg-type]
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer_state_dict(self, optimizer)  # type: ignore[arg-type]
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        set_model_state_dict(_model(self), checkpoint["state_dict"], options=StateDictOptions(strict=strict))  # type: ignore[arg-type]
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        self._distckpt_io.load_optimizers_routed(self, checkpoint)  # type: ignore[arg-type]
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True
+
+    def teardown(self) -> None:
+        # ModelParallelStrategy.teardown never calls CheckpointIO.teardown: wait for the save in flight here
+        try:
+            self._distckpt_io.teardown()
+        finally:
+            type(self).__mro__[1].teardown(self)  # type: ignore[attr-defined]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # routed classes are created at run time; pickle the base class and route again on load (ddp_spawn)
+        return _unpickle_routed, (type(self).__mro__[1], self.__dict__)
+
+
+def _as_url(path: Any) -> str:
+    return path if isinstance(path, str) else str(path)
+
+
+def strategy_name(strategy: Strategy) -> str:
+    """The user-facing class name of a (possibly routed) strategy."""
+    cls = type(strategy)
+    return cls.__mro__[1].__name__ if is_routed(strategy) else cls.__name__
+
+
+def is_routed(strategy: Strategy) -> bool:
+    return "_distckpt_routed" in type(strategy).__dict__
+
+
+def route(strategy: Strategy, io: RoutedIO) -> None:
+    """Make every checkpoint operation of ``strategy`` go through ``io`` on all ranks (idempotent).
+
+    Raises ``TypeError`` naming the strategy when it is not one we can route.
+    """
+    cls = type(strategy)
+    if is_routed(strategy):
+        strategy._distckpt_io = io  # type: ignore[attr-defined]
+        return
+    base = next((s for s in SUPPORTED if isinstance(strategy, s)), None)
+    overridden = [m for m in _METHODS if base is not None and getattr(cls, m) is not getattr(base, m)]
+    if base is None or overridden:
+        why = (f"it overrides {', '.join(overridden)}" if overridden
+               else f"only {', '.join(s.__name__ for s in SUPPORTED)} and their subclasses are supported")
+        raise TypeError(
+            f"DistCheckpointIO cannot route checkpoints of {cls.__qualname__} ({why}); its checkpoints would "
+            f"bypass the plugin. Use a supported strategy or remove DistCheckpointIO from the Trainer's plugins."
+        )
+    strategy.__class__ = routed_class(cls)
+    strategy._distckpt_io = io  # type: ignore[attr-defined]
+
+
+_ROUTED: dict[type, type] = {}
+
+
+def routed_class(cls: type) -> type:
+    """The routed subclass of ``cls`` (created once per class)."""
+    if cls not in _ROUTED:
+        methods = {k: v for k, v in vars(_RoutedStrategy).items() if k not in ("__dict__", "__weakref__", "__doc__")}
+        _ROUTED[cls] = type(f"Routed{cls.__name__}", (cls,), {**methods, "__module__": cls.__module__})
+    return _ROUTED[cls]
+
+
+def _unpickle_routed(base: type, state: dict[str, Any]) -> Strategy:
+    obj = base.__new__(base)
+    obj.__dict__.update(state)
+    obj.__class__ = routed_class(base)
+    return obj
+
+
+def install_hook() -> None:
+    """Route a strategy as soon as a DistCheckpointIO is assigned to it (``Trainer(plugins=[...])``).
+
+    Wraps the setter of ``Strategy.checkpoint_io`` once; other plugins are unaffected.
+    """
+    prop = Strategy.__dict__["checkpoint_io"]
+    if getattr(prop.fset, "_distckpt", False):
+        return
+
+    def fset(self: Strategy, io: Any) -> None:
+        prop.fset(self, io)
+        if isinstance(io, RoutedIO):
+            route(self, io)
+
+    fset._distckpt = True  # type: ignore[attr-defined]
+    Strategy.checkpoint_io = property(prop.fget, fset, prop.fdel, prop.__doc__)  # type: ignore[method-assign]

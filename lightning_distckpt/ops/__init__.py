@@ -1,0 +1,1 @@
+"""Operations on committed checkpoints outside training: export to plain files (torch, safetensors)."""
