@@ -23,8 +23,11 @@ if [ ! -x "$_venv/bin/python" ] || [ ! -f "$_venv/.complete" ]; then
   "$_venv/bin/pip" install -q --no-deps -r "$_nodeps" >&2
   touch "$_venv/.complete"
 fi
-# editable install of this checkout (fast; re-pointed at whichever clone runs it)
-"$_venv/bin/pip" install -q --no-deps --no-build-isolation -e "$_root" >&2
+# the `distckpt` command and package metadata, once per venv; which checkout is imported is decided by
+# PYTHONPATH below, so several checkouts (git worktrees, a fresh clone) can share one venv safely
+if [ ! -x "$_venv/bin/distckpt" ]; then
+  "$_venv/bin/pip" install -q --no-deps --no-build-isolation -e "$_root" >&2
+fi
 export VIRTUAL_ENV="$_venv"
 export PATH="$_venv/bin:$PATH"
 export DISTCKPT_ROOT="$_root"
