@@ -32,6 +32,7 @@ __all__ = [
     "UncommittedCheckpointError",
     "UnsafeCheckpointError",
     "VerifyReport",
+    "enable_load_from_checkpoint",
     "export_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -50,6 +51,7 @@ _EXPORTS = {
     "list_checkpoints": "catalog.listing",
     "verify": "catalog.verify",
     "export_checkpoint": "ops.export",
+    "enable_load_from_checkpoint": "integration.load_from_checkpoint",
     "load_checkpoint": "ops.export",
     **{name: "errors" for name in __all__ if name.endswith("Error")},
 }
@@ -84,6 +86,7 @@ if TYPE_CHECKING:
     )
     from lightning_distckpt.integration.callback import DistCheckpoint
     from lightning_distckpt.integration.distill import KnowledgeDistillation
+    from lightning_distckpt.integration.load_from_checkpoint import enable_load_from_checkpoint
     from lightning_distckpt.integration.plugin import DistCheckpointIO
     from lightning_distckpt.ops.export import export_checkpoint, load_checkpoint
     from lightning_distckpt.storage.hdfs import HdfsOptions

@@ -12,6 +12,7 @@ from typing import Any
 from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt import ondisk
+from lightning_distckpt.ondisk.names import PENDING
 from lightning_distckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -57,7 +58,7 @@ def read_manifest(source: Source) -> ondisk.Manifest:
         raise NotACheckpointError(f"{url}: is a file, not a lightning-distckpt checkpoint directory")
     has_manifest = store.exists(store.join(path, ondisk.MANIFEST))
     if not store.exists(store.join(path, ondisk.MARKER)):
-        if has_manifest or any(e.name.endswith(".distcp") for e in store.listdir(path)):
+        if has_manifest or any(e.name.endswith(".distcp") or e.name == PENDING for e in store.listdir(path)):
             raise UncommittedCheckpointError(
                 f"{url}: checkpoint was never committed (no {ondisk.MARKER} marker: its save crashed or is in flight)"
             )

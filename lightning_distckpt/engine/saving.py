@@ -21,6 +21,7 @@ from lightning_distckpt import ondisk
 from lightning_distckpt.catalog import remove_checkpoint
 from lightning_distckpt.engine.writer import CheckpointWriter
 from lightning_distckpt.errors import CheckpointSaveError, UnsafeCheckpointError
+from lightning_distckpt.ondisk.names import PENDING, check_checkpoint_name
 from lightning_distckpt.ondisk.skeleton import OPTIM
 from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.parallel.planner import BalancedSavePlanner, PlanCache
@@ -83,7 +84,7 @@ def write_checkpoint(
     store, path = open_store(url, storage)
     parent, name = store.parent(path), store.basename(path)
     try:
-        ondisk.check_name(name, url)
+        check_checkpoint_name(name, url)
     except UnsafeCheckpointError as e:
         raise CheckpointSaveError(f"{url}: cannot save here: {e}") from None
     token = comm.broadcast(uuid.uuid4().hex[:12])
@@ -98,6 +99,8 @@ def write_checkpoint(
             error = f"cannot create {store.url(staging)}: {e}"
     error = comm.broadcast(error)
     if error:
+        if is_coordinator:
+            _release(store, path)
         raise CheckpointSaveError(f"saving checkpoint {url} failed: {error}")
 
     published: list[ondisk.Manifest] = []
@@ -120,8 +123,42 @@ def write_checkpoint(
                 store.remove(staging, recursive=True)
             except Exception:  # noqa: BLE001 - best effort; gc removes it later
                 log.warning("could not remove staging directory %s", store.url(staging), exc_info=True)
+            _release(store, path)
         raise CheckpointSaveError(f"saving checkpoint {url} failed (nothing was committed): {_root_cause(e)}") from e
     return SaveResult(url, writer.bytes_written, time.perf_counter() - start, published[0] if published else None)
+
+
+def reserve(url: str, storage: StorageLike = None) -> bool:
+    """Make a name that an asynchronous save will commit visible now (one process: rank 0).
+
+    Creates ``<url>/PENDING`` when nothing exists at ``url`` yet, so that a name still being written counts
+    as taken (Lightning's ``ModelCheckpoint`` picks ``name-v1`` instead of reusing it). The directory is an
+    uncommitted checkpoint to every reader; the commit replaces it, a failed save removes it. Returns whether
+    a placeholder was created.
+    """
+    store, path = open_store(url, storage)
+    check_checkpoint_name(store.basename(path), url)
+    if store.exists(path):
+        return False
+    store.makedirs(path)
+    store.write_bytes(store.join(path, PENDING), b"")
+    return True
+
+
+def _is_placeholder(store: Store, path: str) -> bool:
+    try:
+        return store.isdir(path) and [e.name for e in store.listdir(path)] == [PENDING]
+    except FileNotFoundError:
+        return False
+
+
+def _release(store: Store, path: str) -> None:
+    """Remove the placeholder of a failed save (best effort; never a committed checkpoint)."""
+    try:
+        if _is_placeholder(store, path):
+            store.remove(path, recursive=True)
+    except Exception:  # noqa: BLE001 - clean-up removes it later
+        log.warning("could not remove placeholder %s", store.url(path), exc_info=True)
 
 
 def _root_cause(e: BaseException) -> str:
@@ -165,7 +202,9 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
     store.write_bytes(store.join(staging, ondisk.MANIFEST), manifest_bytes)
 
     trash = None
-    if store.exists(path):  # overwrite: move the old one aside, it stays recoverable until the new commits
+    if _is_placeholder(store, path):  # our own async save reserved the name: nothing to keep
+        store.remove(path, recursive=True)
+    elif store.exists(path):  # overwrite: move the old one aside, it stays recoverable until the new commits
         trash = store.join(store.parent(path), ondisk.trash_name(store.basename(path), token))
         store.rename(path, trash)
     store.rename(staging, path)

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
@@ -44,6 +45,19 @@ def parameter_fqns(strategy: Strategy) -> set[str]:
     return names
 
 
+def parameter_fqn_map(strategy: Strategy) -> dict[int, str]:
+    """``id(parameter)`` -> its FQN (as in :func:`model_state_dict`), for every parameter of the module."""
+    module = strategy.lightning_module
+    out: dict[int, str] = {}
+    if module is None:
+        return out
+    for name, p in module.named_parameters(remove_duplicate=False):
+        for wrapper in _WRAPPER_NAMES:
+            name = name.replace(wrapper, "")
+        out.setdefault(id(p), name)
+    return out
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
 
@@ -62,5 +76,31 @@ def optimizer_state_dict(strategy: Strategy, optimizer: Any) -> dict[str, Any]:
     return get_optimizer_state_dict(_model(strategy), unwrap_optimizer(optimizer), options=_OPTIONS)
 
 
-def set_optimizer_state(strategy: Strategy, optimizer: Any, state: dict[str, Any]) -> None:
-    set_optimizer_state_dict(_model(strategy), unwrap_optimizer(optimizer), state, options=_OPTIONS)
+def set_optimizer_state(strategy: Strategy, optimizer: Any, state: dict[str, Any], full: bool = False) -> None:
+    """Apply an FQN-keyed optimizer state; ``full``: its tensors are whole (a stock file), not shaped like the
+    live (possibly sharded) state."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False) if full else _OPTIONS
+    set_optimizer_state_dict(_model(strategy), unwrap_optimizer(optimizer), state, options=options)
+
+
+def set_model_state(strategy: Strategy, state: dict[str, Any], strict: bool, full: bool = False) -> None:
+    """Apply a model state dict keyed by FQN (relative to the LightningModule).
+
+    Unsharded strategies call ``LightningModule.load_state_dict(state, strict=strict)``, exactly like stock
+    Lightning (a module's own ``load_state_dict`` override runs). Sharded ones go through
+    ``set_model_state_dict``; ``full``: the tensors are whole (a stock file) and are sharded here.
+    """
+    module = strategy.lightning_module
+    if module is not None and not _sharded(_model(strategy)):
+        module.load_state_dict(state, strict=strict)
+        return
+    set_model_state_dict(_model(strategy), state, options=StateDictOptions(full_state_dict=full, strict=strict))
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return True
+    return any(isinstance(t, DTensor) for t in model.parameters())

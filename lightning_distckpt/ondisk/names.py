@@ -45,3 +45,36 @@ def trashed_name(dirname: str) -> str | None:
 
 def data_file_name(rank: int, k: int) -> str:
     return f"__{rank}_{k}.distcp"
+
+
+def check_checkpoint_name(name: Any, where: str) -> str:
+    """A checkpoint directory's name under its root: whatever Lightning's ``ModelCheckpoint`` accepts as a file
+    name (spaces, ``@``, ``,``, ``~``, a leading ``.`` as in the Tuner's ``.lr_find_<uuid>.ckpt``), as long as it
+    is one path component that cannot be mistaken for a staging or trash directory of this package.
+
+    Refused: not a str, empty, ``.``, ``..``, a ``/``, a ``\\``, a NUL or other control character, more than 255
+    bytes, or a name containing ``.staging-`` / ``.trash-`` (clean-up could not tell it apart from a crashed save).
+    File names *inside* a checkpoint follow the stricter :func:`check_name`.
+    """
+    problem = ""
+    if not isinstance(name, str) or not name:
+        problem = "must be a non-empty string"
+    elif name in (".", ".."):
+        problem = "is not a name"
+    elif "/" in name or "\\" in name:
+        problem = "must be one path component (no '/' or '\\')"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "contains a control character"
+    elif len(name.encode("utf-8", "surrogateescape")) > 255:
+        problem = "is longer than 255 bytes"
+    elif STAGING_INFIX in name or TRASH_INFIX in name:
+        problem = f"contains {STAGING_INFIX!r} or {TRASH_INFIX!r}, reserved for saves in progress"
+    if problem:
+        raise UnsafeCheckpointError(f"{where}: refusing checkpoint name {name!r}: it {problem}")
+    return name
+
+
+#: The only file in a directory that stands for an asynchronous save still in flight under that name: the
+#: name counts as taken (Lightning's version counter sees it), the directory is never a committed checkpoint,
+#: and the commit replaces it.
+PENDING = "PENDING"
