@@ -431,7 +431,10 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             return
         saved_states = checkpoint.get("optimizer_states", [])
         optimizers = list(strategy.optimizers)
-        if len(saved_states) != len(optimizers):
+        if not saved_states or (loaded is not None and loaded.full):
+            saved_states = list(saved_states or [])  # as stock Lightning: zip, an empty list loads nothing
+            optimizers = optimizers[: len(saved_states)]
+        elif len(saved_states) != len(optimizers):
             raise StateMismatchError(f"the checkpoint holds {len(saved_states)} optimizer states, the model configures "
                                      f"{len(optimizers)} optimizers")  # fmt: skip
         start = time.perf_counter()
@@ -439,9 +442,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             missing = [p.key for st in saved.get("state", {}).values() for p in st.values() if isinstance(p, Pending)]
             if missing:
                 raise RuntimeError(f"optimizer state {missing[0]!r} was not read when the checkpoint was loaded")
-            if stock.is_index_keyed(saved):
-                saved = stock.by_fqn(saved, stock.index_fqns(strategy, opt), self.stats.loaded_from or "checkpoint")
-            set_optimizer_state(strategy, opt, saved, full=loaded is not None and loaded.full)
+            set_optimizer_state(strategy, opt, saved, full=loaded is not None and loaded.full,
+                                where=self.stats.loaded_from or "checkpoint")
         self.stats.load_s["apply_optimizers"] = time.perf_counter() - start
 
     def remove_routed(self, strategy: Strategy, path: str) -> None:

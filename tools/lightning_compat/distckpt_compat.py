@@ -21,9 +21,9 @@ Modes (environment variable ``DISTCKPT_COMPAT``):
       (``ops.export.to_lightning_format``: optimizer state by parameter index), ``map_location`` applied;
     * ``os.path.isfile(p)`` / ``Path.is_file()`` -> True for a committed plugin checkpoint;
     * ``os.path.getsize(p)`` / ``Path.stat().st_size`` of a plugin checkpoint -> the sum of its files' sizes;
-    * ``mock.patch("torch.save")`` counted by a test: the plugin never calls ``torch.save``; each committed
-      save of the plugin is reported to such a mock as one call ``torch.save(checkpoint, path)``
-      (see :func:`_report_save_to_torch_save_mock`).
+    * ``torch.save`` replaced by a ``Mock`` and its calls counted by a test: the plugin never calls
+      ``torch.save``; the injected plugin (:class:`ReportingDistCheckpointIO`) reports each committed save to
+      such a mock as one call ``torch.save({"__distckpt__": path}, path)``.
 
 With ``DISTCKPT_COMPAT_ASYNC=1`` the injected plugin is ``DistCheckpointIO(async_save=True)``, and every
 ``Trainer.fit/validate/test/predict/save_checkpoint`` is checked on return: a save it started that is still
@@ -41,6 +41,8 @@ import sys
 from typing import Any
 
 import pytest
+
+from lightning_distckpt.integration.plugin import DistCheckpointIO
 
 MODE = os.environ.get("DISTCKPT_COMPAT", "plugin")
 ASYNC = os.environ.get("DISTCKPT_COMPAT_ASYNC", "0") == "1"
@@ -72,8 +74,6 @@ def _install_injection() -> None:
     from lightning.pytorch.plugins.io import CheckpointIO
     from lightning.pytorch.strategies import Strategy
 
-    from lightning_distckpt import DistCheckpointIO
-
     original = Trainer.__init__
 
     @functools.wraps(original)
@@ -85,7 +85,7 @@ def _install_injection() -> None:
             isinstance(strategy, Strategy) and strategy._checkpoint_io is not None
         )
         if not own:
-            plist.append(DistCheckpointIO(async_save=ASYNC))
+            plist.append((ReportingDistCheckpointIO if MODE == "adapted" else DistCheckpointIO)(async_save=ASYNC))
             kwargs["plugins"] = plist
             _counts["injected"] += 1
         original(self, *args, **kwargs)
@@ -180,36 +180,37 @@ def _install_adapted_reads() -> None:
 
     os.path.getsize = adapted_getsize
 
-    _install_save_reporting()
 
 
 def _dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
 
 
-def _install_save_reporting() -> None:
-    """Report each committed plugin save as a ``torch.save(checkpoint, path)`` call when a test mocks it."""
-    from lightning_distckpt.integration.plugin import DistCheckpointIO
+class ReportingDistCheckpointIO(DistCheckpointIO):
+    """What ``adapted`` mode injects: DistCheckpointIO that reports each committed save to a ``torch.save``
+    mock. A class (not a patch), so that it travels to ``ddp_spawn`` children, which do not load this plugin."""
 
-    write = DistCheckpointIO._write
-
-    @functools.wraps(write)
-    def _write(self: Any, url: str, *args: Any, **kwargs: Any) -> Any:
-        out = write(self, url, *args, **kwargs)
+    def _write(self, url: str, skeleton: Any, tensors: Any, manifest: Any, comm: Any, *args: Any, **kwargs: Any) -> Any:
+        out = super()._write(url, skeleton, tensors, manifest, comm, *args, **kwargs)
         _counts["saves"] += 1
-        _report_save_to_torch_save_mock(url)
+        if comm.rank == 0:  # a stock save is one torch.save on rank 0
+            _report_save_to_torch_save_mock(url)
         return out
-
-    DistCheckpointIO._write = _write  # type: ignore[method-assign]
 
 
 def _report_save_to_torch_save_mock(url: str) -> None:
+    """Record one call on ``torch.save`` if a test replaced it by a mock (never running what it wraps)."""
     import torch
     from unittest import mock
 
     save = torch.save
     if isinstance(save, mock.Mock):
-        save({"__distckpt__": url}, url)
+        wraps, returns = save._mock_wraps, save._mock_return_value
+        save._mock_wraps = None
+        try:
+            save({"__distckpt__": url}, url)
+        finally:  # calling without wraps sets a return value that later calls would return instead of wrapping
+            save._mock_wraps, save._mock_return_value = wraps, returns
 
 
 # -------------------------------------------------------------------------------------------------
