@@ -6,6 +6,7 @@
     distckpt export CKPT OUT [--format torch|safetensors] [--dtype bf16] [--prune F] [--quantize int8]
     distckpt copy SRC DST                 verified, resumable copy between stores
     distckpt gc ROOT --keep-last N        remove crashed saves and old checkpoints (dry run unless --apply)
+    distckpt import STOCK.ckpt DEST       a stock Lightning checkpoint file as a committed checkpoint
 
 Every command takes ``--json`` (machine-readable output on stdout), ``--quiet``, ``--debug`` (tracebacks)
 and storage options (``-o key=value`` for fsspec, ``--hdfs-user``, ``--hdfs-replication``). Exit codes:
@@ -229,6 +230,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """A stock Lightning ``.ckpt`` file -> a committed checkpoint of this package (``fit(ckpt_path=DEST)``)."""
+    from lightning_distckpt.ops.importing import import_checkpoint
+
+    t0 = time.perf_counter()
+    manifest = import_checkpoint(args.src, args.dest, _storage(args), weights_only=False if args.trust else None)
+    dt = time.perf_counter() - t0
+    _out(args, {"src": args.src, "dest": args.dest, "global_step": manifest.global_step, "bytes": manifest.tensor_bytes,
+                "seconds": dt},
+         lambda: f"imported {args.src} -> {args.dest} (global step {manifest.global_step}, "
+                 f"{_size(manifest.tensor_bytes or 0)} of tensors) in {dt:.1f} s, committed")  # fmt: skip
+    return EXIT_OK
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -272,6 +287,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS", help="only stale dirs this old")
     s.add_argument("--apply", action="store_true", help="really delete")
     s.set_defaults(fn=cmd_gc)
+    s = sub.add_parser("import", parents=[common], help="a stock Lightning .ckpt file as a committed checkpoint")
+    s.add_argument("src", help="the stock checkpoint file (path or URL)")
+    s.add_argument("dest", help="the checkpoint to create (path or URL)")
+    s.add_argument("--trust", action="store_true",
+                   help="unpickle any class in the file (torch.load weights_only=False); only for files you trust")
+    s.set_defaults(fn=cmd_import)
     return p
 
 

@@ -69,13 +69,25 @@ def model_state_dict(strategy: Strategy) -> dict[str, Any]:
     return get_model_state_dict(_model(strategy), options=_OPTIONS)
 
 
-def optimizer_state_dict(strategy: Strategy, optimizer: Any) -> dict[str, Any]:
+def optimizer_state_dict(strategy: Strategy, optimizer: Any, init: bool = True) -> dict[str, Any]:
     """The optimizer's state keyed by parameter FQN (``{"state": {fqn: {...}}, "param_groups": [...]}``).
 
-    Creates the optimizer's state if it has none yet (DCP's ``_init_optim_state``), so that a load has
-    targets of the right shape and placement.
+    With ``init``, creates the optimizer's state if it has none yet (DCP's ``_init_optim_state`` takes a
+    step with zero gradients), so that a load has targets of the right shape and placement. Without, an
+    optimizer that has not stepped yet gives an empty ``state``, as ``optimizer.state_dict()`` does (a save
+    must not change what the next training step computes).
     """
-    return get_optimizer_state_dict(_model(strategy), unwrap_optimizer(optimizer), options=_OPTIONS)
+    opt = unwrap_optimizer(optimizer)
+    if not init and not opt.state:
+        try:
+            fqns = iter(index_fqns(strategy, optimizer))
+        except StateMismatchError:  # FSDP1 flat parameters: only DCP knows their FQNs
+            pass
+        else:
+            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [next(fqns) for _ in g["params"]]}
+                      for g in opt.param_groups]  # fmt: skip
+            return {"state": {}, "param_groups": groups}
+    return get_optimizer_state_dict(_model(strategy), opt, options=_OPTIONS)
 
 
 def set_optimizer_state(strategy: Strategy, optimizer: Any, state: dict[str, Any], full: bool = False,

@@ -334,14 +334,16 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                     raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
                                              f"{len(optimizers)} optimizers")  # fmt: skip
                 for i, opt in enumerate(optimizers):
+                    prefix = f"{state.OPTIM}{i}/"
+                    saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
+                    if not saved_params:  # saved before its first step: nothing to read, nothing to create
+                        continue
                     names = _saved_param_names(saved_optims, i, strategy, opt, url)  # live FQN -> saved name
                     live = {
                         state.optim_key(i, names.get(fqn, fqn), name): t
                         for fqn, st in optimizer_state_dict(strategy, opt)["state"].items()
                         for name, t in st.items() if isinstance(t, torch.Tensor)
                     }  # fmt: skip
-                    prefix = f"{state.OPTIM}{i}/"
-                    saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
                     live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
                     optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
             else:  # DDP and single device restore before setup: read into host buffers now, apply later

@@ -80,7 +80,7 @@ class _RoutedStrategy:
         return model_state_dict(self)  # type: ignore[arg-type]
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return optimizer_state_dict(self, optimizer)  # type: ignore[arg-type]
+        return optimizer_state_dict(self, optimizer, init=False)  # type: ignore[arg-type]
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         self._distckpt_io.load_model_routed(self, checkpoint, strict)  # type: ignore[arg-type]
