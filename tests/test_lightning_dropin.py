@@ -500,3 +500,32 @@ def test_options_are_typed_for_lightning_cli():
     assert cfg.io.exclude_from_loading == ["optimizer", "loops"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--cb.export_dtype=int8"])
+
+
+# ---- a stock file resumes exactly under every strategy (real torchrun jobs) -----------------------------------
+@pytest.fixture(scope="module")
+def stock_file(tmp_path_factory) -> Path:
+    """A stock Lightning checkpoint of the training workload at step 4 (one process, no plugin) and the
+    digest of the state it holds (saved-4.json)."""
+    from conftest import train
+
+    d = tmp_path_factory.mktemp("stock")
+    train("single", 1, d / "unused", "--max-steps", 4, "--stock-save", d / "stock.ckpt", "--digest-dir", d)
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,via", [("ddp", "path"), ("mp", "url"), ("fsdp", "import"), ("mp", "import")])
+def test_a_stock_file_resumes_exactly_under_every_strategy(stock_file, tmp_path, strategy, via):
+    from conftest import load_json, train
+    from workloads.common import state_differences
+
+    src = str(stock_file / "stock.ckpt")
+    if via == "url":
+        src = "file://" + src
+    elif via == "import":
+        run([sys.executable, "-m", "lightning_distckpt.cli.main", "import", src, str(tmp_path / "imported")])
+        src = str(tmp_path / "imported")
+    train(strategy, 2, tmp_path / "ck", "--resume", src, "--max-steps", 5, "--digest-dir", tmp_path)
+    saved, restored = load_json(stock_file / "saved-4.json"), load_json(tmp_path / "restored-4.json")
+    assert state_differences(saved, restored) == []
