@@ -529,3 +529,14 @@ def test_a_stock_file_resumes_exactly_under_every_strategy(stock_file, tmp_path,
     train(strategy, 2, tmp_path / "ck", "--resume", src, "--max-steps", 5, "--digest-dir", tmp_path)
     saved, restored = load_json(stock_file / "saved-4.json"), load_json(tmp_path / "restored-4.json")
     assert state_differences(saved, restored) == []
+
+
+def test_the_headline_example_says_what_to_use_on_cpu():
+    """README/docs headline uses strategy="fsdp": Lightning refuses it on CPU, so the docs must say so."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises((MisconfigurationException, ValueError, RuntimeError), match="(?i)fsdp|cpu"):
+        L.Trainer(accelerator="cpu", devices=1, strategy="fsdp", plugins=[DistCheckpointIO()])
+    for page in ("README.md", "docs/index.md"):
+        head = (ROOT / page).read_text().split("```")[1]
+        assert 'strategy="fsdp"' in head and "On CPU" in head and "ModelParallelStrategy()" in head, page
