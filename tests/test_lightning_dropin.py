@@ -540,3 +540,13 @@ def test_the_headline_example_says_what_to_use_on_cpu():
     for page in ("README.md", "docs/index.md"):
         head = (ROOT / page).read_text().split("```")[1]
         assert 'strategy="fsdp"' in head and "On CPU" in head and "ModelParallelStrategy()" in head, page
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["delete", "read-delete"])
+def test_on_load_checkpoint_edits_under_model_parallel(tmp_path, mode):
+    """Sharded (DTensor) weights: untouched entries are read in place collectively, read ones by each rank."""
+    for _ in range(2):  # train and save, then resume with the hook
+        proc = run(torchrun_cmd(WORKLOADS / "hooks.py", 2, "--strategy", "mp", "--ckpt-dir", tmp_path / "ck",
+                                "--mode", mode), timeout=400)  # fmt: skip
+    assert "HOOKS OK" in proc.stdout, proc.stdout + proc.stderr
