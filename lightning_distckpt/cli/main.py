@@ -88,21 +88,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
                "epoch": m.epoch if m else None, "world_size": m.world_size if m else None,
                "bytes": sum(f["size"] for f in m.files.values()) if m else None,
                "compression": (m.compression or {}).get("preset") if m and m.compression else None,
-               "replicas": [r for r in replicas if c.name in copies[r]], "problem": c.problem}  # fmt: skip
+               "replicas": [r for r in replicas if c.name in copies[r]], "problem": c.problem,
+               "status": c.status}  # fmt: skip
         if args.verify and c.committed:
             row["verified"] = catalog.verify(c.url, storage).ok
         rows.append(row)
 
     def text() -> str:
         if not rows:
-            return f"no checkpoints under {args.root}"
+            return f"no checkpoints under {_printable(args.root)}"
         head = f"{'NAME':<32} {'STEP':>8} {'SIZE':>10} {'WORLD':>5} {'COMPRESSION':<11} STATUS"
         lines = [head]
         for r in rows:
-            status = ("verified" if r.get("verified") else "CORRUPT" if "verified" in r else "committed") if r["committed"] else "UNCOMMITTED"
+            status = ("verified" if r.get("verified") else "CORRUPT" if "verified" in r else "committed") if r["committed"] else r["status"].upper()
             if r["replicas"]:
                 status += f" (+{len(r['replicas'])} replica{'s' if len(r['replicas']) > 1 else ''})"
-            lines.append(f"{r['name']:<32} {r['step'] if r['step'] is not None else '-':>8} "
+            lines.append(f"{_printable(r['name']):<32} {r['step'] if r['step'] is not None else '-':>8} "
                          f"{_size(r['bytes']) if r['bytes'] is not None else '-':>10} {r['world_size'] or '-':>5} "
                          f"{r['compression'] or '-':<11} {status}")  # fmt: skip
         return "\n".join(lines)
@@ -162,9 +163,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     def text() -> str:
         if report.error:
-            return f"FAILED {report.url}: {report.error}"
-        lines = [f"{'ok' if f.ok else 'BAD':<4} {f.name:<28} {_size(f.size):>10} {f.problem}" for f in report.files]
-        lines.append(f"{'OK' if report.ok else 'FAILED'}: {report.url} ({len(report.files)} files)")
+            return f"FAILED {_printable(report.url)}: {_printable(report.error)}"
+        lines = [f"{'ok' if f.ok else 'BAD':<4} {_printable(f.name):<28} {_size(f.size):>10} {_printable(f.problem)}"
+                 for f in report.files]  # fmt: skip
+        lines.append(f"{'OK' if report.ok else 'FAILED'}: {_printable(report.url)} ({len(report.files)} files)")
         return "\n".join(lines)
 
     _out(args, obj, text)
@@ -212,21 +214,35 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from lightning_distckpt import catalog
     from lightning_distckpt.storage import open_store
 
+    if args.keep_last is not None:  # the one rule shared with DistCheckpoint(keep_last=): refused before anything
+        try:
+            catalog.check_keep_last(args.keep_last, "--keep-last")
+        except ValueError as e:
+            return _usage(str(e))
+    older_than = catalog.DEFAULT_STALE_AGE_S if args.older_than is None else args.older_than
+    if not older_than >= 0:
+        return _usage(f"--older-than {args.older_than}: must be >= 0 seconds")
     storage = _storage(args)
     dry = not args.apply
-    stale = catalog.clean_stale(args.root, storage, older_than_s=args.older_than, dry_run=dry)
+    stale = catalog.clean_stale(args.root, storage, older_than_s=older_than, dry_run=dry)
     committed = catalog.committed(args.root, storage)
-    old = committed[: -args.keep_last] if args.keep_last else []
+    old = catalog.retention_victims(committed, args.keep_last) if args.keep_last is not None else []
     if not dry:
-        store, root = open_store(args.root, storage)
         for c in old:
-            catalog.remove_checkpoint(store, store.join(root, c.name))
+            store, path = open_store(c.url, storage)  # the listed copy (a trash directory's, if restored from one)
+            catalog.remove_checkpoint(store, path)
     removed = stale + [c.url for c in old]
     verb = "would remove" if dry else "removed"
     _out(args, {"dry_run": dry, "removed": removed, "kept": [c.url for c in committed[len(old):]]},
-         lambda: "\n".join([f"{verb} {u}" for u in removed] + ([f"(dry run: pass --apply to delete)"] if dry and removed else [])
-                           or [f"nothing to remove under {args.root}"]))  # fmt: skip
+         lambda: "\n".join([f"{verb} {_printable(u)}" for u in removed] + (["(dry run: pass --apply to delete)"] if dry and removed else [])
+                           or [f"nothing to remove under {_printable(args.root)}"]))  # fmt: skip
     return EXIT_OK
+
+
+def _printable(text: object) -> str:
+    """``text`` with control characters (terminal escape sequences, newlines) escaped, for terminal output."""
+    s = str(text)
+    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -268,8 +284,11 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_copy)
     s = sub.add_parser("gc", parents=[common], help="remove crashed saves and old checkpoints (dry run by default)")
     s.add_argument("root")
-    s.add_argument("--keep-last", type=int, default=0, help="keep this many newest committed checkpoints (0: all)")
-    s.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS", help="only stale dirs this old")
+    s.add_argument("--keep-last", type=int, default=None, metavar="N",
+                   help="also remove committed checkpoints beyond the N newest (N >= 1; the same rule as "
+                        "DistCheckpoint(keep_last=N)); without it no committed checkpoint is removed")
+    s.add_argument("--older-than", type=float, default=None, metavar="SECONDS",
+                   help="only leftovers idle this long (default: 600; 0 only when no job can be writing)")
     s.add_argument("--apply", action="store_true", help="really delete")
     s.set_defaults(fn=cmd_gc)
     return p
@@ -289,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 else EXIT_CORRUPT if isinstance(e, errors.CorruptCheckpointError)
                 else EXIT_STORAGE if isinstance(e, (errors.StorageError, OSError))
                 else EXIT_OTHER)  # fmt: skip
-        print(f"distckpt {args.command}: {e}", file=sys.stderr)
+        print(f"distckpt {args.command}: {_printable(e)}", file=sys.stderr)
         return code
 
 
