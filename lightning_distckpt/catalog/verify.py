@@ -44,7 +44,7 @@ def verify(url: str, options: StorageLike = None, progress: Callable[[int], None
         ckpt = open_checkpoint(source, check_sizes=False)
     except DistCheckpointError as e:
         return VerifyReport(source.url(), False, error=str(e))
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, ValueError, ImportError) as e:  # e.g. no fsspec backend for the URL's scheme
         return VerifyReport(source.url(), False, error=f"{source.url()}: {type(e).__name__}: {e}")
     blocks = blocks_by_file(ckpt)
     files = []

@@ -114,10 +114,11 @@ class DistCheckpoint(ModelCheckpoint):
         must format (every ``{metric}`` filled with 0, as ModelCheckpoint does for missing metrics) into one
         plain path component (letters, digits, ``_.=+-``; no ``/``, no leading dot), also with a version
         suffix, and so must the name of the ``last`` checkpoint."""
-        names = [self.CHECKPOINT_NAME_LAST]
+        names = []
         try:
-            name = self._format_checkpoint_name(self.filename, {}, auto_insert_metric_name=self.auto_insert_metric_name)
-            names += [name, self.CHECKPOINT_JOIN_CHAR.join((name, "v1"))]
+            for template in (self.filename, self.CHECKPOINT_NAME_LAST):
+                name = self._format_checkpoint_name(template, {}, auto_insert_metric_name=self.auto_insert_metric_name)
+                names += [name, self.CHECKPOINT_JOIN_CHAR.join((name, "v1"))]
         except (KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
             raise ValueError(f"DistCheckpoint(filename={self.filename!r}): not a usable name template: "
                              f"{type(e).__name__}: {e}") from None  # fmt: skip

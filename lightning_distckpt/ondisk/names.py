@@ -51,7 +51,7 @@ def trash_name(name: str, token: str) -> str:
 
 
 def _parse(dirname: Any, infix: str) -> tuple[str, str] | None:
-    if not isinstance(dirname, str) or not dirname.startswith(".") or infix not in dirname:
+    if not isinstance(dirname, str) or not dirname.startswith(".") or infix not in dirname[1:]:
         return None
     name, token = dirname[1:].rsplit(infix, 1)
     if not is_safe_name(name) or not _TOKEN.match(token):
