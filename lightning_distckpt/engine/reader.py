@@ -48,6 +48,14 @@ class ReadStats:
     broadcast_s: float = 0.0
     file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    progress: Callable[[int], None] | None = None  # called with the stored bytes of each verified read
+
+    def add(self, url: str, n: int) -> None:
+        """Count ``n`` verified bytes read from ``url`` (thread-safe) and report them to ``progress``."""
+        with self.lock:
+            self.bytes_by_source[url] += n
+        if self.progress is not None and n:
+            self.progress(n)
 
 
 class _Geometry(NamedTuple):
@@ -237,8 +245,7 @@ class CheckpointReader(StorageReader):
                 for d in directs:
                     intact.append(_first_bad(d.blocks, got[pos : pos + len(d.blocks)]) is None)
                     pos += len(d.blocks)
-                with self.stats.lock:
-                    self.stats.bytes_by_source[source.url()] += sum(d.end - d.offset for d, ok in zip(directs, intact) if ok)
+                self.stats.add(source.url(), sum(d.end - d.offset for d, ok in zip(directs, intact) if ok))
                 for d, ok in zip(directs, intact):
                     if ok:
                         planner.commit_tensor(d.ri, d.target)
@@ -357,9 +364,9 @@ class CheckpointReader(StorageReader):
                 continue
             bad = _first_bad(blocks, got)
             if bad is None:
-                with self.stats.lock:
-                    self.stats.bytes_by_source[source.url()] += size
-                    if s:
+                self.stats.add(source.url(), size)
+                if s:
+                    with self.stats.lock:
                         self.stats.fallbacks[loc.file] = source.url()
                 return buf
             problems.append(f"{source.url(loc.file)}: block at byte {offset + bad} (tensor {fqn!r}) fails its checksum")
