@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lightning_distckpt.cli.common import EXIT_OK, out, size, storage
+
+RAW = "raw"  #: the block codec column of blocks stored as they are
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -16,6 +19,35 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.set_defaults(fn=run)
 
 
+def tensor_paths(skeleton: Any) -> dict[str, str]:
+    """Where each tensor reference sits in the checkpoint dict, as a path (``callbacks/EMA/shadow[0]``), read
+    from the JSON skeleton without importing torch. ``extra/N`` keys are only numbered; this names them."""
+    paths: dict[str, str] = {}
+
+    def walk(obj: Any, path: str) -> None:
+        if isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(obj, dict):
+            if len(obj) == 1:
+                (tag, val), = obj.items()
+                if tag == "__tensor__" and isinstance(val, str):
+                    paths.setdefault(val, path or "/")
+                    return
+                if tag == "__tuple__" and isinstance(val, list):
+                    return walk(val, path)
+                if tag == "__dict__" and isinstance(val, list):
+                    for item in val:
+                        if isinstance(item, list) and len(item) == 2:
+                            walk(item[1], f"{path}/{item[0]!r}" if path else repr(item[0]))
+                    return
+            for k, v in obj.items():
+                walk(v, f"{path}/{k}" if path else k)
+
+    walk(skeleton, "")
+    return paths
+
+
 def run(args: argparse.Namespace) -> int:
     from lightning_distckpt import catalog, ondisk
     from lightning_distckpt.engine.loading import saved_tensors
@@ -24,30 +56,43 @@ def run(args: argparse.Namespace) -> int:
     ckpt = catalog.open_checkpoint(catalog.source_of(args.ckpt, storage(args)), check_sizes=False)
     encodings = (ckpt.metadata.planner_data or {}).get("encodings", {})
     stored: dict[str, int] = {}
-    chunks: dict[str, list[str]] = {}
+    files: dict[str, set[str]] = {}
+    parts: dict[str, dict[str, set[tuple[int, ...]]]] = {}  # tensor -> stored part -> its chunks' offsets
+    block_codecs: dict[str, set[str]] = {}
     for index, loc in ckpt.metadata.storage_data.items():
         base = index.fqn.split(PART)[0]
         stored[base] = stored.get(base, 0) + loc.stored
-        chunks.setdefault(base, []).append(loc.file)
+        files.setdefault(base, set()).add(loc.file)
+        parts.setdefault(base, {}).setdefault(index.fqn, set()).add(tuple(index.offset or ()))
+        block_codecs.setdefault(base, set()).add(loc.codec or RAW)
+    paths = tensor_paths(ckpt.skeleton)
     tensors = []
     for key, (shape, dtype) in sorted(saved_tensors(ckpt.metadata).items()):
-        files = sorted(set(chunks.get(key, [])))
+        e = encodings.get(key)
         tensors.append({"name": key, "shape": list(shape), "dtype": ondisk.dtype_name(dtype),
-                        "chunks": len(chunks.get(key, [])), "files": files, "stored_bytes": stored.get(key, 0),
-                        "codec": encodings.get(key, {}).get("codec")})  # fmt: skip
+                        "chunks": max(map(len, parts.get(key, {"": set()}).values())), "files": sorted(files.get(key, ())),
+                        "stored_bytes": stored.get(key, 0), "tensor_codec": e["codec"] if e else None,
+                        "block_codec": "+".join(sorted(block_codecs.get(key, {RAW}))), "path": paths.get(key)})  # fmt: skip
     state_keys = sorted(ckpt.skeleton) if isinstance(ckpt.skeleton, dict) else []
     info = {"url": ckpt.url, "manifest": ckpt.manifest.to_json(), "state_keys": state_keys, "tensors": tensors}
 
     def text() -> str:
         m = ckpt.manifest
+        used = sorted({t["tensor_codec"] for t in tensors if t["tensor_codec"]})
+        blocks = sorted({c for t in tensors for c in t["block_codec"].split("+")})
+        preset = (m.compression or {}).get("preset") if m.compression else None
         lines = [f"{ckpt.url}", f"  step {m.global_step}  epoch {m.epoch}  world size {m.world_size}  strategy {m.strategy}",
                  f"  {len(m.files)} files, {size(sum(f['size'] for f in m.files.values()))}; tensors {size(m.tensor_bytes)} raw",
-                 f"  compression: {m.compression or 'none'}", f"  versions: {m.versions}",
+                 f"  compression: {preset or ('lossless' if blocks != [RAW] else 'none')}; tensor codecs used: "
+                 f"{', '.join(used) or 'none (every tensor exact)'}; block codecs: {', '.join(blocks)}",
+                 f"  versions: {', '.join(f'{k} {v}' for k, v in sorted(m.versions.items()))}",
                  f"  non-tensor state: {', '.join(state_keys)}", "",
-                 f"  {'TENSOR':<48} {'SHAPE':<18} {'DTYPE':<9} {'CHUNKS':>6} {'STORED':>10} CODEC"]  # fmt: skip
+                 f"  {'TENSOR':<40} {'SHAPE':<16} {'DTYPE':<9} {'CHUNKS':>6} {'STORED':>10}  {'CODEC (tensor/block)':<24} HOLDS"]  # fmt: skip
         for t in tensors:
-            lines.append(f"  {t['name']:<48} {str(t['shape']):<18} {t['dtype']:<9} {t['chunks']:>6} "
-                         f"{size(t['stored_bytes']):>10} {t['codec'] or ''}")  # fmt: skip
+            codec = f"{t['tensor_codec'] or 'exact'}/{t['block_codec']}"
+            holds = t["path"] if t["name"].startswith("extra/") and t["path"] else ""
+            lines.append(f"  {t['name']:<40} {str(t['shape']):<16} {t['dtype']:<9} {t['chunks']:>6} "
+                         f"{size(t['stored_bytes']):>10}  {codec:<24} {holds}".rstrip())  # fmt: skip
         return "\n".join(lines)
 
     out(args, info, text)

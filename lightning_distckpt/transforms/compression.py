@@ -95,12 +95,20 @@ class CompressionConfig:
         """The same configuration without lossy codecs (for ``exact_every`` saves)."""
         return dataclasses.replace(self, preset="lossless" if self.uses_block_codec else None)
 
+    def tensor_codecs(self) -> dict[str, int]:
+        """The tensor codecs (name: version) this configuration may apply; none for exact presets."""
+        if self.preset == "bf16":
+            return {BF16: 1}
+        if self.preset == "int8":
+            return {c.name: c.version for c in BUILTIN}
+        return {}
+
     def descriptor(self) -> dict[str, Any] | None:
         """What the manifest records (informational; reading relies on metadata.json)."""
         if self.preset is None and not self.uses_block_codec:
             return None
         return {"preset": self.preset, "block_codec": (self.block_codec or ShuffleZstd.name) if self.uses_block_codec else None,
-                "tensor_codecs": {c.name: c.version for c in BUILTIN}, "min_elements": self.min_elements,
+                "tensor_codecs": self.tensor_codecs(), "min_elements": self.min_elements,
                 "block_size": self.block_size}  # fmt: skip
 
 
