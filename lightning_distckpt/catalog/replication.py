@@ -1,6 +1,6 @@
 """Copies committed checkpoints to replica targets, in the background, every rank doing its share.
 
-After a checkpoint commits on the primary, :meth:`Replicator.submit` queues it on every rank. A background
+After a checkpoint commits on the primary, `Replicator.submit()` queues it on every rank. A background
 thread per rank then copies, for each replica target, the data files assigned to that rank (round-robin
 over the manifest's files), checking every block against the primary's metadata as it goes. The ranks
 agree over their own gloo process group (separate from the save's), and rank 0 copies the documents,

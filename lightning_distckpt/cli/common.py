@@ -2,7 +2,7 @@
 
 A subcommand module imports only this module and, inside its ``run`` function, what it needs below
 (``catalog``, ``ops``, ...), so that ``distckpt --help`` and commands that do not need torch never import
-it. Output goes through :func:`out` (text, or JSON with ``--json``), sizes through :func:`size` (binary
+it. Output goes through `out()` (text, or JSON with ``--json``), sizes through `size()` (binary
 units: KiB, MiB, GiB, TiB, everywhere, progress bars included).
 """
 

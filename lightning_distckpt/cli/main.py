@@ -14,8 +14,8 @@ Lightning, and ``ls``, ``info``, ``verify``, ``copy`` and ``gc`` never import to
 
 Adding a subcommand: write a module with ``register(subparsers, common)`` (which calls
 ``subparsers.add_parser(name, parents=[common], help=...)`` and ``set_defaults(fn=run)``) and add its
-name to :data:`COMMAND_MODULES`. ``run(args) -> int`` returns an exit code, or raises: errors of
-``lightning_distckpt.errors`` are mapped to exit codes here (:func:`exit_code`). Import heavy modules
+name to `COMMAND_MODULES`. ``run(args) -> int`` returns an exit code, or raises: errors of
+``lightning_distckpt.errors`` are mapped to exit codes here (`exit_code()`). Import heavy modules
 inside ``run``, never at module level.
 """
 
@@ -52,7 +52,7 @@ COMMAND_MODULES = [
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors raise :class:`UsageError` (so ``--json`` can report them as JSON)."""
+    """An ArgumentParser whose errors raise `UsageError` (so ``--json`` can report them as JSON)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
@@ -65,7 +65,7 @@ def _version() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The full argument parser: every subcommand of :data:`COMMAND_MODULES`."""
+    """The full argument parser: every subcommand of `COMMAND_MODULES`."""
     common = _Parser(add_help=False)
     add_storage_options(common)
     p = _Parser(prog="distckpt", description=__doc__.split("\n\n")[0],

@@ -121,7 +121,7 @@ def chunk_places(metadata: Metadata) -> dict[tuple[str, int], tuple[str, int]]:
 
 
 def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
-    """Targets that the checkpoint can fill; raise :class:`StateMismatchError` naming the first bad keys."""
+    """Targets that the checkpoint can fill; raise `StateMismatchError` naming the first bad keys."""
     saved = {k: size for k, (size, _) in saved_tensors(metadata).items() if k.startswith(prefix)}
     missing = [k[len(prefix):] for k in targets if k not in saved]
     unexpected = [k[len(prefix):] for k in saved if k not in targets]
@@ -256,7 +256,7 @@ def load_weights(url: str, module: torch.nn.Module, options: StorageLike = None,
     ``prefix`` is prepended to ``module``'s keys to find them in the checkpoint (``"net."`` for a
     LightningModule that held the module as ``self.net``). Any world size, strategy or compression.
     ``strict=False`` tolerates missing and unexpected keys; a shape mismatch is always a
-    :class:`StateMismatchError`.
+    `StateMismatchError`.
     """
     ckpt = open_checkpoint(source_of(url, options))
     targets = {state.model_key(prefix + k): v for k, v in module.state_dict().items()}

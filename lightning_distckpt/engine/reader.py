@@ -5,7 +5,7 @@ with one ranged read and checks each block's xxh3 against the metadata as its by
 blocks land straight in a CPU destination (or in pinned buffers bound for an accelerator's); compressed ones
 are decoded after their check. A tensor is handed to DCP only once all of its blocks matched. A block that fails (missing file, short read, wrong checksum) is read
 from the next source that has the same file (a replica); if none has a good copy the load fails with a
-:class:`CorruptCheckpointError` naming file, offset and tensor.
+`CorruptCheckpointError` naming file, offset and tensor.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class CheckpointReader(StorageReader):
                   handles: dict[int, BinaryIO]) -> None:
         """Several adjacent direct reads: one ranged read from the first source straight into their
         destinations, each block checked as its bytes stream in; an item that fails (or a failed read) goes through
-        :meth:`_read_item`, which tries every source. A run of one: :meth:`_read_item`."""
+        `_read_item()`, which tries every source. A run of one: `_read_item()`."""
         retry = run
         if len(run) > 1 and (0, name) not in self._bad:
             source = self.sources[0]
