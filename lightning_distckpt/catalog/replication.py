@@ -1,6 +1,6 @@
 """Copies committed checkpoints to replica targets, in the background, every rank doing its share.
 
-After a checkpoint commits on the primary, :meth:`Replicator.submit` queues it on every rank. A background
+After a checkpoint commits on the primary, `Replicator.submit()` queues it on every rank. A background
 thread per rank then copies, for each replica target, the data files assigned to that rank (round-robin
 over the manifest's files), checking every block against the primary's metadata as it goes. The ranks
 agree over their own gloo process group (separate from the save's), and rank 0 copies the documents,
@@ -23,7 +23,7 @@ from lightning_distckpt import ondisk
 from lightning_distckpt.catalog.cleanup import Heartbeat, publish
 from lightning_distckpt.catalog.documents import open_checkpoint, read_document, read_manifest, source_of
 from lightning_distckpt.catalog.verify import blocks_by_file, verify_file
-from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError
+from lightning_distckpt.errors import CorruptCheckpointError, DestinationExistsError, DistCheckpointError
 from lightning_distckpt.faults import crash_point
 from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.storage import Source, StorageLike
@@ -288,7 +288,7 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     if store.exists(dst.path):
         if _finish_interrupted(dst, src.manifest, manifest_bytes):
             return src.manifest
-        raise DistCheckpointError(f"{dst.url()}: already exists; remove it first or copy elsewhere")
+        raise DestinationExistsError(f"{dst.url()}: already exists; remove it first or copy elsewhere")
     parent, name = store.parent(dst.path), store.basename(dst.path)
     token = f"c{ondisk.digest(manifest_bytes):016x}"[:13]
     staging = Source(store, store.join(parent, ondisk.staging_name(name, token)))
