@@ -1,6 +1,6 @@
 """Deterministic crash and pause points, for the crash tests (``tests/test_crash.py``).
 
-The commit protocol, removals, clean-up and copies call :func:`crash_point` with the name of the step they
+The commit protocol, removals, clean-up and copies call `crash_point()` with the name of the step they
 just finished. Nothing happens unless the environment names that step:
 
 * ``DISTCKPT_CRASH_AT=<step>[#<n>]``: the process ends at once (``os._exit``, no clean-up, no ``finally``)

@@ -1,15 +1,15 @@
 """The commit protocol, removing checkpoints, and clean-up of what crashed saves left: only provable garbage.
 
-**Commit** (:func:`publish`): the new copy is complete in ``.<name>.staging-<token>`` (every file and the
+**Commit** (`publish()`): the new copy is complete in ``.<name>.staging-<token>`` (every file and the
 manifest written). If ``<name>`` exists it is renamed to ``.<name>.trash-<token>``; the staging directory
 is renamed to ``<name>``; the ``COMMITTED`` marker is written into it; the trash directory is removed
 (marker first). A crash after any step leaves every committed copy listed and loadable (see
-:func:`~lightning_distckpt.catalog.list_checkpoints`) and recoverable by :func:`clean_stale`.
+`lightning_distckpt.catalog.list_checkpoints()`) and recoverable by `clean_stale()`.
 
-**What clean-up may delete** (:func:`clean_stale`), only among names the package itself makes (parsed
+**What clean-up may delete** (`clean_stale()`), only among names the package itself makes (parsed
 strictly: never ``.``, ``..`` or empty, never a symbolic link, only directly under the root), and only
 when *idle*: nothing in the directory (nor the directory itself) changed for ``older_than_s`` seconds
-(default :data:`DEFAULT_STALE_AGE_S`; a writer refreshes a heartbeat file every :data:`HEARTBEAT_S` while it
+(default `DEFAULT_STALE_AGE_S`; a writer refreshes a heartbeat file every `HEARTBEAT_S` while it
 works, so a live save, copy or replication is never idle):
 
 * ``.<name>.staging-<token>`` without a commit marker: a save, copy or replication that never published;
@@ -61,7 +61,7 @@ def check_keep_last(value: object, where: str = "keep_last") -> int:
 
 def retention_victims(committed: list, keep_last: int) -> list:
     """Of ``committed`` (oldest first), those beyond the newest ``keep_last`` (validated by
-    :func:`check_keep_last`, so never a slice that takes everything)."""
+    `check_keep_last()`, so never a slice that takes everything)."""
     keep_last = check_keep_last(keep_last)
     return list(committed[: max(0, len(committed) - keep_last)])
 

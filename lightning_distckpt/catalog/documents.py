@@ -48,8 +48,8 @@ def source_of(url: str, options: StorageLike = None) -> Source:
 
 def read_document(source: Source, name: str, limit: int | None = None) -> bytes:
     """The bytes of document ``name`` of a checkpoint, read only if it is a regular file (not a link, FIFO or
-    device: :class:`UnsafeCheckpointError`) of at most ``limit`` bytes (default: its
-    ``ondisk.DOCUMENT_LIMITS`` entry; :class:`CorruptCheckpointError`), checked before any byte is read.
+    device: `UnsafeCheckpointError`) of at most ``limit`` bytes (default: its
+    ``ondisk.DOCUMENT_LIMITS`` entry; `CorruptCheckpointError`), checked before any byte is read.
     ``FileNotFoundError`` if it does not exist."""
     store, path = source.store, source.store.join(source.path, name)
     limit = ondisk.DOCUMENT_LIMITS.get(name, 1 << 30) if limit is None else limit
@@ -116,7 +116,7 @@ def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
     """Read and verify everything but the tensor bytes (those are verified block by block when read).
 
     Every file listed in the manifest that is present must be a regular file (a symlink, FIFO or device
-    inside a checkpoint is refused: :class:`UnsafeCheckpointError`). With ``check_sizes`` every one must
+    inside a checkpoint is refused: `UnsafeCheckpointError`). With ``check_sizes`` every one must
     exist with its recorded size. Any problem is an error of this package naming the file and the key.
     """
     manifest = read_manifest(source)

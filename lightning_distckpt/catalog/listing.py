@@ -5,7 +5,7 @@ count; names starting with ``.`` are staging or trash directories of saves in pr
 Not collective: call on one rank (rank 0) or on every rank independently.
 
 One bad entry never hides the others: whatever is wrong with one directory (a malformed manifest, a FIFO
-as its marker, a permission error) is reported in its :class:`Listed` row, and the rest is listed.
+as its marker, a permission error) is reported in its `Listed` row, and the rest is listed.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Group:
 
 def scan(store: Store, path: str) -> tuple[list[Entry], dict[str, Group]]:
     """The root's entries and, by checkpoint name, what belongs to each. Names of staging and trash
-    directories are parsed strictly (:func:`ondisk.trashed_name`); anything else starting with ``.`` is
+    directories are parsed strictly (`ondisk.trashed_name()`); anything else starting with ``.`` is
     not the package's and is ignored."""
     entries = store.listdir(path)
     groups: dict[str, Group] = {}
@@ -91,7 +91,7 @@ def scan(store: Store, path: str) -> tuple[list[Entry], dict[str, Group]]:
 
 
 def examine(source: Source, name: str) -> Listed:
-    """One directory as a :class:`Listed` row (listed under ``name``); never raises for a bad directory."""
+    """One directory as a `Listed` row (listed under ``name``); never raises for a bad directory."""
     try:
         return Listed(name, source.url(), True, read_manifest(source))
     except NewerFormatError as err:
@@ -142,7 +142,7 @@ def list_checkpoints(root: str, options: StorageLike = None) -> list[Listed]:
 
     A committed checkpoint that a crashed overwrite left in a trash directory is listed under its own
     name (with the trash directory's URL) whenever the directory of that name is absent or not committed,
-    until :func:`clean_stale` moves it back: nothing committed is ever invisible. Symbolic links (e.g.
+    until `clean_stale()` moves it back: nothing committed is ever invisible. Symbolic links (e.g.
     ModelCheckpoint's ``save_last="link"``) are aliases, not checkpoints, and are not listed.
     """
     store, path = open_store(root, options)
@@ -172,7 +172,7 @@ def latest(roots: list[str], options: StorageLike = None) -> list[Listed]:
     When the same name exists in several roots, the first root's copy is listed (replicas are read from
     when its files fail). A root that cannot be listed is skipped with a warning.
 
-    Raises :class:`NewerFormatError` if a checkpoint of a newer format is newer than every committed one this
+    Raises `NewerFormatError` if a checkpoint of a newer format is newer than every committed one this
     package can read (or there is none): resuming from an older one, or from scratch, would silently lose
     training; upgrading lightning-distckpt is the fix.
     """

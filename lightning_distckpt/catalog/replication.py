@@ -37,7 +37,7 @@ class ReplicaStats:
     """Counters for logs and metrics (rank 0's are authoritative).
 
     Updated by the training thread (``submit``) and the replication thread: change them only through
-    :meth:`update` (under the lock), read a consistent set with :meth:`snapshot`.
+    `update()` (under the lock), read a consistent set with `snapshot()`.
     """
 
     copied: int = 0
@@ -275,7 +275,7 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     """Copy one committed checkpoint to ``dst_url`` (any store to any store), in this process, verified.
 
     Every block is checked against the source's checksums as it is copied; the copy is committed (renamed
-    into place, its own marker written, :func:`~lightning_distckpt.catalog.publish`) only when complete.
+    into place, its own marker written, `lightning_distckpt.catalog.publish()`) only when complete.
     Resumable: an interrupted copy leaves a staging directory named after the source's manifest, and the
     next call keeps the files there that already verify; a copy killed between its rename and its marker
     (``dst_url`` holds exactly the source's manifest, no marker) is finished by writing the marker after its

@@ -149,7 +149,7 @@ def _root_cause(e: BaseException) -> str:
 def _publish(store: Store, path: str, staging: str, token: str, metadata: Metadata, skeleton: Any,
              manifest: ondisk.Manifest, encodings: dict[str, Any], beat: Heartbeat | None = None) -> ondisk.Manifest:
     """Coordinator only: write the documents, move staging into place, write the commit marker
-    (:func:`~lightning_distckpt.catalog.publish`: an overwrite stays recoverable at every step)."""
+    (`lightning_distckpt.catalog.publish()`: an overwrite stays recoverable at every step)."""
     files: dict[str, dict[str, int]] = {}
     by_file: dict[str, list[tuple[int, ondisk.Location]]] = {}
     raw = 0

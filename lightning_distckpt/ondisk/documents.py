@@ -25,7 +25,7 @@ _MAX_SIZE = 1 << 62  # larger than any file or tensor; keeps arithmetic on decla
 
 def check_version(version: Any, where: str) -> None:
     """Raise unless ``version`` is the format version this package reads; a newer one is
-    :class:`NewerFormatError` (the checkpoint is fine, this package is too old)."""
+    `NewerFormatError` (the checkpoint is fine, this package is too old)."""
     if version == FORMAT_VERSION and type(version) is int:
         return
     if type(version) is int and version > FORMAT_VERSION:
@@ -41,7 +41,7 @@ def check_version(version: Any, where: str) -> None:
 
 def check_int(value: Any, where: str, key: str, lo: int = 0, hi: int = _MAX_SIZE) -> int:
     """``value`` as an int in [lo, hi); anything else (bool, float, string, out of range) is a
-    :class:`CorruptCheckpointError` naming ``where`` and ``key``."""
+    `CorruptCheckpointError` naming ``where`` and ``key``."""
     if type(value) is not int or not lo <= value < hi:
         raise CorruptCheckpointError(f"{where}: {key} must be an integer in [{lo}, {hi}), found {_short(value)}")
     return value
@@ -77,8 +77,8 @@ class Manifest:
 
     @staticmethod
     def from_json(obj: Any, where: str) -> Manifest:
-        """Validate every field's type and range; any problem is a :class:`CorruptCheckpointError` (or
-        :class:`NewerFormatError`) naming ``where`` and the key, never a ``TypeError`` or ``OverflowError``."""
+        """Validate every field's type and range; any problem is a `CorruptCheckpointError` (or
+        `NewerFormatError`) naming ``where`` and the key, never a ``TypeError`` or ``OverflowError``."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} manifest")
         check_version(obj.get("version"), where)
@@ -123,7 +123,7 @@ def dumps(obj: Any) -> bytes:
 
 def loads(data: bytes, where: str, max_depth: int | None = None) -> Any:
     """Parse a JSON document; invalid UTF-8 or JSON, and nesting deeper than ``max_depth`` (or than the
-    parser can take), are a :class:`CorruptCheckpointError` naming ``where``."""
+    parser can take), are a `CorruptCheckpointError` naming ``where``."""
     try:
         obj = json.loads(data, parse_constant=_no_constant)
     except RecursionError:

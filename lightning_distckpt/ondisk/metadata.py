@@ -129,7 +129,7 @@ def metadata_to_json(md: Metadata, encodings: dict[str, Any] | None = None) -> d
 def metadata_from_json(obj: Any, where: str) -> Metadata:
     """Parse and validate ``metadata.json``: shapes, offsets within bounds, byte counts consistent, and the
     chunks of every tensor covering each of its elements exactly once (no gap, no overlap), so that nothing
-    is ever left uninitialised on load. Every problem is a :class:`CorruptCheckpointError` naming ``where``
+    is ever left uninitialised on load. Every problem is a `CorruptCheckpointError` naming ``where``
     and the tensor.
 
     Tensor encodings end up in ``metadata.planner_data["encodings"]``. Whether the codecs it names are known

@@ -71,7 +71,7 @@ def trashed_name(dirname: str) -> str | None:
 
 def staged_name(dirname: str) -> str | None:
     """The checkpoint name a staging directory (a save or copy in progress or crashed) is for, else None;
-    the same rules as :func:`trashed_name`."""
+    the same rules as `trashed_name()`."""
     parsed = _parse(dirname, STAGING_INFIX)
     return parsed[0] if parsed else None
 

@@ -79,7 +79,7 @@ def join(skeleton: Any, tensor: Callable[[str], Any], safe_globals: Iterable[str
     """Rebuild the checkpoint dict; ``tensor(key)`` supplies the value of every tensor reference.
 
     A malformed tag (a ``__float__`` that is no float, a ``__dict__`` that is no list of pairs, an unknown
-    device, base64 that does not decode ...) is a :class:`CorruptCheckpointError` naming ``where`` and the
+    device, base64 that does not decode ...) is a `CorruptCheckpointError` naming ``where`` and the
     path inside the skeleton. Nesting depth is bounded by the caller (``ondisk.loads(max_depth=...)``).
     """
     allowed = _ALLOWED_GLOBALS | set(safe_globals)

@@ -125,7 +125,7 @@ class Store(ABC):
 
     def read_limited(self, path: str, limit: int) -> bytes:
         """The whole file at ``path`` if it is a regular file of at most ``limit`` bytes; otherwise
-        :class:`ValueError` saying why (checked before reading, so a FIFO never blocks and ``/dev/zero``
+        `ValueError` saying why (checked before reading, so a FIFO never blocks and ``/dev/zero``
         never fills memory). ``FileNotFoundError`` if it does not exist."""
         entry = self.info(path)
         if entry.type != "file":
@@ -155,7 +155,7 @@ class Store(ABC):
     def info(self, path: str) -> Entry:
         """The entry at ``path`` itself (a link as a link); ``FileNotFoundError`` if there is none.
 
-        The default asks :meth:`isdir` and :meth:`size`; stores that know links and special files override it.
+        The default asks `isdir()` and `size()`; stores that know links and special files override it.
         """
         if self.isdir(path):
             return Entry(self.basename(path), True, 0, 0.0, "dir")

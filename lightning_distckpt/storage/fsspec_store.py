@@ -160,7 +160,7 @@ class FsspecStore(Store):
 
 
 def _entry(name: str, info: dict[str, Any]) -> Entry:
-    """An :class:`Entry` from an fsspec ``info`` dict (``islink``/``type: link`` where the backend reports links)."""
+    """An `Entry` from an fsspec ``info`` dict (``islink``/``type: link`` where the backend reports links)."""
     mtime = info.get("mtime") or info.get("modificationTime") or 0
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
