@@ -38,6 +38,7 @@ class Torture:
     seed: int = 0
     driver: str = "lightning"
     replica_url: str | None = None
+    save_last: bool = False  # also save "last" at every save: the same name overwritten every time
     storage_env: dict[str, str] = field(default_factory=dict)
     newest: int = -1
     kills: int = 0
@@ -58,7 +59,8 @@ class Torture:
         replica = ["--replicas", self.replica_url] if self.replica_url else []
         return torchrun_cmd(WORKLOADS / "train.py", 2, "--strategy", self.strategy, "--ckpt-dir", self.ckpt_url,
                             "--max-steps", "100000", "--save-every", "1", "--keep-last", "3", "--resume", "last",
-                            "--width", self.width, "--digest-dir", self.digests, *replica)  # fmt: skip
+                            "--width", self.width, "--digest-dir", self.digests, *replica,
+                            *(["--save-last"] if self.save_last else []))  # fmt: skip
 
     @property
     def roots(self) -> list[str]:
@@ -77,10 +79,16 @@ class Torture:
                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
                 for r in range(2)]  # fmt: skip
 
-    def cycle(self, crash: str | None = None, max_delay: float = 2.0, timeout: float = 120, min_delay: float = 0.0) -> None:
+    def cycle(self, crash: str | None = None, max_delay: float = 2.0, timeout: float = 120, min_delay: float = 0.0,
+              crash_at: str | None = None) -> None:
+        """One job start; ``crash``: a LocalStore call that kills a rank; ``crash_at``: a named crash point of the
+        package (``DISTCKPT_CRASH_AT``, lightning_distckpt/faults.py) where the process that reaches it dies."""
         started = self.digests / "started.json"
         started.unlink(missing_ok=True)
         extra = {"DISTCKPT_TEST_CRASH": crash} if crash else {}
+        if crash_at:
+            extra["DISTCKPT_CRASH_AT"] = crash_at
+            crash = crash_at
         out = open(self.root / f"cycle-{self.kills}.log", "w")
         procs = self._start(extra, out)
         alive = lambda: all(p.poll() is None for p in procs)  # noqa: E731

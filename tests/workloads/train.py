@@ -144,6 +144,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
     p.add_argument("--replicas", nargs="*", default=None)
+    p.add_argument("--save-last", action="store_true", help="also save 'last' every time (the same name overwritten)")
     p.add_argument("--compression", default=None)
     p.add_argument("--timing-only", action="store_true", help="no state digests (they take seconds at 1 GiB)")
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
@@ -165,7 +166,7 @@ def main() -> None:
         plugins=[DistCheckpointIO(async_save=args.async_save, compression=args.compression,
                                   hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication))],
         callbacks=[DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
-                                  replicas=args.replicas),
+                                  replicas=args.replicas, save_last=args.save_last or None),
                    probe],
         logger=False,
         enable_progress_bar=False,
