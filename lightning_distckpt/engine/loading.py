@@ -130,7 +130,13 @@ def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool
         for k, t in targets.items()
         if k in saved and saved[k] != global_shape(t)
     ]
-    if shapes or (strict and (missing or unexpected)):
+    dtypes = saved_tensors(metadata)
+    kinds = [
+        f"{k[len(prefix):]}: checkpoint {dtypes[k][1]} vs {what} {t.dtype}"
+        for k, t in targets.items()
+        if k in dtypes and not _convertible(dtypes[k][1], t.dtype)
+    ]
+    if shapes or kinds or (strict and (missing or unexpected)):
         parts = []
         if missing:
             parts.append(f"missing in checkpoint: {_first(missing)}")
@@ -138,8 +144,17 @@ def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool
             parts.append(f"not in the {what}: {_first(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch: {_first(shapes)}")
+        if kinds:
+            parts.append(f"dtype mismatch: {_first(kinds)}")
         raise StateMismatchError(f"{url} does not match the {what}: " + "; ".join(parts))
     return {k: t for k, t in targets.items() if k in saved}
+
+
+def _convertible(saved: torch.dtype, target: torch.dtype) -> bool:
+    """Whether a tensor stored as ``saved`` may be read into one of ``target``: the same dtype, or two
+    floating-point dtypes (converted by value, as ``load_state_dict`` does; e.g. a bf16-true resume).
+    Anything else (an integer read as a float, a bool as bytes) would silently change what the bits mean."""
+    return saved == target or (saved.is_floating_point and target.is_floating_point)
 
 
 def _first(keys: list[str], n: int = 5) -> str:
@@ -150,6 +165,9 @@ def _first(keys: list[str], n: int = 5) -> str:
 def allocate(metadata: Metadata, keys: list[str], url: str) -> dict[str, torch.Tensor]:
     """Empty CPU tensors for ``keys``, shaped by the metadata, after checking the total fits in memory."""
     saved = saved_tensors(metadata)
+    missing = [k for k in keys if k not in saved]
+    if missing:
+        raise CorruptCheckpointError(f"{url}: state.json refers to tensors that metadata.json does not hold: {_first(missing)}")
     total = sum(saved[k][0].numel() * saved[k][1].itemsize for k in keys)
     available = psutil.virtual_memory().available
     if total > available:
@@ -220,7 +238,7 @@ def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: di
             for exc in failures.values():
                 inner = exc[0] if isinstance(exc, tuple) else exc
                 if isinstance(inner, DistCheckpointError):
-                    raise type(inner)(str(inner)) from e
+                    raise inner from e  # the error itself (type, attributes, traceback), DCP's wrapper as its cause
         raise
     decode()
 
