@@ -8,7 +8,8 @@
     distckpt gc ROOT --keep-last N        remove crashed saves and old checkpoints (dry run unless --apply)
 
 Every command takes ``--json`` (machine-readable output on stdout), ``--quiet``, ``--debug`` (tracebacks)
-and storage options (``-o key=value`` for fsspec, ``--hdfs-user``, ``--hdfs-replication``). Exit codes:
+and storage options (``-o key=value`` for fsspec, ``--hdfs-user``, ``--hdfs-replication``, ``--connect-timeout``:
+every store given is reached within that many seconds or the command fails with exit code 5). Exit codes:
 0 success; 1 verification failed or nothing to do; 2 bad usage; 3 not found, not a checkpoint or not
 committed; 4 corrupt or unsafe checkpoint; 5 storage error; 6 other error. It does not import Lightning.
 """
@@ -37,7 +38,23 @@ def _storage(args: argparse.Namespace) -> Any:
         k, v = kv.split("=", 1)
         options[k] = v
     hdfs = HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication)
-    return StorageConfig(options=options, hdfs=hdfs, durable=True)
+    if not args.connect_timeout > 0:
+        raise SystemExit(_usage(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}"))
+    return StorageConfig(options=options, hdfs=hdfs, durable=True, connect_timeout_s=args.connect_timeout)
+
+
+def _reach(args: argparse.Namespace) -> None:
+    """Reach the store of every location the command was given, each within ``--connect-timeout`` seconds
+    (a store that does not answer is exit code 5 with the URL, instead of a client waiting for minutes)."""
+    from lightning_distckpt.storage import probe
+
+    storage = _storage(args)
+    for name in ("root", "ckpt", "src", "dst"):
+        url = getattr(args, name, None)
+        if isinstance(url, str):
+            probe(url, storage)
+    for url in getattr(args, "replica", None) or []:
+        probe(url, storage)
 
 
 def _usage(msg: str) -> int:
@@ -238,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="fsspec storage option")
     common.add_argument("--hdfs-user", default=None)
     common.add_argument("--hdfs-replication", type=int, default=None)
+    common.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long reaching a store may take before exit code 5 (default 30)")
     p = argparse.ArgumentParser(prog="distckpt", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("ls", parents=[common], help="checkpoints under a root")
@@ -280,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_distckpt import errors
 
     try:
+        _reach(args)
         return args.fn(args)
     except Exception as e:  # noqa: BLE001 - mapped to an exit code and one line
         if args.debug:
