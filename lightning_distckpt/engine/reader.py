@@ -411,6 +411,7 @@ class CheckpointReader(StorageReader):
             f = handles.pop(s, None)
             if f is not None:
                 f.close()
-        if len(self.sources) > 1 and problems:
-            log.warning("no good copy of %s: %s", loc.file, "; ".join(problems))
-        raise CorruptCheckpointError("; ".join(problems) or f"{loc.file}: no readable copy")
+        reasons = [why for _, why in skipped]  # this read's problems and those found earlier for the file
+        if len(self.sources) > 1 and reasons:
+            log.warning("no good copy of %s: %s", loc.file, "; ".join(reasons))
+        raise CorruptCheckpointError("; ".join(reasons) or f"{loc.file}: no readable copy")

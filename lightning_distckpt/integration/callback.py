@@ -49,7 +49,15 @@ from lightning_distckpt.errors import (
 from lightning_distckpt.integration.plugin import DistCheckpointIO
 from lightning_distckpt.integration.routing import route
 from lightning_distckpt.parallel.comm import Comm
-from lightning_distckpt.storage import StorageConfig, StorageLike, bounded_filesystem, is_local, open_store, probe
+from lightning_distckpt.storage import (
+    StorageConfig,
+    StorageLike,
+    bounded_filesystem,
+    is_local,
+    open_store,
+    probe,
+    within,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +128,7 @@ class DistCheckpoint(ModelCheckpoint):
         self._final_replication: dict[str, Any] | None = None
         self._last_resolved: str | None = None
         self._unreachable: list[str] = []  # replica roots that did not answer at setup (warned, not resumed from)
+        self._last_requested = False  # ckpt_path="last" was resolved by this rank alone; setup settles it
 
     # -- wiring ------------------------------------------------------------------------------------
     @override
@@ -147,6 +156,7 @@ class DistCheckpoint(ModelCheckpoint):
                         log.warning("removed %s (a save or copy that never committed)", url)
                 except Exception as e:  # noqa: BLE001 - cleanup never fails training
                     log.warning("could not clean up stale saves under %s: %s", root, e)
+        self._settle_last(trainer)
         if self.replicas and stage == "fit" and self._replicator is None:
             self._replicator = Replicator(self.replicas, io.storage, _replication_comm(),
                                           after_replica_commit=self._retain_replica)  # fmt: skip
@@ -227,6 +237,7 @@ class DistCheckpoint(ModelCheckpoint):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        trainer._checkpoint_connector.__dict__.pop("_restore_modules_and_callbacks", None)  # if never called
         if self._replicator is not None:
             self.io.wait()  # the last save commits, and queues its replication, first
             self._replicator.close(self.replication_timeout_s)
@@ -335,18 +346,55 @@ class DistCheckpoint(ModelCheckpoint):
     # -- resume ------------------------------------------------------------------------------------
     @override
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
-        """The newest committed checkpoint under ``dirpath`` or a replica (what ``ckpt_path="last"`` resumes)."""
+        """The newest committed checkpoint under ``dirpath`` or a replica, as this rank lists them.
+
+        Lightning resolves ``ckpt_path="last"`` on every rank *before* the process group exists, so this
+        rank's answer is provisional: :meth:`setup` decides on rank 0, broadcasts, and makes every rank restore
+        that checkpoint (ranks that list storage differently still restore the same one). The listing is bounded
+        by ``connect_timeout_s``; a root that does not answer is reported by :meth:`setup`.
+        """
         dirpath = self.dirpath if self.dirpath is not None else self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
-        options = self._io.storage if self._io else None
-        roots = self._reachable([str(dirpath), *self.replicas])
-
-        def newest() -> str | None:
-            found = catalog.latest(roots, options)
-            return found[0].url if found else None
-
-        # collective (Lightning resolves ckpt_path="last" on every rank): rank 0 lists, every rank follows
-        self._last_resolved = self._io._comm().decide(newest) if self._io is not None else newest()
+        self._last_requested = True
+        self._last_resolved = self._newest(str(dirpath))
         return {self._last_resolved} if self._last_resolved else set()
+
+    def _newest(self, dirpath: str) -> str | None:
+        options = self._io.storage if self._io else StorageConfig()
+        roots = self._reachable([dirpath, *self.replicas])
+        try:
+            found = within(lambda: catalog.latest(roots, options), options.connect_timeout(dirpath), f"list {dirpath}")
+        except StorageUnreachableError as e:
+            log.warning("%s", e)
+            return None
+        return found[0].url if found else None
+
+    def _settle_last(self, trainer: pl.Trainer) -> None:
+        """Collective, in ``setup``: when ``ckpt_path="last"`` was asked for, rank 0 lists the roots again and
+        every rank restores rank 0's choice (or nothing, if rank 0 found nothing), whatever it listed itself."""
+        if not self._last_requested:
+            return
+        self._last_requested = False
+        mine = self._last_resolved
+        comm = self.io._comm()
+        decided = comm.decide(lambda: self._newest(str(self.dirpath)))
+        views = comm.all_gather(mine)
+        self._last_resolved = decided
+        if any(v != decided for v in views) and comm.rank == 0:
+            rank_zero_warn(
+                "ranks listed different checkpoints for ckpt_path='last' ("
+                + ", ".join(f"rank {r}: {v or 'none'}" for r, v in enumerate(views))
+                + f"); every rank restores rank 0's choice: {decided or 'none (start from scratch)'}"
+            )
+        connector = trainer._checkpoint_connector
+        restore = connector._restore_modules_and_callbacks  # Lightning calls it with its own per-rank choice
+
+        def restore_decided(checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> Any:
+            connector.__dict__.pop("_restore_modules_and_callbacks", None)  # once
+            if checkpoint_path is None or checkpoint_path == mine:  # Lightning's choice came from this callback
+                checkpoint_path = decided
+            return restore(checkpoint_path, *args, **kwargs)
+
+        connector._restore_modules_and_callbacks = restore_decided
 
     def _candidates(self, url: str) -> list[list[str]]:
         """The checkpoints a load of ``url`` may use, in order, each as the URLs of its copies.
