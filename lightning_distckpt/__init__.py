@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailableError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
@@ -29,7 +30,6 @@ __all__ = [
     "KnowledgeDistillation",
     "NotACheckpointError",
     "StateMismatchError",
-    "StorageBackendMissingError",
     "StorageError",
     "StorageUnreachableError",
     "UncommittedCheckpointError",
@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from lightning_distckpt.catalog.listing import list_checkpoints
     from lightning_distckpt.catalog.verify import VerifyReport, verify
     from lightning_distckpt.errors import (
+        BackendUnavailableError,
         CheckpointNotFoundError,
         CheckpointSaveError,
         CorruptCheckpointError,
@@ -82,7 +83,6 @@ if TYPE_CHECKING:
         InsufficientMemoryError,
         NotACheckpointError,
         StateMismatchError,
-        StorageBackendMissingError,
         StorageError,
         StorageUnreachableError,
         UncommittedCheckpointError,

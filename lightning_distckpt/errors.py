@@ -48,9 +48,13 @@ class StorageUnreachableError(StorageError):
     how often and for how long, and the last error."""
 
 
-class StorageBackendMissingError(StorageError):
-    """No installed storage backend serves the URL's scheme (``s3://`` without ``s3fs``, ``hdfs://`` without
-    ``hdfs-native``); the message names the URL and what to install."""
+class BackendUnavailableError(StorageError):
+    """No installed storage backend serves the URL's scheme (e.g. ``s3://`` without ``s3fs``); the message
+    names the URL and what to install."""
+
+
+class DestinationExistsError(DistCheckpointError, FileExistsError):
+    """The output of a copy or an export already exists, and the operation does not overwrite it."""
 
 
 class InsufficientMemoryError(DistCheckpointError):

@@ -6,7 +6,7 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
 * ``keep_last=N``: keep the N newest committed checkpoints this callback saved, in addition to the top-k
   ones; older ones are removed only after a newer one has committed (never the newest);
 * ``replicas=[URL, ...]``: every committed checkpoint is copied to each replica root in the background
-  (:mod:`lightning_distckpt.replication`); retention applies per target;
+  (`lightning_distckpt.replication`); retention applies per target;
 * ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica; a
   load reads each file from the first healthy copy and, if no copy of it is complete, falls back to the
   previous checkpoint (loudly). An explicit path is never substituted unless ``fallback_to_previous``;
@@ -20,7 +20,7 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
 * blocks read from another copy because the first copy failed verification are reported (a warning, and
   ``distckpt/repaired_blocks`` in ``trainer.callback_metrics``).
 
-In ``setup`` it makes sure the strategy is routed through a :class:`DistCheckpointIO` (creating a default
+In ``setup`` it makes sure the strategy is routed through a `DistCheckpointIO` (creating a default
 one if the Trainer has none) and fails clearly for a strategy that cannot be routed.
 """
 
@@ -42,7 +42,7 @@ from lightning_distckpt import catalog, ondisk
 from lightning_distckpt.catalog.replication import Replicator, describe
 from lightning_distckpt.errors import (
     DistCheckpointError,
-    StorageBackendMissingError,
+    BackendUnavailableError,
     StorageError,
     StorageUnreachableError,
 )
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 class DistCheckpoint(ModelCheckpoint):
     """Save sharded checkpoints on a schedule; keep the last N; resume from the newest committed one.
 
-    Every argument of :class:`~lightning.pytorch.callbacks.ModelCheckpoint` works as there.
+    Every argument of `ModelCheckpoint` works as there.
 
     Args:
         dirpath: Where checkpoints go: a local path, ``file://`` or any fsspec URL (``hdfs://nn:8020/x``).
@@ -186,7 +186,7 @@ class DistCheckpoint(ModelCheckpoint):
                 probe(root, storage)
                 mine.append(None)
             except StorageError as e:
-                kind = ("missing" if isinstance(e, StorageBackendMissingError)
+                kind = ("missing" if isinstance(e, BackendUnavailableError)
                         else "unreachable" if isinstance(e, StorageUnreachableError) else "error")  # fmt: skip
                 mine.append((kind, str(e)))
         comm = self.io._comm()
@@ -201,7 +201,7 @@ class DistCheckpoint(ModelCheckpoint):
             where = f" (seen by rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})" if comm.world_size > 1 else ""
             primary = i == 0 and self.dirpath is not None
             if primary or kind == "missing":
-                cls = {"missing": StorageBackendMissingError, "unreachable": StorageUnreachableError}.get(kind, StorageError)
+                cls = {"missing": BackendUnavailableError, "unreachable": StorageUnreachableError}.get(kind, StorageError)
                 what = "checkpoint root" if primary else "replica root"
                 raise cls(f"DistCheckpoint {what} {root}: {message}{where}")
             unreachable.append(root)
@@ -349,9 +349,9 @@ class DistCheckpoint(ModelCheckpoint):
         """The newest committed checkpoint under ``dirpath`` or a replica, as this rank lists them.
 
         Lightning resolves ``ckpt_path="last"`` on every rank *before* the process group exists, so this
-        rank's answer is provisional: :meth:`setup` decides on rank 0, broadcasts, and makes every rank restore
+        rank's answer is provisional: `setup` decides on rank 0, broadcasts, and makes every rank restore
         that checkpoint (ranks that list storage differently still restore the same one). The listing is bounded
-        by ``connect_timeout_s``; a root that does not answer is reported by :meth:`setup`.
+        by ``connect_timeout_s``; a root that does not answer is reported by `setup`.
         """
         dirpath = self.dirpath if self.dirpath is not None else self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
         self._last_requested = True

@@ -4,7 +4,7 @@ Two ways in:
 
 * **Routed** (the normal case): once this plugin is given to a Trainer, the strategy calls
   ``save_routed`` / ``load_routed`` / ``load_optimizers_routed`` / ``remove_routed`` on **every rank**
-  (see :mod:`lightning_distckpt.integration`). Each rank writes and reads only its own part.
+  (see `lightning_distckpt.integration`). Each rank writes and reads only its own part.
 * **Direct**: the plain ``CheckpointIO`` methods (``save_checkpoint``, ``load_checkpoint``,
   ``remove_checkpoint``) act in the calling process alone, like any CheckpointIO. Lightning uses them for
   internal files (``ddp_spawn`` results); users can use them to read a checkpoint into a plain dict.
@@ -99,9 +99,9 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         storage_options: Options for the fsspec filesystem of remote URLs (strings for HDFS client settings).
         durable: fsync data files and directories on local filesystems before a checkpoint commits.
         hdfs: Replication, block size, user, Hadoop conf dir and retries for ``hdfs://``, ``viewfs://`` and
-            ``webhdfs://`` locations (see :class:`~lightning_distckpt.HdfsOptions`).
-        compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a :class:`~lightning_distckpt.CompressionConfig`
-            (see :mod:`lightning_distckpt.compression`); loading needs no setting.
+            ``webhdfs://`` locations (see `HdfsOptions`).
+        compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a `CompressionConfig`
+            (see `lightning_distckpt.compression`); loading needs no setting.
         balanced_reads: Read each replicated tensor (DDP state) once across the ranks and broadcast it,
             instead of every rank reading all of it.
         write_threads: Files (and concurrent streams) per rank and save.
@@ -112,7 +112,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         connect_timeout_s: How long reaching a store may take: ``DistCheckpoint`` checks the checkpoint root
             and every replica root at setup, before the first training step, and ModelCheckpoint's own calls on
             the root are bounded by it; an unreachable root fails with
-            :class:`~lightning_distckpt.StorageUnreachableError` naming the URL (``HdfsOptions.connect_timeout_s``
+            `lightning_distckpt.StorageUnreachableError` naming the URL (``HdfsOptions.connect_timeout_s``
             overrides it for HDFS URLs).
     """
 
@@ -241,7 +241,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         Every decision the ranks must share is made once: rank 0 picks the path and the fallback order (the
         ``resolver`` runs on rank 0 only) and broadcasts them; whether memory suffices is judged from every
         rank's numbers, the same way everywhere. A shortage of host memory on any rank raises
-        :class:`InsufficientMemoryError` on every rank and never falls back to an older checkpoint.
+        `InsufficientMemoryError` on every rank and never falls back to an older checkpoint.
         """
         self.wait()
         comm = self._comm(bulk=self.balanced_reads)
@@ -323,7 +323,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         return checkpoint
 
     def load_optimizers_routed(self, strategy: Strategy, checkpoint: dict[str, Any]) -> None:
-        """Apply the optimizer states that :meth:`load_routed` read (no I/O happens here)."""
+        """Apply the optimizer states that `load_routed()` read (no I/O happens here)."""
         saved_states = checkpoint.get("optimizer_states", [])
         optimizers = list(strategy.optimizers)
         if len(saved_states) != len(optimizers):
@@ -362,7 +362,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self._run_task(task, self.stats.last_save)
 
     def wait(self) -> None:
-        """Block until the save in flight has committed; raise :class:`CheckpointSaveError` if it failed."""
+        """Block until the save in flight has committed; raise `CheckpointSaveError` if it failed."""
         future, self._future = self._future, None
         if future is not None:
             try:

@@ -48,7 +48,7 @@ class HdfsOptions:
         backoff_s: First wait between attempts; doubles each time.
         config: Extra Hadoop client settings (``{"dfs.client.socket-timeout": "30000"}``), strings only.
         connect_timeout_s: How long reaching the NameNode (or the webhdfs gateway) may take at setup and in
-            ModelCheckpoint's own calls before a :class:`~lightning_distckpt.StorageUnreachableError` names the
+            ModelCheckpoint's own calls before a `StorageUnreachableError` names the
             URL (``None``: the plugin's ``connect_timeout_s``, 30 s by default).
     """
 

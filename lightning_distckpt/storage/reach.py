@@ -4,15 +4,15 @@ Storage clients left to themselves can wait for minutes: with its default settin
 refused NameNode connection for about 3 minutes per call, and fsspec's webhdfs sends its HTTP requests
 without any timeout. Whatever must not stall goes through here:
 
-* :func:`probe` contacts the store that holds a URL, retrying transient errors (connection refused, reset,
-  timed out) until ``connect_timeout_s`` has passed, then raises :class:`StorageUnreachableError` naming the
+* `probe` contacts the store that holds a URL, retrying transient errors (connection refused, reset,
+  timed out) until ``connect_timeout_s`` has passed, then raises `StorageUnreachableError` naming the
   URL, the operation, the attempts, the time spent and the last error. A URL whose backend is not installed
-  raises :class:`StorageBackendMissingError` at once; a location that is a file, or that refuses access, a
-  :class:`StorageError`. The callback probes every root at setup, the ``distckpt`` command every URL it is
+  raises `BackendUnavailableError` at once; a location that is a file, or that refuses access, a
+  `StorageError`. The callback probes every root at setup, the ``distckpt`` command every URL it is
   given.
-* :func:`within` runs one call and gives up on it after a deadline (the call's thread is left to finish on
+* `within` runs one call and gives up on it after a deadline (the call's thread is left to finish on
   its own: a client blocked in the kernel cannot be interrupted from Python).
-* :class:`BoundedFileSystem` is an fsspec filesystem whose every public call is bounded that way; the
+* `BoundedFileSystem` is an fsspec filesystem whose every public call is bounded that way; the
   callback gives it to ModelCheckpoint, whose own ``exists``/``isdir``/``ls`` calls on the root would
   otherwise use a client without our fast-fail settings.
 
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from lightning_distckpt.errors import StorageBackendMissingError, StorageError, StorageUnreachableError
+from lightning_distckpt.errors import BackendUnavailableError, StorageError, StorageUnreachableError
 from lightning_distckpt.storage.registry import StorageLike, as_config, open_store
 from lightning_distckpt.storage.retry import RetryPolicy, is_transient
 
@@ -42,7 +42,7 @@ _MAX_BACKOFF_S = 2.0
 
 @dataclass(frozen=True)
 class Reached:
-    """What a successful :func:`probe` found."""
+    """What a successful `probe` found."""
 
     url: str
     exists: bool  # False: reachable, but nothing at the URL yet (a root that the first save creates)
@@ -60,7 +60,7 @@ class _Progress:
 
 
 def within(fn: Callable[[], T], timeout_s: float, what: str, progress: _Progress | None = None) -> T:
-    """``fn()``, or :class:`StorageUnreachableError` naming ``what`` if it has not returned after ``timeout_s``.
+    """``fn()``, or `StorageUnreachableError` naming ``what`` if it has not returned after ``timeout_s``.
 
     ``fn`` runs in a daemon thread; on timeout that thread is abandoned (it ends when the client gives up).
     Exceptions of ``fn`` are raised here unchanged.
@@ -94,13 +94,14 @@ def _unreachable(what: str, timeout_s: float, elapsed: float, p: _Progress | Non
     return f"{what}: storage unreachable, no answer within connect_timeout_s={timeout_s:g} s ({elapsed:.1f} s){tried}"
 
 
-def probe(url: str, config: StorageLike = None, *, timeout_s: float | None = None) -> Reached:
+def probe(url: str, config: StorageLike = None, *, timeout_s: float | None = None, directory: bool = True) -> Reached:
     """Reach the store holding ``url`` within ``timeout_s`` (default: the config's ``connect_timeout(url)``).
 
     Lists ``url`` (a directory, or nothing yet). Retries transient errors with backoff until the deadline.
-    Raises :class:`StorageUnreachableError` (no answer in time), :class:`StorageBackendMissingError` (the
-    scheme's backend is not installed) or :class:`StorageError` (``url`` is a file, permission denied, any
-    other permanent error), each naming ``url``. Blocks at most about ``timeout_s``; not collective.
+    Raises `StorageUnreachableError` (no answer in time), `BackendUnavailableError` (the
+    scheme's backend is not installed) or `StorageError` (``url`` is a file while ``directory``,
+    permission denied, any other permanent error), each naming ``url``. Blocks at most about ``timeout_s``;
+    not collective.
     """
     config = as_config(config)
     timeout = timeout_s if timeout_s is not None else config.connect_timeout(url)
@@ -111,13 +112,9 @@ def probe(url: str, config: StorageLike = None, *, timeout_s: float | None = Non
     def attempts() -> bool:
         progress.current = "opening the client"
         try:
-            store, path = open_store(url, config)
-        except ImportError as e:
-            raise StorageBackendMissingError(f"{url}: no storage backend for this URL is installed: {e}") from None
-        except ValueError as e:  # fsspec: "Protocol not known"
-            if "protocol" in str(e).lower():
-                raise StorageBackendMissingError(f"{url}: no storage backend for this URL: {e}") from None
-            raise
+            store, path = open_store(url, config)  # BackendUnavailableError for a scheme fsspec cannot serve
+        except ImportError as e:  # a registered store whose client is missing
+            raise BackendUnavailableError(f"{url}: no storage backend for this URL is installed: {e}") from None
         store = copy.copy(store)  # one attempt per call: this loop does the retrying, within the deadline
         store.retry = RetryPolicy()
         delay = _BACKOFF_S
@@ -125,11 +122,11 @@ def probe(url: str, config: StorageLike = None, *, timeout_s: float | None = Non
             progress.attempts += 1
             progress.current = f"listing {url}"
             try:
-                return _look(store, path, url)
+                return _look(store, path, url, directory)
             except FileNotFoundError:
                 return False
             except ImportError as e:  # clients created on first use (hdfs-native)
-                raise StorageBackendMissingError(f"{url}: no storage backend for this URL is installed: {e}") from None
+                raise BackendUnavailableError(f"{url}: no storage backend for this URL is installed: {e}") from None
             except StorageError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified here
@@ -146,20 +143,22 @@ def probe(url: str, config: StorageLike = None, *, timeout_s: float | None = Non
     return Reached(url, exists, time.monotonic() - start, max(1, progress.attempts))
 
 
-def _look(store: Any, path: str, url: str) -> bool:
-    """True if ``path`` is a directory, FileNotFoundError if absent, StorageError if it is a file."""
+def _look(store: Any, path: str, url: str, directory: bool) -> bool:
+    """True if ``path`` exists, FileNotFoundError if absent, StorageError if it is a file and ``directory``."""
     try:
         store.listdir(path)
     except NotADirectoryError:
-        raise StorageError(f"{url}: is a file, not a directory (a checkpoint root must be a directory)") from None
-    if not store.isdir(path):
+        if directory:
+            raise StorageError(f"{url}: is a file, not a directory (a checkpoint root must be a directory)") from None
+        return True
+    if directory and not store.isdir(path):
         raise StorageError(f"{url}: is a file, not a directory (a checkpoint root must be a directory)")
     return True
 
 
 class BoundedFileSystem:
     """An fsspec filesystem whose public method calls each return within ``timeout_s`` or raise
-    :class:`StorageUnreachableError` naming the call and the URL. Attributes and private methods pass through."""
+    `StorageUnreachableError` naming the call and the URL. Attributes and private methods pass through."""
 
     def __init__(self, fs: Any, url: str, timeout_s: float) -> None:
         self._bounded_fs = fs
@@ -187,7 +186,7 @@ class BoundedFileSystem:
 
 def bounded_filesystem(url: str, config: StorageLike = None) -> BoundedFileSystem:
     """The fsspec filesystem of ``url`` configured as this package configures it (fast-fail HDFS options, the
-    storage options), every call bounded by the config's ``connect_timeout(url)``. Raises like :func:`probe`
+    storage options), every call bounded by the config's ``connect_timeout(url)``. Raises like `probe`
     when the backend is missing."""
     config = as_config(config)
     timeout = config.connect_timeout(url)
@@ -202,6 +201,6 @@ def bounded_filesystem(url: str, config: StorageLike = None) -> BoundedFileSyste
                 fs = url_to_fs(url, **config.options)[0]
             return fs
         except ImportError as e:
-            raise StorageBackendMissingError(f"{url}: no storage backend for this URL is installed: {e}") from None
+            raise BackendUnavailableError(f"{url}: no storage backend for this URL is installed: {e}") from None
 
     return BoundedFileSystem(within(make, timeout, f"connect {url}"), url, timeout)

@@ -1,8 +1,8 @@
 """Which Store serves a URL: a registry of URL schemes, built-in or added by a third party.
 
-Built in: local paths and ``file://`` (:class:`LocalStore`), ``hdfs://`` and ``viewfs://`` (hdfs-native),
+Built in: local paths and ``file://`` (`LocalStore`), ``hdfs://`` and ``viewfs://`` (hdfs-native),
 ``webhdfs://``/``swebhdfs://`` (fsspec's client); every other scheme goes through fsspec
-(:class:`FsspecStore`), so any installed fsspec backend works without registration.
+(`FsspecStore`), so any installed fsspec backend works without registration.
 
 A third party serves a scheme its own way, by a call::
 
@@ -41,7 +41,7 @@ class StorageConfig:
 
     ``options`` go to the fsspec filesystem of remote URLs; ``durable`` makes local writes fsync;
     ``hdfs`` configures ``hdfs://``, ``viewfs://`` and ``webhdfs://`` URLs; ``connect_timeout_s`` bounds how
-    long reaching a store may take (:func:`~lightning_distckpt.storage.reach.probe`; for HDFS URLs
+    long reaching a store may take (`lightning_distckpt.storage.reach.probe`; for HDFS URLs
     ``HdfsOptions.connect_timeout_s`` wins when set).
     """
 
@@ -71,7 +71,7 @@ HDFS_SCHEMES = ("hdfs", "viewfs", "webhdfs", "swebhdfs")
 
 
 def as_config(config: StorageLike) -> StorageConfig:
-    """``config`` as a :class:`StorageConfig` (fsspec options or nothing become one with defaults)."""
+    """``config`` as a `StorageConfig` (fsspec options or nothing become one with defaults)."""
     return config if isinstance(config, StorageConfig) else StorageConfig(options=dict(config or {}))
 
 
