@@ -49,6 +49,11 @@ class StorageError(DistCheckpointError, OSError):
     """The storage backend failed after its retries (unreachable, permission denied, disk full)."""
 
 
+class StorageUnreachableError(StorageError):
+    """A store did not answer within its ``connect_timeout_s``: the message names the URL, what was tried,
+    how often and for how long, and the last error."""
+
+
 class BackendUnavailableError(StorageError):
     """No installed storage backend serves the URL's scheme (e.g. ``s3://`` without ``s3fs``); the message
     names the URL and what to install."""
@@ -56,3 +61,8 @@ class BackendUnavailableError(StorageError):
 
 class DestinationExistsError(DistCheckpointError, FileExistsError):
     """The output of a copy or an export already exists, and the operation does not overwrite it."""
+
+
+class InsufficientMemoryError(DistCheckpointError):
+    """A load needs more host memory than some rank has free. Decided by all ranks together (every rank raises
+    the same error, naming the ranks that are short); never a reason to fall back to another checkpoint."""

@@ -9,7 +9,8 @@
 
 Every subcommand takes ``--json`` (machine-readable output on stdout, errors included), ``--quiet``,
 ``--debug`` (tracebacks) and storage options (``-o key=value`` for fsspec, ``--hdfs-user``,
-``--hdfs-replication``). Exit codes: see ``common.EXIT_CODES`` and docs/cli.md. It never imports
+``--hdfs-replication``, ``--connect-timeout``: every store given is reached within that many seconds or the
+command fails with exit code 5). Exit codes: see ``common.EXIT_CODES`` and docs/cli.md. It never imports
 Lightning, and ``ls``, ``info``, ``verify``, ``copy`` and ``gc`` never import torch.
 
 Adding a subcommand: write a module with ``register(subparsers, common)`` (which calls
@@ -39,6 +40,7 @@ from lightning_distckpt.cli.common import (
     UsageError,
     add_storage_options,
     printable,
+    reach,
 )
 
 #: modules that each add subcommands through ``register(subparsers, common)``, in ``--help`` order
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             _report(argv, f"{e}\nrun 'distckpt -h' for help", e, EXIT_USAGE)
             return EXIT_USAGE
         try:
+            reach(args)
             code = args.fn(args)
             sys.stdout.flush()  # a closed pipe shows here, inside the handlers
             return code
