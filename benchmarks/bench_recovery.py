@@ -191,9 +191,13 @@ def unreachable(small: str = "5", baseline: str | None = None, cases: list[tuple
 
 
 def _describe(checkout: str) -> str:
+    """The checkout's commit (``git log``, or a ``REV`` file beside an exported tree), else its path."""
+    rev = Path(checkout) / "REV"
+    if rev.exists():
+        return rev.read_text().strip()[:100]
     try:
-        rev = subprocess.run(["git", "-C", checkout, "log", "-1", "--format=%h %s"], capture_output=True, text=True)
-        return rev.stdout.strip()[:100] or checkout
+        out = subprocess.run(["git", "-C", checkout, "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+        return out.stdout.strip()[:100] or checkout
     except OSError:
         return checkout
 
@@ -243,6 +247,16 @@ def resume_times(work: Path, repeats: int = 3) -> dict[str, Any]:
                                     "replica": med["resume_from_replica"] - med["fresh_start"]}}  # fmt: skip
 
 
+def _previous() -> dict[str, Any]:
+    """The parts of the results file, read when writing (parts not run this time keep their last results)."""
+    result: dict[str, Any] = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+    if "seconds_to_first_step" in result:  # the layout before the parts: its resume times, kept as measured
+        result["resume"] = {"env": result["env"], "command": "python benchmarks/bench_recovery.py",
+                            **{k: result[k] for k in ("state_bytes", "seconds_to_first_step", "recovery_overhead_s")}}
+        result.pop("torture", None)  # 30 random kills of the raw driver: replaced by this torture
+    return {k: v for k, v in result.items() if k in ("torture", "unreachable", "resume")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="torture,unreachable,resume", help="comma-separated: torture, unreachable, resume")
@@ -253,12 +267,7 @@ def main() -> None:
     p.add_argument("--baseline-checkout", default=None, help="also time this checkout on the unreachable hdfs:// root")
     args = p.parse_args()
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    result: dict[str, Any] = json.loads(RESULT.read_text()) if RESULT.exists() else {}
-    if "seconds_to_first_step" in result:  # the layout before the parts: its resume times, kept as measured
-        result["resume"] = {"env": result["env"], "command": "python benchmarks/bench_recovery.py",
-                            **{k: result[k] for k in ("state_bytes", "seconds_to_first_step", "recovery_overhead_s")}}
-        result.pop("torture", None)  # 30 random kills of the raw driver: replaced by this torture
-    result = {k: v for k, v in result.items() if k in ("torture", "unreachable", "resume")}
+    result: dict[str, Any] = {}
     command = "python benchmarks/bench_recovery.py " + " ".join(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     try:
@@ -274,8 +283,7 @@ def main() -> None:
                                      "problems", "seconds")})  # fmt: skip
         if "resume" in parts:
             result["resume"] = {"env": environment() | {"world_size": 2}, "command": command, **resume_times(work / "resume")}
-        result["benchmark"] = "recovery"
-        print(write_result("recovery", result))
+        print(write_result("recovery", {**_previous(), **result, "benchmark": "recovery"}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
