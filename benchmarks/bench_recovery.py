@@ -1,9 +1,11 @@
 """Recovery: the 100-kill torture, the time an unreachable root takes to fail, and kill-to-resume times.
 
 * ``torture``: a 2-rank DDP training job (Lightning + DistCheckpoint, ``ckpt_path="last"``, a save every step,
-  ``keep_last=3``) is killed 100 times: at each named crash point of ``tests/crashing.py`` (``CRASH_POINTS``,
-  ``--repeats`` times each, one rank SIGKILLs itself there) and, for the rest, with a replica root, by a SIGKILL
-  of a random rank at a random moment (then the rest of the job, as a lost node). Each restart must resume from
+  ``keep_last=3``) is killed 100 times: at each named crash point of ``tests/crashing.py`` (``CRASH_POINTS``:
+  the package's own crash points of the commit protocol, overwrites, clean-up and removals, and a rank dying
+  mid-write; ``--repeats`` times each; ``save_last=True`` so that ``last`` is overwritten at every save) and,
+  for the rest, with a replica root, by a SIGKILL of a random rank at a random moment (then the rest of the job,
+  as a lost node). Each restart must resume from
   the newest committed checkpoint and restore it bit for bit (model, optimizer, scheduler, loops). Failures are
   counted, never assumed away: the fraction is restored-exactly / restarts-that-had-a-checkpoint.
 * ``unreachable``: from ``Trainer.fit`` to the error, for a checkpoint root that cannot be reached (a closed port,
@@ -58,7 +60,7 @@ def torture(work: Path, kills: int = 100, seed: int = 2026, repeats: int = 2, po
     parts: list[tuple[str, Torture]] = []
     t0 = time.monotonic()
     if named:
-        a = Torture(work / "points", str(work / "points" / "ckpts"), seed=seed, strict=False)
+        a = Torture(work / "points", str(work / "points" / "ckpts"), seed=seed, strict=False, save_last=True)
         for name in named:
             a.cycle(crash=CRASH_POINTS[name], label=name)
         a.final_restart()
@@ -75,9 +77,11 @@ def torture(work: Path, kills: int = 100, seed: int = 2026, repeats: int = 2, po
         # a kill's outcome shows at the next start: did it resume from the newest committed checkpoint, exactly?
         for rec, nxt in zip(t.records, t.records[1:]):
             how = "random moment" if rec["how"] == "random" else rec["how"]
-            row = by_how.setdefault(how, {"spec": CRASH_POINTS.get(how, ""), "kills": 0, "restarts_with_a_checkpoint": 0,
-                                          "restored_newest_exactly": 0, "problems": []})  # fmt: skip
+            row = by_how.setdefault(how, {"spec": CRASH_POINTS.get(how, ""), "kills": 0, "died_there": 0,
+                                          "restarts_with_a_checkpoint": 0, "restored_newest_exactly": 0,
+                                          "problems": []})  # fmt: skip
             row["kills"] += 1
+            row["died_there"] += int(rec.get("hit", how == "random moment"))
             if "restored_exactly" in nxt:
                 row["restarts_with_a_checkpoint"] += 1
                 row["restored_newest_exactly"] += int(bool(nxt["restored_exactly"]))

@@ -300,8 +300,9 @@ def recovery() -> str:
         parts += [
             "### The kill torture\n",
             f"Command: `{t['command']}`. A 2-rank DDP job (Lightning + `DistCheckpoint`, `ckpt_path=\"last\"`, a save "
-            "every step, `keep_last=3`) is killed over and over: at each named crash point (one rank SIGKILLs itself "
-            "there; `tests/crashing.py`, `CRASH_POINTS`) and, with a replica root, by a SIGKILL of a random rank at a "
+            "every step, `keep_last=3`) is killed over and over: at each named crash point (`tests/crashing.py`, "
+            "`CRASH_POINTS`; `save_last=True`, so `last` is overwritten at every save) and, with a replica root, by a "
+            "SIGKILL of a random rank at a "
             "random moment, the rest of the job killed as a lost node. Each restart must resume from the newest "
             "committed checkpoint and restore it bit for bit (model, optimizer, scheduler, loops); every committed "
             "checkpoint must still verify. Outcomes are counted, never assumed.\n",
@@ -310,9 +311,14 @@ def recovery() -> str:
             f"from and {t['restored_newest_exactly']} restored the newest one exactly: "
             f"{'n/a' if frac is None else f'{100 * frac:.0f}%'} recovered** (target 100%); broken invariants: "
             f"{len(t['problems'])}. Wall time {t['seconds'] / 60:.0f} min.\n",
-            table(["kill", "crash point (rank:call:n)", "kills", "restarts with a checkpoint", "restored the newest exactly"],
-                  [[how, f"`{row['spec']}`" if row["spec"] else "", row["kills"], row["restarts_with_a_checkpoint"],
-                    row["restored_newest_exactly"]] for how, row in t["by_kill"].items()]),
+            table(["kill", "crash point", "kills", "died there", "restarts with a checkpoint", "restored the newest exactly"],
+                  [[how, f"`{row['spec']}`" if row["spec"] else "", row["kills"], row.get("died_there", ""),
+                    row["restarts_with_a_checkpoint"], row["restored_newest_exactly"]]
+                   for how, row in t["by_kill"].items()]),
+            "\nCrash points: `step#n` is the package's own (`lightning_distckpt.faults`, `DISTCKPT_CRASH_AT`: the "
+            "process ends the n-th time it passes that step), `rank:method:n` a rank SIGKILLing itself at the n-th "
+            "call of that store method. \"Died there\": the job's log shows the rank ending at that point (a point "
+            "not reached within 120 s is a kill at that moment instead).\n",
             "\nA kill's outcome shows at the next start; a kill that hit the next start before its first step "
             "(a clean-up at setup) is judged by the start after it.\n",
         ]  # fmt: skip

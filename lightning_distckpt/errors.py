@@ -28,7 +28,13 @@ class CorruptCheckpointError(DistCheckpointError):
 
 
 class UnsafeCheckpointError(CorruptCheckpointError):
-    """The checkpoint asks for something that loading refuses to do (code execution, path escape)."""
+    """The checkpoint asks for something that loading refuses to do (code execution, path escape, a special
+    file such as a FIFO, a device or a symlink where a regular file belongs)."""
+
+
+class NewerFormatError(CorruptCheckpointError):
+    """The checkpoint was written in a newer on-disk format than this lightning-distckpt reads: it is not
+    damaged, and it is never treated as missing (``ckpt_path="last"`` refuses instead of starting over)."""
 
 
 class StateMismatchError(DistCheckpointError):

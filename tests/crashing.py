@@ -24,22 +24,33 @@ from conftest import WORKLOADS, env, free_port, load_json, torchrun_cmd
 
 from lightning_distckpt import list_checkpoints, verify
 
-#: Named crash points: ``DISTCKPT_TEST_CRASH=<rank>:<LocalStore method>:<n>`` (tests/workloads/train.py) for the
-#: Lightning driver saving every step without replicas. Rank 0, per save: ``makedirs`` (staging), 2 ×
-#: ``open_write`` (its data files), ``write_bytes`` × 4 (metadata.json, state.json, manifest.json, then
-#: COMMITTED after the ``rename`` into place); counts start with the process, so ``:2``/``:3``/``:5``... fall in
-#: the run's second save. ``remove`` counts removals (stale clean-up at setup, retention: marker first).
+#: Named crash points for the Lightning driver with ``save_last=True`` (each step saves ``epoch=..-step=N`` and
+#: overwrites ``last``). ``<step>#<n>``: the package's own crash points (`lightning_distckpt.faults`,
+#: ``DISTCKPT_CRASH_AT``): the process ends the n-th time it passes that step. ``<rank>:<LocalStore method>:<n>``:
+#: that rank SIGKILLs itself at the n-th call (``DISTCKPT_TEST_CRASH``, tests/workloads/train.py). A resumed run
+#: publishes the step checkpoint (#1), then overwrites ``last`` (#2), and so on; a fresh run's first ``last`` is
+#: new. The order matters: the clean-up points come right after the crash whose leftovers they repair.
 CRASH_POINTS = {
-    "save: before the staging directory": "0:makedirs:2",
-    "save: rank 0 opens its first data file": "0:open_write:3",
-    "save: rank 1 opens its first data file": "1:open_write:3",
-    "save: data written, before metadata.json": "0:write_bytes:5",
-    "save: before manifest.json": "0:write_bytes:7",
-    "save: before the rename into place": "0:rename:2",
-    "save: renamed, before COMMITTED": "0:write_bytes:8",
-    "clean-up or retention: first removal": "0:remove:1",
-    "clean-up or retention: second removal": "0:remove:2",
+    "save: staging made, nothing written": "save:staged#2",
+    "save: rank 1 dies opening its data file": "1:open_write:3",
+    "save: documents written, before publishing": "save:documents#3",
+    "publish: renamed into place, before COMMITTED": "publish:renamed#3",
+    "publish: just committed": "publish:committed#3",
+    "overwrite of last: old copy moved aside": "publish:old-moved#1",
+    "overwrite of last: new copy renamed, before COMMITTED": "publish:renamed#2",
+    "clean-up at setup: uncommitted copy moved aside": "clean:aside#1",
+    "clean-up at setup: trashed copy restored": "clean:restored#1",
+    "removal: marker removed": "remove:unmarked#1",
+    "removal: moved aside, before deleting": "remove:aside#1",
 }
+
+
+def crash_env(spec: str) -> dict[str, str]:
+    """The environment that makes a job crash at ``spec`` (a `CRASH_POINTS` value)."""
+    parts = spec.split(":")
+    if len(parts) == 3 and parts[0].isdigit():
+        return {"DISTCKPT_TEST_CRASH": spec}
+    return {"DISTCKPT_CRASH_AT": spec}
 
 
 @dataclass
@@ -55,6 +66,7 @@ class Torture:
     seed: int = 0
     driver: str = "lightning"
     replica_url: str | None = None
+    save_last: bool = False  # lightning driver: also save (overwrite) "last" at every save
     storage_env: dict[str, str] = field(default_factory=dict)
     #: True: a broken invariant raises AssertionError at once (tests). False: it is counted in ``problems`` and
     #: ``records`` and the torture goes on (the benchmark reports the fraction, never assumes it)
@@ -80,7 +92,8 @@ class Torture:
         replica = ["--replicas", self.replica_url] if self.replica_url else []
         return torchrun_cmd(WORKLOADS / "train.py", 2, "--strategy", self.strategy, "--ckpt-dir", self.ckpt_url,
                             "--max-steps", "100000", "--save-every", "1", "--keep-last", "3", "--resume", "last",
-                            "--width", self.width, "--digest-dir", self.digests, *replica)  # fmt: skip
+                            "--width", self.width, "--digest-dir", self.digests, *replica,
+                            *(["--save-last"] if self.save_last else []))  # fmt: skip
 
     @property
     def roots(self) -> list[str]:
@@ -105,7 +118,7 @@ class Torture:
         else at a random moment), then check the committed checkpoints. ``label`` names the kill in ``records``."""
         started = self.digests / "started.json"
         started.unlink(missing_ok=True)
-        extra = {"DISTCKPT_TEST_CRASH": crash} if crash else {}
+        extra = crash_env(crash) if crash else {}
         out = open(self.root / f"cycle-{self.kills}.log", "w")
         record: dict[str, Any] = {"kill": self.kills, "how": label or crash or "random", "newest_before": self.newest}
         t0 = time.monotonic()
@@ -142,6 +155,9 @@ class Torture:
                     pass
                 p.wait()
             out.close()
+        if crash:  # did it die there? (torchrun reports the rank's exit: 86 from a crash point, -9 from a SIGKILL)
+            log = open(out.name, errors="replace").read()
+            record["hit"] = "exitcode  : 86" in log or "exitcode  : -9" in log
         self.kills += 1
         self._check_committed(record)
         record["seconds"] = round(time.monotonic() - t0, 2)

@@ -1,10 +1,10 @@
 """A fixed, seeded subset of benchmarks/bench_recovery.py, so that CI runs the benchmark's own code: kills at two
 named crash points and one at a random moment (with a replica), each restart checked, and an unreachable root
-timed from ``Trainer.fit`` to its error. The 100-kill run is ``test_the_100_kill_torture`` (``DISTCKPT_LONG=1``)."""
+timed from ``Trainer.fit`` to its error. The 100-kill run is ``test_the_100_kill_torture`` (marker ``long``, not run
+by default: ``pytest -m long``; benchmarks/bench_recovery.py records it)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from crashing import CRASH_POINTS  # noqa: E402
 
 @pytest.mark.slow
 def test_seeded_torture_subset_restores_the_newest_checkpoint_every_time(tmp_path):
-    points = ["save: renamed, before COMMITTED", "save: rank 1 opens its first data file"]
+    points = ["publish: renamed into place, before COMMITTED", "overwrite of last: old copy moved aside"]
     r = bench_recovery.torture(tmp_path, kills=3, seed=12, repeats=1, points=points)
     assert r["kills"] == 3
     assert set(r["by_kill"]) == {*points, "random moment"}
@@ -27,10 +27,19 @@ def test_seeded_torture_subset_restores_the_newest_checkpoint_every_time(tmp_pat
 
 
 def test_crash_points_name_what_the_workload_injects():
+    import re
+
+    from lightning_distckpt import faults
+
+    steps = set(re.findall(r"``([a-z]+:[a-z-]+)``", faults.__doc__ or ""))
     for name, spec in CRASH_POINTS.items():
-        rank, method, n = spec.split(":")
-        assert rank in ("0", "1") and int(n) >= 1 and method in ("makedirs", "open_write", "write_bytes", "rename",
-                                                                 "remove"), (name, spec)  # fmt: skip
+        if spec.count(":") == 2:  # rank:LocalStore method:n
+            rank, method, n = spec.split(":")
+            assert rank in ("0", "1") and int(n) >= 1 and method in ("makedirs", "open_write", "write_bytes",
+                                                                     "rename", "remove"), (name, spec)  # fmt: skip
+        else:  # the package's own crash points
+            step, _, n = spec.partition("#")
+            assert step in steps and (not n or int(n) >= 1), (name, spec, steps)
     assert len(set(CRASH_POINTS.values())) == len(CRASH_POINTS)
 
 
@@ -44,10 +53,7 @@ def test_unreachable_root_timed_from_fit_to_error():
 
 
 @pytest.mark.slow
-@pytest.mark.long
-@pytest.mark.skipif(not os.environ.get("DISTCKPT_LONG"),
-                    reason="the 100-kill torture takes about 20-60 min on 2 CPUs: set DISTCKPT_LONG=1 to run it "
-                           "(benchmarks/bench_recovery.py records it in benchmarks/results/recovery.json)")  # fmt: skip
+@pytest.mark.long  # deselected by default (pyproject addopts): pytest -m long tests/test_bench_recovery.py
 def test_the_100_kill_torture(tmp_path):
     r = bench_recovery.torture(tmp_path, kills=100, seed=2026, repeats=2)
     assert r["kills"] == 100 and r["problems"] == [], r["problems"]

@@ -98,6 +98,13 @@ def size(n: float) -> str:
     raise AssertionError("unreachable")  # the loop returns at TiB
 
 
+def printable(text: object) -> str:
+    """``text`` with control characters (terminal escape sequences, newlines) escaped, for terminal output: a
+    directory name crafted to hold ``ESC [ 2 J`` is shown as ``\\x1b[2J``, never sent to the terminal."""
+    s = str(text)
+    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
 def basename(url: str) -> str:
     """The last component of a path or URL (trailing slashes ignored)."""
     return url.rstrip("/").rsplit("/", 1)[-1]

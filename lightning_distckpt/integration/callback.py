@@ -102,8 +102,8 @@ class DistCheckpoint(ModelCheckpoint):
         fallback_to_previous: bool = False,
         replication_timeout_s: float = 600.0,
     ) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError(f"DistCheckpoint(keep_last={keep_last}): must be at least 1 (or None)")
+        if keep_last is not None:  # one rule with `distckpt gc --keep-last` (catalog.check_keep_last)
+            catalog.check_keep_last(keep_last, "DistCheckpoint(keep_last)")
         if dirpath is not None and not isinstance(dirpath, str):
             dirpath = str(dirpath)
         if dirpath is not None and dirpath.startswith("file://"):
@@ -130,6 +130,27 @@ class DistCheckpoint(ModelCheckpoint):
         self._last_resolved: str | None = None
         self._unreachable: list[str] = []  # replica roots that did not answer at setup (warned, not resumed from)
         self._last_requested = False  # ckpt_path="last" was resolved by this rank alone; setup settles it
+        self._check_filename()
+
+    def _check_filename(self) -> None:
+        """Refuse a ``filename`` template that cannot make a checkpoint name now, not at the first save: it
+        must format (every ``{metric}`` filled with 0, as ModelCheckpoint does for missing metrics) into one
+        plain path component (letters, digits, ``_.=+-``; no ``/``, no leading dot), also with a version
+        suffix, and so must the name of the ``last`` checkpoint."""
+        names = []
+        try:
+            for template in (self.filename, self.CHECKPOINT_NAME_LAST):
+                name = self._format_checkpoint_name(template, {}, auto_insert_metric_name=self.auto_insert_metric_name)
+                names += [name, self.CHECKPOINT_JOIN_CHAR.join((name, "v1"))]
+        except (KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
+            raise ValueError(f"DistCheckpoint(filename={self.filename!r}): not a usable name template: "
+                             f"{type(e).__name__}: {e}") from None  # fmt: skip
+        bad = [n for n in names if not ondisk.is_safe_name(n)]
+        if bad:
+            raise ValueError(
+                f"DistCheckpoint(filename={self.filename!r}) makes the checkpoint name {bad[0]!r}: a checkpoint name "
+                f"must be one plain path component (letters, digits and _ . = + -, not starting with a dot)"
+            )
 
     # -- wiring ------------------------------------------------------------------------------------
     @override
@@ -318,7 +339,7 @@ class DistCheckpoint(ModelCheckpoint):
         if self.keep_last is None:
             return []
         with self._lock:
-            saved = list(self._saved)
+            saved = [p for p in self._saved if self._is_ours(p)]
         alive = [p for p in saved if _is_committed(p, self.io.storage)]
         protect = set(alive[-self.keep_last :]) | set(self.best_k_models) | {self.best_model_path, self.last_model_path}
         removed = []
@@ -422,11 +443,25 @@ class DistCheckpoint(ModelCheckpoint):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the list of checkpoints this callback wrote. Only entries that this callback could have
+        written are kept: checkpoints directly under its own ``dirpath`` with a plain name (a restored state
+        never makes retention delete anything elsewhere)."""
         super().load_state_dict(state_dict)
         if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            saved = state_dict.get("saved", [])
+            ever = state_dict.get("ever", [])
+            saved = [p for p in saved if self._is_ours(p)] if isinstance(saved, list) else []
+            ever = {n for n in ever if ondisk.is_safe_name(n)} if isinstance(ever, list) else set()
             with self._lock:
-                self._saved = [p for p in state_dict.get("saved", []) if p not in self._saved] + self._saved
-                self._ever |= set(state_dict.get("ever", []))
+                self._saved = [p for p in saved if p not in self._saved] + self._saved
+                self._ever |= ever
+
+    def _is_ours(self, path: Any) -> bool:
+        """A checkpoint URL this callback may have written: a plain name directly under its ``dirpath``."""
+        if not isinstance(path, str) or self.dirpath is None:
+            return False
+        parent, _, name = path.rstrip("/").rpartition("/")
+        return parent == str(self.dirpath).rstrip("/") and ondisk.is_safe_name(name)
 
 
 def _name(url: str) -> str:
