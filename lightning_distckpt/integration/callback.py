@@ -7,7 +7,8 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
   ones; older ones are removed only after a newer one has committed (never the newest);
 * ``replicas=[URL, ...]``: every committed checkpoint is copied to each replica root in the background
   (`lightning_distckpt.replication`); retention applies per target;
-* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica; a
+* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica, as
+  rank 0 lists them (every rank restores rank 0's choice, and follows rank 0's fallback order); a
   load reads each file from the first healthy copy and, if no copy of it is complete, falls back to the
   previous checkpoint (loudly). An explicit path is never substituted unless ``fallback_to_previous``;
 * stale staging directories of crashed saves are removed at setup (committed checkpoints never are);
