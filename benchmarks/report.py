@@ -23,8 +23,18 @@ def load(name: str) -> dict[str, Any] | None:
     return json.load(open(path)) if os.path.exists(path) else None
 
 
-def fmt_s(st: dict[str, float]) -> str:
-    return f"{st['median']:.2f} s ({st['min']:.2f}–{st['max']:.2f})"
+def num(x: float, digits: int = 2, sign: bool = False) -> str:
+    """``x`` with ``digits`` decimals; a value that rounds to zero prints as ``0.00`` (never ``-0.00``)."""
+    if round(x, digits) == 0:
+        x = 0.0
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def fmt_s(st: dict[str, float], floor: float | None = None) -> str:
+    """Median (min–max) in seconds; with ``floor``, values below it print as ``floor`` (a stall measured as a
+    step minus the median normal step can come out below zero: it is noise, not negative time)."""
+    m, lo, hi = (st[k] if floor is None else max(floor, st[k]) for k in ("median", "min", "max"))
+    return f"{num(m)} s ({num(lo)}–{num(hi)})"
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
@@ -171,7 +181,9 @@ def stall_table(stall: dict[str, Any], blocked: dict[str, Any]) -> str:
     rows = [("stock", "Lightning stock"), ("sync", "DistCheckpointIO, synchronous"),
             ("async", "DistCheckpointIO, async_save=True")]  # fmt: skip
     return table(["save", "stall per save", "time inside the save call"],
-                 [[label, fmt_s(stall[k]), fmt_s(blocked[k])] for k, label in rows])
+                 [[label, fmt_s(stall[k], floor=0.0), fmt_s(blocked[k])] for k, label in rows]) + (
+        "\n\nA stall is the step that includes the save minus the median normal step; measurements below zero "
+        "(noise) are shown as 0.00 s." if any(stall[k]["min"] < 0 for k, _ in rows) else "")
 
 
 def async_() -> str:
@@ -187,11 +199,11 @@ def async_() -> str:
         "interleaved in one run; the previous checkpoint is removed in a step outside the timing).\n",
         env_line(r) + f" Normal step: {r['normal_step_s']:.2f} s.\n",
         stall_table(st, bl),
-        f"\nAsync stall / sync stall = **{r['ratios']['async stall / sync stall']:.2f}**, async / stock = "
-        f"**{r['ratios']['async stall / stock stall']:.2f}** (target ≤ 0.15 each)"
-        + (f"; the async stall is within the noise of a normal step (stall spread {st['async']['min']:+.2f} to "
-           f"{st['async']['max']:+.2f} s), so its ratios read as about zero. " if st["async"]["min"] < 0 else ". ")
-        + (f"The two steps after an async save took {after['median']:+.2f} s in total against normal steps (median; "
+        f"\nAsync stall / sync stall = **{num(max(0.0, r['ratios']['async stall / sync stall']))}**, async / stock = "
+        f"**{num(max(0.0, r['ratios']['async stall / stock stall']))}** (target ≤ 0.15 each)"
+        + (f"; the async stall is within the noise of a normal step (stall spread {num(st['async']['min'], sign=True)} to "
+           f"{num(st['async']['max'], sign=True)} s), so its ratios read as about zero. " if st["async"]["min"] < 0 else ". ")
+        + (f"The two steps after an async save took {num(after['median'], sign=True)} s in total against normal steps (median; "
            "the background write shares the machine's 2 cores with training). " if after else "")
         + f"Host memory over {len(r['rss_bytes_after_each_async_save'])} async saves: RSS grew "
         f"**{100 * r['rss_growth_after_second_save']:.1f}%** after the second save (target ≤ 5%); the reused snapshot "
@@ -257,7 +269,7 @@ def compression() -> str:
     rows = []
     for preset, v in q["presets"].items():
         rows.append([preset if preset != "None" else "none (fp32)", f"{v['bytes_ratio']:.3f}",
-                     f"{v['final_loss_mean']:.4f} ± {v['final_loss_std']:.4f}", f"{v['final_loss_diff_vs_exact']:+.4f}",
+                     f"{v['final_loss_mean']:.4f} ± {v['final_loss_std']:.4f}", num(v['final_loss_diff_vs_exact'], 4, sign=True),
                      "yes" if v["within_1_seed_std"] else "no", f"{100 * v['first5_max_rel_diff']:.2f}%",
                      "yes" if v["bitwise_equal_to_exact"] else "no"])  # fmt: skip
     sl = m["save_load"]
@@ -348,8 +360,8 @@ def gpu() -> str:
         + ".\n",
         "### Async saving on the GPU\n",
         stall_table(st, bl),
-        f"\nAsync stall / sync stall = **{a['ratios']['async stall / sync stall']:.3f}**, async / stock = "
-        f"**{a['ratios']['async stall / stock stall']:.3f}**: the step blocks for the device-to-pinned-host copy "
+        f"\nAsync stall / sync stall = **{num(max(0.0, a['ratios']['async stall / sync stall']), 3)}**, async / stock = "
+        f"**{num(max(0.0, a['ratios']['async stall / stock stall']), 3)}**: the step blocks for the device-to-pinned-host copy "
         f"({a['state_bytes'] / 2**30:.1f} GiB in {bl['async']['median']:.3f} s, median; the maximum is the first "
         "save, which allocates the pinned buffers). RSS growth after the second save: "
         f"{100 * a['rss_growth_after_second_save']:.3f}%.\n",
