@@ -240,6 +240,8 @@ class DistCheckpoint(ModelCheckpoint):
         options = self._io.storage if self._io else None
         found = catalog.latest([str(dirpath), *self.replicas], options)
         self._last_resolved = found[0].url if found else None
+        if not found:
+            _no_last_checkpoint([str(dirpath), *self.replicas])
         return {found[0].url} if found else set()
 
     def _candidates(self, url: str) -> list[list[str]]:
@@ -269,6 +271,21 @@ class DistCheckpoint(ModelCheckpoint):
             with self._lock:
                 self._saved = [p for p in state_dict.get("saved", []) if p not in self._saved] + self._saved
                 self._ever |= set(state_dict.get("ever", []))
+
+
+#: Lightning's warning when ``ckpt_path="last"`` finds nothing; its hint (``save_last=True``) does not apply here
+_LIGHTNING_NO_LAST = r'\.\w+\(ckpt_path="last"\) is set, but there is no last checkpoint available'
+
+
+def _no_last_checkpoint(roots: list[str]) -> None:
+    """Say why ``ckpt_path="last"`` starts from scratch, instead of Lightning's hint to set ``save_last=True``
+    (this callback finds the newest committed checkpoint itself; ``save_last`` changes nothing)."""
+    import warnings
+
+    where = roots[0] + (f" or its replicas ({', '.join(roots[1:])})" if len(roots) > 1 else "")
+    rank_zero_info(f'DistCheckpoint: ckpt_path="last" found no committed checkpoint under {where}; training starts '
+                   "from scratch (expected on a first run).")  # fmt: skip
+    warnings.filterwarnings("ignore", message=_LIGHTNING_NO_LAST)
 
 
 def _name(url: str) -> str:
