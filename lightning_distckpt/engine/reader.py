@@ -338,9 +338,10 @@ class CheckpointReader(StorageReader):
         from the first source that has them intact."""
         size = sum(b.stored for b in blocks)
         problems = []
-        for s, source in enumerate(self.sources):
-            if (s, loc.file) in self._bad:
-                continue
+        # copies that failed for this file before are tried last, not skipped: one bad block (or a failed read)
+        # does not make the file's other blocks bad, and that copy may hold the only good one of these
+        for s in sorted(range(len(self.sources)), key=lambda s: (s, loc.file) in self._bad):
+            source = self.sources[s]
             buf = into if into is not None else bytearray(size)
 
             def read_once(s: int = s, source: Source = source, buf: bytearray = buf) -> list[int]:
