@@ -43,9 +43,9 @@ class StorageError(DistCheckpointError, OSError):
     """The storage backend failed after its retries (unreachable, permission denied, disk full)."""
 
 
-class BackendUnavailableError(StorageError):
-    """No installed storage backend serves the URL's scheme (e.g. ``s3://`` without ``s3fs``); the message
-    names the URL and what to install."""
+class StorageBackendMissingError(StorageError):
+    """No installed storage backend serves the URL's scheme (``s3://`` without ``s3fs``, ``hdfs://`` without
+    ``hdfs-native``); the message names the URL and what to install."""
 
 
 class DestinationExistsError(DistCheckpointError, FileExistsError):

@@ -240,7 +240,7 @@ def test_s3_without_s3fs_is_a_storage_error_5(command, tmp_path):
     assert importlib.util.find_spec("s3fs") is None, "this test expects s3fs not to be installed"
     p = distckpt(*argv_for(command, "s3://bucket/ckpts/x", tmp_path), "--json", check=C.EXIT_STORAGE)
     err = json.loads(p.stdout)["error"]
-    assert err["type"] == "BackendUnavailableError" and "s3://bucket" in err["message"] and "s3fs" in err["message"]
+    assert err["type"] == "StorageBackendMissingError" and "s3://bucket" in err["message"] and "s3fs" in err["message"]
 
 
 def test_usage_errors_are_2_also_in_json(cases, tmp_path):
