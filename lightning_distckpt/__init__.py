@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailableError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
@@ -25,10 +26,13 @@ __all__ = [
     "DistCheckpointIO",
     "CompressionConfig",
     "HdfsOptions",
+    "InsufficientMemoryError",
     "KnowledgeDistillation",
+    "NewerFormatError",
     "NotACheckpointError",
     "StateMismatchError",
     "StorageError",
+    "StorageUnreachableError",
     "UncommittedCheckpointError",
     "UnsafeCheckpointError",
     "VerifyReport",
@@ -72,13 +76,17 @@ if TYPE_CHECKING:
     from lightning_distckpt.catalog.listing import list_checkpoints
     from lightning_distckpt.catalog.verify import VerifyReport, verify
     from lightning_distckpt.errors import (
+        BackendUnavailableError,
         CheckpointNotFoundError,
         CheckpointSaveError,
         CorruptCheckpointError,
         DistCheckpointError,
+        NewerFormatError,
+        InsufficientMemoryError,
         NotACheckpointError,
         StateMismatchError,
         StorageError,
+        StorageUnreachableError,
         UncommittedCheckpointError,
         UnsafeCheckpointError,
     )

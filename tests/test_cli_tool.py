@@ -20,7 +20,7 @@ import traceback
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, env
+from conftest import ROOT, env, make_idle
 from workloads.common import Net, data
 
 from lightning_distckpt import DistCheckpoint, DistCheckpointIO, load_checkpoint
@@ -123,10 +123,12 @@ def test_gc_is_a_dry_run_unless_applied(root, tmp_path):
     work = tmp_path / "gc"
     shutil.copytree(root, work)
     (work / fmt.staging_name("epoch=0-step=8", "x")).mkdir()
+    make_idle(work / fmt.staging_name("epoch=0-step=8", "x"))  # a save that crashed an hour ago
+    (work / fmt.staging_name("epoch=0-step=9", "y")).mkdir()  # a save in flight: left alone
     dry = json.loads(distckpt("gc", work, "--keep-last", 1, "--json").stdout)
-    assert dry["dry_run"] and len(dry["removed"]) == 3 and len(os.listdir(work)) == 4
+    assert dry["dry_run"] and len(dry["removed"]) == 3 and len(os.listdir(work)) == 5
     distckpt("gc", work, "--keep-last", 1, "--apply")
-    assert sorted(os.listdir(work)) == ["epoch=0-step=6"]
+    assert sorted(os.listdir(work)) == [fmt.staging_name("epoch=0-step=9", "y"), "epoch=0-step=6"]
 
 
 def test_failure_paths_have_exit_codes_and_no_tracebacks(root, tmp_path):
@@ -240,7 +242,7 @@ def test_s3_without_s3fs_is_a_storage_error_5(command, tmp_path):
     assert importlib.util.find_spec("s3fs") is None, "this test expects s3fs not to be installed"
     p = distckpt(*argv_for(command, "s3://bucket/ckpts/x", tmp_path), "--json", check=C.EXIT_STORAGE)
     err = json.loads(p.stdout)["error"]
-    assert err["type"] == "StorageBackendMissingError" and "s3://bucket" in err["message"] and "s3fs" in err["message"]
+    assert err["type"] == "BackendUnavailableError" and "s3://bucket" in err["message"] and "s3fs" in err["message"]
 
 
 def test_usage_errors_are_2_also_in_json(cases, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import rewrite_document
+from conftest import rewrite_document, uncommitted_copy
 from workloads.common import Net, data
 
 from lightning_distckpt import (
@@ -84,8 +84,7 @@ def test_keep_last_keeps_newest_and_ckpt_last_ignores_uncommitted(tmp_path, save
     assert [c.name for c in list_checkpoints(str(d))] == ["epoch=0-step=6", "epoch=0-step=8"]
     # a later directory without a commit marker (a crashed save) is invisible to ckpt_path="last", and
     # the next fit's setup removes it
-    crashed = copy_ckpt(newest(d), d / "epoch=9-step=99")
-    os.remove(os.path.join(crashed, fmt.MARKER))
+    uncommitted_copy(newest(d), d / "epoch=9-step=99")
     assert [c.name for c in list_checkpoints(str(d)) if c.committed] == ["epoch=0-step=6", "epoch=0-step=8"]
     t, _ = fit(d, 8, resume="last", keep_last=2)
     assert t.global_step == 8

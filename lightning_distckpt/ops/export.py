@@ -153,8 +153,7 @@ def export_checkpoint(url: str, out: str, weights_only: bool = False, dtype: tor
                                 quantize)  # fmt: skip
     with output_file(out) as tmp:
         if format == "safetensors":
-            from safetensors.torch import save_file
-
+            save_file = _safetensors_save_file()
             save_file(weights, tmp, metadata={"source": url, "format": "lightning-distckpt export"})
         else:
             torch.save({"state_dict": weights}, tmp)
@@ -168,8 +167,7 @@ def export_sharded_safetensors(url: str, out_dir: str, shard_bytes: int, **kwarg
     keyword arguments go to `inference_weights`."""
     import json
 
-    from safetensors.torch import save_file
-
+    save_file = _safetensors_save_file()
     storage_options = kwargs.pop("storage_options", None)
     progress = kwargs.pop("progress", None)
     weights = inference_weights(read_model_weights(url, storage_options, progress), **kwargs)
@@ -195,3 +193,12 @@ def export_sharded_safetensors(url: str, out_dir: str, shard_bytes: int, **kwarg
     with output_file(index) as tmp, open(tmp, "w") as f:
         json.dump({"metadata": {"total_size": total, "source": url}, "weight_map": weight_map}, f, indent=1)
     return [*files, index]
+
+
+def _safetensors_save_file() -> Any:
+    """``safetensors.torch.save_file``; safetensors is the ``export`` extra of this package."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("exporting to safetensors needs safetensors: pip install 'lightning-distckpt[export]'") from None
+    return save_file
