@@ -37,7 +37,7 @@ def distckpt(*args, check: int | None = 0, installed: bool = False) -> subproces
     argv = [str(a) for a in args]
     if installed:
         assert EXE, "the distckpt console script is not installed (pip install -e .)"
-        p = subprocess.run([EXE, *argv], capture_output=True, text=True, env=env(), timeout=120)
+        p = subprocess.run([EXE, *argv], capture_output=True, text=True, env=env(), timeout=600)
     else:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
