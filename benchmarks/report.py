@@ -23,6 +23,13 @@ def load(name: str) -> dict[str, Any] | None:
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+def command(r: dict[str, Any]) -> str:
+    """The command a result file records, without where that run wrote its JSON (``--out``)."""
+    words = r["command"].split()
+    keep = [w for i, w in enumerate(words) if w != "--out" and (i == 0 or words[i - 1] != "--out")]
+    return " ".join(keep)
+
+
 def num(x: float, digits: int = 2, sign: bool = False) -> str:
     """``x`` with ``digits`` decimals; a value that rounds to zero prints as ``0.00`` (never ``-0.00``)."""
     if round(x, digits) == 0:
@@ -334,7 +341,7 @@ def distill() -> str:
     main_gain = r["results"][0]["gain_points"]["mean"]
     return "\n".join([
         "## Knowledge distillation\n",
-        f"Command: `{r['command'].strip()}` (scikit-learn's digits: 1500 training images, 297 to validate on; "
+        f"Command: `{command(r)}` (scikit-learn's digits: 1500 training images, 297 to validate on; "
         f"{r['seeds']} seeds per setting).\n",
         env_line(r, ranks=False) + "\n",
         f"The teacher (MLP, hidden {st['teacher_hidden']}, {t['params']:,} parameters) learns from every label for "
@@ -371,7 +378,7 @@ def cli() -> str:
                      f"{cpu['median']:.3f} s" if cpu else "", torch_])
     return "\n".join([
         "## The distckpt command: start time\n",
-        f"Command: `{r['command'].strip()}` (each run: the installed console script in a fresh process, timed "
+        f"Command: `{command(r)}` (each run: the installed console script in a fresh process, timed "
         f"from spawn to exit, on a {r['checkpoint_bytes'] / 1024:.0f} KiB lossless checkpoint; {r['repeats']} runs "
         "per command, interleaved; median and range).\n",
         env_line(r, ranks=False) + "\n",
