@@ -378,6 +378,8 @@ class DistCheckpoint(ModelCheckpoint):
         dirpath = self.dirpath if self.dirpath is not None else self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
         self._last_requested = True
         self._last_resolved = self._newest(str(dirpath))
+        if not self._last_resolved:
+            _no_last_checkpoint([str(dirpath), *self.replicas])
         return {self._last_resolved} if self._last_resolved else set()
 
     def _newest(self, dirpath: str) -> str | None:
@@ -462,6 +464,21 @@ class DistCheckpoint(ModelCheckpoint):
             return False
         parent, _, name = path.rstrip("/").rpartition("/")
         return parent == str(self.dirpath).rstrip("/") and ondisk.is_safe_name(name)
+
+
+#: Lightning's warning when ``ckpt_path="last"`` finds nothing; its hint (``save_last=True``) does not apply here
+_LIGHTNING_NO_LAST = r'\.\w+\(ckpt_path="last"\) is set, but there is no last checkpoint available'
+
+
+def _no_last_checkpoint(roots: list[str]) -> None:
+    """Say why ``ckpt_path="last"`` starts from scratch, instead of Lightning's hint to set ``save_last=True``
+    (this callback finds the newest committed checkpoint itself; ``save_last`` changes nothing)."""
+    import warnings
+
+    where = roots[0] + (f" or its replicas ({', '.join(roots[1:])})" if len(roots) > 1 else "")
+    rank_zero_info(f'DistCheckpoint: ckpt_path="last" found no committed checkpoint under {where}; training starts '
+                   "from scratch (expected on a first run).")  # fmt: skip
+    warnings.filterwarnings("ignore", message=_LIGHTNING_NO_LAST)
 
 
 def _name(url: str) -> str:
