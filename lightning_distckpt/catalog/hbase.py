@@ -431,14 +431,14 @@ def _better(value: float, current: float | None, mode: str) -> bool:
 
 def _pointer_json(p: Pointer) -> dict[str, Any]:
     return {"row": p.row, "name": p.name, "step": p.step, "created": p.created, "locations": dict(p.locations),
-            "value": p.value, "mode": p.mode}  # fmt: skip
+            "value": p.value, "mode": p.mode, "digest": p.digest}  # fmt: skip
 
 
 def _pointer(obj: dict[str, Any] | None) -> Pointer | None:
     if not obj:
         return None
     return Pointer(obj["row"], obj["name"], int(obj["step"]), float(obj["created"]), dict(obj.get("locations", {})),
-                   obj.get("value"), obj.get("mode"))  # fmt: skip
+                   obj.get("value"), obj.get("mode"), int(obj.get("digest", 0)))  # fmt: skip
 
 
 def _unlist(state: dict[str, Any], key: str) -> bool:

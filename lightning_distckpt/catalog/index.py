@@ -124,6 +124,7 @@ class Pointer:
     locations: dict[str, str] = field(default_factory=dict)
     value: float | None = None
     mode: str | None = None
+    digest: int = 0
 
     @property
     def url(self) -> str:
@@ -138,7 +139,7 @@ class Pointer:
     def of(entry: CatalogEntry, metric: str | None = None) -> Pointer:
         value = None if metric is None else entry.monitor_value if metric == entry.monitor else entry.metrics.get(metric)
         return Pointer(entry.row, entry.name, entry.step, entry.created, dict(entry.locations), value,
-                       entry.mode if metric else None)  # fmt: skip
+                       entry.mode if metric else None, entry.digest)  # fmt: skip
 
 
 @dataclass

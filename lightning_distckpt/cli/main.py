@@ -272,6 +272,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS", help="only stale dirs this old")
     s.add_argument("--apply", action="store_true", help="really delete")
     s.set_defaults(fn=cmd_gc)
+    from lightning_distckpt.cli.catalog_cmds import register as register_catalog_commands
+
+    register_catalog_commands(sub, common, _storage)  # runs, best, reconcile, ls --catalog (cli/catalog_cmds.py)
     return p
 
 
