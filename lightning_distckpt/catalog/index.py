@@ -30,7 +30,7 @@ from lightning_distckpt.storage import StorageLike
 log = logging.getLogger(__name__)
 
 __all__ = ["CatalogEntry", "CatalogOptions", "CheckpointIndex", "Pointer", "RunInfo", "entry_from_manifest",
-           "manifest_digest", "open_index", "reconcile", "row_key", "verify_entry"]  # fmt: skip
+           "manifest_digest", "open_index", "reconcile", "register_index", "row_key", "verify_entry"]  # fmt: skip
 
 PRIMARY = "primary"
 _RUN_RE = re.compile(r"^[^/\x00-\x1f\x7f]{1,200}$")
@@ -223,14 +223,28 @@ class CheckpointIndex(ABC):
         self.close()
 
 
+#: Catalog implementations by URL scheme: a factory ``(url, options) -> CheckpointIndex``, or "module:Class"
+#: imported on first use (so that importing this module imports no client library).
+_INDEXES: dict[str, Any] = {"hbase": "lightning_distckpt.catalog.hbase:HBaseIndex"}
+
+
+def register_index(scheme: str, factory: Any) -> None:
+    """Serve ``scheme://...`` catalog URLs with ``factory(url, options)`` (a third party's catalog server)."""
+    _INDEXES[scheme] = factory
+
+
 def open_index(url: str, options: CatalogOptions | None = None) -> CheckpointIndex:
     """The index at ``url`` (``hbase://HOST[:PORT]/TABLE``). Connects lazily: no I/O happens here."""
     scheme = url.split("://", 1)[0] if "://" in url else ""
-    if scheme == "hbase":
-        from lightning_distckpt.catalog.hbase import HBaseIndex
+    factory = _INDEXES.get(scheme)
+    if factory is None:
+        raise CatalogError(f"{url}: unknown catalog scheme {scheme!r} (supported: {', '.join(f'{s}://' for s in _INDEXES)})")
+    if isinstance(factory, str):
+        import importlib
 
-        return HBaseIndex(url, options or CatalogOptions())
-    raise CatalogError(f"{url}: unknown catalog scheme {scheme!r} (supported: hbase://HOST:PORT/TABLE)")
+        module, _, name = factory.partition(":")
+        factory = _INDEXES[scheme] = getattr(importlib.import_module(module), name)
+    return factory(url, options or CatalogOptions())
 
 
 # -------------------------------------------------------------------------------------------------

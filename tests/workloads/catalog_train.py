@@ -34,20 +34,21 @@ def main() -> None:
     p.add_argument("--strategy", default="ddp", choices=["single", "ddp"])
     p.add_argument("--ckpt-dir", required=True)
     p.add_argument("--catalog", required=True)
-    p.add_argument("--run", required=True)
+    p.add_argument("--run-name", required=True)
     p.add_argument("--replicas", nargs="*", default=None)
     p.add_argument("--max-steps", type=int, default=8)
     p.add_argument("--save-every", type=int, default=2)
     p.add_argument("--save-top-k", type=int, default=-1)
     p.add_argument("--resume", default=None)
+    p.add_argument("--mode", default="min", choices=["min", "max"])
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
     torch.manual_seed(0)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     started = Started()
-    cb = DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, monitor="train_loss", mode="min",
-                        save_top_k=args.save_top_k, replicas=args.replicas, catalog=args.catalog, run=args.run,
+    cb = DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, monitor="train_loss", mode=args.mode,
+                        save_top_k=args.save_top_k, replicas=args.replicas, catalog=args.catalog, run=args.run_name,
                         catalog_options=CatalogOptions(timeout_s=5.0, retries=1))  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", devices=world if args.strategy != "single" else 1,
                         strategy=strategy(args.strategy), max_steps=args.max_steps, plugins=[DistCheckpointIO()],
