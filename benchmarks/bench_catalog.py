@@ -69,7 +69,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=6, help="concurrent writers while filling HDFS and the catalog")
     args = p.parse_args()
 
-    from _common import environment, write_result
     from hbase_cluster import MiniHBase
     from hdfs_cluster import MiniDfs, java_home_or_none
 
@@ -191,6 +190,12 @@ def main() -> None:
 
         # what a save costs the training thread with catalog=... (async saves, local disk, 20 saves)
         train = training_cost(base, url)
+        write(args, points, register_s, seq, train)  # before the clean-up (deleting the cluster's files takes minutes)
+
+
+def write(args: argparse.Namespace, points: list[dict[str, Any]], register_s: list[float], seq: list[float],
+          train: dict[str, Any]) -> None:
+    from _common import environment, write_result
 
     reg = sorted(register_s)
     result = {

@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "CatalogConflictError",
+    "CatalogError",
+    "CatalogOptions",
+    "CatalogUnavailableError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
@@ -27,6 +31,7 @@ __all__ = [
     "HdfsOptions",
     "KnowledgeDistillation",
     "NotACheckpointError",
+    "StaleOwnerError",
     "StateMismatchError",
     "StorageError",
     "UncommittedCheckpointError",
@@ -44,6 +49,7 @@ _EXPORTS = {
     "DistCheckpoint": "integration.callback",
     "DistCheckpointIO": "integration.plugin",
     "HdfsOptions": "storage.hdfs",
+    "CatalogOptions": "catalog.index",
     "CompressionConfig": "transforms.compression",
     "KnowledgeDistillation": "integration.distill",
     "VerifyReport": "catalog.verify",
@@ -69,14 +75,19 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from lightning_distckpt.catalog.index import CatalogOptions
     from lightning_distckpt.catalog.listing import list_checkpoints
     from lightning_distckpt.catalog.verify import VerifyReport, verify
     from lightning_distckpt.errors import (
+        CatalogConflictError,
+        CatalogError,
+        CatalogUnavailableError,
         CheckpointNotFoundError,
         CheckpointSaveError,
         CorruptCheckpointError,
         DistCheckpointError,
         NotACheckpointError,
+        StaleOwnerError,
         StateMismatchError,
         StorageError,
         UncommittedCheckpointError,

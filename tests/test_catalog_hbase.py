@@ -388,12 +388,28 @@ def test_ddp_resume_last_and_best_through_the_catalog(healthy_minihbase, tmp_pat
         assert best.value == max(e.monitor_value for e in ix.entries("ddp"))
 
     shutil.rmtree(primary / info.latest.name)  # the newest primary copy is lost
-    run(torchrun_cmd(script, 2, *common, "--max-steps", "7", "--resume", "last", "--out", tmp_path / "r2.json"), timeout=300)
-    r2 = load_json(tmp_path / "r2.json")
+    # two fits in one pair of processes (saves a start-up): ckpt_path="last", then "best"
+    run(torchrun_cmd(script, 2, *common, "--max-steps", "7", "--resume", "last", "best", "--out", tmp_path / "r2.json"),
+        timeout=300)  # fmt: skip
+    r2, r3 = load_json(tmp_path / "r2.json")
     assert r2["loaded_from"] == str(replica / info.latest.name) and r2["started_step"] == 6, r2
     assert r2["catalog"]["skipped"] == 0  # the pointer's replica copy verified (the primary was tried first)
-
-    run(torchrun_cmd(script, 2, *common, "--max-steps", "7", "--resume", "best", "--out", tmp_path / "r3.json"), timeout=300)
-    r3 = load_json(tmp_path / "r3.json")
     assert r3["loaded_from"] in best.copies and r3["started_step"] == best.step, (r3, best)
     assert r3["global_step"] == 7
+
+
+def test_a_name_saved_again_keeps_one_row(index, tmp_path):
+    """save_last-style overwrites: the row of the replaced bytes goes when the new save registers, and reconcile
+    drops such rows too."""
+    from lightning_distckpt.catalog.index import reconcile
+
+    epoch = index.take_ownership("ow", "t")
+    index.register(_entry("ow", *_ckpt(tmp_path, "last", 2)), epoch)
+    index.register(_entry("ow", *_ckpt(tmp_path, "last", 4)), epoch)  # same name, overwritten on storage
+    rows = index.entries("ow")
+    assert [(e.name, e.step) for e in rows] == [("last", 4)] and index.run_info("ow").latest.step == 4
+    stale = _entry("ow", *_ckpt(tmp_path / "old", "last", 1))  # a row left by an older client
+    index.register(stale, epoch)
+    assert len(index.entries("ow")) == 2
+    rep = reconcile(index, str(tmp_path), "ow")
+    assert rep.removed == [stale.row] and [(e.name, e.step) for e in index.entries("ow")] == [("last", 4)]

@@ -282,16 +282,29 @@ class HBaseIndex(CheckpointIndex):
             have.locations.update(missing)
             entry = have
         if entry.state == "committed":
-            self._advance(entry, owner_epoch, (raw, state))
+            replaced = self._advance(entry, owner_epoch, (raw, state))
+            if replaced is not None:  # the same name saved again at another step (e.g. save_last): the old row
+                # names bytes that the overwrite replaced; it can never verify again
+                self._call(f"delete row {replaced!r}", lambda c: c.deleteAllRow(self._tbytes, replaced.encode(), {}))
+                info = self.run_info(entry.run)
+                if info is not None and any(p.row == replaced for p in info.best.values()):
+                    self.repair_pointers(entry.run, owner_epoch)  # a best pointer named the replaced bytes
         return new
 
-    def _advance(self, entry: CatalogEntry, owner_epoch: int, read: tuple[bytes | None, dict[str, Any]] | None = None) -> None:
+    def _advance(self, entry: CatalogEntry, owner_epoch: int,
+                 read: tuple[bytes | None, dict[str, Any]] | None = None) -> str | None:  # fmt: skip
+        """Move the pointers to ``entry`` where it is newer/better. Returns the row of a previous ``latest`` with
+        the same name at another step (overwritten by this checkpoint), else None."""
         key = entry.row
+        replaced: list[str | None] = [None]
 
         def change(state: dict[str, Any]) -> bool:
             changed = False
             latest = state.get("latest")
+            replaced[0] = None
             if latest is None or latest["row"] == key or (entry.step, entry.created) > (latest["step"], latest["created"]):
+                if latest and latest["name"] == entry.name and latest["row"] != key:
+                    replaced[0] = latest["row"]
                 new = _pointer_json(Pointer.of(entry))
                 changed |= new != latest
                 state["latest"] = new
@@ -306,6 +319,7 @@ class HBaseIndex(CheckpointIndex):
             return changed
 
         self._update_state(entry.run, owner_epoch, f"advance the pointers of run {entry.run!r} to {key!r}", change, read)
+        return replaced[0]
 
     def add_location(self, run: str, step: int, name: str, column: str, url: str, owner_epoch: int) -> None:
         key = row_key(run, step, name)

@@ -313,13 +313,21 @@ def reconcile(index: CheckpointIndex, root: str, run: str, options: StorageLike 
     epoch = owner_epoch if owner_epoch is not None else (info.owner_epoch if info else 0)
     if info is None or (owner_epoch is None and epoch == 0):
         epoch = index.take_ownership(run, "distckpt reconcile")
-    rows = {e.name: e for e in index.entries(run, include_deleting=True)}
+    all_rows = index.entries(run, include_deleting=True)
     on_storage = {c.name: c for c in committed(root, options)}
+    digests = {name: manifest_digest(c.manifest) for name, c in on_storage.items() if c.manifest is not None}
+    # a name saved more than once (an overwrite, e.g. save_last) has one row per step: keep the one whose digest
+    # is on storage, the others name replaced bytes
+    rows: dict[str, CatalogEntry] = {}
+    for e in all_rows:
+        if e.name not in rows or (e.digest == digests.get(e.name) and rows[e.name].digest != digests.get(e.name)):
+            rows[e.name] = e
+    stale = [e for e in all_rows if rows.get(e.name) is not e]
     for name, listed in on_storage.items():
         assert listed.manifest is not None
         row = rows.get(name)
         try:
-            digest = manifest_digest(listed.manifest)
+            digest = digests[name]
             if row is not None and row.digest == digest and row.state == "committed":
                 report.present.append(row.row)
                 continue
@@ -330,14 +338,19 @@ def reconcile(index: CheckpointIndex, root: str, run: str, options: StorageLike 
             if row is not None and row.digest != digest:  # the name was overwritten by a newer save
                 index.begin_delete(row, epoch, force=True)
                 index.finish_delete(row)
-            entry = entry_from_manifest(run, listed.url, listed.manifest, digest=digest)
-            if row is not None:  # keep what only the row knew (metrics, replicas) when the checkpoint is the same
-                entry.metrics, entry.monitor, entry.monitor_value, entry.mode = row.metrics, row.monitor, row.monitor_value, row.mode
-            index.register(entry, epoch)
-            report.registered.append(entry.row)
+                report.removed.append(row.row)
+            # metrics logged at save time are not on storage: a row rebuilt here has none
+            index.register(entry_from_manifest(run, listed.url, listed.manifest, digest=digest), epoch)
+            entry_row = row_key(run, int(listed.manifest.global_step or 0), name)
+            report.registered.append(entry_row)
         except DistCheckpointError as e:
             report.problems.append(f"{listed.url}: {e}")
     if remove_missing:
+        for row in stale:
+            if row.state != "deleting":
+                index.begin_delete(row, epoch, force=True)
+            index.finish_delete(row)
+            report.removed.append(row.row)
         for name, row in rows.items():
             primary = row.locations.get(PRIMARY, "")
             if name in on_storage or not primary.rstrip("/").startswith(root.rstrip("/") + "/"):

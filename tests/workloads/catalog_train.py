@@ -29,21 +29,7 @@ class Started(L.Callback):
         self.step = trainer.global_step
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--strategy", default="ddp", choices=["single", "ddp"])
-    p.add_argument("--ckpt-dir", required=True)
-    p.add_argument("--catalog", required=True)
-    p.add_argument("--run-name", required=True)
-    p.add_argument("--replicas", nargs="*", default=None)
-    p.add_argument("--max-steps", type=int, default=8)
-    p.add_argument("--save-every", type=int, default=2)
-    p.add_argument("--save-top-k", type=int, default=-1)
-    p.add_argument("--resume", default=None)
-    p.add_argument("--mode", default="min", choices=["min", "max"])
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-
+def fit(args: argparse.Namespace, resume: str | None) -> dict:
     torch.manual_seed(0)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     started = Started()
@@ -54,13 +40,31 @@ def main() -> None:
                         strategy=strategy(args.strategy), max_steps=args.max_steps, plugins=[DistCheckpointIO()],
                         callbacks=[cb, started], logger=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)  # fmt: skip
-    trainer.fit(Net(), data(), ckpt_path=args.resume)
-    if trainer.is_global_zero:
-        io = trainer.strategy.checkpoint_io
-        write_json(args.out, {"loaded_from": io.stats.loaded_from, "started_step": started.step,
-                              "catalog": cb.catalog_stats, "best_model_path": cb.best_model_path,
-                              "best_score": float(cb.best_model_score) if cb.best_model_score is not None else None,
-                              "global_step": trainer.global_step})  # fmt: skip
+    trainer.fit(Net(), data(), ckpt_path=resume)
+    io = trainer.strategy.checkpoint_io
+    return {"resume": resume, "loaded_from": io.stats.loaded_from, "started_step": started.step,
+            "catalog": cb.catalog_stats, "best_model_path": cb.best_model_path,
+            "best_score": float(cb.best_model_score) if cb.best_model_score is not None else None,
+            "global_step": trainer.global_step, "rank": trainer.global_rank}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", default="ddp", choices=["single", "ddp"])
+    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--run-name", required=True)
+    p.add_argument("--replicas", nargs="*", default=None)
+    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=2)
+    p.add_argument("--save-top-k", type=int, default=-1)
+    p.add_argument("--resume", nargs="*", default=[None], help='"last", "best", ...: one fit each, in this process')
+    p.add_argument("--mode", default="min", choices=["min", "max"])
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    results = [fit(args, resume) for resume in args.resume]
+    if results[0]["rank"] == 0:
+        write_json(args.out, results if len(results) > 1 else results[0])
 
 
 if __name__ == "__main__":
