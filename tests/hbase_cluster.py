@@ -240,6 +240,10 @@ class MiniHBase:
     def restart_master(self) -> str:
         return self._command("restart_master")
 
+    def flush(self, table: str) -> str:
+        """Flush a table's memstores to store files (old cell versions are dropped on the way)."""
+        return self._command(f"flush {table}")
+
     def create_namespace(self, name: str) -> str:
         return self._command(f"create_namespace {name}")
 

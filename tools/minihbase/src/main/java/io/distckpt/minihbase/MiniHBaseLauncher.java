@@ -264,6 +264,15 @@ public final class MiniHBaseLauncher {
         waitUntil(MiniHBaseLauncher::masterAnswers, "the new master to answer");
         return "restarted master " + cluster.getActiveMasterAddress().get();
       }
+      case "flush": {
+        if (p.length != 2) {
+          throw new IllegalArgumentException("flush takes one table name");
+        }
+        try (Connection c = ConnectionFactory.createConnection(cluster.getConf()); Admin a = c.getAdmin()) {
+          a.flush(org.apache.hadoop.hbase.TableName.valueOf(p[1]));
+        }
+        return "flushed " + p[1];
+      }
       case "create_namespace": {
         if (p.length != 2) {
           throw new IllegalArgumentException("create_namespace takes one name");
@@ -276,7 +285,7 @@ public final class MiniHBaseLauncher {
       default:
         throw new IllegalArgumentException("unknown command: " + line
             + " (status, stop_thrift, start_thrift, stop_regionserver [I], start_regionserver, restart_master,"
-            + " create_namespace NAME, quit)");
+            + " flush TABLE, create_namespace NAME, quit)");
     }
   }
 
