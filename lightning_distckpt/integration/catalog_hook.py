@@ -133,13 +133,19 @@ class CatalogHook:
         """Global rank 0, training thread, when a save starts: snapshot the metrics; register after the commit."""
         start = time.perf_counter()
         try:
-            metrics = _scalars(getattr(trainer, "callback_metrics", {}))
+            # references only, and the values ModelCheckpoint computed for this save: reading the public
+            # trainer.callback_metrics recomputes every logged result, and converting tensors (.item()) releases
+            # the GIL, which a busy background save then holds for milliseconds; the catalog thread converts them
+            cached = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
+            metrics = dict(cached if isinstance(cached, dict) else getattr(trainer, "callback_metrics", {}))
             after_commit(lambda result: self._committed(result, filepath, metrics, monitor, mode))
         except Exception as e:  # noqa: BLE001 - never fails training
             self._failed(f"cannot queue the registration of {filepath}: {e}")
         _keep(self.stats.submit_s, time.perf_counter() - start)
 
-    def _committed(self, result: Any, filepath: str, metrics: dict[str, float], monitor: str | None, mode: str) -> None:
+    def _committed(self, result: Any, filepath: str, metrics: dict[str, Any], monitor: str | None, mode: str) -> None:
+        """After the commit (committing thread, or inline on the training thread when the save had committed
+        already): only queue; the background thread converts the metrics and writes the row."""
         manifest = getattr(result, "manifest", None)
         url = getattr(result, "url", None) or filepath
         self._submit("register", (url, manifest, metrics, monitor, mode))
@@ -223,6 +229,7 @@ class CatalogHook:
 
     def _do_register(self, index: CheckpointIndex, payload: Any) -> bool:
         url, manifest, metrics, monitor, mode = payload
+        metrics = _scalars(metrics)
         if self.fenced:
             raise StaleOwnerError(f"{self.url}: not registering {url}: this job was fenced off run {self.run!r}")
         if manifest is None:  # not from this rank's save result: read what the storage committed

@@ -174,6 +174,10 @@ public final class MiniHBaseLauncher {
     tconf.setInt("hbase.regionserver.thrift.port", thriftPort);
     tconf.set("hbase.regionserver.thrift.ipaddress", "127.0.0.1");
     tconf.setInt("hbase.thrift.minWorkerThreads", 4);
+    // The thread-pool server's stop() waits (up to 60 s) for the threads serving open client connections, which
+    // block reading an idle socket: close idle connections after 3 s, so stop_thrift takes seconds and drops
+    // every client (like a gateway that dies). Clients reconnect (the catalog retries on a new connection).
+    tconf.setInt("hbase.thrift.server.socket.read.timeout", 3_000);
     ThriftServer ts = new ThriftServer(tconf);
     Thread t = new Thread(() -> {
       try {
