@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailableError",
     "CatalogConflictError",
     "CatalogError",
     "CatalogOptions",
@@ -29,11 +30,14 @@ __all__ = [
     "DistCheckpointIO",
     "CompressionConfig",
     "HdfsOptions",
+    "InsufficientMemoryError",
     "KnowledgeDistillation",
+    "NewerFormatError",
     "NotACheckpointError",
     "StaleOwnerError",
     "StateMismatchError",
     "StorageError",
+    "StorageUnreachableError",
     "UncommittedCheckpointError",
     "UnsafeCheckpointError",
     "VerifyReport",
@@ -79,6 +83,7 @@ if TYPE_CHECKING:
     from lightning_distckpt.catalog.listing import list_checkpoints
     from lightning_distckpt.catalog.verify import VerifyReport, verify
     from lightning_distckpt.errors import (
+        BackendUnavailableError,
         CatalogConflictError,
         CatalogError,
         CatalogUnavailableError,
@@ -86,10 +91,13 @@ if TYPE_CHECKING:
         CheckpointSaveError,
         CorruptCheckpointError,
         DistCheckpointError,
+        NewerFormatError,
+        InsufficientMemoryError,
         NotACheckpointError,
         StaleOwnerError,
         StateMismatchError,
         StorageError,
+        StorageUnreachableError,
         UncommittedCheckpointError,
         UnsafeCheckpointError,
     )

@@ -28,7 +28,13 @@ class CorruptCheckpointError(DistCheckpointError):
 
 
 class UnsafeCheckpointError(CorruptCheckpointError):
-    """The checkpoint asks for something that loading refuses to do (code execution, path escape)."""
+    """The checkpoint asks for something that loading refuses to do (code execution, path escape, a special
+    file such as a FIFO, a device or a symlink where a regular file belongs)."""
+
+
+class NewerFormatError(CorruptCheckpointError):
+    """The checkpoint was written in a newer on-disk format than this lightning-distckpt reads: it is not
+    damaged, and it is never treated as missing (``ckpt_path="last"`` refuses instead of starting over)."""
 
 
 class StateMismatchError(DistCheckpointError):
@@ -41,6 +47,25 @@ class CheckpointSaveError(DistCheckpointError):
 
 class StorageError(DistCheckpointError, OSError):
     """The storage backend failed after its retries (unreachable, permission denied, disk full)."""
+
+
+class StorageUnreachableError(StorageError):
+    """A store did not answer within its ``connect_timeout_s``: the message names the URL, what was tried,
+    how often and for how long, and the last error."""
+
+
+class BackendUnavailableError(StorageError):
+    """No installed storage backend serves the URL's scheme (e.g. ``s3://`` without ``s3fs``); the message
+    names the URL and what to install."""
+
+
+class DestinationExistsError(DistCheckpointError, FileExistsError):
+    """The output of a copy or an export already exists, and the operation does not overwrite it."""
+
+
+class InsufficientMemoryError(DistCheckpointError):
+    """A load needs more host memory than some rank has free. Decided by all ranks together (every rank raises
+    the same error, naming the ranks that are short); never a reason to fall back to another checkpoint."""
 
 
 class CatalogError(DistCheckpointError):

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ class HBaseIndex(CheckpointIndex):
         self._conn: Any = None
         self._lock = threading.RLock()
         self._mutation: Any = None
+        self._thrift: Any = None
         self.calls = 0  # round trips made (for benchmarks and tests)
 
     # ------------------------------------------------------------------------------------------
@@ -99,9 +101,8 @@ class HBaseIndex(CheckpointIndex):
             import happybase
         except ImportError:
             raise CatalogError(f"{self.url}: {_INSTALL_HINT}") from None
-        import Hbase_thrift  # loaded by happybase from its bundled IDL
-
-        self._mutation = Hbase_thrift.Mutation
+        self._thrift = sys.modules["Hbase_thrift"]  # the module happybase loads from its bundled Thrift1 IDL
+        self._mutation = self._thrift.Mutation
         conn = happybase.Connection(self.host, self.port, timeout=int(self.options.timeout_s * 1000), autoconnect=False,
                                     transport=self.options.transport, protocol=self.options.protocol)  # fmt: skip
         conn.open()
@@ -193,13 +194,11 @@ class HBaseIndex(CheckpointIndex):
         """One scanner: open, read up to ``limit`` rows (batches of ``batch``), close."""
 
         def scan(client: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-            import Hbase_thrift
-
             kw: dict[str, Any] = {"columns": columns or None, "caching": min(batch, limit or batch)}
             if prefix is not None:
                 kw["startRow"] = prefix.encode()
                 kw["stopRow"] = _after_prefix(prefix.encode())
-            sid = client.scannerOpenWithScan(self._tbytes, Hbase_thrift.TScan(**kw), {})
+            sid = client.scannerOpenWithScan(self._tbytes, self._thrift.TScan(**kw), {})
             out: list[tuple[bytes, dict[bytes, bytes]]] = []
             try:
                 while limit is None or len(out) < limit:

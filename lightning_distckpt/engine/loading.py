@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.engine.balanced_read import Broadcaster, deal, is_balanceable, rounds
 from lightning_distckpt.engine.reader import CheckpointReader, ReadStats
-from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, StateMismatchError
+from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, InsufficientMemoryError, StateMismatchError
 from lightning_distckpt.ondisk import skeleton as state
 from lightning_distckpt.ondisk.metadata import parse_dtype
 from lightning_distckpt.parallel.comm import SOLO, Comm
@@ -120,7 +121,7 @@ def chunk_places(metadata: Metadata) -> dict[tuple[str, int], tuple[str, int]]:
 
 
 def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
-    """Targets that the checkpoint can fill; raise :class:`StateMismatchError` naming the first bad keys."""
+    """Targets that the checkpoint can fill; raise `StateMismatchError` naming the first bad keys."""
     saved = {k: size for k, (size, _) in saved_tensors(metadata).items() if k.startswith(prefix)}
     missing = [k[len(prefix):] for k in targets if k not in saved]
     unexpected = [k[len(prefix):] for k in saved if k not in targets]
@@ -129,7 +130,13 @@ def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool
         for k, t in targets.items()
         if k in saved and saved[k] != global_shape(t)
     ]
-    if shapes or (strict and (missing or unexpected)):
+    dtypes = saved_tensors(metadata)
+    kinds = [
+        f"{k[len(prefix):]}: checkpoint {dtypes[k][1]} vs {what} {t.dtype}"
+        for k, t in targets.items()
+        if k in dtypes and not _convertible(dtypes[k][1], t.dtype)
+    ]
+    if shapes or kinds or (strict and (missing or unexpected)):
         parts = []
         if missing:
             parts.append(f"missing in checkpoint: {_first(missing)}")
@@ -137,8 +144,17 @@ def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool
             parts.append(f"not in the {what}: {_first(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch: {_first(shapes)}")
+        if kinds:
+            parts.append(f"dtype mismatch: {_first(kinds)}")
         raise StateMismatchError(f"{url} does not match the {what}: " + "; ".join(parts))
     return {k: t for k, t in targets.items() if k in saved}
+
+
+def _convertible(saved: torch.dtype, target: torch.dtype) -> bool:
+    """Whether a tensor stored as ``saved`` may be read into one of ``target``: the same dtype, or two
+    floating-point dtypes (converted by value, as ``load_state_dict`` does; e.g. a bf16-true resume).
+    Anything else (an integer read as a float, a bool as bytes) would silently change what the bits mean."""
+    return saved == target or (saved.is_floating_point and target.is_floating_point)
 
 
 def _first(keys: list[str], n: int = 5) -> str:
@@ -146,15 +162,39 @@ def _first(keys: list[str], n: int = 5) -> str:
     return ", ".join(repr(k) for k in keys[:n]) + more
 
 
-def allocate(metadata: Metadata, keys: list[str], url: str) -> dict[str, torch.Tensor]:
-    """Empty CPU tensors for ``keys``, shaped by the metadata, after checking the total fits in memory."""
+def host_bytes(metadata: Metadata, keys: list[str], url: str) -> int:
+    """Bytes of host memory that tensors ``keys`` of the checkpoint take once read; a key the metadata does not
+    hold is a `CorruptCheckpointError` (the same on every rank: the documents are rank 0's, broadcast)."""
     saved = saved_tensors(metadata)
-    total = sum(saved[k][0].numel() * saved[k][1].itemsize for k in keys)
-    available = psutil.virtual_memory().available
-    if total > available:
-        raise CorruptCheckpointError(
-            f"{url}: metadata asks for {total} bytes of tensors, more than the {available} bytes of free memory"
+    missing = [k for k in keys if k not in saved]
+    if missing:
+        raise CorruptCheckpointError(f"{url}: state.json refers to tensors that metadata.json does not hold: {_first(missing)}")
+    return sum(saved[k][0].numel() * saved[k][1].itemsize for k in keys)
+
+
+def check_memory(needed: int, comm: Comm, url: str) -> None:
+    """Collective (every rank of ``comm`` calls it): do all ranks have ``needed`` bytes of free host memory?
+
+    Every rank's need and free memory are gathered and judged the same way everywhere, so either every rank
+    returns or every rank raises the same `InsufficientMemoryError` naming the ranks that are short.
+    A shortage is never a reason to try another checkpoint: the loader raises it as it is.
+    """
+    verdicts = comm.all_gather((int(needed), int(psutil.virtual_memory().available)))
+    short = [(rank, n, free) for rank, (n, free) in enumerate(verdicts) if n > free]
+    if short:
+        who = "; ".join(f"rank {r} needs {n} bytes, {free} free" for r, n, free in short)
+        raise InsufficientMemoryError(
+            f"{url}: not enough free host memory to load this checkpoint ({who}). Free memory on "
+            f"{'those hosts' if len(short) > 1 else 'that host'} or load with fewer ranks per host; no other "
+            "checkpoint was tried"
         )
+
+
+def allocate(metadata: Metadata, keys: list[str], url: str, comm: Comm = SOLO) -> dict[str, torch.Tensor]:
+    """Empty CPU tensors for ``keys``, shaped by the metadata, after `check_memory` (collective over
+    ``comm``: with several ranks every rank must call it, each with its own keys)."""
+    saved = saved_tensors(metadata)
+    check_memory(host_bytes(metadata, keys, url), comm, url)
     return {k: torch.empty(saved[k][0], dtype=saved[k][1]) for k in keys}
 
 
@@ -166,14 +206,17 @@ def read_tensors(
     threads: int = 2,
     comm: Comm,
     balanced: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> ReadStats:
     """Fill ``targets`` (plain, DTensor or ShardedTensor; any placement) from the checkpoint's blocks.
 
     With ``balanced`` (and several ranks), plain CPU tensors that every rank loads are read once, split
-    over the ranks, and broadcast (:mod:`~lightning_distckpt.balanced_read`).
+    over the ranks, and broadcast (``lightning_distckpt.engine.balanced_read``). ``progress`` is called
+    (from reader threads) with the stored bytes of every verified read.
     """
     start = time.perf_counter()
     reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads, codecs=block_codec)
+    reader.stats.progress = progress
     encodings = (ckpt.metadata.planner_data or {}).get("encodings", {})
     if not (balanced and comm.active):
         _load_round(reader, encodings, targets, comm)
@@ -216,30 +259,32 @@ def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: di
             for exc in failures.values():
                 inner = exc[0] if isinstance(exc, tuple) else exc
                 if isinstance(inner, DistCheckpointError):
-                    raise type(inner)(str(inner)) from e
+                    raise inner from e  # the error itself (type, attributes, traceback), DCP's wrapper as its cause
         raise
     decode()
 
 
 def read_checkpoint(url: str, options: StorageLike = None, safe_globals: list[str] | None = None,
-                    threads: int = 2) -> dict[str, Any]:
+                    threads: int = 2, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The whole checkpoint at ``url`` as a plain dict of CPU tensors, read by this process alone.
 
     Works for any world size and strategy that wrote it. Optimizer state is keyed by parameter FQN.
-    Never executes code from the checkpoint.
+    Never executes code from the checkpoint. ``progress`` gets the stored bytes read as they verify.
     """
     ckpt = open_checkpoint(source_of(url, options))
     tensors = allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url)
-    read_tensors(ckpt, tensors, threads=threads, comm=SOLO)
+    read_tensors(ckpt, tensors, threads=threads, comm=SOLO, progress=progress)
     return state.join(ckpt.skeleton, tensors.__getitem__, safe_globals or ())
 
 
-def read_model_weights(url: str, options: StorageLike = None) -> dict[str, torch.Tensor]:
+def read_model_weights(url: str, options: StorageLike = None,
+                       progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Only the model weights of the checkpoint at ``url``, ``{FQN: CPU tensor}``, read by this process alone
-    (the optimizer state, often twice the weights' bytes, is not read). Any world size, strategy, compression."""
+    (the optimizer state, often twice the weights' bytes, is not read). Any world size, strategy, compression.
+    ``progress`` gets the stored bytes read as they verify."""
     ckpt = open_checkpoint(source_of(url, options))
     tensors = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.MODEL)], url)
-    read_tensors(ckpt, tensors, comm=SOLO)
+    read_tensors(ckpt, tensors, comm=SOLO, progress=progress)
     return {k[len(state.MODEL) :]: v for k, v in tensors.items()}
 
 
@@ -250,7 +295,7 @@ def load_weights(url: str, module: torch.nn.Module, options: StorageLike = None,
     ``prefix`` is prepended to ``module``'s keys to find them in the checkpoint (``"net."`` for a
     LightningModule that held the module as ``self.net``). Any world size, strategy or compression.
     ``strict=False`` tolerates missing and unexpected keys; a shape mismatch is always a
-    :class:`StateMismatchError`.
+    `StateMismatchError`.
     """
     ckpt = open_checkpoint(source_of(url, options))
     targets = {state.model_key(prefix + k): v for k, v in module.state_dict().items()}

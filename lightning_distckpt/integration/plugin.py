@@ -4,7 +4,7 @@ Two ways in:
 
 * **Routed** (the normal case): once this plugin is given to a Trainer, the strategy calls
   ``save_routed`` / ``load_routed`` / ``load_optimizers_routed`` / ``remove_routed`` on **every rank**
-  (see :mod:`lightning_distckpt.integration`). Each rank writes and reads only its own part.
+  (see `lightning_distckpt.integration`). Each rank writes and reads only its own part.
 * **Direct**: the plain ``CheckpointIO`` methods (``save_checkpoint``, ``load_checkpoint``,
   ``remove_checkpoint``) act in the calling process alone, like any CheckpointIO. Lightning uses them for
   internal files (``ddp_spawn`` results); users can use them to read a checkpoint into a plain dict.
@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_distckpt import catalog, ondisk
+from lightning_distckpt.engine.reader import ReadStats
 from lightning_distckpt.engine.loading import (
     Pending,
     allocate,
@@ -82,6 +83,12 @@ class IOStats:
     load_bytes_broadcast: int = 0
     loaded_from: str = ""
     load_s: dict[str, float] = field(default_factory=dict)  # the last load's phases
+    #: blocks of the last load that were read from another copy because one failed verification, every rank's
+    #: (``file``, ``bad`` and ``good`` copy, ``reason``, ``blocks``, ``bytes``, ``rank``)
+    load_repairs: list[dict[str, Any]] = field(default_factory=list)
+    load_failures: dict[str, str] = field(default_factory=dict)  # this rank: file -> why its first copy failed
+    repaired_blocks: int = 0  # over every load of this plugin, all ranks
+    repaired_files: int = 0
 
 
 class DistCheckpointIO(CheckpointIO, RoutedIO):
@@ -92,9 +99,9 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         storage_options: Options for the fsspec filesystem of remote URLs (strings for HDFS client settings).
         durable: fsync data files and directories on local filesystems before a checkpoint commits.
         hdfs: Replication, block size, user, Hadoop conf dir and retries for ``hdfs://``, ``viewfs://`` and
-            ``webhdfs://`` locations (see :class:`~lightning_distckpt.HdfsOptions`).
-        compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a :class:`~lightning_distckpt.CompressionConfig`
-            (see :mod:`lightning_distckpt.compression`); loading needs no setting.
+            ``webhdfs://`` locations (see `HdfsOptions`).
+        compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a `CompressionConfig`
+            (see `lightning_distckpt.compression`); loading needs no setting.
         balanced_reads: Read each replicated tensor (DDP state) once across the ranks and broadcast it,
             instead of every rank reading all of it.
         write_threads: Files (and concurrent streams) per rank and save.
@@ -102,6 +109,11 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
         safe_globals: Extra ``module.Name`` types that non-tensor state may contain (e.g. custom
             hyper-parameter classes); everything else that JSON cannot hold is refused on load.
+        connect_timeout_s: How long reaching a store may take: ``DistCheckpoint`` checks the checkpoint root
+            and every replica root at setup, before the first training step, and ModelCheckpoint's own calls on
+            the root are bounded by it; an unreachable root fails with
+            `lightning_distckpt.StorageUnreachableError` naming the URL (``HdfsOptions.connect_timeout_s``
+            overrides it for HDFS URLs).
     """
 
     def __init__(
@@ -116,13 +128,15 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         read_threads: int = 2,
         chunk_mb: int = 32,
         safe_globals: list[str] | None = None,
+        connect_timeout_s: float = 30.0,
     ) -> None:
         super().__init__()
         install_hook()  # from now on, assigning a DistCheckpointIO to a strategy routes it (see routing.py)
         if write_threads < 1 or read_threads < 1 or chunk_mb < 1:
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
         self.async_save = async_save
-        self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs)
+        self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs,
+                                     connect_timeout_s=connect_timeout_s)  # fmt: skip
         self.compression = resolve(compression)
         self.balanced_reads = balanced_reads
         self.safe_globals = list(safe_globals or [])
@@ -219,13 +233,20 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         Model tensors are read into the model's own tensors (in place, any sharding). Optimizer tensors
         are read into the optimizers' state when the optimizers exist already (FSDP, ModelParallel),
         otherwise (DDP restores before setup) into host buffers that ``load_optimizer_state_dict`` applies.
-        Every block is read from the first healthy copy (primary, then replicas). If the checkpoint
-        cannot be read from any copy and it was chosen as "last", the next older one is used, loudly.
+        Every block is read from the first healthy copy (primary, then replicas); blocks served by another
+        copy because one failed verification are reported (a warning naming the file and both copies, and
+        ``stats.load_repairs``). If the checkpoint cannot be read from any copy and it was chosen as "last",
+        the next older one is used, loudly.
+
+        Every decision the ranks must share is made once: rank 0 picks the path and the fallback order (the
+        ``resolver`` runs on rank 0 only) and broadcasts them; whether memory suffices is judged from every
+        rank's numbers, the same way everywhere. A shortage of host memory on any rank raises
+        `InsufficientMemoryError` on every rank and never falls back to an older checkpoint.
         """
         self.wait()
         comm = self._comm(bulk=self.balanced_reads)
         url = comm.broadcast(path)
-        candidates = self.resolver(url)
+        candidates = comm.decide(lambda: self.resolver(url))
         first_error: DistCheckpointError | None = None
         for i, urls in enumerate(candidates):
             try:
@@ -250,33 +271,43 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         url = ckpt.url
         module = strategy.lightning_module
         strict = bool(getattr(module, "strict_loading", True))
-        model = match(ckpt.metadata, {state.model_key(k): v for k, v in model_state_dict(strategy).items()},
-                      state.MODEL, strict, "model", url)  # fmt: skip
+        error: DistCheckpointError | None = None
+        model: dict[str, Any] = {}
         optim: dict[str, Any] = {}
-        if _fitting(module):
-            optimizers = list(strategy.optimizers)
-            saved = saved_tensors(ckpt.metadata)
-            saved_n = len({k.split("/")[1] for k in saved if k.startswith(state.OPTIM)})
-            if optimizers:
-                if saved_n and saved_n != len(optimizers):
-                    raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
-                                             f"{len(optimizers)} optimizers")  # fmt: skip
-                for i, opt in enumerate(optimizers):
-                    live = {
-                        state.optim_key(i, fqn, name): t
-                        for fqn, st in optimizer_state_dict(strategy, opt)["state"].items()
-                        for name, t in st.items() if isinstance(t, torch.Tensor)
-                    }  # fmt: skip
-                    prefix = f"{state.OPTIM}{i}/"
-                    saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
-                    live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
-                    optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
-            else:  # DDP and single device restore before setup: read into host buffers now, apply later
-                optim = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.OPTIM)], url)
-        extras = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.EXTRA)], url)
+        host: list[str] = []  # tensors read into new host buffers
+        try:
+            model = match(ckpt.metadata, {state.model_key(k): v for k, v in model_state_dict(strategy).items()},
+                          state.MODEL, strict, "model", url)  # fmt: skip
+            if _fitting(module):
+                optimizers = list(strategy.optimizers)
+                saved = saved_tensors(ckpt.metadata)
+                saved_n = len({k.split("/")[1] for k in saved if k.startswith(state.OPTIM)})
+                if optimizers:
+                    if saved_n and saved_n != len(optimizers):
+                        raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
+                                                 f"{len(optimizers)} optimizers")  # fmt: skip
+                    for i, opt in enumerate(optimizers):
+                        live = {
+                            state.optim_key(i, fqn, name): t
+                            for fqn, st in optimizer_state_dict(strategy, opt)["state"].items()
+                            for name, t in st.items() if isinstance(t, torch.Tensor)
+                        }  # fmt: skip
+                        prefix = f"{state.OPTIM}{i}/"
+                        saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
+                        live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
+                        optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
+                else:  # DDP and single device restore before setup: read into host buffers now, apply later
+                    host += [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.OPTIM)]
+            host += [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.EXTRA)]
+        except DistCheckpointError as e:
+            error = e
+        comm.agree(error)  # a mismatch on any rank is the same error on every rank, before any collective read
+        buffers = allocate(ckpt.metadata, host, url, comm)  # collective memory check: all ranks, same verdict
+        optim.update({k: v for k, v in buffers.items() if k.startswith(state.OPTIM)})
+        extras = {k: v for k, v in buffers.items() if k.startswith(state.EXTRA)}
         ordered = sources[comm.rank % len(sources):] + sources[: comm.rank % len(sources)]  # spread reads over copies
         self._record(read_tensors(ckpt, {**model, **optim, **extras}, sources=ordered, threads=self.read_threads,
-                                  comm=comm, balanced=self.balanced_reads))  # fmt: skip
+                                  comm=comm, balanced=self.balanced_reads), comm, strategy)  # fmt: skip
 
         def lookup(key: str) -> Any:
             if key.startswith(state.MODEL):
@@ -292,7 +323,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         return checkpoint
 
     def load_optimizers_routed(self, strategy: Strategy, checkpoint: dict[str, Any]) -> None:
-        """Apply the optimizer states that :meth:`load_routed` read (no I/O happens here)."""
+        """Apply the optimizer states that `load_routed()` read (no I/O happens here)."""
         saved_states = checkpoint.get("optimizer_states", [])
         optimizers = list(strategy.optimizers)
         if len(saved_states) != len(optimizers):
@@ -331,7 +362,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self._run_task(task, self.stats.last_save)
 
     def wait(self) -> None:
-        """Block until the save in flight has committed; raise :class:`CheckpointSaveError` if it failed."""
+        """Block until the save in flight has committed; raise `CheckpointSaveError` if it failed."""
         future, self._future = self._future, None
         if future is not None:
             try:
@@ -385,7 +416,19 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             self._bulk_pg = dist.new_group(backend="gloo")
         return Comm(self._pg, bulk=self._bulk_pg)
 
-    def _record(self, stats: Any) -> None:
+    def _record(self, stats: ReadStats, comm: Comm, strategy: Strategy | None = None) -> None:
+        """Keep the load's statistics; report repairs (collective: every rank's repairs reach every rank)."""
+        repairs = [r.to_json() for r in stats.repairs.values()]
+        everyone = comm.all_gather(repairs)
+        self.stats.load_repairs = [dict(r, rank=rank) for rank, rs in enumerate(everyone) for r in rs]
+        self.stats.load_failures = dict(stats.failures)
+        self.stats.repaired_blocks += sum(r["blocks"] for r in self.stats.load_repairs)
+        self.stats.repaired_files += len({(r["bad"], r["file"]) for r in self.stats.load_repairs})
+        if self.stats.load_repairs and comm.rank == 0:
+            _warn_repairs(self.stats.load_repairs)
+        trainer = getattr(getattr(strategy, "lightning_module", None), "_trainer", None) if strategy else None
+        if trainer is not None and self.stats.repaired_blocks:
+            trainer.callback_metrics["distckpt/repaired_blocks"] = torch.tensor(float(self.stats.repaired_blocks))
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
         self.stats.load_bytes_broadcast = stats.bytes_broadcast
@@ -410,6 +453,21 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
     def __setstate__(self, s: dict[str, Any]) -> None:
         self.__dict__.update(s)
         self._lock = threading.Lock()
+
+
+def _warn_repairs(repairs: list[dict[str, Any]]) -> None:
+    """One warning per (bad copy, file): what failed, where the blocks were read from instead."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in repairs:
+        m = merged.setdefault((r["file"], r["bad"], r["good"]), dict(r, blocks=0, ranks=[]))
+        m["blocks"] += r["blocks"]
+        m["ranks"].append(r["rank"])
+    for (file, bad, good), m in merged.items():
+        rank_zero_warn(
+            f"REPAIRED ON LOAD: {file}: the copy in {bad} failed verification ({m['reason']}); {m['blocks']} "
+            f"block(s) were read from the copy in {good} instead (ranks {sorted(set(m['ranks']))}). The storage "
+            f"of {bad} may be going bad: check it with `distckpt verify {bad}`."
+        )
 
 
 def _fitting(module: Any) -> bool:

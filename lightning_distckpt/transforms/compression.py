@@ -1,14 +1,14 @@
 """Checkpoint compression: presets, which tensor gets which codec, and the encode/decode passes.
 
 ``DistCheckpointIO(compression="int8")`` (or ``"lossless"``, ``"bf16"``, ``None``, or a
-:class:`CompressionConfig`). Everything needed to read a compressed checkpoint is inside it: the block
+`CompressionConfig`). Everything needed to read a compressed checkpoint is inside it: the block
 codec is named in every chunk's location, and every encoded tensor's codec, version, dtype and shape are
 in ``metadata.json``; loading needs no flag.
 
 Presets:
 
 * ``"lossless"`` -- bit-exact: every stored block is byte-shuffled and zstd-compressed
-  (:mod:`~lightning_distckpt.compression.lossless`; mostly-zero blocks as bitmask + values).
+  (`lossless`; mostly-zero blocks as bitmask + values).
 * ``"bf16"`` -- model parameters and optimizer moments (float32/float64) stored as bfloat16, restored to
   their training dtype on load.
 * ``"int8"`` -- parameters: int8 per row (symmetric); Adam ``exp_avg``: 8-bit dynamic map per block;
@@ -61,7 +61,7 @@ class CompressionConfig:
         exact_every: Every K-th save of a run is stored without the lossy codec (0: never), so a long
             run always has a recent exact checkpoint.
         zstd_level: zstd level of the lossless block codec.
-        block_codec: Name of a registered block codec (:func:`~lightning_distckpt.transforms.register_block_codec`)
+        block_codec: Name of a registered block codec (`register_block_codec()`)
             for every stored block, instead of the built-in lossless one.
     """
 
@@ -95,12 +95,20 @@ class CompressionConfig:
         """The same configuration without lossy codecs (for ``exact_every`` saves)."""
         return dataclasses.replace(self, preset="lossless" if self.uses_block_codec else None)
 
+    def tensor_codecs(self) -> dict[str, int]:
+        """The tensor codecs (name: version) this configuration may apply; none for exact presets."""
+        if self.preset == "bf16":
+            return {BF16: 1}
+        if self.preset == "int8":
+            return {c.name: c.version for c in BUILTIN}
+        return {}
+
     def descriptor(self) -> dict[str, Any] | None:
         """What the manifest records (informational; reading relies on metadata.json)."""
         if self.preset is None and not self.uses_block_codec:
             return None
         return {"preset": self.preset, "block_codec": (self.block_codec or ShuffleZstd.name) if self.uses_block_codec else None,
-                "tensor_codecs": {c.name: c.version for c in BUILTIN}, "min_elements": self.min_elements,
+                "tensor_codecs": self.tensor_codecs(), "min_elements": self.min_elements,
                 "block_size": self.block_size}  # fmt: skip
 
 
@@ -176,20 +184,46 @@ def encode(tensors: dict[str, Any], config: CompressionConfig,
 
 
 # ---- decode (load) -----------------------------------------------------------------------------
-def check_encodings(encodings: Any, where: str) -> dict[str, Any]:
-    """Validate the encodings section of metadata.json; an unknown codec or version is a clear error."""
+def check_encodings(encodings: Any, where: str, metadata: Any = None) -> dict[str, Any]:
+    """Validate the encodings section of metadata.json; an unknown codec or version is a clear error.
+
+    With ``metadata``, every encoded tensor's stored parts must exist with exactly the shapes and dtypes its
+    codec produces (a bf16 tensor: its own key, stored as bfloat16), so no part is ever read as another dtype.
+    """
     if not isinstance(encodings, dict):
         raise CorruptCheckpointError(f"{where}: malformed encodings")
     for key, e in encodings.items():
+        here = f"{where}: encodings[{key!r}]"
+        if not isinstance(e, dict):
+            raise CorruptCheckpointError(f"{here}: must be an object")
         codec, version = e.get("codec"), e.get("version")
         c = tensor_codec(codec) if isinstance(codec, str) and codec != BF16 else None
         known = 1 if codec == BF16 else c.version if c is not None else None
-        if known is None or version != known:
+        if known is None or version != known or type(version) is not int:
             raise CorruptCheckpointError(
                 f"{where}: tensor {key!r} uses codec {codec!r} version {version!r}, which this lightning-distckpt "
                 f"cannot decode (it knows {sorted([BF16, *tensor_codec_names()])}); upgrade lightning-distckpt"
             )
-        parse_dtype(e.get("dtype"), f"{where}: tensor {key!r}")
+        dtype = parse_dtype(e.get("dtype"), here)
+        size = e.get("size")
+        if not isinstance(size, list) or not all(type(n) is int and 0 <= n < 1 << 48 for n in size) or len(size) > 64:
+            raise CorruptCheckpointError(f"{here}: size must be a list of non-negative integers")
+        if codec != BF16 and (type(e.get("block")) is not int or not 1 <= e["block"] <= 1 << 24):
+            raise CorruptCheckpointError(f"{here}: block must be a positive integer")
+        if codec != BF16 and (len(size) < 2 or not dtype.is_floating_point):
+            raise CorruptCheckpointError(f"{here}: codec {codec!r} encodes floating-point tensors of 2 or more dims")
+        if metadata is None:
+            continue
+        stored = metadata.state_dict_metadata
+        if codec == BF16:
+            want = {key: (list(size), torch.bfloat16)}
+        else:
+            want = {f"{key}{PART}{part}": (list(shape), dt) for part, (shape, dt) in c.part_shapes(torch.Size(size), e["block"]).items()}
+        for k, (shape, dt) in want.items():
+            md = stored.get(k)
+            if md is None or list(md.size) != shape or md.properties.dtype != dt:
+                found = "absent" if md is None else f"{list(md.size)} {md.properties.dtype}"
+                raise CorruptCheckpointError(f"{here}: stored part {k!r} must be {shape} {dt}, found {found}")
     return encodings
 
 
@@ -244,4 +278,4 @@ def check_codecs(metadata: Any, where: str) -> None:
                 block_codec(loc.codec)
             except CorruptCheckpointError as e:
                 raise CorruptCheckpointError(f"{where}: {e}") from None
-    check_encodings((metadata.planner_data or {}).get("encodings", {}), where)
+    check_encodings((metadata.planner_data or {}).get("encodings", {}), where, metadata)

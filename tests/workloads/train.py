@@ -67,11 +67,26 @@ def fault_injection() -> None:
     ``DISTCKPT_TEST_PAUSE=<rank>:<HdfsStore method>:<n>:<dir>``: at the n-th call that rank creates
     ``<dir>/paused`` and waits for ``<dir>/resume`` (the test stops DataNodes meanwhile). For
     ``open_write`` the pause happens after the first block written to that stream (its pipeline is open).
+    ``DISTCKPT_TEST_HIDE=<rank>:<name>``: that rank's local directory listings leave out entries named
+    ``<name>`` (ranks see different listings, as with a lagging replica or an eventually consistent store).
+    ``DISTCKPT_TEST_FREE_MEMORY=<rank>:<bytes>``: that rank sees only ``<bytes>`` of free host memory.
     """
     import signal
     import time
 
     rank_here = os.environ.get("LOCAL_RANK", "0")
+    hide = os.environ.get("DISTCKPT_TEST_HIDE")
+    if hide and hide.split(":", 1)[0] == rank_here:
+        from lightning_distckpt.storage.local import LocalStore
+
+        hidden, listdir = hide.split(":", 1)[1], LocalStore.listdir
+        LocalStore.listdir = lambda self, path: [e for e in listdir(self, path) if e.name != hidden]
+    free = os.environ.get("DISTCKPT_TEST_FREE_MEMORY")
+    if free and free.split(":", 1)[0] == rank_here:
+        import psutil
+
+        real, nbytes = psutil.virtual_memory, int(free.split(":", 1)[1])
+        psutil.virtual_memory = lambda: real()._replace(available=nbytes)
     crash = os.environ.get("DISTCKPT_TEST_CRASH")
     if crash:
         rank, method, n = crash.split(":")
