@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_distckpt import catalog, ondisk
+from lightning_distckpt.catalog import check_keep_last
 from lightning_distckpt.catalog.index import CatalogOptions
 from lightning_distckpt.catalog.replication import Replicator, describe
 from lightning_distckpt.errors import (
@@ -112,7 +113,7 @@ class DistCheckpoint(ModelCheckpoint):
         catalog_options: CatalogOptions | None = None,
     ) -> None:
         if keep_last is not None:  # one rule with `distckpt gc --keep-last` (catalog.check_keep_last)
-            catalog.check_keep_last(keep_last, "DistCheckpoint(keep_last)")
+            check_keep_last(keep_last, "DistCheckpoint(keep_last)")  # (the argument `catalog` shadows the module)
         if dirpath is not None and not isinstance(dirpath, str):
             dirpath = str(dirpath)
         if dirpath is not None and dirpath.startswith("file://"):
