@@ -356,7 +356,7 @@ def recovery() -> str:
             took = "no error" if b["fit_to_error_s"] is None else f"{b['fit_to_error_s']:.0f} s"
             rows.append([f"`hdfs://`, port refuses — before (`{b['checkout']}`)", "none", took, b["training_steps"],
                          f"`{(b['error'] or '').split(':', 1)[0]}`"])
-        cli = [[f"`distckpt ls hdfs://…` (port refuses)", "default (30 s)" if c["connect_timeout_s"] == "default"
+        cli = [["`distckpt ls hdfs://…` (port refuses)", "default (30 s)" if c["connect_timeout_s"] == "default"
                 else f"{c['connect_timeout_s']} s", f"{c['process_s']:.1f} s (whole process)", "", f"exit {c['exit_code']}"]
                for c in u["cli"]]  # fmt: skip
         parts += [
