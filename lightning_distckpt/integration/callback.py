@@ -6,8 +6,9 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
 * ``keep_last=N``: keep the N newest committed checkpoints this callback saved, in addition to the top-k
   ones; older ones are removed only after a newer one has committed (never the newest);
 * ``replicas=[URL, ...]``: every committed checkpoint is copied to each replica root in the background
-  (:mod:`lightning_distckpt.replication`); retention applies per target;
-* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica; a
+  (`lightning_distckpt.replication`); retention applies per target;
+* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica, as
+  rank 0 lists them (every rank restores rank 0's choice, and follows rank 0's fallback order); a
   load reads each file from the first healthy copy and, if no copy of it is complete, falls back to the
   previous checkpoint (loudly). An explicit path is never substituted unless ``fallback_to_previous``;
 * stale staging directories of crashed saves are removed at setup (committed checkpoints never are);
@@ -15,8 +16,15 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
 * ``ckpt_path="step:N"`` resumes the committed checkpoint of global step N under ``dirpath`` (or a replica);
 * ``initial_load_path``: a warm start (model weights only by default) when the folder holds no committed
   checkpoint to resume; ``last_save_model_only`` / ``export_dtype``: a final save of the weights alone.
+* every root is reached at setup, before the first training step, within the plugin's ``connect_timeout_s``:
+  an unreachable or misconfigured checkpoint root (a file, a scheme without an installed backend) fails
+  there on every rank with the URL in the message; a replica root whose backend is missing fails too, one
+  that is merely down is a loud warning and the metric ``distckpt/replicas_unreachable``. ModelCheckpoint's
+  own filesystem calls on a URL root go through the package's client, each bounded by the same timeout;
+* blocks read from another copy because the first copy failed verification are reported (a warning, and
+  ``distckpt/repaired_blocks`` in ``trainer.callback_metrics``).
 
-In ``setup`` it makes sure the strategy is routed through a :class:`DistCheckpointIO` (creating a default
+In ``setup`` it makes sure the strategy is routed through a `DistCheckpointIO` (creating a default
 one if the Trainer has none) and fails clearly for a strategy that cannot be routed.
 """
 
@@ -31,18 +39,35 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_distckpt import catalog, ondisk
+from lightning_distckpt.catalog import check_keep_last
+from lightning_distckpt.catalog.index import CatalogOptions
 from lightning_distckpt.catalog.replication import Replicator, describe
-from lightning_distckpt.errors import CheckpointNotFoundError, DistCheckpointError
+from lightning_distckpt.errors import (
+    CheckpointNotFoundError,
+    DistCheckpointError,
+    BackendUnavailableError,
+    StorageError,
+    StorageUnreachableError,
+)
+from lightning_distckpt.integration.catalog_hook import make_hook
 from lightning_distckpt.integration.plugin import DistCheckpointIO
 from lightning_distckpt.integration.plugin import STEP_PREFIX
 from lightning_distckpt.integration.routing import route
 from lightning_distckpt.ondisk.names import check_checkpoint_name
 from lightning_distckpt.parallel.comm import Comm
-from lightning_distckpt.storage import StorageLike, open_store
+from lightning_distckpt.storage import (
+    StorageConfig,
+    StorageLike,
+    bounded_filesystem,
+    is_local,
+    open_store,
+    probe,
+    within,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +75,8 @@ log = logging.getLogger(__name__)
 class DistCheckpoint(ModelCheckpoint):
     """Save sharded checkpoints on a schedule; keep the last N; resume from the newest committed one.
 
-    Every argument of :class:`~lightning.pytorch.callbacks.ModelCheckpoint` of the installed Lightning works
-    as there (a test compares the signatures).
+    Every argument of `ModelCheckpoint` of the installed Lightning works as there (a test compares the
+    signatures).
 
     Args:
         dirpath: Where checkpoints go: a local path, ``file://`` or any fsspec URL (``hdfs://nn:8020/x``).
@@ -62,6 +87,11 @@ class DistCheckpoint(ModelCheckpoint):
         fallback_to_previous: Also fall back to older checkpoints when an explicitly given checkpoint
             path cannot be read from any copy (``ckpt_path="last"`` always does).
         replication_timeout_s: How long the end of ``fit`` waits for replication still in progress.
+        catalog: ``hbase://HOST:PORT/TABLE``: index every committed checkpoint of this run there (off the training
+            thread, rank 0), resolve ``ckpt_path="last"``/``"best"`` through it (see :mod:`~lightning_distckpt.
+            integration.catalog_hook`). Catalog errors never fail training.
+        run: The run's name in the catalog (required with ``catalog``; a restarted job reuses it and takes over).
+        catalog_options: Timeouts, retries and namespace of the catalog client.
         initial_load_path: A checkpoint (of this package or a stock Lightning file) to start from when
             ``dirpath`` holds no committed checkpoint: with ``fit(ckpt_path="last")`` it is what "last" finds,
             with ``fit()`` its weights are loaded at the start of ``fit``. Ignored once ``dirpath`` has a
@@ -99,14 +129,17 @@ class DistCheckpoint(ModelCheckpoint):
         replicas: list[str] | None = None,
         fallback_to_previous: bool = False,
         replication_timeout_s: float = 600.0,
+        catalog: str | None = None,
+        run: str | None = None,
+        catalog_options: CatalogOptions | None = None,
         initial_load_path: str | None = None,
         initial_load_model_only: bool = True,
         last_save_model_only: bool = False,
         export_dtype: Literal["float32", "float16", "bfloat16"] | None = None,
         final_name: str = "final-weights",
     ) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError(f"DistCheckpoint(keep_last={keep_last}): must be at least 1 (or None)")
+        if keep_last is not None:  # one rule with `distckpt gc --keep-last` (catalog.check_keep_last)
+            check_keep_last(keep_last, "DistCheckpoint(keep_last)")  # (the argument `catalog` shadows the module)
         if dirpath is not None and not isinstance(dirpath, str):
             dirpath = str(dirpath)
         if dirpath is not None and dirpath.startswith("file://"):
@@ -139,6 +172,32 @@ class DistCheckpoint(ModelCheckpoint):
         self._replicator: Replicator | None = None
         self._final_replication: dict[str, Any] | None = None
         self._last_resolved: str | None = None
+        self._unreachable: list[str] = []  # replica roots that did not answer at setup (warned, not resumed from)
+        self._last_requested = False  # ckpt_path="last" was resolved by this rank alone; setup settles it
+        # -- catalog (integration/catalog_hook.py) --
+        self._catalog = make_hook(catalog, run, catalog_options)
+        self._check_filename()
+
+    def _check_filename(self) -> None:
+        """Refuse a ``filename`` template that cannot make a checkpoint name now, not at the first save: it
+        must format (every ``{metric}`` filled with 0, as ModelCheckpoint does for missing metrics) into one
+        plain path component (letters, digits, ``_.=+-``; no ``/``, no leading dot), also with a version
+        suffix, and so must the name of the ``last`` checkpoint."""
+        names = []
+        try:
+            for template in (self.filename, self.CHECKPOINT_NAME_LAST):
+                name = self._format_checkpoint_name(template, {}, auto_insert_metric_name=self.auto_insert_metric_name)
+                names += [name, self.CHECKPOINT_JOIN_CHAR.join((name, "v1"))]
+        except (KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
+            raise ValueError(f"DistCheckpoint(filename={self.filename!r}): not a usable name template: "
+                             f"{type(e).__name__}: {e}") from None  # fmt: skip
+        bad = [n for n in names if not ondisk.is_checkpoint_name(n) or n.startswith(".")]
+        if bad:
+            raise ValueError(
+                f"DistCheckpoint(filename={self.filename!r}) makes the checkpoint name {bad[0]!r}: a checkpoint name "
+                f"must be one path component (no '/', '\\' or control characters, no '.staging-'/'.trash-'), not "
+                f"starting with a dot (such checkpoints are not listed: 'last' and retention would never see them)"
+            )
 
     # -- wiring ------------------------------------------------------------------------------------
     @override
@@ -156,15 +215,21 @@ class DistCheckpoint(ModelCheckpoint):
             )
         route(strategy, io)
         self._io = io
+        self._reach_roots(trainer)  # before ModelCheckpoint's own calls on the root, on every rank
         super().setup(trainer, pl_module, stage)
         io.resolver = self._candidates
+        if self._catalog is not None:  # catalog: no "best" lookups after setup; rank 0 owns the run while fitting
+            self.__dict__["_best_asked"] = True
+            if trainer.is_global_zero and stage == "fit":
+                self._catalog.start()
         if trainer.is_global_zero and stage == "fit":
-            for root in self.roots:
+            for root in self._reachable(self.roots):
                 try:
                     for url in catalog.clean_stale(root, io.storage):
                         log.warning("removed %s (a save or copy that never committed)", url)
                 except Exception as e:  # noqa: BLE001 - cleanup never fails training
                     log.warning("could not clean up stale saves under %s: %s", root, e)
+        self._settle_last(trainer)
         if self.replicas and stage == "fit" and self._replicator is None:
             self._replicator = Replicator(self.replicas, io.storage, _replication_comm(),
                                           after_replica_commit=self._retain_replica)  # fmt: skip
@@ -174,17 +239,112 @@ class DistCheckpoint(ModelCheckpoint):
         """The primary root and the replica roots."""
         return [str(self.dirpath), *self.replicas] if self.dirpath is not None else list(self.replicas)
 
+    def _reachable(self, roots: list[str]) -> list[str]:
+        return [r for r in roots if r not in self._unreachable]
+
+    def _reach_roots(self, trainer: pl.Trainer) -> None:
+        """Reach the checkpoint root and every replica root, on every rank, each within ``connect_timeout_s``.
+
+        Collective (every rank calls it in ``setup``; the verdicts are gathered, so every rank decides the
+        same): any rank failing to reach the checkpoint root, or lacking a replica's backend, raises the same
+        error on every rank, naming the URL, what was tried and the ranks; a replica that is down on some
+        rank is a warning and ``distckpt/replicas_unreachable``. Blocks at most about ``connect_timeout_s``
+        per root.
+        """
+        storage = self.io.storage
+        roots = self.roots
+        mine = []
+        for root in roots:
+            try:
+                probe(root, storage)
+                mine.append(None)
+            except StorageError as e:
+                kind = ("missing" if isinstance(e, BackendUnavailableError)
+                        else "unreachable" if isinstance(e, StorageUnreachableError) else "error")  # fmt: skip
+                mine.append((kind, str(e)))
+        comm = self.io._comm()
+        verdicts = comm.all_gather(mine)
+        unreachable = []
+        for i, root in enumerate(roots):
+            failed = [(rank, v[i]) for rank, v in enumerate(verdicts) if v[i] is not None]
+            if not failed:
+                continue
+            rank, (kind, message) = failed[0]
+            ranks = sorted({r for r, _ in failed})
+            where = f" (seen by rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})" if comm.world_size > 1 else ""
+            primary = i == 0 and self.dirpath is not None
+            if primary or kind == "missing":
+                cls = {"missing": BackendUnavailableError, "unreachable": StorageUnreachableError}.get(kind, StorageError)
+                what = "checkpoint root" if primary else "replica root"
+                raise cls(f"DistCheckpoint {what} {root}: {message}{where}")
+            unreachable.append(root)
+            if comm.rank == 0:
+                rank_zero_warn(
+                    f"REPLICA UNREACHABLE AT SETUP: {message}{where}. Training goes on; checkpoints are copied there "
+                    f"once it answers (failed copies count in distckpt/replica_failures), and it is not used to "
+                    f"resume in this run."
+                )
+        self._unreachable = unreachable
+
+    @property
+    def _fs(self) -> Any:
+        """ModelCheckpoint's filesystem for ``dirpath``. For a URL: the package's own client for it (fast-fail
+        HDFS settings, the plugin's storage options), each call bounded by ``connect_timeout_s``; a local path
+        keeps fsspec's local filesystem. (ModelCheckpoint assigns ``_fs``; the assignment is kept for local paths.)
+        """
+        stock = self.__dict__.get("_stock_fs")
+        dirpath = self.__dict__.get("dirpath")
+        if dirpath is None or is_local(str(dirpath)):
+            return stock
+        io = self.__dict__.get("_io")
+        storage = io.storage if io is not None else StorageConfig()
+        cached = self.__dict__.get("_bounded_fs")
+        if cached is None or cached[0] != str(dirpath) or cached[1] is not storage:
+            cached = (str(dirpath), storage, bounded_filesystem(str(dirpath), storage))
+            self.__dict__["_bounded_fs"] = cached
+        return cached[2]
+
+    @_fs.setter
+    def _fs(self, value: Any) -> None:
+        self.__dict__["_stock_fs"] = value
+
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        trainer._checkpoint_connector.__dict__.pop("_restore_modules_and_callbacks", None)  # if never called
         if self._replicator is not None:
             self.io.wait()  # the last save commits, and queues its replication, first
             self._replicator.close(self.replication_timeout_s)
             self._final_replication = describe(self._replicator.stats)
             self._replicator = None
-            if trainer.is_global_zero:  # the final counts, also of copies that ended after the last step
-                for key in ("failures", "pending"):
-                    name = "distckpt/replica_failures" if key == "failures" else "distckpt/replicas_pending"
-                    trainer.callback_metrics[name] = torch.tensor(float(self._final_replication[key]))
+        if self._catalog is not None:  # catalog: the last save's registration is written before fit returns
+            self.io.wait()
+            self._catalog.close()
+        if trainer.is_global_zero:  # the final counts, also of copies that ended after the last step
+            for name, value in self._metrics().items():
+                trainer.callback_metrics[name] = torch.tensor(value)
+
+    def _metrics(self) -> dict[str, float]:
+        """The counters this callback reports: replication (with replicas) and repairs on load."""
+        out: dict[str, float] = {}
+        st = self._replicator.stats if self._replicator is not None else None
+        if st is not None or self._final_replication is not None:
+            out["distckpt/replica_failures"] = float(st.failures if st else self._final_replication["failures"])  # type: ignore[index]
+            out["distckpt/replicas_pending"] = float(st.pending if st else self._final_replication["pending"])  # type: ignore[index]
+        if self.replicas:
+            out["distckpt/replicas_unreachable"] = float(len(self._unreachable))
+        if self._io is not None and (self.replicas or self._io.stats.repaired_blocks):
+            out["distckpt/repaired_blocks"] = float(self._io.stats.repaired_blocks)
+        if self._catalog is not None:  # catalog: failed calls, waiting registrations, refused zombie attempts
+            st = self._catalog.describe()
+            out.update({f"distckpt/catalog_{k}": float(st[k]) for k in ("failures", "pending", "refused")})
+        return out
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero:  # the metrics of setup and restore (Lightning resets them after a restore)
+            for name, value in self._metrics().items():
+                trainer.callback_metrics[name] = torch.tensor(value)
 
     @property
     def replication(self) -> dict[str, Any] | None:
@@ -195,10 +355,8 @@ class DistCheckpoint(ModelCheckpoint):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        if self._replicator is not None:
-            st = self._replicator.stats
-            pl_module.log("distckpt/replica_failures", float(st.failures), rank_zero_only=True)
-            pl_module.log("distckpt/replicas_pending", float(st.pending), rank_zero_only=True)
+        for name, value in self._metrics().items():
+            pl_module.log(name, value, rank_zero_only=True)
 
     @property
     def io(self) -> DistCheckpointIO:
@@ -215,6 +373,8 @@ class DistCheckpoint(ModelCheckpoint):
             self._saved.append(filepath)
             self._ever.add(_name(filepath))
         super()._save_checkpoint(trainer, filepath)
+        if self._catalog is not None and trainer.is_global_zero:  # catalog: register after the commit
+            self._catalog.after_save(trainer, filepath, self.monitor, self.mode, self.io.after_commit)
         if self.keep_last is not None and trainer.is_global_zero:
             self.io.after_commit(lambda result: self.apply_retention())
         if self._replicator is not None:
@@ -228,6 +388,11 @@ class DistCheckpoint(ModelCheckpoint):
         with self._lock:
             if filepath in self._saved:
                 self._saved.remove(filepath)
+        if self._catalog is not None:  # catalog: fenced removal (row deleting, marker, data, row), rank 0
+            if trainer.is_global_zero:
+                self.io.after_commit(lambda r: self._catalog.remove(filepath, self.io.remove_checkpoint,  # type: ignore[union-attr]
+                                                                    self.io.storage, remember=True))
+            return
         super()._remove_checkpoint(trainer, filepath)
 
     def apply_retention(self) -> list[str]:
@@ -238,13 +403,16 @@ class DistCheckpoint(ModelCheckpoint):
         if self.keep_last is None:
             return []
         with self._lock:
-            saved = list(self._saved)
+            saved = [p for p in self._saved if self._is_ours(p)]
         alive = [p for p in saved if _is_committed(p, self.io.storage)]
         protect = set(alive[-self.keep_last :]) | set(self.best_k_models) | {self.best_model_path, self.last_model_path}
         removed = []
         for path in alive:
             if path not in protect:
-                self.io.remove_checkpoint(path)
+                if self._catalog is None:
+                    self.io.remove_checkpoint(path)
+                elif not self._catalog.remove(path, self.io.remove_checkpoint, self.io.storage):
+                    continue  # catalog: could not fence the removal; the next pass tries again
                 removed.append(path)
         with self._lock:
             self._saved = [p for p in self._saved if p not in removed]
@@ -254,6 +422,8 @@ class DistCheckpoint(ModelCheckpoint):
 
     def _retain_replica(self, target: str, name: str) -> None:
         """Rank 0, after a replica commits: remove there what the primary no longer keeps (never the newest)."""
+        if self._catalog is not None:  # catalog: record the copy's location
+            self._catalog.replica_committed(target, name)
         with self._lock:
             keep = {_name(p) for p in self._saved}
             ever = set(self._ever)
@@ -267,21 +437,77 @@ class DistCheckpoint(ModelCheckpoint):
     # -- resume ------------------------------------------------------------------------------------
     @override
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
-        """The newest committed checkpoint under ``dirpath`` or a replica (what ``ckpt_path="last"`` resumes);
-        with none, ``initial_load_path`` (a warm start). The final weights-only save never counts."""
+        """The newest committed checkpoint under ``dirpath`` or a replica, as this rank lists them; with none,
+        ``initial_load_path`` (a warm start). The final weights-only save (``final_name``) never counts.
+
+        Lightning resolves ``ckpt_path="last"`` on every rank *before* the process group exists, so this
+        rank's answer is provisional: `setup` decides on rank 0, broadcasts, and makes every rank restore
+        that checkpoint (ranks that list storage differently still restore the same one). The listing is bounded
+        by ``connect_timeout_s``; a root that does not answer is reported by `setup`.
+        """
         dirpath = self.dirpath if self.dirpath is not None else _default_dirpath(trainer)
+        self._last_requested = True
+        self._last_resolved = self._newest(str(dirpath))
+        if not self._last_resolved and self.initial_load_path is not None:
+            return {self._warm_start(trainer)}
+        if not self._last_resolved:
+            _no_last_checkpoint([str(dirpath), *self.replicas])
+        return {self._last_resolved} if self._last_resolved else set()
+
+    def _warm_start(self, trainer: pl.Trainer, quiet: bool = False) -> str:
+        """``initial_load_path``, which this rank's next load of it reads as a warm start (model weights only
+        unless ``initial_load_model_only=False``)."""
+        assert self.initial_load_path is not None
         io = self._io or trainer.strategy.checkpoint_io
-        options = io.storage if isinstance(io, DistCheckpointIO) else None
-        found = [c for c in catalog.latest([str(dirpath), *self.replicas], options) if c.name != self.final_name]
-        self._last_resolved = found[0].url if found else None
-        if not found and self.initial_load_path is not None:
-            if self.initial_load_model_only and isinstance(io, DistCheckpointIO):
-                io.exclude_next_load(self.initial_load_path, _WARM_START_EXCLUDED)
-            rank_zero_info(f"DistCheckpoint: no committed checkpoint under {dirpath}; starting from "
+        if self.initial_load_model_only and isinstance(io, DistCheckpointIO):
+            io.exclude_next_load(self.initial_load_path, _WARM_START_EXCLUDED)
+        if not quiet:
+            rank_zero_info(f"DistCheckpoint: no committed checkpoint to resume under {self.dirpath}; starting from "
                            f"initial_load_path={self.initial_load_path}"
-                           + (" (model weights only)" if self.initial_load_model_only else ""))
-            return {self.initial_load_path}
-        return {found[0].url} if found else set()
+                           + (" (model weights only)" if self.initial_load_model_only else ""))  # fmt: skip
+        return self.initial_load_path
+
+    def _newest(self, dirpath: str) -> str | None:
+        options = self._io.storage if self._io else StorageConfig()
+        if self._catalog is not None and (url := self._catalog.lookup("last", options)):  # catalog: one round trip
+            return url
+        roots = self._reachable([dirpath, *self.replicas])
+        try:
+            found = within(lambda: catalog.latest(roots, options), options.connect_timeout(dirpath), f"list {dirpath}")
+        except StorageUnreachableError as e:
+            log.warning("%s", e)
+            return None
+        found = [c for c in found if c.name != self.final_name]  # weights only: never resumed as "last"
+        return found[0].url if found else None
+    def _settle_last(self, trainer: pl.Trainer) -> None:
+        """Collective, in ``setup``: when ``ckpt_path="last"`` was asked for, rank 0 lists the roots again and
+        every rank restores rank 0's choice (or nothing, if rank 0 found nothing), whatever it listed itself."""
+        if not self._last_requested:
+            return
+        self._last_requested = False
+        mine = self._last_resolved
+        comm = self.io._comm()
+        decided = comm.decide(lambda: self._newest(str(self.dirpath)))
+        views = comm.all_gather(mine)
+        self._last_resolved = decided
+        if any(v != decided for v in views) and comm.rank == 0:
+            rank_zero_warn(
+                "ranks listed different checkpoints for ckpt_path='last' ("
+                + ", ".join(f"rank {r}: {v or 'none'}" for r, v in enumerate(views))
+                + f"); every rank restores rank 0's choice: {decided or 'none (start from scratch)'}"
+            )
+        if decided is None and self.initial_load_path is not None:
+            decided = self._warm_start(trainer, quiet=True)
+        connector = trainer._checkpoint_connector
+        restore = connector._restore_modules_and_callbacks  # Lightning calls it with its own per-rank choice
+
+        def restore_decided(checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> Any:
+            connector.__dict__.pop("_restore_modules_and_callbacks", None)  # once
+            if checkpoint_path is None or checkpoint_path == mine:  # Lightning's choice came from this callback
+                checkpoint_path = decided
+            return restore(checkpoint_path, *args, **kwargs)
+
+        connector._restore_modules_and_callbacks = restore_decided
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -291,7 +517,7 @@ class DistCheckpoint(ModelCheckpoint):
         super().on_fit_start(trainer, pl_module)
         if self.initial_load_path is None or trainer.ckpt_path is not None:
             return
-        if catalog.latest([r for r in self.roots], self.io.storage):
+        if [c for c in catalog.latest(self._reachable(self.roots), self.io.storage) if c.name != self.final_name]:
             rank_zero_info(f"DistCheckpoint: {self.dirpath} holds committed checkpoints; initial_load_path is not used "
                            f"(pass fit(ckpt_path='last') to resume them)")
             return
@@ -329,13 +555,15 @@ class DistCheckpoint(ModelCheckpoint):
     def _candidates(self, url: str) -> list[list[str]]:
         """The checkpoints a load of ``url`` may use, in order, each as the URLs of its copies.
 
-        ``step:N`` is the newest committed checkpoint of global step N under ``dirpath`` or a replica."""
+        ``step:N`` is the newest committed checkpoint of global step N under ``dirpath`` or a replica.
+        The plugin calls it on rank 0 only and broadcasts the answer (one listing, one fallback order for all
+        ranks). Replica roots that were unreachable at setup are left out."""
         dirpath = str(self.dirpath) if self.dirpath is not None else None
         if url.startswith(STEP_PREFIX):
             return [self._by_step(url)]
         name, parent = _name(url), url.rstrip("/").rsplit("/", 1)[0] if "/" in url else ""
         name = ondisk.trashed_name(name) or name  # "last" may be a checkpoint a crashed overwrite moved aside
-        roots = [r for r in [dirpath, *self.replicas] if r]
+        roots = self._reachable([r for r in [dirpath, *self.replicas] if r])
         if parent not in roots:
             return [[url]]
         copies = lambda n: [f"{r.rstrip('/')}/{n}" for r in roots]  # noqa: E731
@@ -368,6 +596,26 @@ class DistCheckpoint(ModelCheckpoint):
         self.__dict__.update(s)
         self._lock = threading.Lock()
 
+    # -- catalog: ckpt_path="best" before any state is restored (Lightning reads best_model_path first) --
+    @property  # type: ignore[override]
+    def best_model_path(self) -> str:
+        path = self.__dict__.get("_best_model_path", "")
+        hook = self.__dict__.get("_catalog")
+        if not path and hook is not None and self.monitor and not self.__dict__.get("_best_asked"):
+            self.__dict__["_best_asked"] = True
+            path = self.__dict__["_best_model_path"] = hook.lookup("best", self._io.storage if self._io else None,
+                                                                   self.monitor) or ""  # fmt: skip
+        return path
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        self.__dict__["_best_model_path"] = value
+
+    @property
+    def catalog_stats(self) -> dict[str, Any] | None:
+        """The catalog's counters (registered, caught_up, failures, refused, fallbacks, skipped, pending ...)."""
+        return self._catalog.describe() if self._catalog is not None else None
+
     @override
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
@@ -375,11 +623,40 @@ class DistCheckpoint(ModelCheckpoint):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the list of checkpoints this callback wrote. Only entries that this callback could have
+        written are kept: checkpoints directly under its own ``dirpath`` with a plain name (a restored state
+        never makes retention delete anything elsewhere)."""
         super().load_state_dict(state_dict)
         if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            saved = state_dict.get("saved", [])
+            ever = state_dict.get("ever", [])
+            saved = [p for p in saved if self._is_ours(p)] if isinstance(saved, list) else []
+            ever = {n for n in ever if ondisk.is_checkpoint_name(n)} if isinstance(ever, list) else set()
             with self._lock:
-                self._saved = [p for p in state_dict.get("saved", []) if p not in self._saved] + self._saved
-                self._ever |= set(state_dict.get("ever", []))
+                self._saved = [p for p in saved if p not in self._saved] + self._saved
+                self._ever |= ever
+
+    def _is_ours(self, path: Any) -> bool:
+        """A checkpoint URL this callback may have written: a listed checkpoint name directly under its ``dirpath``."""
+        if not isinstance(path, str) or self.dirpath is None:
+            return False
+        parent, _, name = path.rstrip("/").rpartition("/")
+        return parent == str(self.dirpath).rstrip("/") and ondisk.is_checkpoint_name(name) and not name.startswith(".")
+
+
+#: Lightning's warning when ``ckpt_path="last"`` finds nothing; its hint (``save_last=True``) does not apply here
+_LIGHTNING_NO_LAST = r'\.\w+\(ckpt_path="last"\) is set, but there is no last checkpoint available'
+
+
+def _no_last_checkpoint(roots: list[str]) -> None:
+    """Say why ``ckpt_path="last"`` starts from scratch, instead of Lightning's hint to set ``save_last=True``
+    (this callback finds the newest committed checkpoint itself; ``save_last`` changes nothing)."""
+    import warnings
+
+    where = roots[0] + (f" or its replicas ({', '.join(roots[1:])})" if len(roots) > 1 else "")
+    rank_zero_info(f'DistCheckpoint: ckpt_path="last" found no committed checkpoint under {where}; training starts '
+                   "from scratch (expected on a first run).")  # fmt: skip
+    warnings.filterwarnings("ignore", message=_LIGHTNING_NO_LAST)
 
 
 _EXPORT_DTYPES = ("float32", "float16", "bfloat16")

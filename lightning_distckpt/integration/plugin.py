@@ -4,7 +4,7 @@ Two ways in:
 
 * **Routed** (the normal case): once this plugin is given to a Trainer, the strategy calls
   ``save_routed`` / ``load_routed`` / ``load_optimizers_routed`` / ``remove_routed`` on **every rank**
-  (see :mod:`lightning_distckpt.integration`). Each rank writes and reads only its own part.
+  (see `lightning_distckpt.integration`). Each rank writes and reads only its own part.
 * **Direct**: the plain ``CheckpointIO`` methods (``save_checkpoint``, ``load_checkpoint``,
   ``remove_checkpoint``) act in the calling process alone, like any CheckpointIO. Lightning uses them for
   internal files (``ddp_spawn`` results); users can use them to read a checkpoint into a plain dict.
@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_distckpt import catalog, ondisk
+from lightning_distckpt.engine.reader import ReadStats
 from lightning_distckpt.engine.loading import (
     Pending,
     allocate,
@@ -84,6 +85,12 @@ class IOStats:
     load_bytes_broadcast: int = 0
     loaded_from: str = ""
     load_s: dict[str, float] = field(default_factory=dict)  # the last load's phases
+    #: blocks of the last load that were read from another copy because one failed verification, every rank's
+    #: (``file``, ``bad`` and ``good`` copy, ``reason``, ``blocks``, ``bytes``, ``rank``)
+    load_repairs: list[dict[str, Any]] = field(default_factory=list)
+    load_failures: dict[str, str] = field(default_factory=dict)  # this rank: file -> why its first copy failed
+    repaired_blocks: int = 0  # over every load of this plugin, all ranks
+    repaired_files: int = 0
 
 
 class DistCheckpointIO(CheckpointIO, RoutedIO):
@@ -94,9 +101,9 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         storage_options: Options for the fsspec filesystem of remote URLs (strings for HDFS client settings).
         durable: fsync data files and directories on local filesystems before a checkpoint commits.
         hdfs: Replication, block size, user, Hadoop conf dir and retries for ``hdfs://``, ``viewfs://`` and
-            ``webhdfs://`` locations (see :class:`~lightning_distckpt.HdfsOptions`).
-        compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a :class:`~lightning_distckpt.CompressionConfig`
-            (see :mod:`lightning_distckpt.compression`); loading needs no setting.
+            ``webhdfs://`` locations (see `HdfsOptions`).
+        compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a `CompressionConfig`
+            (see `lightning_distckpt.compression`); loading needs no setting.
         balanced_reads: Read each replicated tensor (DDP state) once across the ranks and broadcast it,
             instead of every rank reading all of it.
         write_threads: Files (and concurrent streams) per rank and save.
@@ -106,6 +113,11 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             hyper-parameter classes); everything else that JSON cannot hold is refused on load, unless the
             load is given ``weights_only=False`` (``fit``/``validate``/... and ``load_from_checkpoint`` take it,
             as for ``torch.load``). Types registered with ``torch.serialization.add_safe_globals`` count too.
+        connect_timeout_s: How long reaching a store may take: ``DistCheckpoint`` checks the checkpoint root
+            and every replica root at setup, before the first training step, and ModelCheckpoint's own calls on
+            the root are bounded by it; an unreachable root fails with
+            `StorageUnreachableError` naming the URL (``HdfsOptions.connect_timeout_s``
+            overrides it for HDFS URLs).
         exclude_from_loading: Parts of a checkpoint that a resume leaves as they are in the new run:
             ``"model"``, ``"optimizer"``, ``"lr_schedulers"``, ``"loops"`` (step and epoch counters start at
             0), ``"callbacks"``, or any other top-level key of Lightning's checkpoint dict (e.g. a
@@ -127,6 +139,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         read_threads: int = 2,
         chunk_mb: int = 32,
         safe_globals: list[str] | None = None,
+        connect_timeout_s: float = 30.0,
         exclude_from_loading: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -134,7 +147,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         if write_threads < 1 or read_threads < 1 or chunk_mb < 1:
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
         self.async_save = async_save
-        self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs)
+        self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs,
+                                     connect_timeout_s=connect_timeout_s)  # fmt: skip
         self.compression = resolve(compression)
         self.balanced_reads = balanced_reads
         self.safe_globals = list(safe_globals or [])
@@ -268,13 +282,19 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         Optimizer tensors are read into the optimizers' state when the optimizers exist already (FSDP,
         ModelParallel), otherwise (DDP restores before setup) into host buffers that
         ``load_optimizer_state_dict`` applies. Every block is read from the first healthy copy (primary, then
-        replicas). If the checkpoint cannot be read from any copy and it was chosen as "last", the next older
-        one is used, loudly.
+        replicas); blocks served by another copy because one failed verification are reported (a warning naming
+        the file and both copies, and ``stats.load_repairs``). If the checkpoint cannot be read from any copy and
+        it was chosen as "last", the next older one is used, loudly.
 
         A stock Lightning file is read whole by every rank (as stock DDP does) with ``torch.load`` under
         Lightning's ``weights_only`` rule and applied under any strategy (sharded here when needed).
         Without a LightningModule (``strategy.load_checkpoint`` before ``fit``) the whole checkpoint is
         returned as a plain dict, as stock Lightning does. ``exclude_from_loading`` applies to all of these.
+
+        Every decision the ranks must share is made once: rank 0 picks the path and the fallback order (the
+        ``resolver`` runs on rank 0 only) and broadcasts them; whether memory suffices is judged from every
+        rank's numbers, the same way everywhere. A shortage of host memory on any rank raises
+        `InsufficientMemoryError` on every rank and never falls back to an older checkpoint.
         """
         self.wait()
         self._loaded = None
@@ -283,13 +303,13 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             return self._exclude(self.load_checkpoint(path, weights_only=weights_only), exclude)
         comm = self._comm(bulk=self.balanced_reads)
         url = comm.broadcast(path)
-        found = _decided(comm, lambda: "ours" if url.startswith(STEP_PREFIX) else stock.kind(url, self.storage))
+        found = comm.decide(lambda: "ours" if url.startswith(STEP_PREFIX) else stock.kind(url, self.storage))
         if found == "file":
             checkpoint = stock.load_file(url, self.storage, weights_only)
             self._loaded = _Loaded(id(checkpoint), full=True)
             self.stats.loaded_from = url
             return self._exclude(checkpoint, exclude)
-        candidates = self.resolver(url)
+        candidates = comm.decide(lambda: self.resolver(url))
         if found == "missing" and candidates == [[url]]:
             raise CheckpointNotFoundError(f"Checkpoint file not found: {url} (no checkpoint directory or file there)")
         first_error: DistCheckpointError | None = None
@@ -319,40 +339,50 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         strict = bool(getattr(module, "strict_loading", True))
         skip_model = "model" in exclude
         skip_optim = "optimizer" in exclude
-        model = {} if skip_model else match(
-            ckpt.metadata, {state.model_key(k): v for k, v in model_state_dict(strategy).items()},
-            state.MODEL, strict, "model", url)  # fmt: skip
-        lazy = bool(model) and _hooks_load(module)
-        optim: dict[str, Any] = {}
         saved_optims = ckpt.skeleton.get("optimizer_states") if isinstance(ckpt.skeleton, dict) else None
-        if _fitting(module) and not skip_optim:
-            optimizers = list(strategy.optimizers)
-            saved = saved_tensors(ckpt.metadata)
-            saved_n = len({k.split("/")[1] for k in saved if k.startswith(state.OPTIM)})
-            if optimizers:
-                if saved_n and saved_n != len(optimizers):
-                    raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
-                                             f"{len(optimizers)} optimizers")  # fmt: skip
-                for i, opt in enumerate(optimizers):
-                    prefix = f"{state.OPTIM}{i}/"
-                    saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
-                    if not saved_params:  # saved before its first step: nothing to read, nothing to create
-                        continue
-                    names = _saved_param_names(saved_optims, i, strategy, opt, url)  # live FQN -> saved name
-                    live = {
-                        state.optim_key(i, names.get(fqn, fqn), name): t
-                        for fqn, st in optimizer_state_dict(strategy, opt)["state"].items()
-                        for name, t in st.items() if isinstance(t, torch.Tensor)
-                    }  # fmt: skip
-                    live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
-                    optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
-            else:  # DDP and single device restore before setup: read into host buffers now, apply later
-                optim = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.OPTIM)], url)
-        extras = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.EXTRA)], url)
+        error: DistCheckpointError | None = None
+        model: dict[str, Any] = {}
+        optim: dict[str, Any] = {}
+        host: list[str] = []  # tensors read into new host buffers
+        try:
+            if not skip_model:
+                model = match(ckpt.metadata, {state.model_key(k): v for k, v in model_state_dict(strategy).items()},
+                              state.MODEL, strict, "model", url)  # fmt: skip
+            if _fitting(module) and not skip_optim:
+                optimizers = list(strategy.optimizers)
+                saved = saved_tensors(ckpt.metadata)
+                saved_n = len({k.split("/")[1] for k in saved if k.startswith(state.OPTIM)})
+                if optimizers:
+                    if saved_n and saved_n != len(optimizers):
+                        raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
+                                                 f"{len(optimizers)} optimizers")  # fmt: skip
+                    for i, opt in enumerate(optimizers):
+                        prefix = f"{state.OPTIM}{i}/"
+                        saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
+                        if not saved_params:  # saved before its first step: nothing to read, nothing to create
+                            continue
+                        names = _saved_param_names(saved_optims, i, strategy, opt, url)  # live FQN -> saved name
+                        live = {
+                            state.optim_key(i, names.get(fqn, fqn), name): t
+                            for fqn, st in optimizer_state_dict(strategy, opt)["state"].items()
+                            for name, t in st.items() if isinstance(t, torch.Tensor)
+                        }  # fmt: skip
+                        live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
+                        optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
+                else:  # DDP and single device restore before setup: read into host buffers now, apply later
+                    host += [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.OPTIM)]
+            host += [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.EXTRA)]
+        except DistCheckpointError as e:
+            error = e
+        comm.agree(error)  # a mismatch on any rank is the same error on every rank, before any collective read
+        buffers = allocate(ckpt.metadata, host, url, comm)  # collective memory check: all ranks, same verdict
+        optim.update({k: v for k, v in buffers.items() if k.startswith(state.OPTIM)})
+        extras = {k: v for k, v in buffers.items() if k.startswith(state.EXTRA)}
         ordered = sources[comm.rank % len(sources):] + sources[: comm.rank % len(sources)]  # spread reads over copies
+        lazy = bool(model) and _hooks_load(module)  # a hook may change the weights: read them after it ran
         now = {} if lazy else model
         self._record(read_tensors(ckpt, {**now, **optim, **extras}, sources=ordered, threads=self.read_threads,
-                                  comm=comm, balanced=self.balanced_reads))  # fmt: skip
+                                  comm=comm, balanced=self.balanced_reads), comm, strategy)  # fmt: skip
 
         def lookup(key: str) -> Any:
             if key.startswith(state.MODEL):
@@ -361,7 +391,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                 return optim.get(key, Pending(key))
             return extras[key]
 
-        checkpoint = state.join(ckpt.skeleton, lookup, stock.safe_globals(self.safe_globals), stock.trusted(weights_only))
+        checkpoint = state.join(ckpt.skeleton, lookup, stock.safe_globals(self.safe_globals), trusted=stock.trusted(weights_only))
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if v is not _SKIP}
             if lazy:
@@ -473,7 +503,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self._run_task(task, self.stats.last_save)
 
     def wait(self) -> None:
-        """Block until the save in flight has committed; raise :class:`CheckpointSaveError` if it failed."""
+        """Block until the save in flight has committed; raise `CheckpointSaveError` if it failed."""
         future, self._future = self._future, None
         if future is not None:
             try:
@@ -527,7 +557,19 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             self._bulk_pg = dist.new_group(backend="gloo")
         return Comm(self._pg, bulk=self._bulk_pg)
 
-    def _record(self, stats: Any) -> None:
+    def _record(self, stats: ReadStats, comm: Comm, strategy: Strategy | None = None) -> None:
+        """Keep the load's statistics; report repairs (collective: every rank's repairs reach every rank)."""
+        repairs = [r.to_json() for r in stats.repairs.values()]
+        everyone = comm.all_gather(repairs)
+        self.stats.load_repairs = [dict(r, rank=rank) for rank, rs in enumerate(everyone) for r in rs]
+        self.stats.load_failures = dict(stats.failures)
+        self.stats.repaired_blocks += sum(r["blocks"] for r in self.stats.load_repairs)
+        self.stats.repaired_files += len({(r["bad"], r["file"]) for r in self.stats.load_repairs})
+        if self.stats.load_repairs and comm.rank == 0:
+            _warn_repairs(self.stats.load_repairs)
+        trainer = getattr(getattr(strategy, "lightning_module", None), "_trainer", None) if strategy else None
+        if trainer is not None and self.stats.repaired_blocks:
+            trainer.callback_metrics["distckpt/repaired_blocks"] = torch.tensor(float(self.stats.repaired_blocks))
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
         self.stats.load_bytes_broadcast = stats.bytes_broadcast
@@ -671,20 +713,6 @@ class LazyModelState(dict):  # type: ignore[type-arg]
         return copy.deepcopy(self.copy(), memo)
 
 
-def _decided(comm: Comm, decide: Callable[[], str]) -> str:
-    """``decide()`` on rank 0, the same answer (or error) on every rank."""
-    result: Any = None
-    if comm.rank == 0:
-        try:
-            result = decide()
-        except Exception as e:  # noqa: BLE001 - raised on every rank below
-            result = e
-    result = comm.broadcast(result)
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
 def _hooks_load(module: Any) -> bool:
     """Whether the LightningModule overrides ``on_load_checkpoint`` (it may change ``checkpoint["state_dict"]``)."""
     from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -732,6 +760,21 @@ def _check_exclude(parts: list[str] | None) -> list[str]:
             raise ValueError(f"exclude_from_loading: expected names of checkpoint parts, got {part!r}")
         out.append(_EXCLUDE_ALIASES.get(part, part))
     return out
+
+
+def _warn_repairs(repairs: list[dict[str, Any]]) -> None:
+    """One warning per (bad copy, file): what failed, where the blocks were read from instead."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in repairs:
+        m = merged.setdefault((r["file"], r["bad"], r["good"]), dict(r, blocks=0, ranks=[]))
+        m["blocks"] += r["blocks"]
+        m["ranks"].append(r["rank"])
+    for (file, bad, good), m in merged.items():
+        rank_zero_warn(
+            f"REPAIRED ON LOAD: {file}: the copy in {bad} failed verification ({m['reason']}); {m['blocks']} "
+            f"block(s) were read from the copy in {good} instead (ranks {sorted(set(m['ranks']))}). The storage "
+            f"of {bad} may be going bad: check it with `distckpt verify {bad}`."
+        )
 
 
 def _fitting(module: Any) -> bool:

@@ -8,7 +8,7 @@ import threading
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from lightning_distckpt.errors import StorageError
+from lightning_distckpt.errors import BackendUnavailableError, StorageError
 from lightning_distckpt.storage.base import Entry, Store
 from lightning_distckpt.storage.retry import RetryPolicy
 
@@ -67,7 +67,19 @@ class FsspecStore(Store):
     def _make_fs(self) -> Any:
         from fsspec.core import url_to_fs
 
-        return url_to_fs(self._root_url, **self._options)[0]
+        try:
+            return url_to_fs(self._root_url, **self._options)[0]
+        except ImportError as e:  # fsspec knows the scheme, its implementation is not installed
+            raise BackendUnavailableError(
+                f"{self._root_url}: no storage backend for {self.scheme}:// is installed ({e})"
+            ) from e
+        except ValueError as e:
+            if "protocol not known" not in str(e).lower():
+                raise
+            raise BackendUnavailableError(
+                f"{self._root_url}: unknown URL scheme {self.scheme}:// (no fsspec implementation "
+                "or registered store serves it)"
+            ) from e
 
     def _do(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return self.retry.run(lambda: fn(*args, **kwargs), f"{what} {self.url(args[0]) if args else self._root_url}")
@@ -140,10 +152,21 @@ class FsspecStore(Store):
         out = []
         for info in self._do("list", self.fs.ls, path, detail=True):
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-            mtime = info.get("mtime") or info.get("modificationTime") or 0
-            if hasattr(mtime, "timestamp"):
-                mtime = mtime.timestamp()
-            elif mtime and float(mtime) > 1e11:  # milliseconds (HDFS)
-                mtime = float(mtime) / 1000
-            out.append(Entry(name, info["type"] == "directory", int(info.get("size") or 0), float(mtime or 0)))
+            out.append(_entry(name, info))
         return out
+
+    def info(self, path: str) -> Entry:
+        return _entry(path.rstrip("/").rsplit("/", 1)[-1], self._do("stat", self.fs.info, path))
+
+
+def _entry(name: str, info: dict[str, Any]) -> Entry:
+    """An `Entry` from an fsspec ``info`` dict (``islink``/``type: link`` where the backend reports links)."""
+    mtime = info.get("mtime") or info.get("modificationTime") or 0
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    elif mtime and float(mtime) > 1e11:  # milliseconds (HDFS)
+        mtime = float(mtime) / 1000
+    kind = {"directory": "dir", "file": "file", "link": "link", "symlink": "link"}.get(str(info.get("type")).lower(), "other")
+    if info.get("islink"):
+        kind = "link"
+    return Entry(name, kind == "dir", int(info.get("size") or 0), float(mtime or 0), kind)

@@ -1,7 +1,7 @@
 """The codec registry: block codecs and tensor codecs by name, built-in or added by a third party.
 
 A checkpoint names the codec of every block (``metadata.json``, per chunk) and of every encoded tensor; a
-reader looks the name up here, and an unknown name is a clear :class:`CorruptCheckpointError`, never a guess.
+reader looks the name up here, and an unknown name is a clear `CorruptCheckpointError`, never a guess.
 
 Adding a codec from outside the package, either by a call::
 
@@ -27,9 +27,14 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from lightning_distckpt.errors import CorruptCheckpointError
+from typing import TYPE_CHECKING
+
 from lightning_distckpt.transforms.block import BlockCodec
 from lightning_distckpt.transforms.lossless import ShuffleZstd
-from lightning_distckpt.transforms.tensor_codecs import BUILTIN, Codec
+from lightning_distckpt.transforms.specs import BUILTIN_SPECS
+
+if TYPE_CHECKING:
+    from lightning_distckpt.transforms.tensor_codecs import Codec
 
 BLOCK_GROUP = "lightning_distckpt.block_codecs"
 TENSOR_GROUP = "lightning_distckpt.tensor_codecs"
@@ -37,12 +42,13 @@ TENSOR_GROUP = "lightning_distckpt.tensor_codecs"
 _lock = threading.Lock()
 _block_factories: dict[str, Callable[[], BlockCodec]] = {"": BlockCodec, ShuffleZstd.name: ShuffleZstd}
 _block_instances: dict[str, BlockCodec] = {}
-_tensor: dict[str, Codec] = {c.name: c for c in BUILTIN}
+_tensor: dict[str, Codec] = {}  # the built-in ones are added on first use (they import torch)
+_builtin_loaded = False
 _scanned: set[str] = set()
 
 
 def register_block_codec(name: str, factory: Callable[[], BlockCodec], *, replace: bool = False) -> None:
-    """Make block codec ``name`` known; ``factory()`` returns a (thread-safe) :class:`BlockCodec` whose
+    """Make block codec ``name`` known; ``factory()`` returns a (thread-safe) `BlockCodec` whose
     ``name`` is ``name``. Registering a taken name raises ``ValueError`` unless ``replace``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a block codec needs a non-empty name, got {name!r}")
@@ -54,8 +60,11 @@ def register_block_codec(name: str, factory: Callable[[], BlockCodec], *, replac
 
 
 def register_tensor_codec(codec: Codec, *, replace: bool = False) -> None:
-    """Make the tensor codec ``codec`` (a :class:`~lightning_distckpt.transforms.tensor_codecs.Codec`) known
+    """Make the tensor codec ``codec`` (a `Codec`) known
     under ``codec.name``. Registering a taken name raises ``ValueError`` unless ``replace``."""
+    from lightning_distckpt.transforms.tensor_codecs import Codec
+
+    _load_builtin()
     if not isinstance(codec, Codec):
         raise TypeError(f"register_tensor_codec expects a Codec, got {type(codec).__name__}")
     with _lock:
@@ -100,12 +109,29 @@ def block_codec(name: str) -> BlockCodec:
         return _block_instances.setdefault(name, factory())
 
 
+def _load_builtin() -> None:
+    """Register the built-in tensor codecs (importing torch), once."""
+    global _builtin_loaded
+    if _builtin_loaded:
+        return
+    from lightning_distckpt.transforms.tensor_codecs import BUILTIN
+
+    with _lock:
+        if not _builtin_loaded:
+            for c in BUILTIN:
+                _tensor.setdefault(c.name, c)
+            _builtin_loaded = True
+
+
 def tensor_codec(name: str) -> Codec | None:
-    """The tensor codec named ``name``, or None if no one registered it."""
+    """The tensor codec named ``name``, or None if no one registered it. Imports torch (codecs are torch code);
+    checking names and parts of built-in codecs without torch: `lightning_distckpt.transforms.specs`."""
+    _load_builtin()
     if name not in _tensor:
         _scan(TENSOR_GROUP)
     return _tensor.get(name)
 
 
 def tensor_codec_names() -> list[str]:
-    return sorted(_tensor)
+    """Names of the tensor codecs known so far (built-in and registered), without importing torch."""
+    return sorted(set(_tensor) | set(BUILTIN_SPECS))

@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import torch
 
+from lightning_distckpt.transforms.specs import PartSpecs, dynamic8_parts, int8_rows_parts
+
 _DECADES = {True: 5, False: 6}  # magnitudes span 10^-decades .. 1
 _STEPS = {True: 126, False: 254}  # geometric steps between the smallest and the largest magnitude
 
@@ -39,7 +41,7 @@ def dynamic_map(signed: bool) -> torch.Tensor:
 
 
 def _code_index(x: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Index into :func:`dynamic_map` of the code nearest (in log scale) to every element of ``x``.
+    """Index into `dynamic_map()` of the code nearest (in log scale) to every element of ``x``.
 
     ``x`` is normalized (|x| <= 1). Computed arithmetically (the map is geometric), in a few passes.
     """
@@ -53,6 +55,10 @@ def _code_index(x: torch.Tensor, signed: bool) -> torch.Tensor:
     else:  # 0, [1e-6 .. 1] (255); a positive value never maps to 0
         idx = torch.where(mag > 0, k + 1, torch.zeros_like(k))
     return idx.to(torch.uint8)
+
+
+def _torch_dtypes(specs: PartSpecs) -> dict[str, tuple[list[int], torch.dtype]]:
+    return {part: (shape, getattr(torch, dtype)) for part, (shape, dtype) in specs.items()}
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +88,7 @@ class Int8Rows(Codec):
     """Symmetric int8 per row: ``q = round(x / s)``, ``s = max|row| / 127`` (for weights)."""
 
     def part_shapes(self, shape, block):
-        return {"q": (list(shape), torch.int8), "scale": ([shape[0]], torch.float32)}
+        return _torch_dtypes(int8_rows_parts(shape, block))
 
     def encode(self, t, block):
         x = rows(t)
@@ -107,8 +113,7 @@ class Dynamic8(Codec):
         object.__setattr__(self, "sqrt", sqrt)
 
     def part_shapes(self, shape, block):
-        n = math.prod(shape[1:]) if len(shape) > 1 else 1
-        return {"q": (list(shape), torch.uint8), "absmax": ([shape[0], math.ceil(n / block)], torch.float32)}
+        return _torch_dtypes(dynamic8_parts(shape, block))
 
     def _blocks(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
         r, n = x.shape
@@ -141,7 +146,7 @@ class Dynamic8(Codec):
         return x.reshape(shape).to(dtype)
 
 
-#: The codecs this package ships (registered in :mod:`lightning_distckpt.transforms.registry`).
+#: The codecs this package ships (registered in `lightning_distckpt.transforms.registry`).
 BUILTIN: tuple[Codec, ...] = (
     Int8Rows("int8-rows", 1, ("q", "scale")),
     Dynamic8("dyn8", 1, signed=True, sqrt=False),
