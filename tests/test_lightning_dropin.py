@@ -371,6 +371,12 @@ def test_distckpt_import_converts_a_stock_file(tmp_path):
     tb = trainer(tmp_path, max_steps=8, enable_checkpointing=False)
     tb.fit(b, data(), ckpt_path=str(dest))
     assert same(weights(a), weights(b)) and tb.global_step == 8
+    # like cp: into an existing directory, named like the file without ".ckpt"; never over an existing one
+    (tmp_path / "into").mkdir()
+    run([sys.executable, "-m", "lightning_distckpt.cli.main", "import", path, str(tmp_path / "into")])
+    assert os.path.isfile(tmp_path / "into" / "stock" / "COMMITTED")
+    again = run([sys.executable, "-m", "lightning_distckpt.cli.main", "import", path, str(dest)], check=False)
+    assert again.returncode == 6 and "already exists" in again.stderr
 
 
 # ---- 8. strategy.load_checkpoint without a model; storage_options -------------------------------------------
