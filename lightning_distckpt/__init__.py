@@ -43,6 +43,7 @@ __all__ = [
     "VerifyReport",
     "enable_load_from_checkpoint",
     "export_checkpoint",
+    "import_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "verify",
@@ -62,6 +63,7 @@ _EXPORTS = {
     "verify": "catalog.verify",
     "export_checkpoint": "ops.export",
     "enable_load_from_checkpoint": "integration.load_from_checkpoint",
+    "import_checkpoint": "ops.importing",
     "load_checkpoint": "ops.export",
     **{name: "errors" for name in __all__ if name.endswith("Error")},
 }
@@ -108,5 +110,6 @@ if TYPE_CHECKING:
     from lightning_distckpt.integration.load_from_checkpoint import enable_load_from_checkpoint
     from lightning_distckpt.integration.plugin import DistCheckpointIO
     from lightning_distckpt.ops.export import export_checkpoint, load_checkpoint
+    from lightning_distckpt.ops.importing import import_checkpoint
     from lightning_distckpt.storage.hdfs import HdfsOptions
     from lightning_distckpt.transforms.compression import CompressionConfig

@@ -48,7 +48,7 @@ def parameter_fqns(strategy: Strategy) -> set[str]:
 
 
 def parameter_fqn_map(strategy: Strategy) -> dict[int, str]:
-    """``id(parameter)`` -> its FQN (as in :func:`model_state_dict`), for every parameter of the module."""
+    """``id(parameter)`` -> its FQN (as in `model_state_dict()`), for every parameter of the module."""
     module = strategy.lightning_module
     out: dict[int, str] = {}
     if module is None:

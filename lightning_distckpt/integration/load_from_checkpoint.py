@@ -2,11 +2,11 @@
 
 Lightning reads the file behind ``MyModule.load_from_checkpoint(path)`` with one function,
 ``lightning.pytorch.core.saving.pl_load`` (``lightning.fabric.utilities.cloud_io._load``), which opens
-``path`` as a single file and offers no hook. :func:`enable_load_from_checkpoint` replaces that module
+``path`` as a single file and offers no hook. `enable_load_from_checkpoint()` replaces that module
 attribute by a function that reads a checkpoint *directory* of this package and hands every other path
 (a stock ``.ckpt`` file, a URL to one, a file object, ``http(s)://``) to the original, unchanged.
 
-It is an explicit call, never an import side effect. Constructing a :class:`~lightning_distckpt.DistCheckpointIO`
+It is an explicit call, never an import side effect. Constructing a `DistCheckpointIO`
 makes it too (so a process that trained with the plugin can load its checkpoints); a process that never
 builds one (an inference script) calls it once::
 

@@ -124,7 +124,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             precision plugin's or datamodule's entry). Excluded tensors are not read at all.
 
     Constructing one also lets ``LightningModule.load_from_checkpoint`` read this package's checkpoints
-    (:func:`~lightning_distckpt.enable_load_from_checkpoint`), and routes every strategy it is assigned to.
+    (`enable_load_from_checkpoint()`), and routes every strategy it is assigned to.
     """
 
     def __init__(
@@ -277,7 +277,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
 
         Model tensors are read into the model's own tensors (in place, any sharding), unless the
         LightningModule overrides ``on_load_checkpoint``: then ``checkpoint["state_dict"]`` is a
-        :class:`LazyModelState` and the weights are applied in ``load_model_state_dict``, after the hook,
+        `LazyModelState` and the weights are applied in ``load_model_state_dict``, after the hook,
         honouring whatever it changed (unchanged entries are still read straight into the model).
         Optimizer tensors are read into the optimizers' state when the optimizers exist already (FSDP,
         ModelParallel), otherwise (DDP restores before setup) into host buffers that
@@ -442,7 +442,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
     def load_model_routed(self, strategy: Strategy, checkpoint: dict[str, Any], strict: bool = True) -> None:
         """Apply ``checkpoint["state_dict"]`` to the model, after the LightningModule's ``on_load_checkpoint``.
 
-        Collective. Entries of a :class:`LazyModelState` that no hook read or replaced are read from storage
+        Collective. Entries of a `LazyModelState` that no hook read or replaced are read from storage
         straight into the model's tensors now; everything else is applied as given.
         """
         loaded = self._loaded if self._loaded is not None and self._loaded.checkpoint_id == id(checkpoint) else None
@@ -454,7 +454,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         set_model_state(strategy, sd, strict, full=loaded is not None and loaded.full)
 
     def load_optimizers_routed(self, strategy: Strategy, checkpoint: dict[str, Any]) -> None:
-        """Apply the optimizer states that :meth:`load_routed` read (no I/O happens here).
+        """Apply the optimizer states that `load_routed()` read (no I/O happens here).
 
         A state saved by parameter index (a stock file, or a checkpoint imported from one) is mapped onto the
         live optimizer's parameters in order, as ``torch.optim.Optimizer.load_state_dict`` does."""

@@ -1,12 +1,12 @@
 """Stock Lightning checkpoints (one ``torch.save`` file) and Lightning's loading rules, for the plugin.
 
-* :func:`kind` tells a checkpoint of this package (a directory) from a stock file, without reading either;
-* :func:`load_file` reads a stock file through the plugin's storage (any URL), unpickling it by Lightning's
+* `kind()` tells a checkpoint of this package (a directory) from a stock file, without reading either;
+* `load_file()` reads a stock file through the plugin's storage (any URL), unpickling it by Lightning's
   own ``weights_only`` rule (``torch.load``: ``None`` is the torch default, restricted unless
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set; ``torch.serialization.add_safe_globals`` is honoured);
-* :func:`trusted` applies the same rule to the objects this package's ``state.json`` pickles;
+* `trusted()` applies the same rule to the objects this package's ``state.json`` pickles;
 * optimizer states saved by parameter index (what ``optimizer.state_dict()`` and stock files hold) are
-  mapped onto the live optimizer by :mod:`~lightning_distckpt.integration.adapters` (``by_fqn``).
+  mapped onto the live optimizer by `lightning_distckpt.integration.adapters` (``by_fqn``).
 """
 
 from __future__ import annotations
