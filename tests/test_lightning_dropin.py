@@ -326,9 +326,14 @@ def _stock_run(root: Path, steps: int) -> tuple[str, L.Trainer, Net]:
     return path, t, model
 
 
-@pytest.mark.parametrize("as_url", [False, True])
-def test_fit_resumes_a_stock_lightning_file_exactly(tmp_path, as_url):
+@pytest.mark.parametrize("where", ["path", "file-url", "memory-url"])
+def test_fit_resumes_a_stock_lightning_file_exactly(tmp_path, where):
     path, _, _ = _stock_run(tmp_path, 4)
+    src = {"path": path, "file-url": "file://" + path, "memory-url": f"memory://stock-{tmp_path.name}/x.ckpt"}[where]
+    if where == "memory-url":
+        import fsspec
+
+        fsspec.filesystem("memory").pipe(src[len("memory://"):], Path(path).read_bytes())
     # the reference: stock Lightning resuming its own file for 4 more steps
     torch.manual_seed(1)
     ref_model = Net()
@@ -337,7 +342,7 @@ def test_fit_resumes_a_stock_lightning_file_exactly(tmp_path, as_url):
     torch.manual_seed(1)
     model = Net()
     t = trainer(tmp_path, max_steps=8, enable_checkpointing=False)
-    t.fit(model, data(), ckpt_path=("file://" + path) if as_url else path)
+    t.fit(model, data(), ckpt_path=src)
     assert t.global_step == ref.global_step == 8
     assert same(weights(model), weights(ref_model))
     ref_opt, opt = ref.optimizers[0].state_dict(), t.optimizers[0].state_dict()
