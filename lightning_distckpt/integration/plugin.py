@@ -244,8 +244,9 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         """Collective save. Blocks for the whole save, or (``async_save``) only for the snapshot.
 
         With ``async_save`` the name is reserved at once (a ``PENDING`` placeholder directory, so that
-        Lightning's version counter counts it as taken), and a save made while no ``fit``/``validate``/...
-        is running (``trainer.save_checkpoint`` after ``fit``) is waited for before returning.
+        Lightning's version counter counts it as taken). A save made while no ``fit``/``validate``/... is
+        running (``trainer.save_checkpoint`` after ``fit``) is written before returning, as without
+        ``async_save``: nothing would wait for it, and no thread outlives the call.
         """
         _refuse_storage_options(self, storage_options)
         start = time.perf_counter()
@@ -255,7 +256,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         skeleton, tensors = state.split(checkpoint)
         manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
         params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
-        if self.async_save:
+        if self.async_save and _running(strategy):
             snapshot = self._snapshots.take(tensors, self._plan_cache.owned() if comm.active else None,
                                             self.write_options.chunk_bytes)
             with self._lock:
@@ -266,9 +267,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                 except Exception as e:  # noqa: BLE001 - the save itself reports what is wrong with the location
                     log.debug("could not reserve %s: %s", url, e)
             self._future = self._pool().submit(self._write, url, skeleton, snapshot, manifest, comm, params, True)
-            if not _running(strategy):
-                self.wait()
-        else:
+        else:  # also with async_save when no fit/validate/... runs (trainer.save_checkpoint after fit): no thread
             self._write(url, skeleton, tensors, manifest, comm, params)
         self.stats.blocked_s = time.perf_counter() - start
 

@@ -71,8 +71,10 @@ def main() -> int:
         if mode == "stock":
             continue
         failed = [t for t in passing if res.get(t) != "passed"]
-        unexpected = [t for t in failed if t not in expected]
-        print(f"  {mode:8s} {len(failed):4d} fail ({len(failed) - len(unexpected)} listed, {len(unexpected)} unexpected)")
+        judged = mode in ("adapted", "async")  # the plugin mode fails the tests' own reads: counted, not judged
+        unexpected = [t for t in failed if t not in expected] if judged else []
+        tail = f" ({len(failed) - len(unexpected)} listed, {len(unexpected)} unexpected)" if judged else ""
+        print(f"  {mode:8s} {len(failed):4d} fail{tail}")
         for t in failed if args.list else unexpected:
             tag = "" if t in expected else "UNEXPECTED "
             print(f"      {tag}{t}  [{res.get(t, 'not run')}]")
