@@ -377,13 +377,17 @@ def test_info_shows_tensor_and_block_codecs_and_what_extra_holds(with_extra):
 
 # ---- Ctrl-C and a closed pipe end quietly ----------------------------------------------------------------
 def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
-    blocked = tmp_path / "ck"
-    blocked.mkdir()
-    (blocked / fmt.MANIFEST).write_text("{}")
-    os.mkfifo(blocked / fmt.MARKER)  # reading the marker blocks until someone writes: a command that hangs
-    p = subprocess.Popen([EXE, "verify", str(blocked)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    time.sleep(3)
-    assert p.poll() is None, p.communicate()
+    src = tmp_path / "ck"
+    DistCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(8)}}, str(src))
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    # a copy that waits after its first file (a test pause point, lightning_distckpt/faults.py) until interrupted
+    p = subprocess.Popen([EXE, "copy", str(src), str(tmp_path / "dst")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env(DISTCKPT_PAUSE_AT=f"copy:file@{gate}"))  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (gate / "paused").exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == C.EXIT_INTERRUPTED and out == "" and err == "", (p.returncode, out, err)
