@@ -150,6 +150,23 @@ def test_a_link_removal_killed_right_after_it(tmp_path):
     assert listed(root) == {"a": str(root / "a"), "X": str(root / "X")} and same(str(root / "X"), 1)
 
 
+@pytest.mark.parametrize("step", ["publish:old-moved", "publish:renamed", "publish:committed", "remove:unmarked"])
+def test_a_replication_killed_at_each_step_keeps_the_replica_committed(tmp_path, step):
+    """A checkpoint replicated again after it changed (same name): the replica's old copy stays committed until
+    the new one commits (it is never deleted first)."""
+    root = committed_root(tmp_path)
+    replica = tmp_path / "replica"
+    assert op("replicate", root / "X", replica).returncode == 0
+    assert op("save", root / "X", 2).returncode == 0  # the primary's X changes
+    p = op("replicate", root / "X", replica, crash_at=step)
+    assert p.returncode == CRASH_EXIT, p.stdout
+    found = listed(replica)
+    assert set(found) == {"X"} and any(same(found["X"], s) for s in (1, 2))
+    catalog.clean_stale(str(replica), older_than_s=0)
+    assert sorted(os.listdir(replica)) == ["X"] and verify(str(replica / "X")).ok
+    assert op("replicate", root / "X", replica).returncode == 0 and same(str(replica / "X"), 2)
+
+
 @pytest.mark.parametrize("step", ["copy:file", "publish:renamed"])
 def test_a_killed_copy_resumes(tmp_path, step):
     root = committed_root(tmp_path)
