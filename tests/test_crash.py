@@ -58,10 +58,9 @@ from lightning_distckpt import catalog, list_checkpoints, load_checkpoint, verif
 from lightning_distckpt import ondisk as fmt  # noqa: E402
 from lightning_distckpt.faults import CRASH_EXIT  # noqa: E402
 
-# every step of an overwrite, in order (the old copy's trash directory is deleted in place once unmarked: its
-# name already says it is garbage, so it has no "remove:aside" step)
+# every step of an overwrite, in order (the last two: the old copy's trash directory being removed)
 OVERWRITE_STEPS = ["save:staged", "save:documents", "publish:old-moved", "publish:renamed", "publish:committed",
-                   "remove:unmarked"]  # fmt: skip
+                   "remove:unmarked", "remove:emptied"]  # fmt: skip
 
 
 class Done:
@@ -132,7 +131,7 @@ def test_clean_up_killed_while_restoring_a_crashed_overwrite(tmp_path, step):
     assert_recovers(root, (1,))
 
 
-@pytest.mark.parametrize("step", ["remove:unmarked", "remove:aside"])
+@pytest.mark.parametrize("step", ["remove:unmarked", "remove:emptied"])
 def test_a_retention_removal_killed_at_each_step(tmp_path, step):
     root = committed_root(tmp_path)
     assert op("remove", root / "a", crash_at=step).returncode == CRASH_EXIT
@@ -224,7 +223,7 @@ def test_a_forced_gc_during_a_save_costs_that_save_only(tmp_path):
 # Same-name overwrites inside 2-rank training: save_last=True overwrites "last" at every save (even crash point
 # counts fall on "last": each step saves its own checkpoint, then "last"); each kill is followed by a resume
 # from "last" that must restore the newest committed state exactly.
-OVERWRITE_IN_TRAINING = ["publish:old-moved#2", "publish:renamed#4", "publish:committed#4", "remove:aside#3"]
+OVERWRITE_IN_TRAINING = ["publish:old-moved#2", "publish:renamed#4", "publish:committed#4", "remove:emptied#3"]
 
 
 def test_same_name_overwrite_crash_points_in_training_then_resume(tmp_path):
