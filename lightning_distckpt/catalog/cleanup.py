@@ -186,11 +186,11 @@ def _clean_group(store: Store, root: str, g: Group, older_than_s: float, now: fl
     def idle(e: Entry) -> bool:
         return older_than_s == 0 or _age(store, store.join(root, e.name), e, now) >= older_than_s
 
-    def delete(e: Entry, committed: bool = False) -> None:
+    def delete(e: Entry) -> None:
         full = store.join(root, e.name)
         removed.append(store.url(full))
-        if not dry_run:
-            remove_checkpoint(store, full) if committed else store.remove(full, recursive=True)
+        if not dry_run:  # marker (if any) first, manifest last: a crash midway leaves provable garbage again
+            remove_checkpoint(store, full)
 
     live_tokens = set()
     for s in g.staging:
@@ -216,7 +216,7 @@ def _clean_group(store: Store, root: str, g: Group, older_than_s: float, now: fl
     if own is not None and own.committed:  # the newest copy is committed: every trash copy is superseded
         for t, row in trash:
             if row.committed or _uncommitted_ours(store, root, t, g.name):
-                delete(t, committed=row.committed)
+                delete(t)
         return
 
     if own is not None:
