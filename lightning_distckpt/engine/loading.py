@@ -21,7 +21,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.engine.balanced_read import Broadcaster, deal, is_balanceable, rounds
 from lightning_distckpt.engine.reader import CheckpointReader, ReadStats
-from lightning_distckpt.errors import DistCheckpointError, InsufficientMemoryError, StateMismatchError
+from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, InsufficientMemoryError, StateMismatchError
 from lightning_distckpt.ondisk import skeleton as state
 from lightning_distckpt.engine.dcp_metadata import to_dcp
 from lightning_distckpt.ondisk.metadata import CheckpointMetadata, parse_dtype
