@@ -51,6 +51,7 @@ COMMAND_MODULES = [
     "lightning_distckpt.cli.cmd_export",
     "lightning_distckpt.cli.cmd_copy",
     "lightning_distckpt.cli.cmd_gc",
+    "lightning_distckpt.cli.cmd_catalog",  # runs, best, reconcile; ls --catalog (after cmd_ls)
 ]
 
 

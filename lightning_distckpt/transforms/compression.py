@@ -30,11 +30,11 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lightning_distckpt.errors import CorruptCheckpointError
-from lightning_distckpt.ondisk.metadata import dtype_name, parse_dtype
+from lightning_distckpt.ondisk.metadata import dtype_name
 from lightning_distckpt.parallel.pieces import Piece, pieces
 from lightning_distckpt.transforms.block import BlockCodec
 from lightning_distckpt.transforms.lossless import ShuffleZstd
-from lightning_distckpt.transforms.checks import check_codecs, check_encodings
+from lightning_distckpt.transforms.checks import check_codecs
 from lightning_distckpt.transforms.registry import block_codec, tensor_codec
 from lightning_distckpt.transforms.specs import BF16, PART
 from lightning_distckpt.transforms.tensor_codecs import BUILTIN
