@@ -245,7 +245,9 @@ def test_retention_removes_row_marker_data_in_order(healthy_minihbase, tmp_path,
     orig_remove, orig_begin, orig_finish = LocalStore.remove, HBaseIndex.begin_delete, HBaseIndex.finish_delete
 
     def remove(self, path, recursive=False):
-        row = [e for e in probe.entries("keep", include_deleting=True) if e.url.rstrip("/") in path]
+        # the marker goes at <dir>/COMMITTED; the data after the directory was renamed aside (.<name>.<suffix>)
+        base = os.path.basename(os.path.dirname(path) if path.endswith("COMMITTED") else path.rstrip("/"))
+        row = [e for e in probe.entries("keep", include_deleting=True) if base == e.name or base.startswith(f".{e.name}.")]
         events.append(("marker" if path.endswith("COMMITTED") else "data", row[0].state if row else "no row"))
         return orig_remove(self, path, recursive)
 
