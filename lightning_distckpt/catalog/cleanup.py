@@ -80,6 +80,7 @@ def remove_checkpoint(store: Store, path: str) -> None:
         return
     if entry.type != "dir":
         store.remove(path)  # a file, or a link as a link
+        crash_point("remove:link" if entry.type == "link" else "remove:file")
         return
     store.remove(store.join(path, ondisk.MARKER))
     crash_point("remove:unmarked")

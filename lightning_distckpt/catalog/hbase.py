@@ -43,7 +43,6 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from lightning_distckpt.catalog.index import (
-    PRIMARY,
     CatalogEntry,
     CatalogOptions,
     CheckpointIndex,

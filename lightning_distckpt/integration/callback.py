@@ -7,7 +7,8 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
   ones; older ones are removed only after a newer one has committed (never the newest);
 * ``replicas=[URL, ...]``: every committed checkpoint is copied to each replica root in the background
   (`lightning_distckpt.replication`); retention applies per target;
-* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica; a
+* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica, as
+  rank 0 lists them (every rank restores rank 0's choice, and follows rank 0's fallback order); a
   load reads each file from the first healthy copy and, if no copy of it is complete, falls back to the
   previous checkpoint (loudly). An explicit path is never substituted unless ``fallback_to_previous``;
 * stale staging directories of crashed saves are removed at setup (committed checkpoints never are);
@@ -412,6 +413,8 @@ class DistCheckpoint(ModelCheckpoint):
         dirpath = self.dirpath if self.dirpath is not None else self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
         self._last_requested = True
         self._last_resolved = self._newest(str(dirpath))
+        if not self._last_resolved:
+            _no_last_checkpoint([str(dirpath), *self.replicas])
         return {self._last_resolved} if self._last_resolved else set()
 
     def _newest(self, dirpath: str) -> str | None:
@@ -518,6 +521,21 @@ class DistCheckpoint(ModelCheckpoint):
             return False
         parent, _, name = path.rstrip("/").rpartition("/")
         return parent == str(self.dirpath).rstrip("/") and ondisk.is_safe_name(name)
+
+
+#: Lightning's warning when ``ckpt_path="last"`` finds nothing; its hint (``save_last=True``) does not apply here
+_LIGHTNING_NO_LAST = r'\.\w+\(ckpt_path="last"\) is set, but there is no last checkpoint available'
+
+
+def _no_last_checkpoint(roots: list[str]) -> None:
+    """Say why ``ckpt_path="last"`` starts from scratch, instead of Lightning's hint to set ``save_last=True``
+    (this callback finds the newest committed checkpoint itself; ``save_last`` changes nothing)."""
+    import warnings
+
+    where = roots[0] + (f" or its replicas ({', '.join(roots[1:])})" if len(roots) > 1 else "")
+    rank_zero_info(f'DistCheckpoint: ckpt_path="last" found no committed checkpoint under {where}; training starts '
+                   "from scratch (expected on a first run).")  # fmt: skip
+    warnings.filterwarnings("ignore", message=_LIGHTNING_NO_LAST)
 
 
 def _name(url: str) -> str:
