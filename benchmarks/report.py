@@ -503,13 +503,17 @@ def catalog_() -> str:
     if r is None:
         return ""
     ms = lambda st: f"{1e3 * st['median']:.1f} ms ({1e3 * st['min']:.1f}–{1e3 * st['max']:.1f})"  # noqa: E731
-    rows = []
-    for p in r["points"]:
-        rows.append([p["checkpoints"], ms(p["list_latest_one"]), ms(p["catalog_latest_one"]),
-                     ms(p["catalog_latest_one_verified"]), f"**{p['speedup']['latest_one']:.0f}×**",
-                     ms(p["list_best_one"]), ms(p["catalog_best_one"]), f"**{p['speedup']['best_one']:.0f}×**",
-                     ms(p["list_latest_all"]), ms(p["catalog_latest_all"]), f"**{p['speedup']['latest_all']:.0f}×**",
-                     ms(p["catalog_latest_all_flushed"]) if "catalog_latest_all_flushed" in p else "-"])
+    pts = r["points"]
+    one = table(["checkpoints", "listing", "catalog", "catalog +verify", "speed-up"],
+                [[p["checkpoints"], ms(p["list_latest_one"]), ms(p["catalog_latest_one"]),
+                  ms(p["catalog_latest_one_verified"]), f"**{p['speedup']['latest_one']:.0f}×**"] for p in pts])
+    best = table(["checkpoints", "listing", "catalog", "speed-up"],
+                 [[p["checkpoints"], ms(p["list_best_one"]), ms(p["catalog_best_one"]),
+                   f"**{p['speedup']['best_one']:.0f}×**"] for p in pts])
+    every = table(["checkpoints", "listing", "catalog", "speed-up", "catalog after a flush"],
+                  [[p["checkpoints"], ms(p["list_latest_all"]), ms(p["catalog_latest_all"]),
+                    f"**{p['speedup']['latest_all']:.0f}×**",
+                    ms(p["catalog_latest_all_flushed"]) if "catalog_latest_all_flushed" in p else "-"] for p in pts])
     first, last = r["points"][0], r["points"][-1]
     flushed = "catalog_latest_all_flushed" in last
     growth = {q: last[f"catalog_{q}"]["median"] / first[f"catalog_{q}"]["median"] for q in ("latest_one", "best_one", "latest_all")}
@@ -530,9 +534,8 @@ def catalog_() -> str:
         "the run's row (pointers), `+verify` adds checking the answer's marker and manifest on HDFS (what a resume "
         "does); latest of all runs = one scan of the run rows.\n",
         env_line(r, ranks=False) + f" Client: {r['thrift']}.\n",
-        table(["checkpoints", "latest of 1 run: listing", "catalog", "catalog +verify", "speed-up",
-               "best of 1 run: listing", "catalog", "speed-up", "latest of all runs: listing", "catalog", "speed-up",
-               "catalog after a flush"], rows),
+        "**Latest checkpoint of one run**\n", one, "\n**Best checkpoint of one run** (`val_loss`, min)\n", best,
+        "\n**Latest checkpoint of every run** (20 runs)\n", every,
         f"\nAt {last['checkpoints']:,} checkpoints the catalog answers "
         f"**{last['speedup']['latest_one']:.0f}×** (latest of one run), **{last['speedup']['best_one']:.0f}×** (best of "
         f"one run) and **{last['speedup']['latest_all']:.0f}×** (latest of all runs) faster than listing (target ≥ 20×). "
