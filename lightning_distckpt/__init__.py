@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CatalogConflictError",
+    "CatalogError",
+    "CatalogOptions",
+    "CatalogUnavailableError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
@@ -30,6 +34,7 @@ __all__ = [
     "KnowledgeDistillation",
     "NewerFormatError",
     "NotACheckpointError",
+    "StaleOwnerError",
     "StateMismatchError",
     "StorageError",
     "StorageUnreachableError",
@@ -48,6 +53,7 @@ _EXPORTS = {
     "DistCheckpoint": "integration.callback",
     "DistCheckpointIO": "integration.plugin",
     "HdfsOptions": "storage.hdfs",
+    "CatalogOptions": "catalog.index",
     "CompressionConfig": "transforms.compression",
     "KnowledgeDistillation": "integration.distill",
     "VerifyReport": "catalog.verify",
@@ -73,10 +79,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from lightning_distckpt.catalog.index import CatalogOptions
     from lightning_distckpt.catalog.listing import list_checkpoints
     from lightning_distckpt.catalog.verify import VerifyReport, verify
     from lightning_distckpt.errors import (
         BackendUnavailableError,
+        CatalogConflictError,
+        CatalogError,
+        CatalogUnavailableError,
         CheckpointNotFoundError,
         CheckpointSaveError,
         CorruptCheckpointError,
@@ -84,6 +94,7 @@ if TYPE_CHECKING:
         NewerFormatError,
         InsufficientMemoryError,
         NotACheckpointError,
+        StaleOwnerError,
         StateMismatchError,
         StorageError,
         StorageUnreachableError,

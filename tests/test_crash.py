@@ -45,7 +45,6 @@ def test_torture_kills_with_replication(tmp_path):
 
 
 # ---- deterministic crash points (lightning_distckpt/faults.py): every step, not random moments ---------------
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -55,7 +54,6 @@ from conftest import WORKLOADS, env  # noqa: E402
 from workloads.crash_ops import sample  # noqa: E402
 
 from lightning_distckpt import catalog, list_checkpoints, load_checkpoint, verify  # noqa: E402
-from lightning_distckpt import ondisk as fmt  # noqa: E402
 from lightning_distckpt.faults import CRASH_EXIT  # noqa: E402
 
 # every step of an overwrite, in order (the last two: the old copy's trash directory being removed)

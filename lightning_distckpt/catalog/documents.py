@@ -9,8 +9,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from torch.distributed.checkpoint.metadata import Metadata
-
 from lightning_distckpt import ondisk
 from lightning_distckpt.ondisk import skeleton as _skeleton
 from lightning_distckpt.errors import (
@@ -22,7 +20,7 @@ from lightning_distckpt.errors import (
     UnsafeCheckpointError,
 )
 from lightning_distckpt.storage import Source, StorageLike, open_store
-from lightning_distckpt.transforms import check_codecs
+from lightning_distckpt.transforms.checks import check_codecs
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ class Checkpoint:
 
     source: Source
     manifest: ondisk.Manifest
-    metadata: Metadata
+    metadata: ondisk.CheckpointMetadata  #: plain Python; the engine converts it to DCP's Metadata for a load
     skeleton: Any
 
     @property

@@ -51,6 +51,7 @@ COMMAND_MODULES = [
     "lightning_distckpt.cli.cmd_export",
     "lightning_distckpt.cli.cmd_copy",
     "lightning_distckpt.cli.cmd_gc",
+    "lightning_distckpt.cli.cmd_catalog",  # runs, best, reconcile; ls --catalog (after cmd_ls)
 ]
 
 
@@ -100,7 +101,7 @@ def exit_code(e: BaseException) -> int:
 
 def _report(argv: list[str], line: str, e: BaseException, code: int) -> None:
     """One line on stderr; with ``--json`` also ``{"error": {"type", "message", "exit_code"}}`` on stdout."""
-    print(printable(line), file=sys.stderr)
+    print("\n".join(printable(part) for part in line.split("\n")), file=sys.stderr)
     if "--json" in argv:
         message = str(e) or type(e).__name__
         print(json.dumps({"error": {"type": type(e).__name__, "message": message, "exit_code": code}}, indent=1))

@@ -26,6 +26,7 @@ from lightning_distckpt.ondisk.skeleton import OPTIM
 from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.parallel.planner import BalancedSavePlanner, PlanCache
 from lightning_distckpt.storage import Store, StorageLike, open_store
+from lightning_distckpt.engine.dcp_metadata import from_dcp
 from lightning_distckpt.transforms import PART, CompressionConfig
 from lightning_distckpt.transforms.compression import encode
 
@@ -165,7 +166,7 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
             digests.extend(b.digest for b in loc.blocks)
             size += loc.stored
         files[name] = {"size": size, "xxh3": ondisk.blocks_digest(digests)}
-    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(metadata, encodings))), (ondisk.STATE, ondisk.dumps(skeleton)))
+    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(from_dcp(metadata, encodings)))), (ondisk.STATE, ondisk.dumps(skeleton)))
     for name, data in documents:
         store.write_bytes(store.join(staging, name), data)
         files[name] = {"size": len(data), "xxh3": ondisk.digest(data)}

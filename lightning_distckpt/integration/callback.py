@@ -7,7 +7,8 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
   ones; older ones are removed only after a newer one has committed (never the newest);
 * ``replicas=[URL, ...]``: every committed checkpoint is copied to each replica root in the background
   (`lightning_distckpt.replication`); retention applies per target;
-* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica; a
+* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica, as
+  rank 0 lists them (every rank restores rank 0's choice, and follows rank 0's fallback order); a
   load reads each file from the first healthy copy and, if no copy of it is complete, falls back to the
   previous checkpoint (loudly). An explicit path is never substituted unless ``fallback_to_previous``;
 * stale staging directories of crashed saves are removed at setup (committed checkpoints never are);
@@ -39,6 +40,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_distckpt import catalog, ondisk
+from lightning_distckpt.catalog import check_keep_last
+from lightning_distckpt.catalog.index import CatalogOptions
 from lightning_distckpt.catalog.replication import Replicator, describe
 from lightning_distckpt.errors import (
     DistCheckpointError,
@@ -46,6 +49,7 @@ from lightning_distckpt.errors import (
     StorageError,
     StorageUnreachableError,
 )
+from lightning_distckpt.integration.catalog_hook import make_hook
 from lightning_distckpt.integration.plugin import DistCheckpointIO
 from lightning_distckpt.integration.routing import route
 from lightning_distckpt.parallel.comm import Comm
@@ -76,6 +80,11 @@ class DistCheckpoint(ModelCheckpoint):
         fallback_to_previous: Also fall back to older checkpoints when an explicitly given checkpoint
             path cannot be read from any copy (``ckpt_path="last"`` always does).
         replication_timeout_s: How long the end of ``fit`` waits for replication still in progress.
+        catalog: ``hbase://HOST:PORT/TABLE``: index every committed checkpoint of this run there (off the training
+            thread, rank 0), resolve ``ckpt_path="last"``/``"best"`` through it (see :mod:`~lightning_distckpt.
+            integration.catalog_hook`). Catalog errors never fail training.
+        run: The run's name in the catalog (required with ``catalog``; a restarted job reuses it and takes over).
+        catalog_options: Timeouts, retries and namespace of the catalog client.
     """
 
     FILE_EXTENSION = ""
@@ -100,9 +109,12 @@ class DistCheckpoint(ModelCheckpoint):
         replicas: list[str] | None = None,
         fallback_to_previous: bool = False,
         replication_timeout_s: float = 600.0,
+        catalog: str | None = None,
+        run: str | None = None,
+        catalog_options: CatalogOptions | None = None,
     ) -> None:
         if keep_last is not None:  # one rule with `distckpt gc --keep-last` (catalog.check_keep_last)
-            catalog.check_keep_last(keep_last, "DistCheckpoint(keep_last)")
+            check_keep_last(keep_last, "DistCheckpoint(keep_last)")  # (the argument `catalog` shadows the module)
         if dirpath is not None and not isinstance(dirpath, str):
             dirpath = str(dirpath)
         if dirpath is not None and dirpath.startswith("file://"):
@@ -129,6 +141,8 @@ class DistCheckpoint(ModelCheckpoint):
         self._last_resolved: str | None = None
         self._unreachable: list[str] = []  # replica roots that did not answer at setup (warned, not resumed from)
         self._last_requested = False  # ckpt_path="last" was resolved by this rank alone; setup settles it
+        # -- catalog (integration/catalog_hook.py) --
+        self._catalog = make_hook(catalog, run, catalog_options)
         self._check_filename()
 
     def _check_filename(self) -> None:
@@ -170,6 +184,10 @@ class DistCheckpoint(ModelCheckpoint):
         self._reach_roots(trainer)  # before ModelCheckpoint's own calls on the root, on every rank
         super().setup(trainer, pl_module, stage)
         io.resolver = self._candidates
+        if self._catalog is not None:  # catalog: no "best" lookups after setup; rank 0 owns the run while fitting
+            self.__dict__["_best_asked"] = True
+            if trainer.is_global_zero and stage == "fit":
+                self._catalog.start()
         if trainer.is_global_zero and stage == "fit":
             for root in self._reachable(self.roots):
                 try:
@@ -264,6 +282,9 @@ class DistCheckpoint(ModelCheckpoint):
             self._replicator.close(self.replication_timeout_s)
             self._final_replication = describe(self._replicator.stats)
             self._replicator = None
+        if self._catalog is not None:  # catalog: the last save's registration is written before fit returns
+            self.io.wait()
+            self._catalog.close()
         if trainer.is_global_zero:  # the final counts, also of copies that ended after the last step
             for name, value in self._metrics().items():
                 trainer.callback_metrics[name] = torch.tensor(value)
@@ -279,6 +300,9 @@ class DistCheckpoint(ModelCheckpoint):
             out["distckpt/replicas_unreachable"] = float(len(self._unreachable))
         if self._io is not None and (self.replicas or self._io.stats.repaired_blocks):
             out["distckpt/repaired_blocks"] = float(self._io.stats.repaired_blocks)
+        if self._catalog is not None:  # catalog: failed calls, waiting registrations, refused zombie attempts
+            st = self._catalog.describe()
+            out.update({f"distckpt/catalog_{k}": float(st[k]) for k in ("failures", "pending", "refused")})
         return out
 
     @override
@@ -315,6 +339,8 @@ class DistCheckpoint(ModelCheckpoint):
             self._saved.append(filepath)
             self._ever.add(_name(filepath))
         super()._save_checkpoint(trainer, filepath)
+        if self._catalog is not None and trainer.is_global_zero:  # catalog: register after the commit
+            self._catalog.after_save(trainer, filepath, self.monitor, self.mode, self.io.after_commit)
         if self.keep_last is not None and trainer.is_global_zero:
             self.io.after_commit(lambda result: self.apply_retention())
         if self._replicator is not None:
@@ -328,6 +354,11 @@ class DistCheckpoint(ModelCheckpoint):
         with self._lock:
             if filepath in self._saved:
                 self._saved.remove(filepath)
+        if self._catalog is not None:  # catalog: fenced removal (row deleting, marker, data, row), rank 0
+            if trainer.is_global_zero:
+                self.io.after_commit(lambda r: self._catalog.remove(filepath, self.io.remove_checkpoint,  # type: ignore[union-attr]
+                                                                    self.io.storage, remember=True))
+            return
         super()._remove_checkpoint(trainer, filepath)
 
     def apply_retention(self) -> list[str]:
@@ -344,7 +375,10 @@ class DistCheckpoint(ModelCheckpoint):
         removed = []
         for path in alive:
             if path not in protect:
-                self.io.remove_checkpoint(path)
+                if self._catalog is None:
+                    self.io.remove_checkpoint(path)
+                elif not self._catalog.remove(path, self.io.remove_checkpoint, self.io.storage):
+                    continue  # catalog: could not fence the removal; the next pass tries again
                 removed.append(path)
         with self._lock:
             self._saved = [p for p in self._saved if p not in removed]
@@ -354,6 +388,8 @@ class DistCheckpoint(ModelCheckpoint):
 
     def _retain_replica(self, target: str, name: str) -> None:
         """Rank 0, after a replica commits: remove there what the primary no longer keeps (never the newest)."""
+        if self._catalog is not None:  # catalog: record the copy's location
+            self._catalog.replica_committed(target, name)
         with self._lock:
             keep = {_name(p) for p in self._saved}
             ever = set(self._ever)
@@ -377,10 +413,14 @@ class DistCheckpoint(ModelCheckpoint):
         dirpath = self.dirpath if self.dirpath is not None else self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
         self._last_requested = True
         self._last_resolved = self._newest(str(dirpath))
+        if not self._last_resolved:
+            _no_last_checkpoint([str(dirpath), *self.replicas])
         return {self._last_resolved} if self._last_resolved else set()
 
     def _newest(self, dirpath: str) -> str | None:
         options = self._io.storage if self._io else StorageConfig()
+        if self._catalog is not None and (url := self._catalog.lookup("last", options)):  # catalog: one round trip
+            return url
         roots = self._reachable([dirpath, *self.replicas])
         try:
             found = within(lambda: catalog.latest(roots, options), options.connect_timeout(dirpath), f"list {dirpath}")
@@ -435,6 +475,26 @@ class DistCheckpoint(ModelCheckpoint):
             return [copies(name)] + [copies(n) for n in older]
         return [copies(name)]
 
+    # -- catalog: ckpt_path="best" before any state is restored (Lightning reads best_model_path first) --
+    @property  # type: ignore[override]
+    def best_model_path(self) -> str:
+        path = self.__dict__.get("_best_model_path", "")
+        hook = self.__dict__.get("_catalog")
+        if not path and hook is not None and self.monitor and not self.__dict__.get("_best_asked"):
+            self.__dict__["_best_asked"] = True
+            path = self.__dict__["_best_model_path"] = hook.lookup("best", self._io.storage if self._io else None,
+                                                                   self.monitor) or ""  # fmt: skip
+        return path
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        self.__dict__["_best_model_path"] = value
+
+    @property
+    def catalog_stats(self) -> dict[str, Any] | None:
+        """The catalog's counters (registered, caught_up, failures, refused, fallbacks, skipped, pending ...)."""
+        return self._catalog.describe() if self._catalog is not None else None
+
     @override
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
@@ -461,6 +521,21 @@ class DistCheckpoint(ModelCheckpoint):
             return False
         parent, _, name = path.rstrip("/").rpartition("/")
         return parent == str(self.dirpath).rstrip("/") and ondisk.is_safe_name(name)
+
+
+#: Lightning's warning when ``ckpt_path="last"`` finds nothing; its hint (``save_last=True``) does not apply here
+_LIGHTNING_NO_LAST = r'\.\w+\(ckpt_path="last"\) is set, but there is no last checkpoint available'
+
+
+def _no_last_checkpoint(roots: list[str]) -> None:
+    """Say why ``ckpt_path="last"`` starts from scratch, instead of Lightning's hint to set ``save_last=True``
+    (this callback finds the newest committed checkpoint itself; ``save_last`` changes nothing)."""
+    import warnings
+
+    where = roots[0] + (f" or its replicas ({', '.join(roots[1:])})" if len(roots) > 1 else "")
+    rank_zero_info(f'DistCheckpoint: ckpt_path="last" found no committed checkpoint under {where}; training starts '
+                   "from scratch (expected on a first run).")  # fmt: skip
+    warnings.filterwarnings("ignore", message=_LIGHTNING_NO_LAST)
 
 
 def _name(url: str) -> str:

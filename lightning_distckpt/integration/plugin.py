@@ -112,7 +112,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         connect_timeout_s: How long reaching a store may take: ``DistCheckpoint`` checks the checkpoint root
             and every replica root at setup, before the first training step, and ModelCheckpoint's own calls on
             the root are bounded by it; an unreachable root fails with
-            `lightning_distckpt.StorageUnreachableError` naming the URL (``HdfsOptions.connect_timeout_s``
+            `StorageUnreachableError` naming the URL (``HdfsOptions.connect_timeout_s``
             overrides it for HDFS URLs).
     """
 

@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, UnsafeCheckpointError
 from lightning_distckpt.ondisk.metadata import dtype_name, parse_dtype
@@ -53,6 +52,8 @@ def split(checkpoint: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
     Tensors may be plain, ``DTensor`` or ``ShardedTensor``; they are not copied.
     """
+    import torch  # lazily: reading the skeleton (tensor_refs, the distckpt command) needs no torch
+
     tensors: dict[str, Any] = {}
 
     def key_for(path: tuple[Any, ...]) -> str:
@@ -101,6 +102,7 @@ def join(skeleton: Any, tensor: Callable[[str], Any], safe_globals: Iterable[str
         return {k: dec(v, f"{path}/{k}") for k, v in obj.items()}
 
     def tagged(tag: str, val: Any, path: str) -> Any:
+        import torch
         if tag == "__tensor__":
             if not isinstance(val, str):
                 raise TypeError(f"a tensor reference must be a string, found {type(val).__name__}")
@@ -169,6 +171,7 @@ def tensor_refs(skeleton: Any) -> list[str]:
 
 # ---- encoding -----------------------------------------------------------------------------------
 def _encode(obj: Any, child: Callable[[Any, Any], Any]) -> Any:
+    import torch
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int) and type(obj) in (int, bool):

@@ -62,11 +62,8 @@ def export_size(url: str, storage_options: StorageLike = None, weights_only: boo
     from lightning_distckpt.transforms import PART
 
     ckpt = open_checkpoint(source_of(url, storage_options), check_sizes=False)
-    total = 0
-    for index, loc in ckpt.metadata.storage_data.items():
-        if not weights_only or index.fqn.split(PART)[0].startswith(state.MODEL):
-            total += loc.stored
-    return total
+    return sum(c.location.stored for fqn, c in ckpt.metadata.chunks()
+               if not weights_only or fqn.split(PART)[0].startswith(state.MODEL))  # fmt: skip
 
 
 def load_checkpoint(url: str, storage_options: StorageLike = None,

@@ -22,6 +22,7 @@ the verdicts across ranks itself).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import threading
 import time
@@ -77,12 +78,30 @@ def within(fn: Callable[[], T], timeout_s: float, what: str, progress: _Progress
             done.set()
 
     start = time.monotonic()
-    threading.Thread(target=run, name="distckpt-bounded-call", daemon=True).start()
+    thread = threading.Thread(target=run, name="distckpt-bounded-call", daemon=True)
+    thread.start()
     if not done.wait(timeout_s):
+        _abandoned.append(thread)
         raise StorageUnreachableError(_unreachable(what, timeout_s, time.monotonic() - start, progress))
+    # let the thread finish its clean-up (native clients free their objects there): a daemon thread still in a
+    # native library when the interpreter exits can abort the process ("FATAL: exception not rethrown")
+    thread.join(1.0)
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+_abandoned: list[threading.Thread] = []  # calls given up on; their threads may still be inside a client
+
+
+@atexit.register
+def _let_abandoned_calls_end(limit_s: float = 1.0) -> None:
+    """At exit, give calls given up on a second to return (a fast-failing attempt cut off mid-way): a thread
+    that comes back from a native client while the interpreter finalizes aborts the process ("FATAL: exception
+    not rethrown"). A call still hanging after that is left to the OS."""
+    end = time.monotonic() + limit_s
+    for t in _abandoned:
+        t.join(max(0.0, end - time.monotonic()))
 
 
 def _unreachable(what: str, timeout_s: float, elapsed: float, p: _Progress | None) -> str:
@@ -106,7 +125,10 @@ def probe(url: str, config: StorageLike = None, *, timeout_s: float | None = Non
     config = as_config(config)
     timeout = timeout_s if timeout_s is not None else config.connect_timeout(url)
     start = time.monotonic()
-    deadline = start + timeout
+    # the retry loop ends a little before the hard deadline, so that normally its thread has finished when the
+    # error is raised (a thread abandoned inside a native client can abort the interpreter at exit); only an
+    # attempt that hangs is cut off by `within`
+    deadline = start + timeout - min(0.5, 0.1 * timeout)
     progress = _Progress()
 
     def attempts() -> bool:
@@ -118,9 +140,11 @@ def probe(url: str, config: StorageLike = None, *, timeout_s: float | None = Non
         store = copy.copy(store)  # one attempt per call: this loop does the retrying, within the deadline
         store.retry = RetryPolicy()
         delay = _BACKOFF_S
+        longest = 0.0  # the longest attempt so far: no attempt starts that would likely end after the deadline
         while True:
             progress.attempts += 1
             progress.current = f"listing {url}"
+            began = time.monotonic()
             try:
                 return _look(store, path, url, directory)
             except FileNotFoundError:
@@ -133,7 +157,8 @@ def probe(url: str, config: StorageLike = None, *, timeout_s: float | None = Non
                 if not is_transient(e):
                     raise StorageError(f"{url}: {type(e).__name__}: {e}") from e
                 progress.last_error = e
-            left = deadline - time.monotonic()
+            longest = max(longest, time.monotonic() - began)
+            left = deadline - time.monotonic() - longest
             if left <= 0.01:
                 raise StorageUnreachableError(_unreachable(url, timeout, time.monotonic() - start, progress))
             time.sleep(min(delay, left - 0.01))

@@ -152,6 +152,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=8)
     p.add_argument("--save-every", type=int, default=4)
     p.add_argument("--keep-last", type=int, default=None)
+    p.add_argument("--save-last", action="store_true", help="DistCheckpoint(save_last=True): overwrite 'last' too")
     p.add_argument("--resume", default=None, help='"last", a checkpoint URL, or nothing')
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--digest-dir", default=None)
@@ -159,7 +160,6 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
     p.add_argument("--replicas", nargs="*", default=None)
-    p.add_argument("--save-last", action="store_true", help="also save 'last' every time (the same name overwritten)")
     p.add_argument("--compression", default=None)
     p.add_argument("--timing-only", action="store_true", help="no state digests (they take seconds at 1 GiB)")
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
@@ -181,7 +181,7 @@ def main() -> None:
         plugins=[DistCheckpointIO(async_save=args.async_save, compression=args.compression,
                                   hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication))],
         callbacks=[DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
-                                  replicas=args.replicas, save_last=args.save_last or None),
+                                  replicas=args.replicas, save_last=True if args.save_last else None),
                    probe],
         logger=False,
         enable_progress_bar=False,
