@@ -160,7 +160,6 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
     p.add_argument("--replicas", nargs="*", default=None)
-    p.add_argument("--save-last", action="store_true", help="also save 'last' every time (the same name overwritten)")
     p.add_argument("--compression", default=None)
     p.add_argument("--timing-only", action="store_true", help="no state digests (they take seconds at 1 GiB)")
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
