@@ -9,10 +9,19 @@ Two ways in:
   ``remove_checkpoint``) act in the calling process alone, like any CheckpointIO. Lightning uses them for
   internal files (``ddp_spawn`` results); users can use them to read a checkpoint into a plain dict.
 
-With ``async_save=True`` a routed save blocks only while the tensors are copied into host buffers
-(reused across saves); writing, committing and the after-commit tasks run in one background thread
-with its own gloo process group. At most one save is in flight: the next save, a load, ``wait()`` and
-``teardown()`` wait for it, and an error in the background is raised there.
+With ``async_save=True`` a routed save returns once the tensors that the next forward/backward may change
+(buffers, callback state) are copied into host buffers (reused across saves). Parameters and optimizer
+state, which only an optimizer step changes, are copied by the background thread while the next step's
+forward and backward run (a pipelined snapshot, as in CheckFreq); every optimizer of the strategy gets a
+step pre-hook, on every rank, that waits for that copy if it is not done yet. Writing, committing and the
+after-commit tasks follow in the same background thread, with its own gloo process group. At most one save
+is in flight: the next save, a load, ``wait()`` and ``teardown()`` wait for it, and an error in the
+background is raised there. ``pipelined_snapshot=False`` copies everything inside the save call instead.
+
+Guarantee of the pipelined snapshot: the checkpoint holds the state as of the save provided parameters and
+optimizer state change only through ``optimizer.step()`` of the strategy's optimizers until the copy is
+done. Code that writes them in place otherwise (a callback that edits weights right after a save) must
+call :meth:`DistCheckpointIO.wait_snapshot` first.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +55,7 @@ from lightning_distckpt.engine.loading import (
     saved_tensors,
 )
 from lightning_distckpt.engine.saving import SaveResult, WriteOptions, write_checkpoint
-from lightning_distckpt.engine.snapshot import Snapshotter
+from lightning_distckpt.engine.snapshot import PendingSnapshot, Snapshotter
 from lightning_distckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -82,6 +92,8 @@ class IOStats:
     load_bytes_broadcast: int = 0
     loaded_from: str = ""
     load_s: dict[str, float] = field(default_factory=dict)  # the last load's phases
+    snapshot_copy_s: float = 0.0  # the last pipelined snapshot's background copy
+    step_wait_s: float = 0.0  # time optimizer steps waited for the last pipelined snapshot
 
 
 class DistCheckpointIO(CheckpointIO, RoutedIO):
@@ -89,6 +101,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
 
     Args:
         async_save: Return from a save once the state is copied to host memory; write in the background.
+        pipelined_snapshot: With ``async_save``, copy parameters and optimizer state in the background
+            while the next forward/backward run; the next optimizer step waits for the copy if needed.
         storage_options: Options for the fsspec filesystem of remote URLs (strings for HDFS client settings).
         durable: fsync data files and directories on local filesystems before a checkpoint commits.
         hdfs: Replication, block size, user, Hadoop conf dir and retries for ``hdfs://``, ``viewfs://`` and
@@ -107,6 +121,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
     def __init__(
         self,
         async_save: bool = False,
+        pipelined_snapshot: bool = True,
         storage_options: dict[str, Any] | None = None,
         durable: bool = True,
         hdfs: HdfsOptions | None = None,
@@ -122,6 +137,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         if write_threads < 1 or read_threads < 1 or chunk_mb < 1:
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
         self.async_save = async_save
+        self.pipelined_snapshot = pipelined_snapshot
         self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs)
         self.compression = resolve(compression)
         self.balanced_reads = balanced_reads
@@ -134,6 +150,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self._executor: ThreadPoolExecutor | None = None
         self._future: Future[None] | None = None
         self._snapshots = Snapshotter()
+        self._snapshot: PendingSnapshot | None = None
+        self._hooked: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._plan_cache = PlanCache()
         self._after_commit: list[Callable[[SaveResult | None], None]] = []
         self._in_flight = False
@@ -182,6 +200,9 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         try:
             self.wait()
         finally:
+            for handle in list(self._hooked.values()):
+                handle.remove()
+            self._hooked = weakref.WeakKeyDictionary()
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
@@ -204,8 +225,15 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
         params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
         if self.async_save:
-            snapshot = self._snapshots.take(tensors, self._plan_cache.owned() if comm.active else None,
-                                            self.write_options.chunk_bytes)
+            def now(key: str) -> bool:  # what the next forward/backward may change: copied before returning
+                return not (self.pipelined_snapshot and (key in params or key.startswith(state.OPTIM)))
+
+            if self.pipelined_snapshot:
+                self._hook_optimizers(strategy)
+            snapshot = self._snapshots.start(tensors, self._plan_cache.owned() if comm.active else None,
+                                             self.write_options.chunk_bytes, now=now)
+            self._snapshot = snapshot
+            self.stats.step_wait_s = 0.0
             with self._lock:
                 self._in_flight = True  # tasks registered from now on wait for this save
             self._future = self._pool().submit(self._write, url, skeleton, snapshot, manifest, comm, params, True)
@@ -330,6 +358,28 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                 return
         self._run_task(task, self.stats.last_save)
 
+    def wait_snapshot(self) -> None:
+        """Block until the save in flight has copied everything it saves (its snapshot is complete); after
+        this, training may change any tensor. The optimizer steps of the strategy's optimizers do this by
+        themselves. Returns at once when no save is in flight."""
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.wait()
+
+    def _hook_optimizers(self, strategy: Strategy) -> None:
+        """Make every optimizer of ``strategy`` wait for the pipelined snapshot before it steps (once each)."""
+        for opt in strategy.optimizers:
+            if opt not in self._hooked and hasattr(opt, "register_step_pre_hook"):
+                self._hooked[opt] = opt.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.done:
+            return
+        start = time.perf_counter()
+        snapshot.wait()
+        self.stats.step_wait_s += time.perf_counter() - start
+
     def wait(self) -> None:
         """Block until the save in flight has committed; raise :class:`CheckpointSaveError` if it failed."""
         future, self._future = self._future, None
@@ -339,11 +389,15 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             finally:
                 self._failed = False
 
-    def _write(self, url: str, skeleton: Any, tensors: dict[str, Any], manifest: ondisk.Manifest, comm: Comm,
-               params: set[str] | None = None, background: bool = False) -> None:
+    def _write(self, url: str, skeleton: Any, tensors: dict[str, Any] | PendingSnapshot, manifest: ondisk.Manifest,
+               comm: Comm, params: set[str] | None = None, background: bool = False) -> None:
         with self._lock:
             self._in_flight = True
         try:
+            if isinstance(tensors, PendingSnapshot):  # the pipelined part of an async snapshot
+                tensors_ = tensors.run()
+                self.stats.snapshot_copy_s = tensors.copy_s
+                tensors = tensors_
             exact = self.compression.exact_every and (self.stats.saves + 1) % self.compression.exact_every == 0
             compression = self.compression.exact() if exact else self.compression
             result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, self.storage,
@@ -404,12 +458,13 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         # process groups, threads and buffers belong to one process (ddp_spawn pickles the trainer)
         s = self.__dict__.copy()
         s.update(_pg=None, _bulk_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _plan_cache=PlanCache(), _after_commit=[],
-                 _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]])
+                 _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]], _snapshot=None, _hooked=None)
         return s
 
     def __setstate__(self, s: dict[str, Any]) -> None:
         self.__dict__.update(s)
         self._lock = threading.Lock()
+        self._hooked = weakref.WeakKeyDictionary()
 
 
 def _fitting(module: Any) -> bool:
