@@ -87,6 +87,7 @@ def environment() -> dict[str, Any]:
         "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "loadavg_1_5_15": list(os.getloadavg()),  # others' work on this machine when the result was written
     }  # fmt: skip
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "CompressionConfig",
     "HdfsOptions",
     "KnowledgeDistillation",
+    "NodeLocalRootError",
     "NotACheckpointError",
     "StateMismatchError",
     "StorageError",

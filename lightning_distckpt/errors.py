@@ -41,3 +41,7 @@ class CheckpointSaveError(DistCheckpointError):
 
 class StorageError(DistCheckpointError, OSError):
     """The storage backend failed after its retries (unreachable, permission denied, disk full)."""
+
+
+class NodeLocalRootError(DistCheckpointError):
+    """The checkpoint root is not the same directory on every node of the job (see ``node_local``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
-from lightning_distckpt.engine.balanced_read import Broadcaster, deal, is_balanceable, rounds
+from lightning_distckpt.engine.balanced_read import Broadcaster, SharedSegments, deal, is_balanceable, node_id, rounds
 from lightning_distckpt.engine.reader import CheckpointReader, ReadStats
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, StateMismatchError
 from lightning_distckpt.ondisk import skeleton as state
@@ -166,11 +167,13 @@ def read_tensors(
     threads: int = 2,
     comm: Comm,
     balanced: bool = True,
+    shared_memory: bool = True,
 ) -> ReadStats:
     """Fill ``targets`` (plain, DTensor or ShardedTensor; any placement) from the checkpoint's blocks.
 
     With ``balanced`` (and several ranks), plain CPU tensors that every rank loads are read once, split
-    over the ranks, and broadcast (:mod:`~lightning_distckpt.balanced_read`).
+    over the ranks, and broadcast (:mod:`~lightning_distckpt.balanced_read`); with ``shared_memory``,
+    read once per host and shared through shared memory instead of broadcasts.
     """
     start = time.perf_counter()
     reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads, codecs=block_codec)
@@ -179,8 +182,25 @@ def read_tensors(
         _load_round(reader, encodings, targets, comm)
         reader.stats.read_s = time.perf_counter() - start
         return reader.stats
-    owned = deal(targets, comm, row_layout(ckpt.metadata), chunk_places(ckpt.metadata))
+    layout, places = row_layout(ckpt.metadata), chunk_places(ckpt.metadata)
     others = {k: v for k, v in targets.items() if not is_balanceable(v)}  # read by every rank that has them
+    if shared_memory:
+        hosts = comm.all_gather(node_id())
+        local = [r for r, h in enumerate(hosts) if h == hosts[comm.rank]]
+        owned = [[] for _ in range(comm.world_size)]
+        for host in dict.fromkeys(hosts):  # deal over the ranks of each host
+            ranks = [r for r, h in enumerate(hosts) if h == host]
+            for r, chunks in enumerate(deal(targets, comm, layout, places, ranks=ranks)):
+                owned[r] += chunks
+        segments = SharedSegments(comm, owned, local)
+        if segments.ok:
+            try:
+                _read_shared(reader, encodings, targets, others, owned, local, segments, comm)
+            finally:
+                segments.close()
+            reader.stats.read_s = time.perf_counter() - start - reader.stats.broadcast_s
+            return reader.stats
+    owned = deal(targets, comm, layout, places)
     sender = Broadcaster(targets, comm)
     most = max(sum(c.nbytes for c in chunks) for chunks in owned)
     for i, round_owned in enumerate(rounds(owned, max(1, min(ROUNDS, most // ROUND_MIN_BYTES)))):
@@ -196,6 +216,39 @@ def read_tensors(
     reader.stats.bytes_broadcast = sender.wait()
     reader.stats.broadcast_s = time.perf_counter() - start - reader.stats.read_s
     return reader.stats
+
+
+def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: dict[str, Any], others: dict[str, Any],
+                 owned: list[list[Any]], local: list[int], segments: SharedSegments, comm: Comm) -> None:
+    """Balanced reads through shared memory: each round, every rank reads its chunks into its segment; after a
+    barrier, a helper thread copies the round's chunks of every rank of this host into the targets while the
+    next round is read."""
+    most = max(sum(c.nbytes for c in chunks) for chunks in owned)
+    received = 0
+
+    def copy(chunks: list[Any]) -> None:
+        for c in chunks:
+            t = targets[c.key]
+            (t if t.dim() == 0 else t.narrow(0, c.start, c.rows)).copy_(segments.view(c, t))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="distckpt-shm-copy") as copier:
+        pending = []
+        for i, round_owned in enumerate(rounds(owned, max(1, min(ROUNDS, most // ROUND_MIN_BYTES)))):
+            part = dict(others) if i == 0 else {}
+            for c in round_owned[comm.rank]:
+                t = targets[c.key]
+                offsets = torch.Size([c.start] + [0] * (t.dim() - 1)) if t.dim() else torch.Size([])
+                part.setdefault(c.key, []).append(Piece(segments.view(c, t), offsets, t.shape))
+            _load_round(reader, encodings, part, comm)
+            comm.barrier()  # every rank's chunks of this round are in its segment
+            pending.append(copier.submit(copy, [c for r in local for c in round_owned[r]]))
+            received += sum(c.nbytes for r in local if r != comm.rank for c in round_owned[r])
+        wait_start = time.perf_counter()
+        for f in pending:
+            f.result()
+        reader.stats.broadcast_s = time.perf_counter() - wait_start
+    reader.stats.bytes_broadcast = received
+    reader.stats.shared_memory = True
 
 
 ROUNDS = 4  # balanced reads: broadcast one round while reading the next

@@ -45,6 +45,7 @@ class ReadStats:
     bytes_by_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fallbacks: dict[str, str] = field(default_factory=dict)
     bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads)
+    shared_memory: bool = False  # balanced reads shared the bytes through shared memory (not broadcasts)
     read_s: float = 0.0
     broadcast_s: float = 0.0
     file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)

@@ -126,6 +126,8 @@ class DistCheckpoint(ModelCheckpoint):
         self._io = io
         super().setup(trainer, pl_module, stage)
         io.resolver = self._candidates
+        if stage == "fit" and self.dirpath is not None:
+            io.check_root(str(self.dirpath))  # collective: every node must see the same root (or node_local)
         if trainer.is_global_zero and stage == "fit":
             for root in self.roots:
                 try:

@@ -55,6 +55,7 @@ from lightning_distckpt.engine.loading import (
     saved_tensors,
 )
 from lightning_distckpt.engine.saving import SaveResult, WriteOptions, write_checkpoint
+from lightning_distckpt.engine.shared_root import check_shared_root
 from lightning_distckpt.engine.snapshot import PendingSnapshot, Snapshotter
 from lightning_distckpt.errors import (
     CheckpointNotFoundError,
@@ -89,7 +90,8 @@ class IOStats:
     saves: int = 0
     load_bytes_read: dict[str, int] = field(default_factory=dict)
     load_fallbacks: dict[str, str] = field(default_factory=dict)
-    load_bytes_broadcast: int = 0
+    load_bytes_broadcast: int = 0  # received from other ranks (by broadcast or through shared memory)
+    load_shared_memory: bool = False  # the last load's balanced reads went through shared memory
     loaded_from: str = ""
     load_s: dict[str, float] = field(default_factory=dict)  # the last load's phases
     snapshot_copy_s: float = 0.0  # the last pipelined snapshot's background copy
@@ -116,6 +118,12 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
         safe_globals: Extra ``module.Name`` types that non-tensor state may contain (e.g. custom
             hyper-parameter classes); everything else that JSON cannot hold is refused on load.
+        node_local: The checkpoint root is a per-node directory on purpose. By default a job on several
+            nodes checks (at ``DistCheckpoint`` setup, else at the first save under a root) that every node
+            sees the same root and refuses a node-local one with :class:`NodeLocalRootError`
+            (:mod:`~lightning_distckpt.engine.shared_root`). With ``node_local=True`` nothing is checked, and
+            a checkpoint is complete only where every rank's files end up in one directory (e.g. after the
+            user gathers them).
     """
 
     def __init__(
@@ -131,6 +139,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         read_threads: int = 2,
         chunk_mb: int = 32,
         safe_globals: list[str] | None = None,
+        node_local: bool = False,
     ) -> None:
         super().__init__()
         install_hook()  # from now on, assigning a DistCheckpointIO to a strategy routes it (see routing.py)
@@ -138,6 +147,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
         self.async_save = async_save
         self.pipelined_snapshot = pipelined_snapshot
+        self.node_local = node_local
+        self._checked_roots: set[str] = set()
         self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs)
         self.compression = resolve(compression)
         self.balanced_reads = balanced_reads
@@ -221,6 +232,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         comm = self._comm()
         self.wait()
         url = comm.broadcast(path)
+        self.check_root(_parent(url), comm)
         skeleton, tensors = state.split(checkpoint)
         manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
         params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
@@ -358,6 +370,15 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                 return
         self._run_task(task, self.stats.last_save)
 
+    def check_root(self, root: str, comm: Comm | None = None) -> None:
+        """Collective (every rank, same order): refuse a root that the job's nodes do not share, unless
+        ``node_local``. Checked once per root and plugin; a job on one node checks nothing."""
+        if self.node_local or root in self._checked_roots:
+            return
+        comm = comm or self._comm()
+        check_shared_root(root, comm, self.storage)
+        self._checked_roots.add(root)
+
     def wait_snapshot(self) -> None:
         """Block until the save in flight has copied everything it saves (its snapshot is complete); after
         this, training may change any tensor. The optimizer steps of the strategy's optimizers do this by
@@ -443,6 +464,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
         self.stats.load_bytes_broadcast = stats.bytes_broadcast
+        self.stats.load_shared_memory = stats.shared_memory
         self.stats.load_s.update(read=stats.read_s, broadcast=stats.broadcast_s,
                                  slowest_file=max(stats.file_s.values(), default=0.0))
 
@@ -458,13 +480,20 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         # process groups, threads and buffers belong to one process (ddp_spawn pickles the trainer)
         s = self.__dict__.copy()
         s.update(_pg=None, _bulk_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _plan_cache=PlanCache(), _after_commit=[],
-                 _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]], _snapshot=None, _hooked=None)
+                 _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]], _snapshot=None, _hooked=None,
+                 _checked_roots=set())
         return s
 
     def __setstate__(self, s: dict[str, Any]) -> None:
         self.__dict__.update(s)
         self._lock = threading.Lock()
         self._hooked = weakref.WeakKeyDictionary()
+
+
+def _parent(url: str) -> str:
+    """The directory a checkpoint URL is in (its root), as a string."""
+    u = url.rstrip("/")
+    return (u.rsplit("/", 1)[0] or "/") if "/" in u else "."
 
 
 def _fitting(module: Any) -> bool:

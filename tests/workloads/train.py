@@ -178,7 +178,9 @@ def main() -> None:
     if args.stats and trainer.is_global_zero:
         cb = trainer.checkpoint_callback
         write_json(args.stats, {"loaded_from": io.stats.loaded_from, "fallbacks": io.stats.load_fallbacks,
-                                "bytes_by_source": io.stats.load_bytes_read, "replication": cb.replication})
+                                "bytes_by_source": io.stats.load_bytes_read, "replication": cb.replication,
+                                "shared_memory": io.stats.load_shared_memory,
+                                "bytes_received": io.stats.load_bytes_broadcast})
     if args.final_digest:
         digest = full_state_digest(trainer)
         if probe.loaded_loops is not None:
