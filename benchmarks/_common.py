@@ -50,6 +50,12 @@ def settle() -> None:
     barrier()
 
 
+def settle_and_drop() -> bool:
+    """Before a timed step: flush dirty pages (so no writeback from an earlier step runs during it) and drop the
+    page cache where allowed (root; returns whether it was dropped)."""
+    return drop_caches()
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Wall time of ``fn`` on all ranks together (barrier before and after)."""
     barrier()
@@ -72,6 +78,21 @@ def dd_write(path: str, nbytes: int, fsync: bool) -> float:
         args.append("conv=fsync")
     t0 = time.perf_counter()
     subprocess.run(args, check=True)
+    return time.perf_counter() - t0
+
+
+def dd_write_streams(paths: list[str], nbytes_each: int, fsync: bool) -> float:
+    """Seconds for one ``dd`` per path, all running at once (the same number of concurrent streams as the
+    plugin's write threads), each writing ``nbytes_each`` of zeros (conv=fsync when ``fsync``)."""
+    bs = 64 << 20
+    count = max(1, nbytes_each // bs)
+    cmds = [["dd", "if=/dev/zero", f"of={p}", f"bs={bs}", f"count={count}", "status=none", *(["conv=fsync"] if fsync else [])]
+            for p in paths]  # fmt: skip
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(c) for c in cmds]
+    for p in procs:
+        if p.wait() != 0:
+            raise subprocess.CalledProcessError(p.returncode, p.args)
     return time.perf_counter() - t0
 
 

@@ -28,7 +28,7 @@ def test_ddp_resume_shares_bytes_through_shared_memory_and_leaves_nothing(tmp_pa
     shm.mkdir()
     monkeypatch.setenv("DISTCKPT_SHM_DIR", str(shm))
     ck = tmp_path / "ck"
-    train("ddp", 2, ck, "--max-steps", 4, "--save-every", 2, "--digest-dir", tmp_path, "--width", 128)
+    train("ddp", 2, ck, "--max-steps", 4, "--save-every", 2, "--keep-last", 2, "--digest-dir", tmp_path, "--width", 128)
     train("ddp", 2, ck, "--max-steps", 4, "--resume", "last", "--final-digest", tmp_path / "restored.json",
           "--stats", tmp_path / "stats.json", "--width", 128)
     assert_same_state(load_json(tmp_path / "saved-4.json"), load_json(tmp_path / "restored.json"))

@@ -214,39 +214,45 @@ class Dynamic8(Codec):
             x = torch.nn.functional.pad(x, (0, pad))
         return x.reshape(r, nb, block), pad
 
+    @staticmethod
+    def _parts(a: np.ndarray, nf: int, block: int) -> list[tuple[np.ndarray, slice]]:
+        """Rows of ``a`` (k, n) as blocks: the ``nf`` whole blocks as a (k, nf, block) view and, if the row does
+        not end on a block boundary, the shorter last block as a (k, 1, rest) view; with their block columns."""
+        k, n = a.shape
+        out = []
+        if nf:
+            out.append((a[:, : nf * block].reshape(k, nf, block), slice(0, nf)))
+        if nf * block < n:
+            out.append((a[:, nf * block :].reshape(k, 1, n - nf * block), slice(nf, nf + 1)))
+        return out
+
     def encode(self, t, block):
         if not _fast(t) or t.numel() == 0:
             return self.encode_torch(t, block)
         x = _as_rows_np(t)
         r, n = x.shape
-        nb = math.ceil(n / block)
-        if nb * block != n:  # blocks never cross rows: pad every row to whole blocks
-            x = np.pad(x, ((0, 0), (0, nb * block - n)))
-        b = x.reshape(r * nb, block)
-        q = np.empty((r * nb, block), np.uint8)
-        absmax = np.empty(r * nb, np.float32)
+        nb, nf = math.ceil(n / block), n // block
+        q = np.empty((r, n), np.uint8)
+        absmax = np.empty((r, nb), np.float32)
         table = code_table(self.signed, self.sqrt)
         one = np.float32(1.0)
 
         def work(lo: int, hi: int) -> None:
-            bs = b[lo:hi]
-            if self.sqrt:  # codes of sqrt(x) / max sqrt(x) == sqrt(x / max x): the table takes the square root
-                m = np.maximum(bs.max(axis=1), np.float32(0.0))
-                absmax[lo:hi] = np.sqrt(m)
-            else:
-                m = np.abs(bs).max(axis=1)
-                absmax[lo:hi] = m
-            y = bs / np.where(m > 0, m, one)[:, None]
-            if not self.signed:
-                y *= _LIFT
-            np.take(table, _upper16(y), out=q[lo:hi], mode="clip")
+            for (bs, cols), (qv, _) in zip(self._parts(x[lo:hi], nf, block), self._parts(q[lo:hi], nf, block)):
+                if self.sqrt:  # codes of sqrt(x) / max sqrt(x) == sqrt(x / max x): the table takes the square root
+                    m = np.maximum(bs.max(axis=2), np.float32(0.0))
+                    absmax[lo:hi, cols] = np.sqrt(m)
+                else:
+                    m = np.abs(bs).max(axis=2)
+                    absmax[lo:hi, cols] = m
+                y = bs / np.where(m > 0, m, one)[..., None]
+                if not self.signed:
+                    y *= _LIFT
+                qv[...] = np.take(table, _upper16(y), mode="clip")
 
         with np.errstate(invalid="ignore"):
-            map_chunks(work, r * nb, CHUNK_ELEMENTS // block)
-        qt = torch.from_numpy(q).reshape(r, nb * block)
-        if nb * block != n:
-            qt = qt[:, :n].contiguous()
-        return {"q": qt.reshape(t.shape), "absmax": torch.from_numpy(absmax).reshape(r, nb)}
+            map_chunks(work, r, CHUNK_ELEMENTS // max(1, n))
+        return {"q": torch.from_numpy(q).reshape(t.shape), "absmax": torch.from_numpy(absmax)}
 
     def encode_torch(self, t, block):
         x = rows(t)
@@ -266,26 +272,21 @@ class Dynamic8(Codec):
         r = shape[0]
         q = qt.reshape(r, -1).contiguous().numpy()
         n = q.shape[1]
-        nb = math.ceil(n / block)
-        if nb * block != n:
-            q = np.pad(q, ((0, 0), (0, nb * block - n)))
-        q = q.reshape(r * nb, block)
-        a = at.to(torch.float32).reshape(-1).contiguous().numpy()
-        out = np.empty((r * nb, block), np.float32)
+        nb, nf = math.ceil(n / block), n // block
+        a = at.to(torch.float32).reshape(r, nb).contiguous().numpy()
+        out = np.empty((r, n), np.float32)
         table = dynamic_map(self.signed).numpy()
 
         def work(lo: int, hi: int) -> None:
-            o = out[lo:hi]
-            np.take(table, q[lo:hi], out=o, mode="clip")
-            o *= a[lo:hi, None]
-            if self.sqrt:
-                o *= o
+            for (qs, cols), (o, _) in zip(self._parts(q[lo:hi], nf, block), self._parts(out[lo:hi], nf, block)):
+                v = np.take(table, qs, mode="clip")
+                v *= a[lo:hi, cols, None]
+                if self.sqrt:
+                    v *= v
+                o[...] = v
 
-        map_chunks(work, r * nb, CHUNK_ELEMENTS // block)
-        x = torch.from_numpy(out).reshape(r, nb * block)
-        if nb * block != n:
-            x = x[:, :n]
-        return x.reshape(shape).to(dtype)
+        map_chunks(work, r, CHUNK_ELEMENTS // max(1, n))
+        return torch.from_numpy(out).reshape(shape).to(dtype)
 
     def decode_torch(self, parts, shape, dtype, block):
         r = shape[0]
