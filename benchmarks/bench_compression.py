@@ -202,7 +202,7 @@ def throughput(repeats: int = 7) -> dict:
         t0 = time.perf_counter()
         encoded, encodings = encode(flat, cfg, params)
         enc_s.append(time.perf_counter() - t0)
-        targets = {k: torch.empty_like(v) for k, v in flat.items()}
+        targets = {k: torch.zeros_like(v) for k, v in flat.items()}  # touched, like live model state
         read, finish = decode_plan(encodings, targets)
         for key, dst in read.items():  # what the reader would fill: the stored parts
             if key in encoded:

@@ -60,9 +60,10 @@ def test_two_nodes_save_to_hdfs_with_a_replica_and_resume_on_other_layouts(healt
     agents(2, 2, "ddp", primary, "--max-steps", 4, "--save-every", 2, "--digest-dir", tmp_path, "--replicas", replica,
            *user)
     ckpts = list_checkpoints(primary, ROOT_CFG)
-    assert [c.name for c in ckpts][-1] == "epoch=0-step=4" and all(c.committed for c in ckpts)
+    newest = ckpts[-1].name
+    assert newest.endswith("step=4") and all(c.committed for c in ckpts)
     assert verify(ckpts[-1].url, ROOT_CFG).ok
-    assert verify(f"{replica}/epoch=0-step=4", ROOT_CFG).ok  # the replica is complete too
+    assert verify(f"{replica}/{newest}", ROOT_CFG).ok  # the replica is complete too
     saved = load_json(tmp_path / "saved-4.json")
 
     # one node, 3 processes, ModelParallel (FSDP2): resharded from the 4-rank DDP checkpoint
@@ -108,7 +109,7 @@ def test_a_node_local_root_is_refused_at_setup_unless_declared(tmp_path):
     assert all(r.returncode != 0 for r in results)
     text = results[0].stdout + results[1].stdout
     assert "NodeLocalRootError" in text and "is not shared between the nodes" in text and "node1" in text
-    assert list_checkpoints(str(root / "ckpts")) == []  # refused before anything was saved
+    assert not (root / "ckpts").exists() or list_checkpoints(str(root / "ckpts")) == []  # refused before any save
 
     # told that the root is node-local on purpose: no check (no save here; see DistCheckpointIO(node_local=True))
     agents(2, 1, "ddp", str(root / "ckpts2"), "--max-steps", 2, "--save-every", 1000, "--node-local",

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -220,12 +221,31 @@ def decode_plan(encodings: dict[str, Any], targets: dict[str, Any]) -> tuple[dic
     def finish() -> None:
         for p, bufs, e in jobs:
             c = _codec(e["codec"])
-            full = c.decode(bufs, torch.Size([p.local.shape[0], *e["size"][1:]]), p.local.dtype, e["block"])
+            shape = torch.Size([p.local.shape[0], *e["size"][1:]])
+            if getattr(c, "decodes_into", False) and p.local.shape == shape:  # decode straight into the target
+                full = c.decode(bufs, shape, p.local.dtype, e["block"], out=p.local)
+                if full.data_ptr() == p.local.data_ptr():
+                    continue
+            else:
+                full = c.decode(bufs, shape, p.local.dtype, e["block"])
             for d in range(1, full.dim()):
                 full = full.narrow(d, p.offsets[d], p.local.shape[d])
-            p.local.copy_(full)
+            _copy(p.local, full)
 
     return read, finish
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; between CPU tensors of one dtype as a numpy copy (no intra-op thread team to wake
+    for one memory copy, which costs seconds on an oversubscribed machine)."""
+    if (dst.device.type == src.device.type == "cpu" and dst.dtype == src.dtype and dst.dtype in _NUMPY
+            and not dst.requires_grad and dst.shape == src.shape):
+        np.copyto(dst.numpy(), src.numpy())
+    else:
+        dst.copy_(src)
+
+
+_NUMPY = (torch.float32, torch.float64, torch.float16, torch.int8, torch.uint8, torch.int32, torch.int64)
 
 
 def _codec(name: str) -> Any:

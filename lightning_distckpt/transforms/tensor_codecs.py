@@ -113,13 +113,28 @@ def _as_rows_np(t: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
+def _out(out: torch.Tensor | None, r: int, n: int) -> np.ndarray:
+    """Where a fast decode writes: ``out`` (a contiguous CPU float32 tensor of r x n elements, e.g. the tensor
+    being restored: no extra copy, no fresh pages) or a new array."""
+    if out is not None and out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous() \
+            and out.numel() == r * n and not out.requires_grad:
+        return out.detach().numpy().reshape(r, n)
+    return np.empty((r, n), np.float32)
+
+
 def _fast(*ts: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and not t.requires_grad for t in ts) and all(t.dim() >= 1 and t.shape[0] for t in ts)
 
 
 @dataclass(frozen=True)
 class Codec:
-    """A tensor codec. ``parts`` names the stored parts (suffixes); ``encode``/``decode`` are row-wise."""
+    """A tensor codec. ``parts`` names the stored parts (suffixes); ``encode``/``decode`` are row-wise.
+
+    A codec whose ``decode`` accepts ``out=`` (a float32 CPU tensor of the decoded shape to write into, which
+    it may ignore) sets ``decodes_into = True``; loading then passes the restored tensor itself.
+    """
+
+    decodes_into = False
 
     name: str
     version: int
@@ -137,6 +152,8 @@ class Codec:
 
 class Int8Rows(Codec):
     """Symmetric int8 per row: ``q = round(x / s)``, ``s = max|row| / 127`` (for weights)."""
+
+    decodes_into = True
 
     def part_shapes(self, shape, block):
         return {"q": (list(shape), torch.int8), "scale": ([shape[0]], torch.float32)}
@@ -170,14 +187,14 @@ class Int8Rows(Codec):
         q = torch.round(x / safe[:, None]).clamp_(-127, 127).to(torch.int8)
         return {"q": q.reshape(t.shape), "scale": scale}
 
-    def decode(self, parts, shape, dtype, block):
+    def decode(self, parts, shape, dtype, block, out=None):
         qt, st = parts["q"], parts["scale"]
         if not _fast(qt, st) or qt.numel() == 0:
             return self.decode_torch(parts, shape, dtype, block)
         q = qt.reshape(shape[0], -1).contiguous().numpy()
         s = st.to(torch.float32).contiguous().numpy()
         r, n = q.shape
-        out = np.empty((r, n), np.float32)
+        out = _out(out, r, n)
 
         def work(lo: int, hi: int) -> None:
             o = out[lo:hi]
@@ -196,6 +213,8 @@ class Dynamic8(Codec):
     """8-bit codes of a non-linear map, per block of ``block`` elements inside a row, scaled by the block's
     absolute maximum. ``sqrt=True`` stores sqrt(x) with the unsigned map (for Adam's ``exp_avg_sq``: never
     linear-quantized, and its square root halves the dynamic range)."""
+
+    decodes_into = True
 
     def __init__(self, name: str, version: int, signed: bool, sqrt: bool) -> None:
         super().__init__(name, version, ("q", "absmax"))
@@ -265,7 +284,7 @@ class Dynamic8(Codec):
         q = q.reshape(x.shape[0], -1)[:, : x.shape[1]] if pad else q.reshape(x.shape)
         return {"q": q.reshape(t.shape), "absmax": absmax}
 
-    def decode(self, parts, shape, dtype, block):
+    def decode(self, parts, shape, dtype, block, out=None):
         qt, at = parts["q"], parts["absmax"]
         if not _fast(qt, at) or qt.numel() == 0:
             return self.decode_torch(parts, shape, dtype, block)
@@ -274,7 +293,7 @@ class Dynamic8(Codec):
         n = q.shape[1]
         nb, nf = math.ceil(n / block), n // block
         a = at.to(torch.float32).reshape(r, nb).contiguous().numpy()
-        out = np.empty((r, n), np.float32)
+        out = _out(out, r, n)
         table = dynamic_map(self.signed).numpy()
 
         def work(lo: int, hi: int) -> None:
