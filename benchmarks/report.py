@@ -99,6 +99,8 @@ def _plot_save_load() -> str:
 
 HDFS_ROWS = [
     ("plugin_save", "DistCheckpointIO save"),
+    ("plugin_save_int8", "DistCheckpointIO save, compression=\"int8\""),
+    ("plugin_save_lossless", "DistCheckpointIO save, compression=\"lossless\""),
     ("raw_write", "raw hdfs-native write"),
     ("plugin_load", "DistCheckpointIO load (model + optimizer restored, verified)"),
     ("raw_read", "raw read_range_stream, bytes discarded (transfer only)"),
@@ -149,7 +151,11 @@ def hdfs() -> str:
             f"\nState: {r['state_bytes'] / 2**30:.2f} GiB. Plugin / raw throughput (target ≥ 0.8× both ways): save "
             f"**{r['ratios']['save: plugin / raw throughput']:.2f}×**; load "
             + "; ".join(f"vs {label} **{r['ratios'][key]:.2f}×**" for key, label in HDFS_LOAD_RATIOS if key in r["ratios"])
-            + f".{per_repeat(r, strategy)}{phase}\n",
+            + f".{per_repeat(r, strategy)}{phase}"
+            + (" Balanced reads went through shared memory." if r.get("load_through_shared_memory") else "")
+            + "".join(f" {k}: **{r['ratios'][k]:.2f}×**." for k in ("save: uncompressed / int8 (speed-up)",
+                                                                      "save: uncompressed / lossless (speed-up)") if k in r["ratios"])
+            + "\n",
         ]  # fmt: skip
     if not parts:
         return ""
@@ -293,9 +299,51 @@ def compression() -> str:
             ["magnitude pruning 30%, relative L2 error", f"{m['prune30_rel_l2']:.4f}"],
             ["magnitude pruning 50%, relative L2 error", f"{m['prune50_rel_l2']:.4f}"],
         ]),  # fmt: skip
+        throughput_table(r.get("throughput")),
         f"\nSave and load of MiniLM weights + AdamW moments ({m['state_bytes'] / 2**20:.0f} MiB), one process, "
         "2 write threads, no fsync:\n",
         table(["preset", "save", "load", "stored", "save throughput"], timing),
+    ])  # fmt: skip
+
+
+def throughput_table(t: dict[str, Any] | None) -> str:
+    if not t:
+        return "\n**Codec throughput**: not measured (`python benchmarks/bench_compression.py --throughput-only`).\n"
+    rows = [[name, f"{t[key]['encode_GBps']:.2f} GB/s ({fmt_s(t[key]['encode_s'])})",
+             f"{t[key]['decode_GBps']:.2f} GB/s ({fmt_s(t[key]['decode_s'])})", target]
+            for key, name, target in (("int8", "int8 preset (tensor codecs)", "≥ 1 GB/s"),
+                                      ("lossless", "lossless (block codec)", "≥ 0.8 GB/s"))]  # fmt: skip
+    return "\n".join([
+        f"\n**Codec throughput per process** (`python benchmarks/bench_compression.py --throughput-only`; MiniLM "
+        f"weights + AdamW moments, {t['state_bytes'] / 2**20:.0f} MiB; {t['codec_threads']} codec threads; median of "
+        f"{t['repeats']}, times in brackets). " + env_line({"env": t["env"]}, ranks=False) + "\n" if "env" in t else "",
+        table(["codec", "encode", "decode", "target"], rows),
+        f"\nLossless ratio on this state: {t['lossless']['ratio']:.3f}×.\n",
+    ])  # fmt: skip
+
+
+def planning() -> str:
+    r = load("planning")
+    if r is None:
+        return "## Planning at scale (simulated)\n\n" + not_measured("planning")
+    rows = []
+    for x in r["rows"]:
+        ok = x.get("status") == "ok"
+        f = (lambda k, fmt="{:.2f}": fmt.format(x[k]) if k in x else "–")
+        rows.append([x["kind"], x["ranks"], x.get("status", ""), f("global_plan_s"), f("load_plan_s_one_rank"),
+                     f("metadata_parse_s"), (f"{x['metadata_bytes'] / 1e6:.1f}" if "metadata_bytes" in x else "–"),
+                     (f"{x['peak_rss_bytes'] / 2**30:.2f}" if "peak_rss_bytes" in x else "–"),
+                     x.get("stage", "") if not ok else ""])  # fmt: skip
+    return "\n".join([
+        "## Planning at scale (simulated)\n",
+        "Command: `python benchmarks/bench_planning.py` (the real save planner, load planner and metadata code on "
+        f"synthetic local plans of a 70B-shaped transformer with AdamW state; one process per size, memory limit "
+        f"{r['max_gib']} GiB, {r['timeout_s']:.0f} s; see the script's docstring and docs/scaling.md).\n",
+        env_line(r, ranks=False) + "\n",
+        table(["sharding", "ranks", "status", "global plan s", "load plan s (one rank)", "metadata parse s",
+               "metadata MB", "peak GiB", "reached"], rows),
+        "\nTargets at 4,096 ranks: global plan ≤ 2 s, metadata ≤ 10 MB, linear growth. A size marked as failed or "
+        "timed out did not finish within the limits; its columns show how far it got.\n",
     ])  # fmt: skip
 
 
@@ -388,7 +436,7 @@ def not_measured(name: str) -> str:
 
 
 SECTIONS: list[Callable[[], str]] = [save_load, _plot_save_load, reads, async_, scaling, hdfs, recovery, compression,
-                                     distill, gpu]
+                                     planning, distill, gpu]
 
 
 def main() -> None:
