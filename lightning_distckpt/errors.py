@@ -43,5 +43,14 @@ class StorageError(DistCheckpointError, OSError):
     """The storage backend failed after its retries (unreachable, permission denied, disk full)."""
 
 
+class BackendUnavailableError(StorageError):
+    """No installed storage backend serves the URL's scheme (e.g. ``s3://`` without ``s3fs``); the message
+    names the URL and what to install."""
+
+
+class DestinationExistsError(DistCheckpointError, FileExistsError):
+    """The output of a copy or an export already exists, and the operation does not overwrite it."""
+
+
 class NodeLocalRootError(DistCheckpointError):
     """The checkpoint root is not the same directory on every node of the job (see ``node_local``)."""

@@ -9,7 +9,8 @@ from torch.distributed.checkpoint.planner import SavePlan
 
 from lightning_distckpt import ondisk as fmt
 from lightning_distckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
-from lightning_distckpt.parallel.planner import BalancedSavePlanner, Piece, balance, item_bytes
+from lightning_distckpt.parallel.pieces import Piece
+from lightning_distckpt.parallel.planner import BalancedSavePlanner, balance, item_bytes
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", "..", ".", "", "x\\y", "a\x00"])

@@ -1,8 +1,8 @@
 """What exists: committed checkpoints under a root, opening and verifying one, retention and clean-up,
 and replication to other roots.
 
-Depends on :mod:`~lightning_distckpt.storage`, :mod:`~lightning_distckpt.ondisk` and
-:mod:`~lightning_distckpt.transforms` (to know which codecs a checkpoint may name); never on Lightning.
+Depends on `storage`, `ondisk` and
+`transforms` (to know which codecs a checkpoint may name); never on Lightning.
 """
 
 from lightning_distckpt.catalog.cleanup import clean_stale, remove_checkpoint

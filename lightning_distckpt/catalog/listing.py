@@ -38,7 +38,7 @@ def list_checkpoints(root: str, options: StorageLike = None) -> list[Listed]:
     """Checkpoint directories directly under ``root``, oldest first (by commit time); empty if none.
 
     A committed checkpoint that a crashed overwrite left in a trash directory is listed under its own
-    name (with the trash directory's URL) until :func:`clean_stale` moves it back: nothing committed is
+    name (with the trash directory's URL) until `clean_stale()` moves it back: nothing committed is
     ever invisible.
     """
     store, path = open_store(root, options)

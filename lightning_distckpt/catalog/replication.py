@@ -1,6 +1,6 @@
 """Copies committed checkpoints to replica targets, in the background, every rank doing its share.
 
-After a checkpoint commits on the primary, :meth:`Replicator.submit` queues it on every rank. A background
+After a checkpoint commits on the primary, `Replicator.submit()` queues it on every rank. A background
 thread per rank then copies, for each replica target, the data files assigned to that rank (round-robin
 over the manifest's files), checking every block against the primary's metadata as it goes. The ranks
 agree over their own gloo process group (separate from the save's), and rank 0 copies the documents,
@@ -22,7 +22,7 @@ from typing import Any
 from lightning_distckpt import ondisk
 from lightning_distckpt.catalog.documents import open_checkpoint, read_manifest, source_of
 from lightning_distckpt.catalog.verify import blocks_by_file, verify_file
-from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError
+from lightning_distckpt.errors import CorruptCheckpointError, DestinationExistsError, DistCheckpointError
 from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.storage import Source, StorageLike
 from lightning_distckpt.storage.base import read_blocks
@@ -247,7 +247,7 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     dst = source_of(dst_url, storage)
     store = dst.store
     if store.exists(dst.path):
-        raise DistCheckpointError(f"{dst.url()}: already exists; remove it first or copy elsewhere")
+        raise DestinationExistsError(f"{dst.url()}: already exists; remove it first or copy elsewhere")
     parent, name = store.parent(dst.path), store.basename(dst.path)
     token = f"c{ondisk.digest(ondisk.dumps(src.manifest.to_json())):016x}"[:13]
     staging = Source(store, store.join(parent, ondisk.staging_name(name, token)))

@@ -22,7 +22,7 @@ class FileReport:
 
 @dataclass
 class VerifyReport:
-    """Per-file result of :func:`verify`. ``ok`` is True only if every file verified."""
+    """Per-file result of `verify()`. ``ok`` is True only if every file verified."""
 
     url: str
     ok: bool

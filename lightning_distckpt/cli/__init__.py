@@ -1,4 +1,4 @@
-"""The ``distckpt`` command (see :mod:`lightning_distckpt.cli.main`)."""
+"""The ``distckpt`` command (see ``lightning_distckpt.cli.main``)."""
 
 from lightning_distckpt.cli.main import main
 

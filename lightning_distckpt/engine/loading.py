@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -121,7 +122,7 @@ def chunk_places(metadata: Metadata) -> dict[tuple[str, int], tuple[str, int]]:
 
 
 def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
-    """Targets that the checkpoint can fill; raise :class:`StateMismatchError` naming the first bad keys."""
+    """Targets that the checkpoint can fill; raise `StateMismatchError` naming the first bad keys."""
     saved = {k: size for k, (size, _) in saved_tensors(metadata).items() if k.startswith(prefix)}
     missing = [k[len(prefix):] for k in targets if k not in saved]
     unexpected = [k[len(prefix):] for k in saved if k not in targets]
@@ -167,16 +168,19 @@ def read_tensors(
     threads: int = 2,
     comm: Comm,
     balanced: bool = True,
+    progress: Callable[[int], None] | None = None,
     shared_memory: bool = True,
 ) -> ReadStats:
     """Fill ``targets`` (plain, DTensor or ShardedTensor; any placement) from the checkpoint's blocks.
 
     With ``balanced`` (and several ranks), plain CPU tensors that every rank loads are read once, split
-    over the ranks, and broadcast (:mod:`~lightning_distckpt.balanced_read`); with ``shared_memory``,
-    read once per host and shared through shared memory instead of broadcasts.
+    over the ranks, and broadcast (``lightning_distckpt.engine.balanced_read``); with ``shared_memory``,
+    read once per host and shared through shared memory instead of broadcasts. ``progress`` is called
+    (from reader threads) with the stored bytes of every verified read.
     """
     start = time.perf_counter()
     reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads, codecs=block_codec)
+    reader.stats.progress = progress
     encodings = (ckpt.metadata.planner_data or {}).get("encodings", {})
     if not (balanced and comm.active):
         _load_round(reader, encodings, targets, comm)
@@ -275,24 +279,26 @@ def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: di
 
 
 def read_checkpoint(url: str, options: StorageLike = None, safe_globals: list[str] | None = None,
-                    threads: int = 2) -> dict[str, Any]:
+                    threads: int = 2, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The whole checkpoint at ``url`` as a plain dict of CPU tensors, read by this process alone.
 
     Works for any world size and strategy that wrote it. Optimizer state is keyed by parameter FQN.
-    Never executes code from the checkpoint.
+    Never executes code from the checkpoint. ``progress`` gets the stored bytes read as they verify.
     """
     ckpt = open_checkpoint(source_of(url, options))
     tensors = allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url)
-    read_tensors(ckpt, tensors, threads=threads, comm=SOLO)
+    read_tensors(ckpt, tensors, threads=threads, comm=SOLO, progress=progress)
     return state.join(ckpt.skeleton, tensors.__getitem__, safe_globals or ())
 
 
-def read_model_weights(url: str, options: StorageLike = None) -> dict[str, torch.Tensor]:
+def read_model_weights(url: str, options: StorageLike = None,
+                       progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Only the model weights of the checkpoint at ``url``, ``{FQN: CPU tensor}``, read by this process alone
-    (the optimizer state, often twice the weights' bytes, is not read). Any world size, strategy, compression."""
+    (the optimizer state, often twice the weights' bytes, is not read). Any world size, strategy, compression.
+    ``progress`` gets the stored bytes read as they verify."""
     ckpt = open_checkpoint(source_of(url, options))
     tensors = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.MODEL)], url)
-    read_tensors(ckpt, tensors, comm=SOLO)
+    read_tensors(ckpt, tensors, comm=SOLO, progress=progress)
     return {k[len(state.MODEL) :]: v for k, v in tensors.items()}
 
 
@@ -303,7 +309,7 @@ def load_weights(url: str, module: torch.nn.Module, options: StorageLike = None,
     ``prefix`` is prepended to ``module``'s keys to find them in the checkpoint (``"net."`` for a
     LightningModule that held the module as ``self.net``). Any world size, strategy or compression.
     ``strict=False`` tolerates missing and unexpected keys; a shape mismatch is always a
-    :class:`StateMismatchError`.
+    `StateMismatchError`.
     """
     ckpt = open_checkpoint(source_of(url, options))
     targets = {state.model_key(prefix + k): v for k, v in module.state_dict().items()}

@@ -5,7 +5,7 @@ with one ranged read and checks each block's xxh3 against the metadata as its by
 blocks land straight in a CPU destination (or in pinned buffers bound for an accelerator's); compressed ones
 are decoded after their check. A tensor is handed to DCP only once all of its blocks matched. A block that fails (missing file, short read, wrong checksum) is read
 from the next source that has the same file (a replica); if none has a good copy the load fails with a
-:class:`CorruptCheckpointError` naming file, offset and tensor.
+`CorruptCheckpointError` naming file, offset and tensor.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ class ReadStats:
     broadcast_s: float = 0.0
     file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    progress: Callable[[int], None] | None = None  # called with the stored bytes of each verified read
+
+    def add(self, url: str, n: int) -> None:
+        """Count ``n`` verified bytes read from ``url`` (thread-safe) and report them to ``progress``."""
+        with self.lock:
+            self.bytes_by_source[url] += n
+        if self.progress is not None and n:
+            self.progress(n)
 
 
 class _Geometry(NamedTuple):
@@ -210,7 +218,7 @@ class CheckpointReader(StorageReader):
                   handles: dict[int, BinaryIO]) -> None:
         """Several adjacent direct reads: one ranged read from the first source straight into their
         destinations, each block checked as its bytes stream in; an item that fails (or a failed read) goes through
-        :meth:`_read_item`, which tries every source. A run of one: :meth:`_read_item`."""
+        `_read_item()`, which tries every source. A run of one: `_read_item()`."""
         retry = run
         if len(run) > 1 and (0, name) not in self._bad:
             source = self.sources[0]
@@ -239,8 +247,7 @@ class CheckpointReader(StorageReader):
                 for d in directs:
                     intact.append(_first_bad(d.blocks, got[pos : pos + len(d.blocks)]) is None)
                     pos += len(d.blocks)
-                with self.stats.lock:
-                    self.stats.bytes_by_source[source.url()] += sum(d.end - d.offset for d, ok in zip(directs, intact) if ok)
+                self.stats.add(source.url(), sum(d.end - d.offset for d, ok in zip(directs, intact) if ok))
                 for d, ok in zip(directs, intact):
                     if ok:
                         planner.commit_tensor(d.ri, d.target)
@@ -342,9 +349,10 @@ class CheckpointReader(StorageReader):
         from the first source that has them intact."""
         size = sum(b.stored for b in blocks)
         problems = []
-        for s, source in enumerate(self.sources):
-            if (s, loc.file) in self._bad:
-                continue
+        # copies that failed for this file before are tried last, not skipped: one bad block (or a failed read)
+        # does not make the file's other blocks bad, and that copy may hold the only good one of these
+        for s in sorted(range(len(self.sources)), key=lambda s: (s, loc.file) in self._bad):
+            source = self.sources[s]
             buf = into if into is not None else bytearray(size)
 
             def read_once(s: int = s, source: Source = source, buf: bytearray = buf) -> list[int]:
@@ -368,9 +376,9 @@ class CheckpointReader(StorageReader):
                 continue
             bad = _first_bad(blocks, got)
             if bad is None:
-                with self.stats.lock:
-                    self.stats.bytes_by_source[source.url()] += size
-                    if s:
+                self.stats.add(source.url(), size)
+                if s:
+                    with self.stats.lock:
                         self.stats.fallbacks[loc.file] = source.url()
                 return buf
             problems.append(f"{source.url(loc.file)}: block at byte {offset + bad} (tensor {fqn!r}) fails its checksum")

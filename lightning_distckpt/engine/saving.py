@@ -1,7 +1,7 @@
 """Writing one checkpoint: staging directory, DCP save, manifest, atomic publish, commit marker.
 
 ``write_checkpoint`` is collective over ``group`` (every rank calls it with the same URL). It returns only
-once the checkpoint is committed, or raises :class:`CheckpointSaveError` on every rank; in that case the
+once the checkpoint is committed, or raises `CheckpointSaveError` on every rank; in that case the
 staging directory is removed (best effort) and no earlier checkpoint was touched.
 """
 
@@ -66,7 +66,7 @@ def write_checkpoint(
 
     ``params`` are the keys of model parameters: with optimizer state, the only plain tensors assumed to
     hold the same bytes on every rank (so any rank may write them, see
-    :func:`~lightning_distckpt.planner.balance`); ``None`` assumes that of every tensor. ``compression``
+    `balance()`); ``None`` assumes that of every tensor. ``compression``
     encodes tensors (on the calling thread, which is the background thread for async saves).
     """
     start = time.perf_counter()

@@ -32,7 +32,7 @@ _WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig
 
 
 def parameter_fqns(strategy: Strategy) -> set[str]:
-    """FQNs (as in :func:`model_state_dict`) of the model's parameters, without buffers."""
+    """FQNs (as in `model_state_dict()`) of the model's parameters, without buffers."""
     module = strategy.lightning_module
     if module is None:
         return set()

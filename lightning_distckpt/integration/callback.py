@@ -6,14 +6,14 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
 * ``keep_last=N``: keep the N newest committed checkpoints this callback saved, in addition to the top-k
   ones; older ones are removed only after a newer one has committed (never the newest);
 * ``replicas=[URL, ...]``: every committed checkpoint is copied to each replica root in the background
-  (:mod:`lightning_distckpt.replication`); retention applies per target;
+  (`lightning_distckpt.replication`); retention applies per target;
 * ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica; a
   load reads each file from the first healthy copy and, if no copy of it is complete, falls back to the
   previous checkpoint (loudly). An explicit path is never substituted unless ``fallback_to_previous``;
 * stale staging directories of crashed saves are removed at setup (committed checkpoints never are);
 * checkpoints are directories named like ModelCheckpoint's files, without the ``.ckpt`` suffix.
 
-In ``setup`` it makes sure the strategy is routed through a :class:`DistCheckpointIO` (creating a default
+In ``setup`` it makes sure the strategy is routed through a `DistCheckpointIO` (creating a default
 one if the Trainer has none) and fails clearly for a strategy that cannot be routed.
 """
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class DistCheckpoint(ModelCheckpoint):
     """Save sharded checkpoints on a schedule; keep the last N; resume from the newest committed one.
 
-    Every argument of :class:`~lightning.pytorch.callbacks.ModelCheckpoint` works as there.
+    Every argument of `ModelCheckpoint` works as there.
 
     Args:
         dirpath: Where checkpoints go: a local path, ``file://`` or any fsspec URL (``hdfs://nn:8020/x``).

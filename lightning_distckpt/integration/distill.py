@@ -14,9 +14,15 @@ mode, no autograd), is not part of the LightningModule (so it is in no optimizer
 student), and is placed on the student's device: one local copy per rank, or sharded like the student
 under ModelParallelStrategy when it is larger than ``shard_above_mb``.
 
+Unlabeled data (``train_on_unlabeled=True``): the teacher's soft targets need no labels, so the student can
+learn from examples that have none. The KL term always covers every example of the batch; the
+``training_step`` computes the task loss on the labeled examples only, and returns ``None`` for a batch that
+has no labeled example at all (after calling the student's forward). Such a batch then trains on
+``alpha * distillation`` alone. Without the flag a ``None`` loss is an error (it usually is a bug).
+
 Checks at fit start, on the first training batch without changing any state: manual optimization, a
-``training_step`` that returns no loss, a student output that is never produced, and teacher/student
-outputs of different shapes are errors before the first step.
+``training_step`` that returns no loss (unless ``train_on_unlabeled``), a student output that is never
+produced, and teacher/student outputs of different shapes are errors before the first step.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class KnowledgeDistillation(Callback):
             checkpoint is of a LightningModule holding the teacher as ``self.net``).
         shard_above_mb: Under ModelParallelStrategy, shard the teacher (FSDP2, on the student's mesh) when its
             parameters exceed this size; smaller teachers are replicated.
+        train_on_unlabeled: Accept ``None`` from ``training_step`` (a batch without labels) and train that
+            step on ``alpha`` times the distillation terms alone.
         storage_options: fsspec options for ``teacher_ckpt``.
         hdfs: HDFS settings for ``teacher_ckpt``.
     """
@@ -74,6 +82,7 @@ class KnowledgeDistillation(Callback):
         loss_fn: KDLoss | None = None,
         teacher_prefix: str = "",
         shard_above_mb: float = 1024.0,
+        train_on_unlabeled: bool = False,
         storage_options: dict[str, Any] | None = None,
         hdfs: HdfsOptions | None = None,
     ) -> None:
@@ -94,6 +103,7 @@ class KnowledgeDistillation(Callback):
         self.loss_fn = loss_fn
         self.teacher_prefix = teacher_prefix
         self.shard_above_mb = shard_above_mb
+        self.train_on_unlabeled = bool(train_on_unlabeled)
         self.storage = StorageConfig(options=dict(storage_options or {}), hdfs=hdfs)
         self.teacher: nn.Module | None = None
         self.steps = 0  # distillation steps taken (restored with the student's checkpoint)
@@ -194,9 +204,10 @@ class KnowledgeDistillation(Callback):
 
     def _combine(self, pl_module: pl.LightningModule, out: Any, batch: Any) -> Any:
         task = out["loss"] if isinstance(out, dict) else out
-        if task is None:
+        if task is None and not self.train_on_unlabeled:
             raise RuntimeError("KnowledgeDistillation: training_step returned no loss (None); it must return the "
-                               "task loss as a tensor or a dict with 'loss'")  # fmt: skip
+                               "task loss as a tensor or a dict with 'loss' (or pass train_on_unlabeled=True for "
+                               "batches without labels)")  # fmt: skip
         if "student" not in self._captured:
             where = f"module {self.student_output!r}" if self.student_output else "the LightningModule's forward"
             raise RuntimeError(f"KnowledgeDistillation: training_step never called {where}, so there are no student "
@@ -215,6 +226,8 @@ class KnowledgeDistillation(Callback):
             T = self.temperature
             kd = F.kl_div(F.log_softmax(s_logits.float() / T, dim=-1), F.log_softmax(t_logits.float() / T, dim=-1),
                           reduction="batchmean", log_target=True) * (T * T)  # fmt: skip
+        if task is None:  # a batch without labels (train_on_unlabeled): distillation alone
+            task = torch.zeros((), device=s_logits.device)
         feat = torch.zeros((), device=task.device)
         for s_name, t_name in self.features.items():
             s, t = _logits(self._captured[f"s:{s_name}"]), _logits(self._captured[f"t:{t_name}"]).detach()

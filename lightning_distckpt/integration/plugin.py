@@ -4,7 +4,7 @@ Two ways in:
 
 * **Routed** (the normal case): once this plugin is given to a Trainer, the strategy calls
   ``save_routed`` / ``load_routed`` / ``load_optimizers_routed`` / ``remove_routed`` on **every rank**
-  (see :mod:`lightning_distckpt.integration`). Each rank writes and reads only its own part.
+  (see `lightning_distckpt.integration`). Each rank writes and reads only its own part.
 * **Direct**: the plain ``CheckpointIO`` methods (``save_checkpoint``, ``load_checkpoint``,
   ``remove_checkpoint``) act in the calling process alone, like any CheckpointIO. Lightning uses them for
   internal files (``ddp_spawn`` results); users can use them to read a checkpoint into a plain dict.
@@ -108,9 +108,9 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         storage_options: Options for the fsspec filesystem of remote URLs (strings for HDFS client settings).
         durable: fsync data files and directories on local filesystems before a checkpoint commits.
         hdfs: Replication, block size, user, Hadoop conf dir and retries for ``hdfs://``, ``viewfs://`` and
-            ``webhdfs://`` locations (see :class:`~lightning_distckpt.HdfsOptions`).
-        compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a :class:`~lightning_distckpt.CompressionConfig`
-            (see :mod:`lightning_distckpt.compression`); loading needs no setting.
+            ``webhdfs://`` locations (see `HdfsOptions`).
+        compression: ``"lossless"``, ``"bf16"``, ``"int8"`` or a `CompressionConfig`
+            (see `lightning_distckpt.compression`); loading needs no setting.
         balanced_reads: Read each replicated tensor (DDP state) once across the ranks and broadcast it,
             instead of every rank reading all of it.
         write_threads: Files (and concurrent streams) per rank and save.
@@ -332,7 +332,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         return checkpoint
 
     def load_optimizers_routed(self, strategy: Strategy, checkpoint: dict[str, Any]) -> None:
-        """Apply the optimizer states that :meth:`load_routed` read (no I/O happens here)."""
+        """Apply the optimizer states that `load_routed()` read (no I/O happens here)."""
         saved_states = checkpoint.get("optimizer_states", [])
         optimizers = list(strategy.optimizers)
         if len(saved_states) != len(optimizers):
@@ -402,7 +402,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self.stats.step_wait_s += time.perf_counter() - start
 
     def wait(self) -> None:
-        """Block until the save in flight has committed; raise :class:`CheckpointSaveError` if it failed."""
+        """Block until the save in flight has committed; raise `CheckpointSaveError` if it failed."""
         future, self._future = self._future, None
         if future is not None:
             try:

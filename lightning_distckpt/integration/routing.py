@@ -1,4 +1,4 @@
-"""How Lightning strategies are routed through :class:`~lightning_distckpt.DistCheckpointIO`.
+"""How Lightning strategies are routed through `DistCheckpointIO`.
 
 Lightning's sharded strategies bypass ``CheckpointIO`` (FSDP and ModelParallel call DCP themselves) and
 DDP saves on rank 0 only. Routing gives the strategy instance a subclass of its own class whose
@@ -34,7 +34,7 @@ _METHODS = ("save_checkpoint", "load_checkpoint", "remove_checkpoint", "load_mod
 
 
 class RoutedIO:
-    """What a routed strategy calls on every rank; :class:`~lightning_distckpt.DistCheckpointIO` implements it.
+    """What a routed strategy calls on every rank; `DistCheckpointIO` implements it.
 
     Defined here so that routing needs nothing from the plugin (the plugin depends on routing, not back).
     """

@@ -4,13 +4,13 @@ A checkpoint is a directory::
 
     <root>/<name>/
         __<rank>_<k>.distcp   tensor bytes, stored in blocks (raw or compressed)
-        metadata.json         every tensor, its chunks, where each chunk's blocks lie   (:mod:`.metadata`)
-        state.json            everything that is not a tensor                           (:mod:`.skeleton`)
-        manifest.json         format version, step, world size, every file with size and digest (:mod:`.documents`)
+        metadata.json         every tensor, its chunks, where each chunk's blocks lie   (`.metadata`)
+        state.json            everything that is not a tensor                           (`.skeleton`)
+        manifest.json         format version, step, world size, every file with size and digest (`.documents`)
         COMMITTED             the commit marker, written last; it names the manifest's digest
 
 Nothing in a checkpoint is a pickle that loading executes: JSON is parsed, tensor bytes are copied.
-This layer does no I/O and imports nothing of the package but :mod:`lightning_distckpt.errors`.
+This layer does no I/O and imports nothing of the package but `lightning_distckpt.errors`.
 """
 
 from lightning_distckpt.ondisk.digests import BlockDigests, blocks_digest, digest

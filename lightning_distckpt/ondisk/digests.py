@@ -1,6 +1,6 @@
 """Checksums: xxh3-64 of every stored block, a file's digest over its blocks' digests.
 
-Thread safety: the functions are pure; a :class:`BlockDigests` belongs to one reader.
+Thread safety: the functions are pure; a `BlockDigests` belongs to one reader.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def digest(data: bytes | memoryview) -> int:
 
 
 class BlockDigests:
-    """The :func:`digest` of each of consecutive blocks of ``sizes`` bytes, fed in pieces of any size, so a
+    """The `digest()` of each of consecutive blocks of ``sizes`` bytes, fed in pieces of any size, so a
     reader checks bytes while they are still in the CPU cache instead of reading them back from memory.
 
     ``digests`` holds the finished blocks' digests in order. One instance per read; not thread safe.

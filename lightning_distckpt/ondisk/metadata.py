@@ -94,7 +94,7 @@ class Location:
 
 # ---- DCP metadata <-> JSON ---------------------------------------------------------------------
 def metadata_to_json(md: Metadata, encodings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Serialize DCP metadata whose storage_data maps every chunk to a :class:`Location`.
+    """Serialize DCP metadata whose storage_data maps every chunk to a `Location`.
 
     ``encodings`` describes tensors stored through a tensor codec (see ``compression``).
     """
@@ -114,7 +114,7 @@ def metadata_from_json(obj: Any, where: str) -> Metadata:
     """Parse and validate ``metadata.json``: shapes, offsets within bounds, byte counts consistent.
 
     Tensor encodings end up in ``metadata.planner_data["encodings"]``. Whether the codecs it names are known
-    is checked by the reader of the checkpoint (:func:`lightning_distckpt.transforms.check_codecs`), which
+    is checked by the reader of the checkpoint (`lightning_distckpt.transforms.check_codecs()`), which
     knows the codec registry; this layer only knows the document.
     """
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME or not isinstance(obj.get("tensors"), dict):

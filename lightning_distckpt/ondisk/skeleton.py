@@ -9,7 +9,7 @@ are normalized so that checkpoints are portable between strategies:
 
 Everything else (loops, schedulers, hparams ...) becomes JSON with a few tagged types. Objects that JSON
 cannot express are pickled and, on load, unpickled only through an allowlist of harmless types
-(:class:`SafeUnpickler`); loading never runs code that the checkpoint names.
+(`SafeUnpickler`); loading never runs code that the checkpoint names.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Who takes part in a checkpoint operation, and the few collectives it needs.
 
-A :class:`Comm` is either the ranks of a process group (every rank must make the same calls in the same
+A `Comm` is either the ranks of a process group (every rank must make the same calls in the same
 order) or ``solo``: one process acting alone, e.g. a plain ``CheckpointIO`` call on rank 0, a CLI tool.
 """
 

@@ -174,7 +174,7 @@ class BalancedSavePlanner(SavePlanner):
 
 
 class PieceLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner on a flat dict whose values may also be lists of :class:`Piece` (any row
+    """DCP's default load planner on a flat dict whose values may also be lists of `Piece` (any row
     range of a tensor into any buffer): reads every overlap of stored chunks and local targets.
 
     Never loads byte items (this format has none; DCP would unpickle them).

@@ -1,6 +1,6 @@
 """Storage backends behind one small interface (bytes only), chosen by the URL's scheme.
 
-``open_store(url)`` returns the store and the path of ``url`` inside it (see :mod:`.registry` for the
+``open_store(url)`` returns the store and the path of ``url`` inside it (see `.registry` for the
 schemes and how a third party adds one). Nothing here knows what a checkpoint is.
 """
 

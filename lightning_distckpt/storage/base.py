@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Entry:
-    """One directory entry as returned by :meth:`Store.listdir`."""
+    """One directory entry as returned by `Store.listdir()`."""
 
     name: str
     is_dir: bool
@@ -33,7 +33,7 @@ class Entry:
 
 
 class WriteStream(Protocol):
-    """What :meth:`Store.open_write` returns: append-only bytes, durable once ``close`` returns."""
+    """What `Store.open_write()` returns: append-only bytes, durable once ``close`` returns."""
 
     def write(self, data: bytes | memoryview, /) -> object: ...
 
@@ -81,7 +81,7 @@ class Store(ABC):
     def rename(self, src: str, dst: str) -> None:
         """Rename ``src`` to ``dst`` (``dst`` must not exist) and verify that it happened.
 
-        Atomic where the storage system offers it (POSIX, HDFS); raises :class:`StorageError` if the
+        Atomic where the storage system offers it (POSIX, HDFS); raises `StorageError` if the
         rename did not take effect.
         """
 
@@ -196,7 +196,7 @@ def windows(sizes: Sequence[int], limit: int) -> Iterator[tuple[int, int, int]]:
 
 def read_blocks(f: BinaryIO, sizes: Sequence[int], what: str, window: int = 64 << 20) -> Iterator[memoryview]:
     """Consecutive pieces of ``sizes`` bytes from the start of ``f``, read about ``window`` bytes at a time
-    with :func:`read_at`; ``EOFError`` naming ``what`` if the file is shorter."""
+    with `read_at()`; ``EOFError`` naming ``what`` if the file is shorter."""
     offset = 0
     for i, j, total in windows(sizes, window):
         buf = memoryview(bytearray(total))

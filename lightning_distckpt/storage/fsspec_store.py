@@ -8,7 +8,7 @@ import threading
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from lightning_distckpt.errors import StorageError
+from lightning_distckpt.errors import BackendUnavailableError, StorageError
 from lightning_distckpt.storage.base import Entry, Store
 from lightning_distckpt.storage.retry import RetryPolicy
 
@@ -67,7 +67,19 @@ class FsspecStore(Store):
     def _make_fs(self) -> Any:
         from fsspec.core import url_to_fs
 
-        return url_to_fs(self._root_url, **self._options)[0]
+        try:
+            return url_to_fs(self._root_url, **self._options)[0]
+        except ImportError as e:  # fsspec knows the scheme, its implementation is not installed
+            raise BackendUnavailableError(
+                f"{self._root_url}: no storage backend for {self.scheme}:// is installed ({e})"
+            ) from e
+        except ValueError as e:
+            if "protocol not known" not in str(e).lower():
+                raise
+            raise BackendUnavailableError(
+                f"{self._root_url}: unknown URL scheme {self.scheme}:// (no fsspec implementation "
+                "or registered store serves it)"
+            ) from e
 
     def _do(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return self.retry.run(lambda: fn(*args, **kwargs), f"{what} {self.url(args[0]) if args else self._root_url}")

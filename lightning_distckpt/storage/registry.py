@@ -1,8 +1,8 @@
 """Which Store serves a URL: a registry of URL schemes, built-in or added by a third party.
 
-Built in: local paths and ``file://`` (:class:`LocalStore`), ``hdfs://`` and ``viewfs://`` (hdfs-native),
+Built in: local paths and ``file://`` (`LocalStore`), ``hdfs://`` and ``viewfs://`` (hdfs-native),
 ``webhdfs://``/``swebhdfs://`` (fsspec's client); every other scheme goes through fsspec
-(:class:`FsspecStore`), so any installed fsspec backend works without registration.
+(`FsspecStore`), so any installed fsspec backend works without registration.
 
 A third party serves a scheme its own way, by a call::
 

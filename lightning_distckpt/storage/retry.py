@@ -50,7 +50,7 @@ class RetryPolicy:
         """Call ``fn`` until it succeeds, a permanent error occurs, or the attempts are used up.
 
         ``cleanup`` runs before each new attempt (e.g. remove a half-written file). After the last attempt a
-        :class:`StorageError` names ``what``, the attempts and the last error.
+        `StorageError` names ``what``, the attempts and the last error.
         """
         delay = self.backoff_s
         started = time.monotonic()

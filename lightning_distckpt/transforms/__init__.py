@@ -1,7 +1,7 @@
 """Transforms of stored bytes: block codecs (identity, lossless), tensor codecs (bf16, int8 rows, 8-bit maps),
 the compression presets that choose them, pruning and quantization for exports, and the codec registry.
 
-Depends on :mod:`~lightning_distckpt.ondisk` and :mod:`~lightning_distckpt.parallel` only; no I/O.
+Depends on `ondisk` and `parallel` only; no I/O.
 """
 
 from lightning_distckpt.transforms.block import BlockCodec

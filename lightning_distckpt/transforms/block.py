@@ -2,7 +2,7 @@
 
 Writers cut every chunk into blocks of at most 8 MiB raw bytes and pass each through a block codec before
 it is checksummed and stored; the codec's ``name`` is recorded in the chunk's location, so a reader finds
-the decoder in the registry (:mod:`lightning_distckpt.transforms.registry`). The identity codec (name ``""``)
+the decoder in the registry (`lightning_distckpt.transforms.registry`). The identity codec (name ``""``)
 stores raw bytes. Implementations must be thread-safe: writers and readers call them from several threads.
 """
 

@@ -1,14 +1,14 @@
 """Checkpoint compression: presets, which tensor gets which codec, and the encode/decode passes.
 
 ``DistCheckpointIO(compression="int8")`` (or ``"lossless"``, ``"bf16"``, ``None``, or a
-:class:`CompressionConfig`). Everything needed to read a compressed checkpoint is inside it: the block
+`CompressionConfig`). Everything needed to read a compressed checkpoint is inside it: the block
 codec is named in every chunk's location, and every encoded tensor's codec, version, dtype and shape are
 in ``metadata.json``; loading needs no flag.
 
 Presets:
 
 * ``"lossless"`` -- bit-exact: every stored block is byte-shuffled and zstd-compressed
-  (:mod:`~lightning_distckpt.compression.lossless`; mostly-zero blocks as bitmask + values).
+  (`lossless`; mostly-zero blocks as bitmask + values).
 * ``"bf16"`` -- model parameters and optimizer moments (float32/float64) stored as bfloat16, restored to
   their training dtype on load.
 * ``"int8"`` -- parameters: int8 per row (symmetric); Adam ``exp_avg``: 8-bit dynamic map per block;
@@ -62,7 +62,7 @@ class CompressionConfig:
         exact_every: Every K-th save of a run is stored without the lossy codec (0: never), so a long
             run always has a recent exact checkpoint.
         zstd_level: zstd level of the lossless block codec.
-        block_codec: Name of a registered block codec (:func:`~lightning_distckpt.transforms.register_block_codec`)
+        block_codec: Name of a registered block codec (`register_block_codec()`)
             for every stored block, instead of the built-in lossless one.
     """
 
@@ -96,12 +96,20 @@ class CompressionConfig:
         """The same configuration without lossy codecs (for ``exact_every`` saves)."""
         return dataclasses.replace(self, preset="lossless" if self.uses_block_codec else None)
 
+    def tensor_codecs(self) -> dict[str, int]:
+        """The tensor codecs (name: version) this configuration may apply; none for exact presets."""
+        if self.preset == "bf16":
+            return {BF16: 1}
+        if self.preset == "int8":
+            return {c.name: c.version for c in BUILTIN}
+        return {}
+
     def descriptor(self) -> dict[str, Any] | None:
         """What the manifest records (informational; reading relies on metadata.json)."""
         if self.preset is None and not self.uses_block_codec:
             return None
         return {"preset": self.preset, "block_codec": (self.block_codec or ShuffleZstd.name) if self.uses_block_codec else None,
-                "tensor_codecs": {c.name: c.version for c in BUILTIN}, "min_elements": self.min_elements,
+                "tensor_codecs": self.tensor_codecs(), "min_elements": self.min_elements,
                 "block_size": self.block_size}  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """The codec registry: block codecs and tensor codecs by name, built-in or added by a third party.
 
 A checkpoint names the codec of every block (``metadata.json``, per chunk) and of every encoded tensor; a
-reader looks the name up here, and an unknown name is a clear :class:`CorruptCheckpointError`, never a guess.
+reader looks the name up here, and an unknown name is a clear `CorruptCheckpointError`, never a guess.
 
 Adding a codec from outside the package, either by a call::
 
@@ -42,7 +42,7 @@ _scanned: set[str] = set()
 
 
 def register_block_codec(name: str, factory: Callable[[], BlockCodec], *, replace: bool = False) -> None:
-    """Make block codec ``name`` known; ``factory()`` returns a (thread-safe) :class:`BlockCodec` whose
+    """Make block codec ``name`` known; ``factory()`` returns a (thread-safe) `BlockCodec` whose
     ``name`` is ``name``. Registering a taken name raises ``ValueError`` unless ``replace``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a block codec needs a non-empty name, got {name!r}")
@@ -54,7 +54,7 @@ def register_block_codec(name: str, factory: Callable[[], BlockCodec], *, replac
 
 
 def register_tensor_codec(codec: Codec, *, replace: bool = False) -> None:
-    """Make the tensor codec ``codec`` (a :class:`~lightning_distckpt.transforms.tensor_codecs.Codec`) known
+    """Make the tensor codec ``codec`` (a `Codec`) known
     under ``codec.name``. Registering a taken name raises ``ValueError`` unless ``replace``."""
     if not isinstance(codec, Codec):
         raise TypeError(f"register_tensor_codec expects a Codec, got {type(codec).__name__}")

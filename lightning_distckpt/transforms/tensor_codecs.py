@@ -52,7 +52,7 @@ def dynamic_map(signed: bool) -> torch.Tensor:
 
 
 def _code_index(x: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Index into :func:`dynamic_map` of the code nearest (in log scale) to every element of ``x``.
+    """Index into `dynamic_map()` of the code nearest (in log scale) to every element of ``x``.
 
     ``x`` is normalized (|x| <= 1). Computed arithmetically (the map is geometric), in a few passes.
     """
@@ -319,7 +319,7 @@ class Dynamic8(Codec):
         return x.reshape(shape).to(dtype)
 
 
-#: The codecs this package ships (registered in :mod:`lightning_distckpt.transforms.registry`).
+#: The codecs this package ships (registered in `lightning_distckpt.transforms.registry`).
 BUILTIN: tuple[Codec, ...] = (
     Int8Rows("int8-rows", 1, ("q", "scale")),
     Dynamic8("dyn8", 1, signed=True, sqrt=False),

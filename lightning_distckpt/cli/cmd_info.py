@@ -1,0 +1,99 @@
+"""``distckpt info CKPT``: what a checkpoint holds: manifest, tensors (shape, dtype, chunks, codec), state keys."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lightning_distckpt.cli.common import EXIT_OK, out, size, storage
+
+RAW = "raw"  #: the block codec column of blocks stored as they are
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("info", parents=[common], help="tensors, state keys and manifest of a checkpoint",
+                       description="Show CKPT's manifest (step, epoch, world size, strategy, compression, versions), "
+                                   "its non-tensor state keys and every tensor: shape, dtype, chunks, stored size "
+                                   "and codec. Reads the documents only, not the tensor bytes.")  # fmt: skip
+    s.add_argument("ckpt", metavar="CKPT", help="checkpoint directory (or URL)")
+    s.set_defaults(fn=run)
+
+
+def tensor_paths(skeleton: Any) -> dict[str, str]:
+    """Where each tensor reference sits in the checkpoint dict, as a path (``callbacks/EMA/shadow[0]``), read
+    from the JSON skeleton without importing torch. ``extra/N`` keys are only numbered; this names them."""
+    paths: dict[str, str] = {}
+
+    def walk(obj: Any, path: str) -> None:
+        if isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(obj, dict):
+            if len(obj) == 1:
+                (tag, val), = obj.items()
+                if tag == "__tensor__" and isinstance(val, str):
+                    paths.setdefault(val, path or "/")
+                    return
+                if tag == "__tuple__" and isinstance(val, list):
+                    return walk(val, path)
+                if tag == "__dict__" and isinstance(val, list):
+                    for item in val:
+                        if isinstance(item, list) and len(item) == 2:
+                            walk(item[1], f"{path}/{item[0]!r}" if path else repr(item[0]))
+                    return
+            for k, v in obj.items():
+                walk(v, f"{path}/{k}" if path else k)
+
+    walk(skeleton, "")
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from lightning_distckpt import catalog, ondisk
+    from lightning_distckpt.engine.loading import saved_tensors
+    from lightning_distckpt.transforms import PART
+
+    ckpt = catalog.open_checkpoint(catalog.source_of(args.ckpt, storage(args)), check_sizes=False)
+    encodings = (ckpt.metadata.planner_data or {}).get("encodings", {})
+    stored: dict[str, int] = {}
+    files: dict[str, set[str]] = {}
+    parts: dict[str, dict[str, set[tuple[int, ...]]]] = {}  # tensor -> stored part -> its chunks' offsets
+    block_codecs: dict[str, set[str]] = {}
+    for index, loc in ckpt.metadata.storage_data.items():
+        base = index.fqn.split(PART)[0]
+        stored[base] = stored.get(base, 0) + loc.stored
+        files.setdefault(base, set()).add(loc.file)
+        parts.setdefault(base, {}).setdefault(index.fqn, set()).add(tuple(index.offset or ()))
+        block_codecs.setdefault(base, set()).add(loc.codec or RAW)
+    paths = tensor_paths(ckpt.skeleton)
+    tensors = []
+    for key, (shape, dtype) in sorted(saved_tensors(ckpt.metadata).items()):
+        e = encodings.get(key)
+        tensors.append({"name": key, "shape": list(shape), "dtype": ondisk.dtype_name(dtype),
+                        "chunks": max(map(len, parts.get(key, {"": set()}).values())), "files": sorted(files.get(key, ())),
+                        "stored_bytes": stored.get(key, 0), "tensor_codec": e["codec"] if e else None,
+                        "block_codec": "+".join(sorted(block_codecs.get(key, {RAW}))), "path": paths.get(key)})  # fmt: skip
+    state_keys = sorted(ckpt.skeleton) if isinstance(ckpt.skeleton, dict) else []
+    info = {"url": ckpt.url, "manifest": ckpt.manifest.to_json(), "state_keys": state_keys, "tensors": tensors}
+
+    def text() -> str:
+        m = ckpt.manifest
+        used = sorted({t["tensor_codec"] for t in tensors if t["tensor_codec"]})
+        blocks = sorted({c for t in tensors for c in t["block_codec"].split("+")})
+        preset = (m.compression or {}).get("preset") if m.compression else None
+        lines = [f"{ckpt.url}", f"  step {m.global_step}  epoch {m.epoch}  world size {m.world_size}  strategy {m.strategy}",
+                 f"  {len(m.files)} files, {size(sum(f['size'] for f in m.files.values()))}; tensors {size(m.tensor_bytes)} raw",
+                 f"  compression: {preset or ('lossless' if blocks != [RAW] else 'none')}; tensor codecs used: "
+                 f"{', '.join(used) or 'none (every tensor exact)'}; block codecs: {', '.join(blocks)}",
+                 f"  versions: {', '.join(f'{k} {v}' for k, v in sorted(m.versions.items()))}",
+                 f"  non-tensor state: {', '.join(state_keys)}", "",
+                 f"  {'TENSOR':<40} {'SHAPE':<16} {'DTYPE':<9} {'CHUNKS':>6} {'STORED':>10}  {'CODEC (tensor/block)':<24} HOLDS"]  # fmt: skip
+        for t in tensors:
+            codec = f"{t['tensor_codec'] or 'exact'}/{t['block_codec']}"
+            holds = t["path"] if t["name"].startswith("extra/") and t["path"] else ""
+            lines.append(f"  {t['name']:<40} {str(t['shape']):<16} {t['dtype']:<9} {t['chunks']:>6} "
+                         f"{size(t['stored_bytes']):>10}  {codec:<24} {holds}".rstrip())  # fmt: skip
+        return "\n".join(lines)
+
+    out(args, info, text)
+    return EXIT_OK
