@@ -24,8 +24,12 @@ class BNNet(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
+        self.copy_done_at_forward: list[bool | None] = []  # per step: was the last save's copy done at its forward?
 
     def training_step(self, batch, batch_idx):
+        io = self.trainer.strategy.checkpoint_io
+        snap = getattr(io, "_snapshot", None)
+        self.copy_done_at_forward.append(None if snap is None else snap.done)
         return self.net(batch[0]).pow(2).mean()
 
     def configure_optimizers(self):
@@ -99,6 +103,8 @@ def test_optimizer_step_during_the_copy_does_not_leak_into_the_checkpoint(tmp_pa
     io, cb, model = _train(tmp_path, monkeypatch, delay=0.5)
     assert cb.done_after_call is False  # the save returned before the copy ran: pipelined
     assert io.stats.step_wait_s > 0.1  # the next optimizer step waited for the copy
+    # the next step's forward (and backward) ran while the copy was still going, not after it
+    assert model.copy_done_at_forward[SAVE_AT] is False, model.copy_done_at_forward
     back = load_checkpoint(str(tmp_path / "ckpt"))
     assert _differences(cb.expected, back) == []
     # training went on after the save: the live state is not the saved one (the test compares something)

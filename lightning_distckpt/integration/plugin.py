@@ -393,9 +393,29 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             if opt not in self._hooked and hasattr(opt, "register_step_pre_hook"):
                 self._hooked[opt] = opt.register_step_pre_hook(self._before_step)
 
-    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        """Step pre-hook: the update must not start before the snapshot has copied the parameters. A step with a
+        closure (Lightning's automatic optimization runs forward and backward inside ``optimizer.step``) gets
+        a closure that waits after it returns, so forward and backward still overlap with the copy."""
         snapshot = self._snapshot
         if snapshot is None or snapshot.done:
+            return None
+        closure = kwargs.get("closure", args[0] if args else None)
+        if not callable(closure):
+            self._wait_for(snapshot)
+            return None
+
+        def closure_then_wait() -> Any:
+            out = closure()
+            self._wait_for(snapshot)
+            return out
+
+        if "closure" in kwargs or not args:
+            return args, {**kwargs, "closure": closure_then_wait}
+        return (closure_then_wait, *args[1:]), kwargs
+
+    def _wait_for(self, snapshot: PendingSnapshot) -> None:
+        if snapshot.done:
             return
         start = time.perf_counter()
         snapshot.wait()
