@@ -5,6 +5,7 @@ without the optimizer hook shows the test catches a leak."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import lightning as L
@@ -25,6 +26,7 @@ class BNNet(L.LightningModule):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
         self.copy_done_at_forward: list[bool | None] = []  # per step: was the last save's copy done at its forward?
+        self.backward_done = threading.Event()  # set after the backward of the step after the save
 
     def training_step(self, batch, batch_idx):
         io = self.trainer.strategy.checkpoint_io
@@ -34,6 +36,10 @@ class BNNet(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.05)
+
+    def on_after_backward(self):
+        if self.trainer.global_step == SAVE_AT:  # the step after the save (global_step counts optimizer steps)
+            self.backward_done.set()
 
 
 def _clone(obj):
@@ -69,8 +75,10 @@ class SaveAt(L.Callback):
 
 def _train(tmp_path, monkeypatch, delay: float):
     original = snapshot_mod.PendingSnapshot.run
+    model = BNNet()
 
-    def slow_run(self):  # the copy takes a while: the next step's forward/backward run meanwhile
+    def slow_run(self):  # the copy starts only after the next step's backward, then takes a while
+        model.backward_done.wait(timeout=60)
         time.sleep(delay)
         return original(self)
 
@@ -81,7 +89,6 @@ def _train(tmp_path, monkeypatch, delay: float):
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 16)), batch_size=8)
     t = L.Trainer(accelerator="cpu", devices=1, max_steps=SAVE_AT + 3, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=False, plugins=[io], callbacks=[cb])  # fmt: skip
-    model = BNNet()
     t.fit(model, data)
     return io, cb, model
 
@@ -100,9 +107,9 @@ def _differences(expected, back) -> list[str]:
 
 
 def test_optimizer_step_during_the_copy_does_not_leak_into_the_checkpoint(tmp_path, monkeypatch):
-    io, cb, model = _train(tmp_path, monkeypatch, delay=0.5)
+    io, cb, model = _train(tmp_path, monkeypatch, delay=0.3)
     assert cb.done_after_call is False  # the save returned before the copy ran: pipelined
-    assert io.stats.step_wait_s > 0.1  # the next optimizer step waited for the copy
+    assert io.stats.step_wait_s > 0.2  # the next optimizer step (after its backward) waited for the copy
     # the next step's forward (and backward) ran while the copy was still going, not after it
     assert model.copy_done_at_forward[SAVE_AT] is False, model.copy_done_at_forward
     back = load_checkpoint(str(tmp_path / "ckpt"))
@@ -114,7 +121,7 @@ def test_optimizer_step_during_the_copy_does_not_leak_into_the_checkpoint(tmp_pa
 def test_without_the_optimizer_hook_the_next_step_leaks(tmp_path, monkeypatch):
     """Control: the same run with the hook disabled saves parameters of a later step (what the hook prevents)."""
     monkeypatch.setattr(DistCheckpointIO, "_before_step", lambda self, *a: None)
-    io, cb, _ = _train(tmp_path, monkeypatch, delay=1.0)
+    io, cb, _ = _train(tmp_path, monkeypatch, delay=0.3)
     back = load_checkpoint(str(tmp_path / "ckpt"))
     diff = _differences(cb.expected, back)
     assert diff and all("running" not in d and "num_batches" not in d for d in diff), diff  # buffers: copied in the call
@@ -136,7 +143,7 @@ def test_snapshot_buffers_are_reused_and_pieces_exact():
     s = snapshot_mod.Snapshotter()
     a, b = torch.randn(100, 10), torch.randn(5)
     p = s.start({"model/a": a, "extra/b": b}, now=lambda k: not k.startswith("model/"))
-    assert p.pieces["model/a"] == [] and torch.equal(p.pieces["extra/b"][0].local, b) and not p.done
+    assert torch.equal(p.pieces["extra/b"][0].local, b) and not p.done  # "model/a": a buffer, not filled yet
     before = a.clone()
     a.add_(1.0)  # would be an optimizer step; the test runs the copy after it on purpose
     p.run()

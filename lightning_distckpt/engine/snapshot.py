@@ -43,7 +43,7 @@ class PendingSnapshot:
     ``wait`` returns so that training can go on; the save reports it).
     """
 
-    def __init__(self, owner: Snapshotter, pieces_: dict[str, list[Piece]], deferred: list[_Copy],
+    def __init__(self, owner: Snapshotter, pieces_: dict[str, list[Piece]], deferred: list[tuple[Piece, torch.Tensor]],
                  event: Any = None) -> None:
         self.pieces = pieces_
         self._owner = owner
@@ -63,9 +63,9 @@ class PendingSnapshot:
         """Copy the deferred tensors (call once, on the saving thread); returns ``pieces``."""
         start = time.perf_counter()
         try:
-            for key, tag, src, dst in self._owner._materialize(self._deferred, self.pieces):
+            for src, dst in self._deferred:
                 dst.copy_(src.local.detach(), non_blocking=src.local.is_cuda)
-            self._owner._sync(self._deferred)
+            self._owner._sync([(None, None, src) for src, _ in self._deferred])
         finally:
             self.copy_s = time.perf_counter() - start
             self._done.set()
@@ -147,12 +147,15 @@ class Snapshotter:
         for _, _, src, dst in self._materialize(immediate, out):
             dst.copy_(src.local.detach(), non_blocking=src.local.is_cuda)
         self._sync(immediate)
+        # buffers of the deferred copies are allocated here, on the training thread: the same allocator arena
+        # every save (allocating on the saving thread grew the RSS by a buffer set), and no dict changes later
+        later = [(src, dst) for _, _, src, dst in self._materialize(deferred, out)]
         event = None
         if any(src.local.is_cuda for _, _, src in deferred):
             # the side stream's copies must see what the training stream computed before this save
             event = torch.cuda.Event()
             event.record()
-        pending = PendingSnapshot(self, out, deferred, event)
+        pending = PendingSnapshot(self, out, later, event)
         if event is not None:
             pending.run = _on_side_stream(pending.run, event)  # type: ignore[method-assign]
         return pending
