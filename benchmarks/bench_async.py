@@ -10,7 +10,8 @@ stock save, a synchronous save, an async save whose snapshot is copied inside th
 copied while the next forward/backward run; the next optimizer step waits if the copy is not done). For
 each: the time inside the save call, and for the pipelined one the time the next optimizer step waited. Each save is preceded
 by a "settle" step that waits for the previous save, so saves never overlap. For async saves the extra time of the two following steps (the background write shares the CPU) is
-reported separately. Writes benchmarks/results/async.json.
+reported separately. The time inside the save call is measured from a barrier (so it does not include
+waiting for the slowest rank's optimizer step). Writes benchmarks/results/async_<strategy>.json.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Schedule(L.Callback):
         path = os.path.join(self.base, f"ckpt-{self.n % 2}")
         if kind == "rss":
             self._clear(self.n)
+        barrier()  # ranks finish their optimizer steps at different times: time the save, not that skew
         t0 = time.perf_counter()
         if kind == "stock":
             with stock_checkpointing(trainer.strategy):
