@@ -39,7 +39,8 @@ def env_line(r: dict[str, Any], ranks: bool = True) -> str:
     load_avg = e.get("loadavg_1_5_15")
     busy = f"; load average {load_avg[0]:.1f} when written (others share this machine)" if load_avg else ""
     gpu = f", {e['gpu']}" if e.get("gpu") else ""
-    return f"_Measured {e['date']} on {e['cpus']} CPUs{gpu}, torch {e['torch']}{who}{busy}._"
+    commit = f", commit {e['commit']}" if e.get("commit") else ", commit not recorded (an older run)"
+    return f"_Measured {e['date']} on {e['cpus']} CPUs{gpu}, torch {e['torch']}{who}{commit}{busy}._"
 
 
 def save_load() -> str:
