@@ -109,7 +109,7 @@ def git_commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
                               timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../lightning_distckpt", "."], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../lightning_distckpt", ".", ":(exclude)results"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
