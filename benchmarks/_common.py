@@ -116,9 +116,12 @@ def git_commit() -> str | None:
     return (head + ("+dirty" if dirty else "")) or None
 
 
+_COMMIT_AT_START = git_commit()  # the code this process imported, not what the tree holds when it ends
+
+
 def environment() -> dict[str, Any]:
     return {
-        "commit": git_commit(),
+        "commit": _COMMIT_AT_START,
         "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
