@@ -100,10 +100,13 @@ class Schedule(L.Callback):
             trainer.save_checkpoint(path)
         if kind in MODES:
             self.blocked[kind].append(time.perf_counter() - t0)
+            if kind in self.in_plugin:
+                self.in_plugin[kind].append(self.io.stats.blocked_s)
+        else:  # "rss": host memory once the snapshot's buffers are filled (the write may still run)
+            self.io.wait_snapshot()
+            self.rss.append(psutil.Process().memory_info().rss)
         if kind == "async":
             self._pending_wait = True
-        else:
-            self.rss.append(psutil.Process().memory_info().rss)
 
 
 def main() -> None:
