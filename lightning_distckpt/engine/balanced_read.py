@@ -290,6 +290,15 @@ class SharedSegments:
                 v = self._views[rank] = torch.frombuffer(self._maps[rank], dtype=torch.uint8)
         return v
 
+    def copy_into(self, c: _Chunk, target: torch.Tensor) -> None:
+        """Copy chunk ``c`` from its reader's segment into the same rows of ``target`` (a contiguous CPU tensor),
+        as one single-threaded memory copy (no intra-op thread team: on a busy machine waking one for each
+        copy costs more than the copy)."""
+        rank, pos = self.places[(c.key, c.start)]
+        dst = target if target.dim() == 0 else target.narrow(0, c.start, c.rows)
+        out = dst.reshape(-1).view(torch.uint8).numpy()
+        out[...] = memoryview(self._maps[rank])[pos : pos + c.nbytes]
+
     def view(self, c: _Chunk, like: torch.Tensor) -> torch.Tensor:
         """Chunk ``c`` of the tensor ``like`` in its reader's segment (a tensor of the chunk's rows)."""
         rank, pos = self.places[(c.key, c.start)]

@@ -232,8 +232,7 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
 
     def copy(chunks: list[Any]) -> None:
         for c in chunks:
-            t = targets[c.key]
-            (t if t.dim() == 0 else t.narrow(0, c.start, c.rows)).copy_(segments.view(c, t))
+            segments.copy_into(c, targets[c.key])
 
     with ThreadPoolExecutor(1, thread_name_prefix="distckpt-shm-copy") as copier:
         pending = []
