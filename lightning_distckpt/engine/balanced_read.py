@@ -237,22 +237,24 @@ class SharedSegments:
             self._create(sizes[comm.rank])
         except OSError as e:
             error = f"{self.path}: {e}"
-        errors = comm.all_gather(error)
+        created = comm.all_gather((error, self.path))  # one collective: every rank's outcome and name
+        errors = [e for e, _ in created]
         self.ok = not any(errors)
         if self.ok:
-            names = comm.all_gather(self.path)
             try:
                 for r in local_ranks:
                     if r != comm.rank:
-                        self._map(r, names[r], sizes[r])
+                        self._map(r, created[r][1], sizes[r])
             except OSError as e:
-                error = f"{names[r]}: {e}"
-            self.ok = not any(comm.all_gather(error))
-        comm.barrier()  # everyone mapped what it needs (or gave up): the names can go
+                error = f"{created[r][1]}: {e}"
+        # everyone mapped what it needs (or gave up): the names can go; this gather is also that barrier
+        mapped = comm.all_gather(error)
+        self.ok = self.ok and not any(mapped)
+        errors = errors + mapped
         self._unlink()
         if not self.ok:
             self.close()
-            bad = next(e for e in errors if e) if any(errors) else error
+            bad = next((e for e in errors if e), "")
             log.warning("balanced reads fall back to broadcasts: shared memory unavailable (%s)", bad or "on another rank")
 
     def _create(self, size: int) -> None:

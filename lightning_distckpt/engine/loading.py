@@ -236,7 +236,8 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
 
     with ThreadPoolExecutor(1, thread_name_prefix="distckpt-shm-copy") as copier:
         pending = []
-        for i, round_owned in enumerate(rounds(owned, max(1, min(ROUNDS, most // ROUND_MIN_BYTES)))):
+        # fewer rounds than broadcasts use: a copy is cheaper than a collective on a busy machine
+        for i, round_owned in enumerate(rounds(owned, max(1, min(SHARED_ROUNDS, most // ROUND_MIN_BYTES)))):
             part = dict(others) if i == 0 else {}
             for c in round_owned[comm.rank]:
                 t = targets[c.key]
@@ -255,6 +256,7 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
 
 
 ROUNDS = 4  # balanced reads: broadcast one round while reading the next
+SHARED_ROUNDS = 2  # through shared memory: copy one round while reading the next
 ROUND_MIN_BYTES = 32 << 20  # fewer rounds when a rank reads less than ROUNDS of these (each round costs a collective)
 
 
