@@ -42,7 +42,6 @@ from _common import (  # noqa: E402
 )
 
 from lightning_distckpt import DistCheckpointIO  # noqa: E402
-from lightning_distckpt.integration.routing import routed_class  # noqa: E402
 
 
 class Big(L.LightningModule):

@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailableError",
+    "CatalogConflictError",
+    "CatalogError",
+    "CatalogOptions",
+    "CatalogUnavailableError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
@@ -25,11 +30,15 @@ __all__ = [
     "DistCheckpointIO",
     "CompressionConfig",
     "HdfsOptions",
+    "InsufficientMemoryError",
     "KnowledgeDistillation",
+    "NewerFormatError",
     "NodeLocalRootError",
     "NotACheckpointError",
+    "StaleOwnerError",
     "StateMismatchError",
     "StorageError",
+    "StorageUnreachableError",
     "UncommittedCheckpointError",
     "UnsafeCheckpointError",
     "VerifyReport",
@@ -45,6 +54,7 @@ _EXPORTS = {
     "DistCheckpoint": "integration.callback",
     "DistCheckpointIO": "integration.plugin",
     "HdfsOptions": "storage.hdfs",
+    "CatalogOptions": "catalog.index",
     "CompressionConfig": "transforms.compression",
     "KnowledgeDistillation": "integration.distill",
     "VerifyReport": "catalog.verify",
@@ -70,16 +80,25 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from lightning_distckpt.catalog.index import CatalogOptions
     from lightning_distckpt.catalog.listing import list_checkpoints
     from lightning_distckpt.catalog.verify import VerifyReport, verify
     from lightning_distckpt.errors import (
+        BackendUnavailableError,
+        CatalogConflictError,
+        CatalogError,
+        CatalogUnavailableError,
         CheckpointNotFoundError,
         CheckpointSaveError,
         CorruptCheckpointError,
         DistCheckpointError,
+        NewerFormatError,
+        InsufficientMemoryError,
         NotACheckpointError,
+        StaleOwnerError,
         StateMismatchError,
         StorageError,
+        StorageUnreachableError,
         UncommittedCheckpointError,
         UnsafeCheckpointError,
     )

@@ -28,7 +28,13 @@ class CorruptCheckpointError(DistCheckpointError):
 
 
 class UnsafeCheckpointError(CorruptCheckpointError):
-    """The checkpoint asks for something that loading refuses to do (code execution, path escape)."""
+    """The checkpoint asks for something that loading refuses to do (code execution, path escape, a special
+    file such as a FIFO, a device or a symlink where a regular file belongs)."""
+
+
+class NewerFormatError(CorruptCheckpointError):
+    """The checkpoint was written in a newer on-disk format than this lightning-distckpt reads: it is not
+    damaged, and it is never treated as missing (``ckpt_path="last"`` refuses instead of starting over)."""
 
 
 class StateMismatchError(DistCheckpointError):
@@ -43,6 +49,11 @@ class StorageError(DistCheckpointError, OSError):
     """The storage backend failed after its retries (unreachable, permission denied, disk full)."""
 
 
+class StorageUnreachableError(StorageError):
+    """A store did not answer within its ``connect_timeout_s``: the message names the URL, what was tried,
+    how often and for how long, and the last error."""
+
+
 class BackendUnavailableError(StorageError):
     """No installed storage backend serves the URL's scheme (e.g. ``s3://`` without ``s3fs``); the message
     names the URL and what to install."""
@@ -50,6 +61,32 @@ class BackendUnavailableError(StorageError):
 
 class DestinationExistsError(DistCheckpointError, FileExistsError):
     """The output of a copy or an export already exists, and the operation does not overwrite it."""
+
+
+class InsufficientMemoryError(DistCheckpointError):
+    """A load needs more host memory than some rank has free. Decided by all ranks together (every rank raises
+    the same error, naming the ranks that are short); never a reason to fall back to another checkpoint."""
+
+
+class CatalogError(DistCheckpointError):
+    """The checkpoint catalog (an index of committed checkpoints, e.g. in HBase) refused or failed an operation.
+
+    The storage stays the source of truth: training never fails on a catalog error (it logs, counts and falls
+    back to listing storage); tools report it with the catalog URL and the row concerned.
+    """
+
+
+class CatalogUnavailableError(CatalogError, StorageError):
+    """The catalog could not be reached (connection refused, timeout) within its retries."""
+
+
+class StaleOwnerError(CatalogError):
+    """Fencing: a job whose ownership epoch of a run is older than the catalog's (a zombie) tried to register,
+    move a pointer or prune. Nothing was changed."""
+
+
+class CatalogConflictError(CatalogError):
+    """A catalog row already names a different checkpoint (another manifest digest) under the same key."""
 
 
 class NodeLocalRootError(DistCheckpointError):

@@ -7,8 +7,12 @@ source scripts/env.sh
 set -euo pipefail
 if command -v mvn >/dev/null 2>&1 && command -v java >/dev/null 2>&1; then
   bash tools/minidfs/build.sh >/dev/null   # builds the HDFS test launcher and fetches its jars once
+  bash tools/minihbase/build.sh >/dev/null  # the mini HBase + Thrift gateway launcher (catalog tests), once
 else
-  echo ">> no Java/Maven: HDFS tests will be skipped (they say why)" >&2
+  echo ">> no Java/Maven: HDFS and HBase tests will be skipped (they say why)" >&2
 fi
 export OMP_NUM_THREADS=1
+# The default run includes the fixed fuzz subset (tests/test_fuzz.py) but not the long fuzz run (-m fuzz), and
+# the fresh-install check (tests/test_packaging.py: the built wheel in a venv with only its declared core
+# dependencies, ~30 s; by hand: python scripts/wheel_check.py).
 exec python -m pytest -q "$@"

@@ -72,6 +72,34 @@ def rewrite_document(url: str, name: str, data: bytes) -> None:
     open(os.path.join(url, fmt.MARKER), "wb").write(fmt.marker_bytes(mbytes))
 
 
+def make_idle(path: Path | str, seconds: float = 3600.0) -> None:
+    """Set the times of a directory and of everything directly in it ``seconds`` into the past, as if the
+    save that left it had crashed that long ago (clean-up leaves recent leftovers alone)."""
+    import time
+
+    when = time.time() - seconds
+    for name in os.listdir(path):
+        os.utime(os.path.join(path, name), (when, when), follow_symlinks=False)
+    os.utime(path, (when, when))
+
+
+def uncommitted_copy(src: Path | str, dst: Path | str, idle: bool = True) -> str:
+    """A copy of the committed checkpoint ``src`` at ``dst`` as a save that crashed between its rename and its
+    commit marker leaves it: its manifest names ``dst``, there is no marker (idle for an hour by default)."""
+    import shutil
+
+    from lightning_distckpt import ondisk as fmt
+
+    shutil.copytree(src, dst)
+    manifest = json.load(open(os.path.join(dst, fmt.MANIFEST)))
+    manifest["name"] = os.path.basename(str(dst).rstrip("/"))
+    open(os.path.join(dst, fmt.MANIFEST), "wb").write(fmt.dumps(manifest))
+    os.remove(os.path.join(dst, fmt.MARKER))
+    if idle:
+        make_idle(dst)
+    return str(dst)
+
+
 def load_json(path: Path | str) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -103,3 +131,24 @@ def healthy_minidfs(minidfs):
     if not status.get("namenode_up", True):
         minidfs.restart_namenode()
     return minidfs
+
+
+# ---- the test HBase: one mini HBase (ZooKeeper, master, region server, Thrift gateway) for the session ----
+@pytest.fixture(scope="session")
+def minihbase(tmp_path_factory):
+    from hbase_cluster import MiniHBase, java_home_or_none
+
+    java_home, reason = java_home_or_none()
+    if java_home is None:
+        pytest.skip(f"HBase tests need Java 17 (HBase 2.6 breaks on Java 23+): {reason}")
+    pytest.importorskip("happybase", reason="HBase tests need happybase: pip install 'lightning-distckpt[hbase]'")
+    with MiniHBase.start(tmp_path_factory.mktemp("minihbase"), java_home=java_home) as hb:
+        yield hb
+
+
+@pytest.fixture
+def healthy_minihbase(minihbase):
+    """The mini HBase with its Thrift gateway up (tests that stop it start it again)."""
+    if not minihbase.status().get("thrift_up", True):
+        minihbase.start_thrift()
+    return minihbase

@@ -11,7 +11,7 @@ import uuid
 import lightning as L
 import pytest
 import torch
-from conftest import load_json, train
+from conftest import load_json, make_idle, train, uncommitted_copy
 from workloads.common import Net, data
 
 from lightning_distckpt import CorruptCheckpointError, DistCheckpoint, DistCheckpointIO, list_checkpoints, verify
@@ -120,8 +120,8 @@ def test_crashed_saves_are_cleaned_up_and_committed_ones_kept(replicated, tmp_pa
     shutil.copytree(src / "primary", tmp_path / "p")
     p = tmp_path / "p"
     (p / fmt.staging_name("epoch=0-step=8", "abc")).mkdir()  # a save killed while writing
-    shutil.copytree(p / "epoch=0-step=4", p / "epoch=0-step=9")
-    os.remove(p / "epoch=0-step=9" / fmt.MARKER)  # killed after the rename, before the marker
+    make_idle(p / fmt.staging_name("epoch=0-step=8", "abc"))
+    uncommitted_copy(p / "epoch=0-step=4", p / "epoch=0-step=9")  # killed after the rename, before the marker
     os.rename(p / "epoch=0-step=6", p / fmt.trash_name("epoch=0-step=6", "def"))  # killed mid-overwrite
     fit(p, 6, resume="last", keep_last=5)
     left = sorted(os.listdir(p))

@@ -43,8 +43,12 @@ def test_metadata_checks_sizes_before_anything_is_allocated():
 
 
 def test_unknown_format_version_is_a_clear_error():
-    with pytest.raises(CorruptCheckpointError, match="version 99 is not supported"):
+    from lightning_distckpt.errors import NewerFormatError
+
+    with pytest.raises(NewerFormatError, match="format version 99, newer than"):
         fmt.metadata_from_json({**_metadata_doc([4], []), "version": 99}, "m")
+    with pytest.raises(CorruptCheckpointError, match="version 'x' is not supported"):
+        fmt.metadata_from_json({**_metadata_doc([4], []), "version": "x"}, "m")
 
 
 def test_marker_must_name_the_manifest():

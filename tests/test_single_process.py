@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import rewrite_document
+from conftest import rewrite_document, uncommitted_copy
 from workloads.common import Net, data
 
 from lightning_distckpt import (
@@ -84,8 +84,7 @@ def test_keep_last_keeps_newest_and_ckpt_last_ignores_uncommitted(tmp_path, save
     assert [c.name for c in list_checkpoints(str(d))] == ["epoch=0-step=6", "epoch=0-step=8"]
     # a later directory without a commit marker (a crashed save) is invisible to ckpt_path="last", and
     # the next fit's setup removes it
-    crashed = copy_ckpt(newest(d), d / "epoch=9-step=99")
-    os.remove(os.path.join(crashed, fmt.MARKER))
+    uncommitted_copy(newest(d), d / "epoch=9-step=99")
     assert [c.name for c in list_checkpoints(str(d)) if c.committed] == ["epoch=0-step=6", "epoch=0-step=8"]
     t, _ = fit(d, 8, resume="last", keep_last=2)
     assert t.global_step == 8
@@ -268,11 +267,17 @@ def test_a_strategy_that_cannot_be_routed_fails_at_setup():
 
 
 def test_a_failed_background_save_is_raised_not_lost(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
+    root = tmp_path / "ckpts"
+
+    class BreakStorage(L.Callback):  # after setup checked the root: the root turns into a file
+        def on_train_start(self, trainer, pl_module):
+            if root.exists():
+                root.rmdir()
+            root.write_text("x")
+
     torch.manual_seed(0)
     t = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
                   plugins=[DistCheckpointIO(async_save=True)],
-                  callbacks=[DistCheckpoint(dirpath=str(blocker / "ckpts"), every_n_train_steps=2)])  # fmt: skip
+                  callbacks=[DistCheckpoint(dirpath=str(root), every_n_train_steps=2), BreakStorage()])  # fmt: skip
     with pytest.raises(CheckpointSaveError, match=r"ckpts/epoch=0-step=2.*cannot create"):
         t.fit(Net(), data())  # raised by the next save (step 4) or at teardown, on the training thread

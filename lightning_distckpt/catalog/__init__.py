@@ -5,12 +5,23 @@ Depends on `storage`, `ondisk` and
 `transforms` (to know which codecs a checkpoint may name); never on Lightning.
 """
 
-from lightning_distckpt.catalog.cleanup import clean_stale, remove_checkpoint
-from lightning_distckpt.catalog.documents import Checkpoint, open_checkpoint, read_manifest, source_of
+from lightning_distckpt.catalog.cleanup import (
+    DEFAULT_STALE_AGE_S,
+    HEARTBEAT_S,
+    Heartbeat,
+    check_keep_last,
+    clean_stale,
+    publish,
+    remove_checkpoint,
+    retention_victims,
+)
+from lightning_distckpt.catalog.documents import Checkpoint, open_checkpoint, read_document, read_manifest, source_of
 from lightning_distckpt.catalog.listing import Listed, committed, latest, list_checkpoints
 from lightning_distckpt.catalog.verify import FileReport, VerifyReport, blocks_by_file, verify, verify_file
 
 __all__ = [
-    "Checkpoint", "FileReport", "Listed", "VerifyReport", "blocks_by_file", "clean_stale", "committed", "latest",
-    "list_checkpoints", "open_checkpoint", "read_manifest", "remove_checkpoint", "source_of", "verify", "verify_file",
+    "DEFAULT_STALE_AGE_S", "HEARTBEAT_S", "Checkpoint", "FileReport", "Heartbeat", "Listed", "VerifyReport",
+    "blocks_by_file", "check_keep_last", "clean_stale", "committed", "latest", "list_checkpoints", "open_checkpoint",
+    "publish", "read_document", "read_manifest", "remove_checkpoint", "retention_victims", "source_of", "verify",
+    "verify_file",
 ]  # fmt: skip

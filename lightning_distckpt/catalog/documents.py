@@ -9,17 +9,18 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from torch.distributed.checkpoint.metadata import Metadata
-
 from lightning_distckpt import ondisk
+from lightning_distckpt.ondisk import skeleton as _skeleton
 from lightning_distckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DistCheckpointError,
     NotACheckpointError,
     UncommittedCheckpointError,
+    UnsafeCheckpointError,
 )
 from lightning_distckpt.storage import Source, StorageLike, open_store
-from lightning_distckpt.transforms import check_codecs
+from lightning_distckpt.transforms.checks import check_codecs
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class Checkpoint:
 
     source: Source
     manifest: ondisk.Manifest
-    metadata: Metadata
+    metadata: ondisk.CheckpointMetadata  #: plain Python; the engine converts it to DCP's Metadata for a load
     skeleton: Any
 
     @property
@@ -43,8 +44,22 @@ def source_of(url: str, options: StorageLike = None) -> Source:
     return Source(store, path)
 
 
-def _read(source: Source, name: str) -> bytes:
-    return source.store.read_bytes(source.store.join(source.path, name))
+def read_document(source: Source, name: str, limit: int | None = None) -> bytes:
+    """The bytes of document ``name`` of a checkpoint, read only if it is a regular file (not a link, FIFO or
+    device: `UnsafeCheckpointError`) of at most ``limit`` bytes (default: its
+    ``ondisk.DOCUMENT_LIMITS`` entry; `CorruptCheckpointError`), checked before any byte is read.
+    ``FileNotFoundError`` if it does not exist."""
+    store, path = source.store, source.store.join(source.path, name)
+    limit = ondisk.DOCUMENT_LIMITS.get(name, 1 << 30) if limit is None else limit
+    entry = store.info(path)
+    if entry.type != "file":
+        raise UnsafeCheckpointError(f"{source.url(name)}: is a {entry.type}, not a regular file; refused")
+    if entry.size > limit:
+        raise CorruptCheckpointError(f"{source.url(name)}: {entry.size} bytes, more than the {limit} it may have")
+    try:
+        return store.read_limited(path, limit)
+    except ValueError as e:  # changed between the check and the read
+        raise CorruptCheckpointError(str(e)) from None
 
 
 def read_manifest(source: Source) -> ondisk.Manifest:
@@ -64,17 +79,32 @@ def read_manifest(source: Source) -> ondisk.Manifest:
         raise NotACheckpointError(f"{url}: not a lightning-distckpt checkpoint (no {ondisk.MARKER} or {ondisk.MANIFEST})")
     if not has_manifest:
         raise CorruptCheckpointError(f"{source.url(ondisk.MANIFEST)}: missing from a committed checkpoint")
-    manifest_bytes = _read(source, ondisk.MANIFEST)
-    ondisk.check_marker(_read(source, ondisk.MARKER), manifest_bytes, source.url(ondisk.MARKER))
+    manifest_bytes = read_document(source, ondisk.MANIFEST)
+    ondisk.check_marker(read_document(source, ondisk.MARKER), manifest_bytes, source.url(ondisk.MARKER))
     return ondisk.Manifest.from_json(ondisk.loads(manifest_bytes, source.url(ondisk.MANIFEST)), source.url(ondisk.MANIFEST))
 
 
-def _read_listed(source: Source, manifest: ondisk.Manifest, name: str) -> bytes:
+def read_uncommitted_manifest(source: Source) -> ondisk.Manifest | None:
+    """The manifest of a directory whose marker is missing, if it is a valid manifest of this package's
+    format (a save that crashed between its rename and its marker); None if there is none or it does not
+    parse. Clean-up uses this to prove a directory is its own garbage."""
     try:
-        data = _read(source, name)
+        data = read_document(source, ondisk.MANIFEST)
+        return ondisk.Manifest.from_json(ondisk.loads(data, source.url(ondisk.MANIFEST)), source.url(ondisk.MANIFEST))
+    except (DistCheckpointError, OSError):
+        return None
+
+
+def _read_listed(source: Source, manifest: ondisk.Manifest, name: str) -> bytes:
+    want = manifest.files[name]
+    limit = ondisk.DOCUMENT_LIMITS[name]
+    if want["size"] > limit:
+        raise CorruptCheckpointError(f"{source.url(name)}: {ondisk.MANIFEST} lists {want['size']} bytes, more than "
+                                     f"the {limit} it may have")  # fmt: skip
+    try:
+        data = read_document(source, name, want["size"])
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{source.url(name)}: missing (listed in {ondisk.MANIFEST})") from None
-    want = manifest.files[name]
     if len(data) != want["size"] or ondisk.digest(data) != want["xxh3"]:
         raise CorruptCheckpointError(f"{source.url(name)}: does not match its checksum in {ondisk.MANIFEST}")
     return data
@@ -83,29 +113,36 @@ def _read_listed(source: Source, manifest: ondisk.Manifest, name: str) -> bytes:
 def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
     """Read and verify everything but the tensor bytes (those are verified block by block when read).
 
-    With ``check_sizes`` every data file listed in the manifest must exist with its recorded size.
+    Every file listed in the manifest that is present must be a regular file (a symlink, FIFO or device
+    inside a checkpoint is refused: `UnsafeCheckpointError`). With ``check_sizes`` every one must
+    exist with its recorded size. Any problem is an error of this package naming the file and the key.
     """
     manifest = read_manifest(source)
     metadata = ondisk.metadata_from_json(
         ondisk.loads(_read_listed(source, manifest, ondisk.METADATA), source.url(ondisk.METADATA)), source.url(ondisk.METADATA)
     )
     check_codecs(metadata, source.url(ondisk.METADATA))
-    skeleton = ondisk.loads(_read_listed(source, manifest, ondisk.STATE), source.url(ondisk.STATE))
+    skeleton = ondisk.loads(_read_listed(source, manifest, ondisk.STATE), source.url(ondisk.STATE), ondisk.MAX_DEPTH)
+    _skeleton.tensor_refs(skeleton)  # every tensor reference is a string
     for loc in metadata.storage_data.values():
         info = manifest.files.get(loc.file)
         if info is None or loc.offset + loc.stored > info["size"]:
             raise CorruptCheckpointError(
                 f"{source.url(ondisk.METADATA)}: a chunk lies outside data file {loc.file!r} as listed in the manifest"
             )
-    if check_sizes:
-        sizes = {e.name: e.size for e in source.store.listdir(source.path)}
-        for name, info in manifest.files.items():
-            if name not in sizes:
+    entries = {e.name: e for e in source.store.listdir(source.path)}
+    for name, info in manifest.files.items():
+        entry = entries.get(name)
+        if entry is None:
+            if check_sizes:
                 raise CorruptCheckpointError(f"{source.url(name)}: missing (listed in {ondisk.MANIFEST})")
-            if sizes[name] != info["size"]:
-                raise CorruptCheckpointError(
-                    f"{source.url(name)}: has {sizes[name]} bytes, {ondisk.MANIFEST} says {info['size']} (truncated?)"
-                )
+            continue
+        if entry.type != "file":
+            raise UnsafeCheckpointError(f"{source.url(name)}: is a {entry.type}, not a regular file; refused")
+        if check_sizes and entry.size != info["size"]:
+            raise CorruptCheckpointError(
+                f"{source.url(name)}: has {entry.size} bytes, {ondisk.MANIFEST} says {info['size']} (truncated?)"
+            )
     return Checkpoint(source, manifest, metadata, skeleton)
 
 

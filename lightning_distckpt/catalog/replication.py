@@ -17,22 +17,30 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning_distckpt import ondisk
-from lightning_distckpt.catalog.documents import open_checkpoint, read_manifest, source_of
+from lightning_distckpt.catalog.cleanup import Heartbeat, publish
+from lightning_distckpt.catalog.documents import open_checkpoint, read_document, read_manifest, source_of
 from lightning_distckpt.catalog.verify import blocks_by_file, verify_file
 from lightning_distckpt.errors import CorruptCheckpointError, DestinationExistsError, DistCheckpointError
-from lightning_distckpt.parallel.comm import Comm
+from lightning_distckpt.faults import crash_point
 from lightning_distckpt.storage import Source, StorageLike
 from lightning_distckpt.storage.base import read_blocks
+
+if TYPE_CHECKING:  # torch.distributed: only replication during training needs it, not `copy_checkpoint`
+    from lightning_distckpt.parallel.comm import Comm
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ReplicaStats:
-    """Counters for logs and metrics (rank 0's are authoritative)."""
+    """Counters for logs and metrics (rank 0's are authoritative).
+
+    Updated by the training thread (``submit``) and the replication thread: change them only through
+    `update()` (under the lock), read a consistent set with `snapshot()`.
+    """
 
     copied: int = 0
     failures: int = 0
@@ -40,6 +48,25 @@ class ReplicaStats:
     last_error: str = ""
     bytes_copied: int = 0
     by_target: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def update(self, *, copied: int = 0, failures: int = 0, pending: int = 0, bytes_copied: int = 0,
+               target: str | None = None, last_error: str | None = None) -> None:
+        """Add the given deltas atomically (and set ``last_error``, count one more copy to ``target``)."""
+        with self.lock:
+            self.copied += copied
+            self.failures += failures
+            self.pending += pending
+            self.bytes_copied += bytes_copied
+            if target is not None:
+                self.by_target[target] = self.by_target.get(target, 0) + 1
+            if last_error is not None:
+                self.last_error = last_error
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {"copied": self.copied, "failures": self.failures, "pending": self.pending,
+                    "last_error": self.last_error, "bytes_copied": self.bytes_copied, "by_target": dict(self.by_target)}
 
 
 @dataclass
@@ -108,7 +135,7 @@ class Replicator:
 
     def submit(self, name: str, primary_url: str) -> None:
         """Queue a committed checkpoint for replication (non-blocking; call on every rank, same order)."""
-        self.stats.pending += 1
+        self.stats.update(pending=1)
         self._queue.put(_Job(name, primary_url))
 
     def close(self, timeout_s: float = 600.0) -> bool:
@@ -117,7 +144,7 @@ class Replicator:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("replication still running after %.0f s; %d checkpoint(s) not replicated", timeout_s,
-                        self.stats.pending)  # fmt: skip
+                        self.stats.snapshot()["pending"])  # fmt: skip
             return False
         return True
 
@@ -129,11 +156,9 @@ class Replicator:
                 return
             ok, error = self._replicate(job)
             if ok:
-                self.stats.pending -= 1
-                self.stats.copied += 1
+                self.stats.update(pending=-1, copied=1)
                 continue
-            self.stats.failures += 1
-            self.stats.last_error = error
+            self.stats.update(failures=1, last_error=error)
             job.attempt += 1
             if job.attempt < self.max_attempts:
                 log.warning("replication of %s failed (attempt %d of %d), retrying in %.0f s: %s", job.name,
@@ -141,7 +166,7 @@ class Replicator:
                 time.sleep(self.retry_delay_s)
                 self._queue.put(job)
             else:
-                self.stats.pending -= 1
+                self.stats.update(pending=-1)
                 log.error("replication of %s given up after %d attempts: %s", job.name, job.attempt, error)
 
     def _replicate(self, job: _Job) -> tuple[bool, str]:
@@ -155,10 +180,10 @@ class Replicator:
         return (not errors), "; ".join(errors)
 
     def _replicate_to(self, job: _Job, target: str) -> None:
-        rank, world = self.comm.rank, self.comm.world_size
+        rank = self.comm.rank
         error = ""
-        copied = 0
         already = False
+        beat: Heartbeat | None = None
         try:
             primary = open_checkpoint(source_of(job.primary, self.storage))
             dst_root = source_of(target, self.storage)
@@ -170,16 +195,31 @@ class Replicator:
                     already = read_manifest(Source(dst_root.store, final)).to_json() == primary.manifest.to_json()
                 except DistCheckpointError:
                     already = False
-                if not already:
-                    if dst_root.store.exists(final):  # an older or broken copy under the same name
-                        dst_root.store.remove(final, recursive=True)
+                if not already:  # an older or broken copy under the same name stays until the new one commits
                     staging.store.remove(staging.path, recursive=True)  # a crashed earlier attempt
                     staging.store.makedirs(staging.path)
+                    beat = Heartbeat(staging.store, staging.path)
         except Exception as e:  # noqa: BLE001 - agreed on below
             error = f"rank {rank}: {type(e).__name__}: {e}"
-        self._agree(error)
-        if self.comm.broadcast(already):
-            return
+        try:
+            self._agree(error)
+            if self.comm.broadcast(already):
+                return
+            self._copy_to(job, target, primary, staging, final, token, beat)
+        finally:
+            if beat is not None:
+                beat.stop()
+        if rank == 0 and self.after_replica_commit is not None:
+            try:
+                self.after_replica_commit(target, job.name)
+            except Exception:  # noqa: BLE001
+                log.exception("retention on replica %s failed", target)
+
+    def _copy_to(self, job: _Job, target: str, primary: Any, staging: Source, final: str, token: str,
+                 beat: Heartbeat | None) -> None:
+        rank, world = self.comm.rank, self.comm.world_size
+        error = ""
+        copied = 0
         blocks = blocks_by_file(primary)
         data_files = sorted(n for n in primary.manifest.files if n not in (ondisk.METADATA, ondisk.STATE))
         try:
@@ -206,22 +246,19 @@ class Replicator:
                                                      f"expected {info['size']}")  # fmt: skip
                 manifest_bytes = ondisk.dumps(primary.manifest.to_json())
                 staging.store.write_bytes(staging.store.join(staging.path, ondisk.MANIFEST), manifest_bytes)
-                staging.store.rename(staging.path, final)
-                staging.store.write_bytes(staging.store.join(final, ondisk.MARKER), ondisk.marker_bytes(manifest_bytes))
+                if beat is not None:
+                    beat.stop()
+                publish(staging.store, staging.path, final, manifest_bytes, "r" + token)  # replaces an old copy
             except Exception as e:  # noqa: BLE001
                 error = f"rank 0: {type(e).__name__}: {e}"
                 try:
                     staging.store.remove(staging.path, recursive=True)
-                except Exception:  # noqa: BLE001 - best effort; gc removes it later
-                    pass
+                except Exception as ce:  # noqa: BLE001 - the failure above is what is reported
+                    log.warning("could not remove the staging directory %s of a failed replication (%s: %s); "
+                                "clean-up at the next start or `distckpt gc` removes it", staging.url(),
+                                type(ce).__name__, ce)  # fmt: skip
         self._agree(error)
-        self.stats.bytes_copied += copied
-        self.stats.by_target[target] = self.stats.by_target.get(target, 0) + 1
-        if rank == 0 and self.after_replica_commit is not None:
-            try:
-                self.after_replica_commit(target, job.name)
-            except Exception:  # noqa: BLE001
-                log.exception("retention on replica %s failed", target)
+        self.stats.update(bytes_copied=copied, target=target)
 
     def _agree(self, error: str) -> None:
         """All ranks learn every rank's error; raise the same failure everywhere if any rank failed."""
@@ -231,7 +268,8 @@ class Replicator:
 
 
 def describe(stats: ReplicaStats) -> dict[str, Any]:
-    return {"copied": stats.copied, "failures": stats.failures, "pending": stats.pending}
+    snap = stats.snapshot()
+    return {"copied": snap["copied"], "failures": snap["failures"], "pending": snap["pending"]}
 
 
 def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
@@ -239,31 +277,58 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     """Copy one committed checkpoint to ``dst_url`` (any store to any store), in this process, verified.
 
     Every block is checked against the source's checksums as it is copied; the copy is committed (renamed
-    into place, its own marker written) only when complete. Resumable: an interrupted copy leaves a
-    staging directory named after the source's manifest, and the next call keeps the files there that
-    already verify. Refuses to overwrite an existing checkpoint at ``dst_url``.
+    into place, its own marker written, `lightning_distckpt.catalog.publish()`) only when complete.
+    Resumable: an interrupted copy leaves a staging directory named after the source's manifest, and the
+    next call keeps the files there that already verify; a copy killed between its rename and its marker
+    (``dst_url`` holds exactly the source's manifest, no marker) is finished by writing the marker after its
+    files' sizes are checked. Refuses to overwrite any other existing directory at ``dst_url``.
     """
     src = open_checkpoint(source_of(src_url, storage))
     dst = source_of(dst_url, storage)
     store = dst.store
+    manifest_bytes = ondisk.dumps(src.manifest.to_json())
     if store.exists(dst.path):
+        if _finish_interrupted(dst, src.manifest, manifest_bytes):
+            return src.manifest
         raise DestinationExistsError(f"{dst.url()}: already exists; remove it first or copy elsewhere")
     parent, name = store.parent(dst.path), store.basename(dst.path)
-    token = f"c{ondisk.digest(ondisk.dumps(src.manifest.to_json())):016x}"[:13]
+    token = f"c{ondisk.digest(manifest_bytes):016x}"[:13]
     staging = Source(store, store.join(parent, ondisk.staging_name(name, token)))
     store.makedirs(staging.path)
-    present = {e.name: e.size for e in store.listdir(staging.path)}
-    blocks = blocks_by_file(src)
-    for fname, info in sorted(src.manifest.files.items()):
-        kind = None if fname in (ondisk.METADATA, ondisk.STATE) else blocks.get(fname, [])
-        if present.get(fname) == info["size"] and verify_file(staging, fname, info, kind or []).ok:
-            if progress:
-                progress(info["size"])
-            continue  # copied completely before an interruption
-        if copy_file(src.source, staging, fname, kind, info["size"], progress) != info["xxh3"]:
-            raise CorruptCheckpointError(f"{src.source.url(fname)}: digest differs from its manifest; not copied")
-    manifest_bytes = ondisk.dumps(src.manifest.to_json())
-    store.write_bytes(store.join(staging.path, ondisk.MANIFEST), manifest_bytes)
-    store.rename(staging.path, dst.path)
-    store.write_bytes(store.join(dst.path, ondisk.MARKER), ondisk.marker_bytes(manifest_bytes))
+    beat = Heartbeat(store, staging.path)
+    try:
+        present = {e.name: e.size for e in store.listdir(staging.path) if e.type == "file"}
+        blocks = blocks_by_file(src)
+        for fname, info in sorted(src.manifest.files.items()):
+            kind = None if fname in (ondisk.METADATA, ondisk.STATE) else blocks.get(fname, [])
+            if present.get(fname) == info["size"] and verify_file(staging, fname, info, kind or []).ok:
+                if progress:
+                    progress(info["size"])
+                continue  # copied completely before an interruption
+            if copy_file(src.source, staging, fname, kind, info["size"], progress) != info["xxh3"]:
+                raise CorruptCheckpointError(f"{src.source.url(fname)}: digest differs from its manifest; not copied")
+            crash_point("copy:file")
+        store.write_bytes(store.join(staging.path, ondisk.MANIFEST), manifest_bytes)
+    finally:
+        beat.stop()
+    publish(store, staging.path, dst.path, manifest_bytes, token)
     return src.manifest
+
+
+def _finish_interrupted(dst: Source, manifest: ondisk.Manifest, manifest_bytes: bytes) -> bool:
+    """Commit ``dst`` if it is this very copy, killed after its rename and before its marker: no marker, the
+    same manifest, every file present with its size. False for anything else (left untouched)."""
+    store = dst.store
+    try:
+        if store.info(dst.path).type != "dir" or store.exists(store.join(dst.path, ondisk.MARKER)):
+            return False
+        if read_document(dst, ondisk.MANIFEST) != manifest_bytes:
+            return False
+        sizes = {e.name: e.size for e in store.listdir(dst.path) if e.type == "file"}
+    except (OSError, DistCheckpointError):
+        return False
+    if any(sizes.get(n) != f["size"] for n, f in manifest.files.items()):
+        return False
+    store.write_bytes(store.join(dst.path, ondisk.MARKER), ondisk.marker_bytes(manifest_bytes))
+    log.warning("%s: finished a copy that was interrupted before its commit marker", dst.url())
+    return True

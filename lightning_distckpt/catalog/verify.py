@@ -36,11 +36,16 @@ def verify(url: str, options: StorageLike = None, progress: Callable[[int], None
     Never raises for a bad checkpoint: the report says what is wrong, file by file. ``progress`` is
     called with the number of bytes read as the check goes.
     """
-    source = source_of(url, options)
+    try:
+        source = source_of(url, options)
+    except (DistCheckpointError, OSError, ValueError, TypeError, ImportError) as e:  # no store for this URL
+        return VerifyReport(str(url), False, error=f"{url}: {type(e).__name__}: {e}")
     try:
         ckpt = open_checkpoint(source, check_sizes=False)
     except DistCheckpointError as e:
         return VerifyReport(source.url(), False, error=str(e))
+    except (OSError, EOFError, ValueError, ImportError) as e:  # e.g. no fsspec backend for the URL's scheme
+        return VerifyReport(source.url(), False, error=f"{source.url()}: {type(e).__name__}: {e}")
     blocks = blocks_by_file(ckpt)
     files = []
     for name, info in sorted(ckpt.manifest.files.items()):
@@ -62,19 +67,32 @@ def blocks_by_file(ckpt: Checkpoint) -> dict[str, list[tuple[int, ondisk.Block]]
 def verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, ondisk.Block]],
                 progress: Callable[[int], None] | None = None) -> FileReport:
     """Check one file of a checkpoint against its manifest entry ``info`` and (data files) its ``blocks``,
-    reading every byte; ``progress`` gets the bytes read as the check goes. Never raises for a bad file."""
-    path = source.store.join(source.path, name)
-    progress = progress or (lambda n: None)
+    reading every byte; ``progress`` gets the bytes read as the check goes. Never raises for a bad file.
+
+    A file that is not a regular file (a symlink, FIFO or device) is reported bad without being read: a load
+    refuses it too (sizes are those of the entry itself, never of what a link points to)."""
     try:
-        size = source.store.size(path)
+        return _verify_file(source, name, info, blocks, progress or (lambda n: None))
+    except (OSError, EOFError, ValueError, DistCheckpointError) as e:
+        return FileReport(name, False, 0, f"cannot read: {type(e).__name__}: {e}")
+
+
+def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, ondisk.Block]],
+                 progress: Callable[[int], None]) -> FileReport:
+    path = source.store.join(source.path, name)
+    try:
+        entry = source.store.info(path)
     except FileNotFoundError:
         return FileReport(name, False, 0, "missing")
+    size = entry.size
+    if entry.type != "file":
+        return FileReport(name, False, size, f"a {entry.type}, not a regular file (refused)")
     if size != info["size"]:
         return FileReport(name, False, size, f"size {size}, expected {info['size']}")
     if name.endswith(".json"):
-        data = source.store.read_bytes(path)
+        data = source.store.read_limited(path, size) if size <= ondisk.DOCUMENT_LIMITS.get(name, 1 << 30) else b""
         progress(len(data))
-        ok = ondisk.digest(data) == info["xxh3"]
+        ok = len(data) == size and ondisk.digest(data) == info["xxh3"]
         return FileReport(name, ok, size, "" if ok else "checksum mismatch")
     pos = 0
     for offset, b in blocks:

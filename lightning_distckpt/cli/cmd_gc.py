@@ -1,10 +1,16 @@
-"""``distckpt gc ROOT``: remove crashed saves and, with ``--keep-last``, old checkpoints (dry run by default)."""
+"""``distckpt gc ROOT``: remove crashed saves and, with ``--keep-last``, old checkpoints (dry run by default).
+
+What it may delete is `lightning_distckpt.catalog.clean_stale`'s rule (docs/fault-tolerance.md, "What clean-up may
+delete"): only names the package makes, only directly under ROOT, only when idle for ``--older-than`` seconds
+(default 600), never a committed copy unless a newer committed copy of the same name exists. ``--keep-last N``
+is `lightning_distckpt.catalog.check_keep_last`'s rule, the same as ``DistCheckpoint(keep_last=N)``.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from lightning_distckpt.cli.common import EXIT_OK, UsageError, out, storage
+from lightning_distckpt.cli.common import EXIT_OK, UsageError, out, printable, storage
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -13,10 +19,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                    "--keep-last N, committed checkpoints older than the N newest. Prints what it "
                                    "would remove; removes it only with --apply.")  # fmt: skip
     s.add_argument("root", metavar="ROOT", help="directory (or URL) that holds checkpoint directories")
-    s.add_argument("--keep-last", type=int, default=0, metavar="N",
-                   help="keep this many newest committed checkpoints, remove older ones (0: keep all)")  # fmt: skip
-    s.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS",
-                   help="only remove staging/trash directories at least this old (default 0)")  # fmt: skip
+    s.add_argument("--keep-last", type=int, default=None, metavar="N",
+                   help="also remove committed checkpoints beyond the N newest (N >= 1: the same rule as "
+                        "DistCheckpoint(keep_last=N)); without it no committed checkpoint is removed")  # fmt: skip
+    s.add_argument("--older-than", type=float, default=None, metavar="SECONDS",
+                   help="only leftovers idle at least this long (default 600; 0 only when no job can be writing "
+                        "under ROOT)")  # fmt: skip
     s.add_argument("--apply", action="store_true", help="really delete (default: dry run)")
     s.set_defaults(fn=run)
 
@@ -26,8 +34,14 @@ def run(args: argparse.Namespace) -> int:
     from lightning_distckpt.errors import CheckpointNotFoundError, NotACheckpointError
     from lightning_distckpt.storage import open_store
 
-    if args.keep_last < 0:
-        raise UsageError(f"--keep-last must be 0 or more, got {args.keep_last}")
+    if args.keep_last is not None:  # the one rule shared with DistCheckpoint(keep_last=), before anything is touched
+        try:
+            catalog.check_keep_last(args.keep_last, "--keep-last")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    older_than = catalog.DEFAULT_STALE_AGE_S if args.older_than is None else args.older_than
+    if not older_than >= 0:
+        raise UsageError(f"--older-than {args.older_than}: must be 0 or more seconds")
     config = storage(args)
     store, root = open_store(args.root, config)
     if not store.exists(root):
@@ -35,15 +49,17 @@ def run(args: argparse.Namespace) -> int:
     if not store.isdir(root):
         raise NotACheckpointError(f"{args.root}: is a file, not a directory of checkpoints")
     dry = not args.apply
-    stale = catalog.clean_stale(args.root, config, older_than_s=args.older_than, dry_run=dry)
+    stale = catalog.clean_stale(args.root, config, older_than_s=older_than, dry_run=dry)
     committed = catalog.committed(args.root, config)
-    old = committed[: -args.keep_last] if args.keep_last else []
+    old = catalog.retention_victims(committed, args.keep_last) if args.keep_last is not None else []
     if not dry:
         for c in old:
-            catalog.remove_checkpoint(store, store.join(root, c.name))
+            where, path = open_store(c.url, config)  # the listed copy (a trash directory's, until restored)
+            catalog.remove_checkpoint(where, path)
     removed = stale + [c.url for c in old]
     verb = "would remove" if dry else "removed"
     out(args, {"dry_run": dry, "removed": removed, "kept": [c.url for c in committed[len(old):]]},
-        lambda: "\n".join([f"{verb} {u}" for u in removed] + (["(dry run: pass --apply to delete)"] if dry and removed else [])
-                          or [f"nothing to remove under {args.root}"]))  # fmt: skip
+        lambda: "\n".join([f"{verb} {printable(u)}" for u in removed]
+                          + (["(dry run: pass --apply to delete)"] if dry and removed else [])
+                          or [f"nothing to remove under {printable(args.root)}"]))  # fmt: skip
     return EXIT_OK

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lightning_distckpt.cli.common import EXIT_FAILED, EXIT_OK, out, size, storage
+from lightning_distckpt.cli.common import EXIT_FAILED, EXIT_OK, out, printable, size, storage
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -42,20 +42,21 @@ def run(args: argparse.Namespace) -> int:
                "epoch": m.epoch if m else None, "world_size": m.world_size if m else None,
                "bytes": sum(f["size"] for f in m.files.values()) if m else None,
                "compression": (m.compression or {}).get("preset") if m and m.compression else None,
-               "replicas": [r for r in replicas if c.name in copies[r]], "problem": c.problem}  # fmt: skip
+               "replicas": [r for r in replicas if c.name in copies[r]], "problem": c.problem,
+               "status": c.status}  # fmt: skip
         if args.verify and c.committed:
             row["verified"] = catalog.verify(c.url, config).ok
         rows.append(row)
 
     def text() -> str:
         if not rows:
-            return f"no checkpoints under {args.root}"
+            return f"no checkpoints under {printable(args.root)}"
         lines = [f"{'NAME':<32} {'STEP':>8} {'SIZE':>10} {'WORLD':>5} {'COMPRESSION':<11} STATUS"]
         for r in rows:
-            status = ("verified" if r.get("verified") else "CORRUPT" if "verified" in r else "committed") if r["committed"] else "UNCOMMITTED"
+            status = ("verified" if r.get("verified") else "CORRUPT" if "verified" in r else "committed") if r["committed"] else r["status"].upper()
             if r["replicas"]:
                 status += f" (+{len(r['replicas'])} replica{'s' if len(r['replicas']) > 1 else ''})"
-            lines.append(f"{r['name']:<32} {r['step'] if r['step'] is not None else '-':>8} "
+            lines.append(f"{printable(r['name']):<32} {r['step'] if r['step'] is not None else '-':>8} "
                          f"{size(r['bytes']) if r['bytes'] is not None else '-':>10} {r['world_size'] or '-':>5} "
                          f"{r['compression'] or '-':<11} {status}")  # fmt: skip
         return "\n".join(lines)

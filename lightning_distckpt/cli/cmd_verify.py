@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lightning_distckpt.cli.common import EXIT_FAILED, EXIT_OK, basename, out, progress, size, storage
+from lightning_distckpt.cli.common import EXIT_FAILED, EXIT_OK, basename, out, printable, progress, size, storage
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     def text() -> str:
         if report.error:
-            return f"FAILED {report.url}: {report.error}"
-        lines = [f"{'ok' if f.ok else 'BAD':<4} {f.name:<28} {size(f.size):>10} {f.problem}" for f in report.files]
-        lines.append(f"{'OK' if report.ok else 'FAILED'}: {report.url} ({len(report.files)} files)")
+            return f"FAILED {printable(report.url)}: {printable(report.error)}"
+        lines = [f"{'ok' if f.ok else 'BAD':<4} {printable(f.name):<28} {size(f.size):>10} {printable(f.problem)}"
+                 for f in report.files]  # fmt: skip
+        lines.append(f"{'OK' if report.ok else 'FAILED'}: {printable(report.url)} ({len(report.files)} files)")
         return "\n".join(lines)
 
     out(args, obj, text)

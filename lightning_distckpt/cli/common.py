@@ -56,6 +56,8 @@ def add_storage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hdfs-user", default=None, metavar="USER", help="HDFS user name (hdfs://, webhdfs://)")
     p.add_argument("--hdfs-replication", type=int, default=None, metavar="N",
                    help="HDFS replication of files written (copy)")  # fmt: skip
+    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long reaching a store may take before the command fails (exit 5); default 30")  # fmt: skip
 
 
 def storage(args: argparse.Namespace) -> Any:
@@ -69,7 +71,22 @@ def storage(args: argparse.Namespace) -> Any:
         k, v = kv.split("=", 1)
         options[k] = v
     hdfs = HdfsOptions(user=getattr(args, "hdfs_user", None), replication=getattr(args, "hdfs_replication", None))
-    return StorageConfig(options=options, hdfs=hdfs, durable=True)
+    timeout = getattr(args, "connect_timeout", 30.0)
+    if not timeout > 0:
+        raise UsageError(f"--connect-timeout must be a positive number of seconds, got {timeout}")
+    return StorageConfig(options=options, hdfs=hdfs, durable=True, connect_timeout_s=timeout)
+
+
+def reach(args: argparse.Namespace) -> None:
+    """Reach the store of every location given to the command (``root``, ``ckpt``, ``src``, ``dst``,
+    ``--replica``), each within ``--connect-timeout`` seconds: a store that does not answer is a
+    ``StorageUnreachableError`` naming the URL (exit 5), not a client waiting for minutes."""
+    from lightning_distckpt.storage import probe
+
+    config = storage(args)
+    urls = [getattr(args, name, None) for name in ("root", "ckpt", "src", "dst")]
+    for url in [u for u in urls if isinstance(u, str)] + list(getattr(args, "replica", None) or []):
+        probe(url, config, directory=False)  # what a file there means is the command's to say
 
 
 def size(n: float) -> str:
@@ -79,6 +96,13 @@ def size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")  # the loop returns at TiB
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters (terminal escape sequences, newlines) escaped, for terminal output: a
+    directory name crafted to hold ``ESC [ 2 J`` is shown as ``\\x1b[2J``, never sent to the terminal."""
+    s = str(text)
+    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
 def basename(url: str) -> str:

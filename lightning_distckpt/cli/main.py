@@ -9,7 +9,8 @@
 
 Every subcommand takes ``--json`` (machine-readable output on stdout, errors included), ``--quiet``,
 ``--debug`` (tracebacks) and storage options (``-o key=value`` for fsspec, ``--hdfs-user``,
-``--hdfs-replication``). Exit codes: see ``common.EXIT_CODES`` and docs/cli.md. It never imports
+``--hdfs-replication``, ``--connect-timeout``: every store given is reached within that many seconds or the
+command fails with exit code 5). Exit codes: see ``common.EXIT_CODES`` and docs/cli.md. It never imports
 Lightning, and ``ls``, ``info``, ``verify``, ``copy`` and ``gc`` never import torch.
 
 Adding a subcommand: write a module with ``register(subparsers, common)`` (which calls
@@ -38,6 +39,8 @@ from lightning_distckpt.cli.common import (
     EXIT_USAGE,
     UsageError,
     add_storage_options,
+    printable,
+    reach,
 )
 
 #: modules that each add subcommands through ``register(subparsers, common)``, in ``--help`` order
@@ -48,6 +51,7 @@ COMMAND_MODULES = [
     "lightning_distckpt.cli.cmd_export",
     "lightning_distckpt.cli.cmd_copy",
     "lightning_distckpt.cli.cmd_gc",
+    "lightning_distckpt.cli.cmd_catalog",  # runs, best, reconcile; ls --catalog (after cmd_ls)
 ]
 
 
@@ -97,7 +101,7 @@ def exit_code(e: BaseException) -> int:
 
 def _report(argv: list[str], line: str, e: BaseException, code: int) -> None:
     """One line on stderr; with ``--json`` also ``{"error": {"type", "message", "exit_code"}}`` on stdout."""
-    print(line, file=sys.stderr)
+    print("\n".join(printable(part) for part in line.split("\n")), file=sys.stderr)
     if "--json" in argv:
         message = str(e) or type(e).__name__
         print(json.dumps({"error": {"type": type(e).__name__, "message": message, "exit_code": code}}, indent=1))
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             _report(argv, f"{e}\nrun 'distckpt -h' for help", e, EXIT_USAGE)
             return EXIT_USAGE
         try:
+            reach(args)
             code = args.fn(args)
             sys.stdout.flush()  # a closed pipe shows here, inside the handlers
             return code

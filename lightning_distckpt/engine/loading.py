@@ -18,14 +18,14 @@ import psutil
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.engine.balanced_read import Broadcaster, SharedSegments, deal, is_balanceable, node_id, rounds
 from lightning_distckpt.engine.reader import CheckpointReader, ReadStats
-from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, StateMismatchError
+from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, InsufficientMemoryError, StateMismatchError
 from lightning_distckpt.ondisk import skeleton as state
-from lightning_distckpt.ondisk.metadata import parse_dtype
+from lightning_distckpt.engine.dcp_metadata import to_dcp
+from lightning_distckpt.ondisk.metadata import CheckpointMetadata, parse_dtype
 from lightning_distckpt.parallel.comm import SOLO, Comm
 from lightning_distckpt.parallel.pieces import Piece
 from lightning_distckpt.parallel.planner import load_planner
@@ -89,39 +89,38 @@ def global_shape(t: Any) -> torch.Size:
     return t.size() if isinstance(t, ShardedTensor) else t.shape
 
 
-def saved_tensors(metadata: Metadata) -> dict[str, tuple[torch.Size, torch.dtype]]:
+def saved_tensors(metadata: CheckpointMetadata) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Every tensor of the checkpoint as the user sees it (encoded tensors by their own shape and dtype)."""
-    out = {k: (m.size, m.properties.dtype) for k, m in metadata.state_dict_metadata.items() if PART not in k}  # type: ignore[union-attr]
-    for k, e in (metadata.planner_data or {}).get("encodings", {}).items():
+    out = {k: (torch.Size(t.size), parse_dtype(t.dtype, k)) for k, t in metadata.tensors.items() if PART not in k}
+    for k, e in metadata.encodings.items():
         out[k] = (torch.Size(e["size"]), parse_dtype(e["dtype"], k))
     return out
 
 
-def row_layout(metadata: Metadata) -> dict[str, list[tuple[int, int]]]:
+def row_layout(metadata: CheckpointMetadata) -> dict[str, list[tuple[int, int]]]:
     """For every tensor stored in chunks of whole rows: the chunks' (first row, rows), as the user sees the
     tensor (an encoded tensor by the layout of its first part)."""
     out: dict[str, list[tuple[int, int]]] = {}
-    for key, md in metadata.state_dict_metadata.items():
+    for key, t in metadata.tensors.items():
         base = key.split(PART)[0]
-        chunks = md.chunks  # type: ignore[union-attr]
-        if base in out or not chunks or not len(md.size):  # type: ignore[union-attr]
+        chunks = t.chunks
+        if base in out or not chunks or not len(t.size):
             continue
-        if all(list(c.offsets[1:]) == [0] * (len(c.offsets) - 1) and list(c.sizes[1:]) == list(md.size[1:]) for c in chunks):  # type: ignore[union-attr]
+        if all(all(o == 0 for o in c.offsets[1:]) and c.sizes[1:] == t.size[1:] for c in chunks):
             out[base] = [(c.offsets[0], c.sizes[0]) for c in chunks]
     return out
 
 
-def chunk_places(metadata: Metadata) -> dict[tuple[str, int], tuple[str, int]]:
+def chunk_places(metadata: CheckpointMetadata) -> dict[tuple[str, int], tuple[str, int]]:
     """Where each stored chunk of whole rows lives: (key as the user sees it, first row) -> (file, offset)."""
     out: dict[tuple[str, int], tuple[str, int]] = {}
-    for index, loc in (metadata.storage_data or {}).items():
-        base = index.fqn.split(PART)[0]
-        if index.offset is not None and len(index.offset):
-            out.setdefault((base, int(index.offset[0])), (loc.file, loc.offset))
+    for fqn, c in metadata.chunks():
+        if c.offsets:
+            out.setdefault((fqn.split(PART)[0], c.offsets[0]), (c.location.file, c.location.offset))
     return out
 
 
-def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
+def match(metadata: CheckpointMetadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
     """Targets that the checkpoint can fill; raise `StateMismatchError` naming the first bad keys."""
     saved = {k: size for k, (size, _) in saved_tensors(metadata).items() if k.startswith(prefix)}
     missing = [k[len(prefix):] for k in targets if k not in saved]
@@ -131,7 +130,13 @@ def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool
         for k, t in targets.items()
         if k in saved and saved[k] != global_shape(t)
     ]
-    if shapes or (strict and (missing or unexpected)):
+    dtypes = saved_tensors(metadata)
+    kinds = [
+        f"{k[len(prefix):]}: checkpoint {dtypes[k][1]} vs {what} {t.dtype}"
+        for k, t in targets.items()
+        if k in dtypes and not _convertible(dtypes[k][1], t.dtype)
+    ]
+    if shapes or kinds or (strict and (missing or unexpected)):
         parts = []
         if missing:
             parts.append(f"missing in checkpoint: {_first(missing)}")
@@ -139,8 +144,17 @@ def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool
             parts.append(f"not in the {what}: {_first(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch: {_first(shapes)}")
+        if kinds:
+            parts.append(f"dtype mismatch: {_first(kinds)}")
         raise StateMismatchError(f"{url} does not match the {what}: " + "; ".join(parts))
     return {k: t for k, t in targets.items() if k in saved}
+
+
+def _convertible(saved: torch.dtype, target: torch.dtype) -> bool:
+    """Whether a tensor stored as ``saved`` may be read into one of ``target``: the same dtype, or two
+    floating-point dtypes (converted by value, as ``load_state_dict`` does; e.g. a bf16-true resume).
+    Anything else (an integer read as a float, a bool as bytes) would silently change what the bits mean."""
+    return saved == target or (saved.is_floating_point and target.is_floating_point)
 
 
 def _first(keys: list[str], n: int = 5) -> str:
@@ -148,15 +162,39 @@ def _first(keys: list[str], n: int = 5) -> str:
     return ", ".join(repr(k) for k in keys[:n]) + more
 
 
-def allocate(metadata: Metadata, keys: list[str], url: str) -> dict[str, torch.Tensor]:
-    """Empty CPU tensors for ``keys``, shaped by the metadata, after checking the total fits in memory."""
+def host_bytes(metadata: CheckpointMetadata, keys: list[str], url: str) -> int:
+    """Bytes of host memory that tensors ``keys`` of the checkpoint take once read; a key the metadata does not
+    hold is a `CorruptCheckpointError` (the same on every rank: the documents are rank 0's, broadcast)."""
     saved = saved_tensors(metadata)
-    total = sum(saved[k][0].numel() * saved[k][1].itemsize for k in keys)
-    available = psutil.virtual_memory().available
-    if total > available:
-        raise CorruptCheckpointError(
-            f"{url}: metadata asks for {total} bytes of tensors, more than the {available} bytes of free memory"
+    missing = [k for k in keys if k not in saved]
+    if missing:
+        raise CorruptCheckpointError(f"{url}: state.json refers to tensors that metadata.json does not hold: {_first(missing)}")
+    return sum(saved[k][0].numel() * saved[k][1].itemsize for k in keys)
+
+
+def check_memory(needed: int, comm: Comm, url: str) -> None:
+    """Collective (every rank of ``comm`` calls it): do all ranks have ``needed`` bytes of free host memory?
+
+    Every rank's need and free memory are gathered and judged the same way everywhere, so either every rank
+    returns or every rank raises the same `InsufficientMemoryError` naming the ranks that are short.
+    A shortage is never a reason to try another checkpoint: the loader raises it as it is.
+    """
+    verdicts = comm.all_gather((int(needed), int(psutil.virtual_memory().available)))
+    short = [(rank, n, free) for rank, (n, free) in enumerate(verdicts) if n > free]
+    if short:
+        who = "; ".join(f"rank {r} needs {n} bytes, {free} free" for r, n, free in short)
+        raise InsufficientMemoryError(
+            f"{url}: not enough free host memory to load this checkpoint ({who}). Free memory on "
+            f"{'those hosts' if len(short) > 1 else 'that host'} or load with fewer ranks per host; no other "
+            "checkpoint was tried"
         )
+
+
+def allocate(metadata: CheckpointMetadata, keys: list[str], url: str, comm: Comm = SOLO) -> dict[str, torch.Tensor]:
+    """Empty CPU tensors for ``keys``, shaped by the metadata, after `check_memory` (collective over
+    ``comm``: with several ranks every rank must call it, each with its own keys)."""
+    saved = saved_tensors(metadata)
+    check_memory(host_bytes(metadata, keys, url), comm, url)
     return {k: torch.empty(saved[k][0], dtype=saved[k][1]) for k in keys}
 
 
@@ -179,9 +217,9 @@ def read_tensors(
     (from reader threads) with the stored bytes of every verified read.
     """
     start = time.perf_counter()
-    reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads, codecs=block_codec)
+    reader = CheckpointReader(sources or [ckpt.source], to_dcp(ckpt.metadata), threads=threads, codecs=block_codec)
     reader.stats.progress = progress
-    encodings = (ckpt.metadata.planner_data or {}).get("encodings", {})
+    encodings = ckpt.metadata.encodings
     if not (balanced and comm.active):
         _load_round(reader, encodings, targets, comm)
         reader.stats.read_s = time.perf_counter() - start
@@ -274,7 +312,7 @@ def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: di
             for exc in failures.values():
                 inner = exc[0] if isinstance(exc, tuple) else exc
                 if isinstance(inner, DistCheckpointError):
-                    raise type(inner)(str(inner)) from e
+                    raise inner from e  # the error itself (type, attributes, traceback), DCP's wrapper as its cause
         raise
     decode()
 

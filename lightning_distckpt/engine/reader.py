@@ -39,11 +39,33 @@ STAGE_BYTES = 64 << 20
 
 
 @dataclass
+class Repair:
+    """Blocks of one file read from another copy because an earlier copy's failed (checksum, short, missing)."""
+
+    file: str
+    bad: str  # URL of the copy that failed (the checkpoint directory)
+    good: str  # URL of the copy the blocks were read from instead
+    reason: str  # why the bad copy failed (the first problem seen)
+    blocks: int = 0
+    bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "bad": self.bad, "good": self.good, "reason": self.reason, "blocks": self.blocks,
+                "bytes": self.bytes}  # fmt: skip
+
+
+@dataclass
 class ReadStats:
-    """What a load read, per source URL (bytes) and which files needed a fallback source."""
+    """What a load read, per source URL (bytes) and which files needed a fallback source.
+
+    ``failures`` keeps, per file, why the first source that failed for it failed (also when a retry of that
+    source succeeded later); ``repairs`` the blocks that were served by another copy because of such a failure.
+    """
 
     bytes_by_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fallbacks: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    repairs: dict[tuple[str, str, str], Repair] = field(default_factory=dict)
     bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads)
     shared_memory: bool = False  # balanced reads shared the bytes through shared memory (not broadcasts)
     read_s: float = 0.0
@@ -120,7 +142,7 @@ class CheckpointReader(StorageReader):
             for fqn, tmd in metadata.state_dict_metadata.items()
             for c in tmd.chunks  # type: ignore[union-attr]
         }
-        self._bad: set[tuple[int, str]] = set()  # (source index, file) known to be bad
+        self._bad: dict[tuple[int, str], str] = {}  # (source index, file) known to be bad -> why
         self._devices: set[torch.device] = set()  # accelerators that _read_to_device copied to
 
     # -- DCP protocol ------------------------------------------------------------------------------
@@ -240,12 +262,18 @@ class CheckpointReader(StorageReader):
 
             try:
                 got = source.store.retry.run(read_once, f"read {source.url(name)}", cleanup=reopen)
-            except (OSError, EOFError):
-                pass  # the careful path below records the problem and tries the other sources
+            except (OSError, EOFError) as e:
+                # recorded; the careful path below reads each item again, from every source in turn
+                self._failed(name, f"{source.url(name)}: {type(e).__name__}: {e}")
             else:
                 intact, pos = [], 0
                 for d in directs:
-                    intact.append(_first_bad(d.blocks, got[pos : pos + len(d.blocks)]) is None)
+                    bad = _first_bad(d.blocks, got[pos : pos + len(d.blocks)])
+                    intact.append(bad is None)
+                    if bad is not None and (0, name) not in self._bad:
+                        self._bad[(0, name)] = self._failed(
+                            name, f"{source.url(name)}: block at byte {d.offset + bad} (tensor {d.ri.storage_index.fqn!r}) "
+                                  "fails its checksum")  # fmt: skip
                     pos += len(d.blocks)
                 self.stats.add(source.url(), sum(d.end - d.offset for d, ok in zip(directs, intact) if ok))
                 for d, ok in zip(directs, intact):
@@ -294,6 +322,12 @@ class CheckpointReader(StorageReader):
             flat[pos : pos + size].copy_(stage, non_blocking=True)
             self._devices.add(flat.device)
             pos += size
+
+    def _failed(self, file: str, why: str) -> str:
+        """Record why a source failed for ``file`` (the first reason per file is kept); returns ``why``."""
+        with self.stats.lock:
+            self.stats.failures.setdefault(file, why)
+        return why
 
     @staticmethod
     def _select(loc: Location, lo: int, hi: int) -> tuple[list[Any], int, int]:
@@ -349,6 +383,7 @@ class CheckpointReader(StorageReader):
         from the first source that has them intact."""
         size = sum(b.stored for b in blocks)
         problems = []
+        failed: list[tuple[int, str]] = []  # sources that failed for these blocks in this call, and why
         # copies that failed for this file before are tried last, not skipped: one bad block (or a failed read)
         # does not make the file's other blocks bad, and that copy may hold the only good one of these
         for s in sorted(range(len(self.sources)), key=lambda s: (s, loc.file) in self._bad):
@@ -372,7 +407,8 @@ class CheckpointReader(StorageReader):
                 got = source.store.retry.run(read_once, f"read {source.url(loc.file)}", cleanup=reopen)
             except (OSError, EOFError) as e:
                 problems.append(f"{source.url(loc.file)}: {e}")
-                self._bad.add((s, loc.file))
+                self._bad[(s, loc.file)] = self._failed(loc.file, problems[-1])
+                failed.append((s, problems[-1]))
                 continue
             bad = _first_bad(blocks, got)
             if bad is None:
@@ -380,9 +416,19 @@ class CheckpointReader(StorageReader):
                 if s:
                     with self.stats.lock:
                         self.stats.fallbacks[loc.file] = source.url()
+                if not failed and s and (0, loc.file) in self._bad:  # the preferred copy failed for this file before
+                    failed.append((0, self._bad[(0, loc.file)]))
+                if failed:  # served by this copy because another one failed: a repair to report
+                    first, why = failed[0]
+                    key = (loc.file, self.sources[first].url(), source.url())
+                    with self.stats.lock:
+                        r = self.stats.repairs.setdefault(key, Repair(*key, reason=why))
+                        r.blocks += len(blocks)
+                        r.bytes += size
                 return buf
             problems.append(f"{source.url(loc.file)}: block at byte {offset + bad} (tensor {fqn!r}) fails its checksum")
-            self._bad.add((s, loc.file))
+            self._bad[(s, loc.file)] = self._failed(loc.file, problems[-1])
+            failed.append((s, problems[-1]))
             f = handles.pop(s, None)
             if f is not None:
                 f.close()

@@ -18,13 +18,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt import ondisk
-from lightning_distckpt.catalog import remove_checkpoint
+from lightning_distckpt.catalog import Heartbeat, publish
 from lightning_distckpt.engine.writer import CheckpointWriter
 from lightning_distckpt.errors import CheckpointSaveError, UnsafeCheckpointError
+from lightning_distckpt.faults import crash_point
 from lightning_distckpt.ondisk.skeleton import OPTIM
 from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.parallel.planner import BalancedSavePlanner, PlanCache
 from lightning_distckpt.storage import Store, StorageLike, open_store
+from lightning_distckpt.engine.dcp_metadata import from_dcp
 from lightning_distckpt.transforms import PART, CompressionConfig
 from lightning_distckpt.transforms.compression import encode
 
@@ -91,22 +93,27 @@ def write_checkpoint(
     is_coordinator = comm.rank == 0
 
     error = ""
+    beat: Heartbeat | None = None
     if is_coordinator:
         try:
             store.makedirs(staging)
+            beat = Heartbeat(store, staging)  # clean-up elsewhere never takes this save for a crashed one
+            crash_point("save:staged")
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = f"cannot create {store.url(staging)}: {e}"
     error = comm.broadcast(error)
     if error:
+        if beat is not None:
+            beat.stop()
         raise CheckpointSaveError(f"saving checkpoint {url} failed: {error}")
 
     published: list[ondisk.Manifest] = []
 
-    def publish(metadata: Metadata) -> None:
-        published.append(_publish(store, path, staging, token, metadata, skeleton, manifest, encodings))
+    def on_finish(metadata: Metadata) -> None:
+        published.append(_publish(store, path, staging, token, metadata, skeleton, manifest, encodings, beat))
 
     writer = CheckpointWriter(store, staging, threads=options.threads, block_bytes=options.block_bytes,
-                              codec=codec, on_finish=publish)
+                              codec=codec, on_finish=on_finish)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -117,10 +124,15 @@ def write_checkpoint(
             plan_cache.clear()
         if is_coordinator:
             try:
+                if beat is not None:
+                    beat.stop()
                 store.remove(staging, recursive=True)
             except Exception:  # noqa: BLE001 - best effort; gc removes it later
                 log.warning("could not remove staging directory %s", store.url(staging), exc_info=True)
         raise CheckpointSaveError(f"saving checkpoint {url} failed (nothing was committed): {_root_cause(e)}") from e
+    finally:
+        if beat is not None:
+            beat.stop()
     return SaveResult(url, writer.bytes_written, time.perf_counter() - start, published[0] if published else None)
 
 
@@ -136,8 +148,9 @@ def _root_cause(e: BaseException) -> str:
 
 
 def _publish(store: Store, path: str, staging: str, token: str, metadata: Metadata, skeleton: Any,
-             manifest: ondisk.Manifest, encodings: dict[str, Any]) -> ondisk.Manifest:
-    """Coordinator only: write the documents, move staging into place, write the commit marker."""
+             manifest: ondisk.Manifest, encodings: dict[str, Any], beat: Heartbeat | None = None) -> ondisk.Manifest:
+    """Coordinator only: write the documents, move staging into place, write the commit marker
+    (`lightning_distckpt.catalog.publish()`: an overwrite stays recoverable at every step)."""
     files: dict[str, dict[str, int]] = {}
     by_file: dict[str, list[tuple[int, ondisk.Location]]] = {}
     raw = 0
@@ -153,7 +166,7 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
             digests.extend(b.digest for b in loc.blocks)
             size += loc.stored
         files[name] = {"size": size, "xxh3": ondisk.blocks_digest(digests)}
-    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(metadata, encodings))), (ondisk.STATE, ondisk.dumps(skeleton)))
+    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(from_dcp(metadata, encodings)))), (ondisk.STATE, ondisk.dumps(skeleton)))
     for name, data in documents:
         store.write_bytes(store.join(staging, name), data)
         files[name] = {"size": len(data), "xxh3": ondisk.digest(data)}
@@ -163,13 +176,8 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
     manifest.created = time.time()
     manifest_bytes = ondisk.dumps(manifest.to_json())
     store.write_bytes(store.join(staging, ondisk.MANIFEST), manifest_bytes)
-
-    trash = None
-    if store.exists(path):  # overwrite: move the old one aside, it stays recoverable until the new commits
-        trash = store.join(store.parent(path), ondisk.trash_name(store.basename(path), token))
-        store.rename(path, trash)
-    store.rename(staging, path)
-    store.write_bytes(store.join(path, ondisk.MARKER), ondisk.marker_bytes(manifest_bytes))
-    if trash is not None:
-        remove_checkpoint(store, trash)
+    crash_point("save:documents")
+    if beat is not None:
+        beat.stop()
+    publish(store, staging, path, manifest_bytes, token)
     return manifest

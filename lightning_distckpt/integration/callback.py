@@ -7,11 +7,19 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
   ones; older ones are removed only after a newer one has committed (never the newest);
 * ``replicas=[URL, ...]``: every committed checkpoint is copied to each replica root in the background
   (`lightning_distckpt.replication`); retention applies per target;
-* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica; a
+* ``ckpt_path="last"`` resolves to the newest *committed* checkpoint under ``dirpath`` or any replica, as
+  rank 0 lists them (every rank restores rank 0's choice, and follows rank 0's fallback order); a
   load reads each file from the first healthy copy and, if no copy of it is complete, falls back to the
   previous checkpoint (loudly). An explicit path is never substituted unless ``fallback_to_previous``;
 * stale staging directories of crashed saves are removed at setup (committed checkpoints never are);
-* checkpoints are directories named like ModelCheckpoint's files, without the ``.ckpt`` suffix.
+* checkpoints are directories named like ModelCheckpoint's files, without the ``.ckpt`` suffix;
+* every root is reached at setup, before the first training step, within the plugin's ``connect_timeout_s``:
+  an unreachable or misconfigured checkpoint root (a file, a scheme without an installed backend) fails
+  there on every rank with the URL in the message; a replica root whose backend is missing fails too, one
+  that is merely down is a loud warning and the metric ``distckpt/replicas_unreachable``. ModelCheckpoint's
+  own filesystem calls on a URL root go through the package's client, each bounded by the same timeout;
+* blocks read from another copy because the first copy failed verification are reported (a warning, and
+  ``distckpt/repaired_blocks`` in ``trainer.callback_metrics``).
 
 In ``setup`` it makes sure the strategy is routed through a `DistCheckpointIO` (creating a default
 one if the Trainer has none) and fails clearly for a strategy that cannot be routed.
@@ -28,16 +36,32 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_distckpt import catalog, ondisk
+from lightning_distckpt.catalog import check_keep_last
+from lightning_distckpt.catalog.index import CatalogOptions
 from lightning_distckpt.catalog.replication import Replicator, describe
-from lightning_distckpt.errors import DistCheckpointError
+from lightning_distckpt.errors import (
+    DistCheckpointError,
+    BackendUnavailableError,
+    StorageError,
+    StorageUnreachableError,
+)
+from lightning_distckpt.integration.catalog_hook import make_hook
 from lightning_distckpt.integration.plugin import DistCheckpointIO
 from lightning_distckpt.integration.routing import route
 from lightning_distckpt.parallel.comm import Comm
-from lightning_distckpt.storage import StorageLike, open_store
+from lightning_distckpt.storage import (
+    StorageConfig,
+    StorageLike,
+    bounded_filesystem,
+    is_local,
+    open_store,
+    probe,
+    within,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +80,11 @@ class DistCheckpoint(ModelCheckpoint):
         fallback_to_previous: Also fall back to older checkpoints when an explicitly given checkpoint
             path cannot be read from any copy (``ckpt_path="last"`` always does).
         replication_timeout_s: How long the end of ``fit`` waits for replication still in progress.
+        catalog: ``hbase://HOST:PORT/TABLE``: index every committed checkpoint of this run there (off the training
+            thread, rank 0), resolve ``ckpt_path="last"``/``"best"`` through it (see :mod:`~lightning_distckpt.
+            integration.catalog_hook`). Catalog errors never fail training.
+        run: The run's name in the catalog (required with ``catalog``; a restarted job reuses it and takes over).
+        catalog_options: Timeouts, retries and namespace of the catalog client.
     """
 
     FILE_EXTENSION = ""
@@ -80,9 +109,12 @@ class DistCheckpoint(ModelCheckpoint):
         replicas: list[str] | None = None,
         fallback_to_previous: bool = False,
         replication_timeout_s: float = 600.0,
+        catalog: str | None = None,
+        run: str | None = None,
+        catalog_options: CatalogOptions | None = None,
     ) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError(f"DistCheckpoint(keep_last={keep_last}): must be at least 1 (or None)")
+        if keep_last is not None:  # one rule with `distckpt gc --keep-last` (catalog.check_keep_last)
+            check_keep_last(keep_last, "DistCheckpoint(keep_last)")  # (the argument `catalog` shadows the module)
         if dirpath is not None and not isinstance(dirpath, str):
             dirpath = str(dirpath)
         if dirpath is not None and dirpath.startswith("file://"):
@@ -107,6 +139,31 @@ class DistCheckpoint(ModelCheckpoint):
         self._replicator: Replicator | None = None
         self._final_replication: dict[str, Any] | None = None
         self._last_resolved: str | None = None
+        self._unreachable: list[str] = []  # replica roots that did not answer at setup (warned, not resumed from)
+        self._last_requested = False  # ckpt_path="last" was resolved by this rank alone; setup settles it
+        # -- catalog (integration/catalog_hook.py) --
+        self._catalog = make_hook(catalog, run, catalog_options)
+        self._check_filename()
+
+    def _check_filename(self) -> None:
+        """Refuse a ``filename`` template that cannot make a checkpoint name now, not at the first save: it
+        must format (every ``{metric}`` filled with 0, as ModelCheckpoint does for missing metrics) into one
+        plain path component (letters, digits, ``_.=+-``; no ``/``, no leading dot), also with a version
+        suffix, and so must the name of the ``last`` checkpoint."""
+        names = []
+        try:
+            for template in (self.filename, self.CHECKPOINT_NAME_LAST):
+                name = self._format_checkpoint_name(template, {}, auto_insert_metric_name=self.auto_insert_metric_name)
+                names += [name, self.CHECKPOINT_JOIN_CHAR.join((name, "v1"))]
+        except (KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
+            raise ValueError(f"DistCheckpoint(filename={self.filename!r}): not a usable name template: "
+                             f"{type(e).__name__}: {e}") from None  # fmt: skip
+        bad = [n for n in names if not ondisk.is_safe_name(n)]
+        if bad:
+            raise ValueError(
+                f"DistCheckpoint(filename={self.filename!r}) makes the checkpoint name {bad[0]!r}: a checkpoint name "
+                f"must be one plain path component (letters, digits and _ . = + -, not starting with a dot)"
+            )
 
     # -- wiring ------------------------------------------------------------------------------------
     @override
@@ -124,17 +181,23 @@ class DistCheckpoint(ModelCheckpoint):
             )
         route(strategy, io)
         self._io = io
+        self._reach_roots(trainer)  # before ModelCheckpoint's own calls on the root, on every rank
         super().setup(trainer, pl_module, stage)
         io.resolver = self._candidates
         if stage == "fit" and self.dirpath is not None:
             io.check_root(str(self.dirpath))  # collective: every node must see the same root (or node_local)
+        if self._catalog is not None:  # catalog: no "best" lookups after setup; rank 0 owns the run while fitting
+            self.__dict__["_best_asked"] = True
+            if trainer.is_global_zero and stage == "fit":
+                self._catalog.start()
         if trainer.is_global_zero and stage == "fit":
-            for root in self.roots:
+            for root in self._reachable(self.roots):
                 try:
                     for url in catalog.clean_stale(root, io.storage):
                         log.warning("removed %s (a save or copy that never committed)", url)
                 except Exception as e:  # noqa: BLE001 - cleanup never fails training
                     log.warning("could not clean up stale saves under %s: %s", root, e)
+        self._settle_last(trainer)
         if self.replicas and stage == "fit" and self._replicator is None:
             self._replicator = Replicator(self.replicas, io.storage, _replication_comm(),
                                           after_replica_commit=self._retain_replica)  # fmt: skip
@@ -144,17 +207,112 @@ class DistCheckpoint(ModelCheckpoint):
         """The primary root and the replica roots."""
         return [str(self.dirpath), *self.replicas] if self.dirpath is not None else list(self.replicas)
 
+    def _reachable(self, roots: list[str]) -> list[str]:
+        return [r for r in roots if r not in self._unreachable]
+
+    def _reach_roots(self, trainer: pl.Trainer) -> None:
+        """Reach the checkpoint root and every replica root, on every rank, each within ``connect_timeout_s``.
+
+        Collective (every rank calls it in ``setup``; the verdicts are gathered, so every rank decides the
+        same): any rank failing to reach the checkpoint root, or lacking a replica's backend, raises the same
+        error on every rank, naming the URL, what was tried and the ranks; a replica that is down on some
+        rank is a warning and ``distckpt/replicas_unreachable``. Blocks at most about ``connect_timeout_s``
+        per root.
+        """
+        storage = self.io.storage
+        roots = self.roots
+        mine = []
+        for root in roots:
+            try:
+                probe(root, storage)
+                mine.append(None)
+            except StorageError as e:
+                kind = ("missing" if isinstance(e, BackendUnavailableError)
+                        else "unreachable" if isinstance(e, StorageUnreachableError) else "error")  # fmt: skip
+                mine.append((kind, str(e)))
+        comm = self.io._comm()
+        verdicts = comm.all_gather(mine)
+        unreachable = []
+        for i, root in enumerate(roots):
+            failed = [(rank, v[i]) for rank, v in enumerate(verdicts) if v[i] is not None]
+            if not failed:
+                continue
+            rank, (kind, message) = failed[0]
+            ranks = sorted({r for r, _ in failed})
+            where = f" (seen by rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})" if comm.world_size > 1 else ""
+            primary = i == 0 and self.dirpath is not None
+            if primary or kind == "missing":
+                cls = {"missing": BackendUnavailableError, "unreachable": StorageUnreachableError}.get(kind, StorageError)
+                what = "checkpoint root" if primary else "replica root"
+                raise cls(f"DistCheckpoint {what} {root}: {message}{where}")
+            unreachable.append(root)
+            if comm.rank == 0:
+                rank_zero_warn(
+                    f"REPLICA UNREACHABLE AT SETUP: {message}{where}. Training goes on; checkpoints are copied there "
+                    f"once it answers (failed copies count in distckpt/replica_failures), and it is not used to "
+                    f"resume in this run."
+                )
+        self._unreachable = unreachable
+
+    @property
+    def _fs(self) -> Any:
+        """ModelCheckpoint's filesystem for ``dirpath``. For a URL: the package's own client for it (fast-fail
+        HDFS settings, the plugin's storage options), each call bounded by ``connect_timeout_s``; a local path
+        keeps fsspec's local filesystem. (ModelCheckpoint assigns ``_fs``; the assignment is kept for local paths.)
+        """
+        stock = self.__dict__.get("_stock_fs")
+        dirpath = self.__dict__.get("dirpath")
+        if dirpath is None or is_local(str(dirpath)):
+            return stock
+        io = self.__dict__.get("_io")
+        storage = io.storage if io is not None else StorageConfig()
+        cached = self.__dict__.get("_bounded_fs")
+        if cached is None or cached[0] != str(dirpath) or cached[1] is not storage:
+            cached = (str(dirpath), storage, bounded_filesystem(str(dirpath), storage))
+            self.__dict__["_bounded_fs"] = cached
+        return cached[2]
+
+    @_fs.setter
+    def _fs(self, value: Any) -> None:
+        self.__dict__["_stock_fs"] = value
+
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        trainer._checkpoint_connector.__dict__.pop("_restore_modules_and_callbacks", None)  # if never called
         if self._replicator is not None:
             self.io.wait()  # the last save commits, and queues its replication, first
             self._replicator.close(self.replication_timeout_s)
             self._final_replication = describe(self._replicator.stats)
             self._replicator = None
-            if trainer.is_global_zero:  # the final counts, also of copies that ended after the last step
-                for key in ("failures", "pending"):
-                    name = "distckpt/replica_failures" if key == "failures" else "distckpt/replicas_pending"
-                    trainer.callback_metrics[name] = torch.tensor(float(self._final_replication[key]))
+        if self._catalog is not None:  # catalog: the last save's registration is written before fit returns
+            self.io.wait()
+            self._catalog.close()
+        if trainer.is_global_zero:  # the final counts, also of copies that ended after the last step
+            for name, value in self._metrics().items():
+                trainer.callback_metrics[name] = torch.tensor(value)
+
+    def _metrics(self) -> dict[str, float]:
+        """The counters this callback reports: replication (with replicas) and repairs on load."""
+        out: dict[str, float] = {}
+        st = self._replicator.stats if self._replicator is not None else None
+        if st is not None or self._final_replication is not None:
+            out["distckpt/replica_failures"] = float(st.failures if st else self._final_replication["failures"])  # type: ignore[index]
+            out["distckpt/replicas_pending"] = float(st.pending if st else self._final_replication["pending"])  # type: ignore[index]
+        if self.replicas:
+            out["distckpt/replicas_unreachable"] = float(len(self._unreachable))
+        if self._io is not None and (self.replicas or self._io.stats.repaired_blocks):
+            out["distckpt/repaired_blocks"] = float(self._io.stats.repaired_blocks)
+        if self._catalog is not None:  # catalog: failed calls, waiting registrations, refused zombie attempts
+            st = self._catalog.describe()
+            out.update({f"distckpt/catalog_{k}": float(st[k]) for k in ("failures", "pending", "refused")})
+        return out
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero:  # the metrics of setup and restore (Lightning resets them after a restore)
+            for name, value in self._metrics().items():
+                trainer.callback_metrics[name] = torch.tensor(value)
 
     @property
     def replication(self) -> dict[str, Any] | None:
@@ -165,10 +323,8 @@ class DistCheckpoint(ModelCheckpoint):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        if self._replicator is not None:
-            st = self._replicator.stats
-            pl_module.log("distckpt/replica_failures", float(st.failures), rank_zero_only=True)
-            pl_module.log("distckpt/replicas_pending", float(st.pending), rank_zero_only=True)
+        for name, value in self._metrics().items():
+            pl_module.log(name, value, rank_zero_only=True)
 
     @property
     def io(self) -> DistCheckpointIO:
@@ -185,6 +341,8 @@ class DistCheckpoint(ModelCheckpoint):
             self._saved.append(filepath)
             self._ever.add(_name(filepath))
         super()._save_checkpoint(trainer, filepath)
+        if self._catalog is not None and trainer.is_global_zero:  # catalog: register after the commit
+            self._catalog.after_save(trainer, filepath, self.monitor, self.mode, self.io.after_commit)
         if self.keep_last is not None and trainer.is_global_zero:
             self.io.after_commit(lambda result: self.apply_retention())
         if self._replicator is not None:
@@ -198,6 +356,11 @@ class DistCheckpoint(ModelCheckpoint):
         with self._lock:
             if filepath in self._saved:
                 self._saved.remove(filepath)
+        if self._catalog is not None:  # catalog: fenced removal (row deleting, marker, data, row), rank 0
+            if trainer.is_global_zero:
+                self.io.after_commit(lambda r: self._catalog.remove(filepath, self.io.remove_checkpoint,  # type: ignore[union-attr]
+                                                                    self.io.storage, remember=True))
+            return
         super()._remove_checkpoint(trainer, filepath)
 
     def apply_retention(self) -> list[str]:
@@ -208,13 +371,16 @@ class DistCheckpoint(ModelCheckpoint):
         if self.keep_last is None:
             return []
         with self._lock:
-            saved = list(self._saved)
+            saved = [p for p in self._saved if self._is_ours(p)]
         alive = [p for p in saved if _is_committed(p, self.io.storage)]
         protect = set(alive[-self.keep_last :]) | set(self.best_k_models) | {self.best_model_path, self.last_model_path}
         removed = []
         for path in alive:
             if path not in protect:
-                self.io.remove_checkpoint(path)
+                if self._catalog is None:
+                    self.io.remove_checkpoint(path)
+                elif not self._catalog.remove(path, self.io.remove_checkpoint, self.io.storage):
+                    continue  # catalog: could not fence the removal; the next pass tries again
                 removed.append(path)
         with self._lock:
             self._saved = [p for p in self._saved if p not in removed]
@@ -224,6 +390,8 @@ class DistCheckpoint(ModelCheckpoint):
 
     def _retain_replica(self, target: str, name: str) -> None:
         """Rank 0, after a replica commits: remove there what the primary no longer keeps (never the newest)."""
+        if self._catalog is not None:  # catalog: record the copy's location
+            self._catalog.replica_committed(target, name)
         with self._lock:
             keep = {_name(p) for p in self._saved}
             ever = set(self._ever)
@@ -237,19 +405,69 @@ class DistCheckpoint(ModelCheckpoint):
     # -- resume ------------------------------------------------------------------------------------
     @override
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
-        """The newest committed checkpoint under ``dirpath`` or a replica (what ``ckpt_path="last"`` resumes)."""
+        """The newest committed checkpoint under ``dirpath`` or a replica, as this rank lists them.
+
+        Lightning resolves ``ckpt_path="last"`` on every rank *before* the process group exists, so this
+        rank's answer is provisional: `setup` decides on rank 0, broadcasts, and makes every rank restore
+        that checkpoint (ranks that list storage differently still restore the same one). The listing is bounded
+        by ``connect_timeout_s``; a root that does not answer is reported by `setup`.
+        """
         dirpath = self.dirpath if self.dirpath is not None else self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
-        options = self._io.storage if self._io else None
-        found = catalog.latest([str(dirpath), *self.replicas], options)
-        self._last_resolved = found[0].url if found else None
-        return {found[0].url} if found else set()
+        self._last_requested = True
+        self._last_resolved = self._newest(str(dirpath))
+        if not self._last_resolved:
+            _no_last_checkpoint([str(dirpath), *self.replicas])
+        return {self._last_resolved} if self._last_resolved else set()
+
+    def _newest(self, dirpath: str) -> str | None:
+        options = self._io.storage if self._io else StorageConfig()
+        if self._catalog is not None and (url := self._catalog.lookup("last", options)):  # catalog: one round trip
+            return url
+        roots = self._reachable([dirpath, *self.replicas])
+        try:
+            found = within(lambda: catalog.latest(roots, options), options.connect_timeout(dirpath), f"list {dirpath}")
+        except StorageUnreachableError as e:
+            log.warning("%s", e)
+            return None
+        return found[0].url if found else None
+
+    def _settle_last(self, trainer: pl.Trainer) -> None:
+        """Collective, in ``setup``: when ``ckpt_path="last"`` was asked for, rank 0 lists the roots again and
+        every rank restores rank 0's choice (or nothing, if rank 0 found nothing), whatever it listed itself."""
+        if not self._last_requested:
+            return
+        self._last_requested = False
+        mine = self._last_resolved
+        comm = self.io._comm()
+        decided = comm.decide(lambda: self._newest(str(self.dirpath)))
+        views = comm.all_gather(mine)
+        self._last_resolved = decided
+        if any(v != decided for v in views) and comm.rank == 0:
+            rank_zero_warn(
+                "ranks listed different checkpoints for ckpt_path='last' ("
+                + ", ".join(f"rank {r}: {v or 'none'}" for r, v in enumerate(views))
+                + f"); every rank restores rank 0's choice: {decided or 'none (start from scratch)'}"
+            )
+        connector = trainer._checkpoint_connector
+        restore = connector._restore_modules_and_callbacks  # Lightning calls it with its own per-rank choice
+
+        def restore_decided(checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> Any:
+            connector.__dict__.pop("_restore_modules_and_callbacks", None)  # once
+            if checkpoint_path is None or checkpoint_path == mine:  # Lightning's choice came from this callback
+                checkpoint_path = decided
+            return restore(checkpoint_path, *args, **kwargs)
+
+        connector._restore_modules_and_callbacks = restore_decided
 
     def _candidates(self, url: str) -> list[list[str]]:
-        """The checkpoints a load of ``url`` may use, in order, each as the URLs of its copies."""
+        """The checkpoints a load of ``url`` may use, in order, each as the URLs of its copies.
+
+        The plugin calls it on rank 0 only and broadcasts the answer (one listing, one fallback order for all
+        ranks). Replica roots that were unreachable at setup are left out."""
         dirpath = str(self.dirpath) if self.dirpath is not None else None
         name, parent = _name(url), url.rstrip("/").rsplit("/", 1)[0] if "/" in url else ""
         name = ondisk.trashed_name(name) or name  # "last" may be a checkpoint a crashed overwrite moved aside
-        roots = [r for r in [dirpath, *self.replicas] if r]
+        roots = self._reachable([r for r in [dirpath, *self.replicas] if r])
         if parent not in roots:
             return [[url]]
         copies = lambda n: [f"{r.rstrip('/')}/{n}" for r in roots]  # noqa: E731
@@ -259,6 +477,26 @@ class DistCheckpoint(ModelCheckpoint):
             return [copies(name)] + [copies(n) for n in older]
         return [copies(name)]
 
+    # -- catalog: ckpt_path="best" before any state is restored (Lightning reads best_model_path first) --
+    @property  # type: ignore[override]
+    def best_model_path(self) -> str:
+        path = self.__dict__.get("_best_model_path", "")
+        hook = self.__dict__.get("_catalog")
+        if not path and hook is not None and self.monitor and not self.__dict__.get("_best_asked"):
+            self.__dict__["_best_asked"] = True
+            path = self.__dict__["_best_model_path"] = hook.lookup("best", self._io.storage if self._io else None,
+                                                                   self.monitor) or ""  # fmt: skip
+        return path
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        self.__dict__["_best_model_path"] = value
+
+    @property
+    def catalog_stats(self) -> dict[str, Any] | None:
+        """The catalog's counters (registered, caught_up, failures, refused, fallbacks, skipped, pending ...)."""
+        return self._catalog.describe() if self._catalog is not None else None
+
     @override
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
@@ -266,11 +504,40 @@ class DistCheckpoint(ModelCheckpoint):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the list of checkpoints this callback wrote. Only entries that this callback could have
+        written are kept: checkpoints directly under its own ``dirpath`` with a plain name (a restored state
+        never makes retention delete anything elsewhere)."""
         super().load_state_dict(state_dict)
         if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            saved = state_dict.get("saved", [])
+            ever = state_dict.get("ever", [])
+            saved = [p for p in saved if self._is_ours(p)] if isinstance(saved, list) else []
+            ever = {n for n in ever if ondisk.is_safe_name(n)} if isinstance(ever, list) else set()
             with self._lock:
-                self._saved = [p for p in state_dict.get("saved", []) if p not in self._saved] + self._saved
-                self._ever |= set(state_dict.get("ever", []))
+                self._saved = [p for p in saved if p not in self._saved] + self._saved
+                self._ever |= ever
+
+    def _is_ours(self, path: Any) -> bool:
+        """A checkpoint URL this callback may have written: a plain name directly under its ``dirpath``."""
+        if not isinstance(path, str) or self.dirpath is None:
+            return False
+        parent, _, name = path.rstrip("/").rpartition("/")
+        return parent == str(self.dirpath).rstrip("/") and ondisk.is_safe_name(name)
+
+
+#: Lightning's warning when ``ckpt_path="last"`` finds nothing; its hint (``save_last=True``) does not apply here
+_LIGHTNING_NO_LAST = r'\.\w+\(ckpt_path="last"\) is set, but there is no last checkpoint available'
+
+
+def _no_last_checkpoint(roots: list[str]) -> None:
+    """Say why ``ckpt_path="last"`` starts from scratch, instead of Lightning's hint to set ``save_last=True``
+    (this callback finds the newest committed checkpoint itself; ``save_last`` changes nothing)."""
+    import warnings
+
+    where = roots[0] + (f" or its replicas ({', '.join(roots[1:])})" if len(roots) > 1 else "")
+    rank_zero_info(f'DistCheckpoint: ckpt_path="last" found no committed checkpoint under {where}; training starts '
+                   "from scratch (expected on a first run).")  # fmt: skip
+    warnings.filterwarnings("ignore", message=_LIGHTNING_NO_LAST)
 
 
 def _name(url: str) -> str:

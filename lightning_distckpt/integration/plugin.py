@@ -45,6 +45,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_distckpt import catalog, ondisk
+from lightning_distckpt.engine.reader import ReadStats
 from lightning_distckpt.engine.loading import (
     Pending,
     allocate,
@@ -96,6 +97,12 @@ class IOStats:
     load_s: dict[str, float] = field(default_factory=dict)  # the last load's phases
     snapshot_copy_s: float = 0.0  # the last pipelined snapshot's background copy
     step_wait_s: float = 0.0  # time optimizer steps waited for the last pipelined snapshot
+    #: blocks of the last load that were read from another copy because one failed verification, every rank's
+    #: (``file``, ``bad`` and ``good`` copy, ``reason``, ``blocks``, ``bytes``, ``rank``)
+    load_repairs: list[dict[str, Any]] = field(default_factory=list)
+    load_failures: dict[str, str] = field(default_factory=dict)  # this rank: file -> why its first copy failed
+    repaired_blocks: int = 0  # over every load of this plugin, all ranks
+    repaired_files: int = 0
 
 
 class DistCheckpointIO(CheckpointIO, RoutedIO):
@@ -124,6 +131,11 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             (:mod:`~lightning_distckpt.engine.shared_root`). With ``node_local=True`` nothing is checked, and
             a checkpoint is complete only where every rank's files end up in one directory (e.g. after the
             user gathers them).
+        connect_timeout_s: How long reaching a store may take: ``DistCheckpoint`` checks the checkpoint root
+            and every replica root at setup, before the first training step, and ModelCheckpoint's own calls on
+            the root are bounded by it; an unreachable root fails with
+            `StorageUnreachableError` naming the URL (``HdfsOptions.connect_timeout_s``
+            overrides it for HDFS URLs).
     """
 
     def __init__(
@@ -140,6 +152,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         chunk_mb: int = 32,
         safe_globals: list[str] | None = None,
         node_local: bool = False,
+        connect_timeout_s: float = 30.0,
     ) -> None:
         super().__init__()
         install_hook()  # from now on, assigning a DistCheckpointIO to a strategy routes it (see routing.py)
@@ -149,7 +162,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self.pipelined_snapshot = pipelined_snapshot
         self.node_local = node_local
         self._checked_roots: set[str] = set()
-        self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs)
+        self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs,
+                                     connect_timeout_s=connect_timeout_s)  # fmt: skip
         self.compression = resolve(compression)
         self.balanced_reads = balanced_reads
         self.safe_globals = list(safe_globals or [])
@@ -259,13 +273,20 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         Model tensors are read into the model's own tensors (in place, any sharding). Optimizer tensors
         are read into the optimizers' state when the optimizers exist already (FSDP, ModelParallel),
         otherwise (DDP restores before setup) into host buffers that ``load_optimizer_state_dict`` applies.
-        Every block is read from the first healthy copy (primary, then replicas). If the checkpoint
-        cannot be read from any copy and it was chosen as "last", the next older one is used, loudly.
+        Every block is read from the first healthy copy (primary, then replicas); blocks served by another
+        copy because one failed verification are reported (a warning naming the file and both copies, and
+        ``stats.load_repairs``). If the checkpoint cannot be read from any copy and it was chosen as "last",
+        the next older one is used, loudly.
+
+        Every decision the ranks must share is made once: rank 0 picks the path and the fallback order (the
+        ``resolver`` runs on rank 0 only) and broadcasts them; whether memory suffices is judged from every
+        rank's numbers, the same way everywhere. A shortage of host memory on any rank raises
+        `InsufficientMemoryError` on every rank and never falls back to an older checkpoint.
         """
         self.wait()
         comm = self._comm(bulk=self.balanced_reads)
         url = comm.broadcast(path)
-        candidates = self.resolver(url)
+        candidates = comm.decide(lambda: self.resolver(url))
         first_error: DistCheckpointError | None = None
         for i, urls in enumerate(candidates):
             try:
@@ -290,33 +311,43 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         url = ckpt.url
         module = strategy.lightning_module
         strict = bool(getattr(module, "strict_loading", True))
-        model = match(ckpt.metadata, {state.model_key(k): v for k, v in model_state_dict(strategy).items()},
-                      state.MODEL, strict, "model", url)  # fmt: skip
+        error: DistCheckpointError | None = None
+        model: dict[str, Any] = {}
         optim: dict[str, Any] = {}
-        if _fitting(module):
-            optimizers = list(strategy.optimizers)
-            saved = saved_tensors(ckpt.metadata)
-            saved_n = len({k.split("/")[1] for k in saved if k.startswith(state.OPTIM)})
-            if optimizers:
-                if saved_n and saved_n != len(optimizers):
-                    raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
-                                             f"{len(optimizers)} optimizers")  # fmt: skip
-                for i, opt in enumerate(optimizers):
-                    live = {
-                        state.optim_key(i, fqn, name): t
-                        for fqn, st in optimizer_state_dict(strategy, opt)["state"].items()
-                        for name, t in st.items() if isinstance(t, torch.Tensor)
-                    }  # fmt: skip
-                    prefix = f"{state.OPTIM}{i}/"
-                    saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
-                    live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
-                    optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
-            else:  # DDP and single device restore before setup: read into host buffers now, apply later
-                optim = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.OPTIM)], url)
-        extras = allocate(ckpt.metadata, [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.EXTRA)], url)
+        host: list[str] = []  # tensors read into new host buffers
+        try:
+            model = match(ckpt.metadata, {state.model_key(k): v for k, v in model_state_dict(strategy).items()},
+                          state.MODEL, strict, "model", url)  # fmt: skip
+            if _fitting(module):
+                optimizers = list(strategy.optimizers)
+                saved = saved_tensors(ckpt.metadata)
+                saved_n = len({k.split("/")[1] for k in saved if k.startswith(state.OPTIM)})
+                if optimizers:
+                    if saved_n and saved_n != len(optimizers):
+                        raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
+                                                 f"{len(optimizers)} optimizers")  # fmt: skip
+                    for i, opt in enumerate(optimizers):
+                        live = {
+                            state.optim_key(i, fqn, name): t
+                            for fqn, st in optimizer_state_dict(strategy, opt)["state"].items()
+                            for name, t in st.items() if isinstance(t, torch.Tensor)
+                        }  # fmt: skip
+                        prefix = f"{state.OPTIM}{i}/"
+                        saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
+                        live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
+                        optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
+                else:  # DDP and single device restore before setup: read into host buffers now, apply later
+                    host += [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.OPTIM)]
+            host += [k for k in state.tensor_refs(ckpt.skeleton) if k.startswith(state.EXTRA)]
+        except DistCheckpointError as e:
+            error = e
+        comm.agree(error)  # a mismatch on any rank is the same error on every rank, before any collective read
+        buffers = allocate(ckpt.metadata, host, url, comm)  # collective memory check: all ranks, same verdict
+        optim.update({k: v for k, v in buffers.items() if k.startswith(state.OPTIM)})
+        extras = {k: v for k, v in buffers.items() if k.startswith(state.EXTRA)}
         ordered = sources[comm.rank % len(sources):] + sources[: comm.rank % len(sources)]  # spread reads over copies
         self._record(read_tensors(ckpt, {**model, **optim, **extras}, sources=ordered, threads=self.read_threads,
-                                  comm=comm, balanced=self.balanced_reads))  # fmt: skip
+                                  comm=comm, balanced=self.balanced_reads), comm, strategy)  # fmt: skip
 
         def lookup(key: str) -> Any:
             if key.startswith(state.MODEL):
@@ -480,7 +511,19 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             self._bulk_pg = dist.new_group(backend="gloo")
         return Comm(self._pg, bulk=self._bulk_pg)
 
-    def _record(self, stats: Any) -> None:
+    def _record(self, stats: ReadStats, comm: Comm, strategy: Strategy | None = None) -> None:
+        """Keep the load's statistics; report repairs (collective: every rank's repairs reach every rank)."""
+        repairs = [r.to_json() for r in stats.repairs.values()]
+        everyone = comm.all_gather(repairs)
+        self.stats.load_repairs = [dict(r, rank=rank) for rank, rs in enumerate(everyone) for r in rs]
+        self.stats.load_failures = dict(stats.failures)
+        self.stats.repaired_blocks += sum(r["blocks"] for r in self.stats.load_repairs)
+        self.stats.repaired_files += len({(r["bad"], r["file"]) for r in self.stats.load_repairs})
+        if self.stats.load_repairs and comm.rank == 0:
+            _warn_repairs(self.stats.load_repairs)
+        trainer = getattr(getattr(strategy, "lightning_module", None), "_trainer", None) if strategy else None
+        if trainer is not None and self.stats.repaired_blocks:
+            trainer.callback_metrics["distckpt/repaired_blocks"] = torch.tensor(float(self.stats.repaired_blocks))
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
         self.stats.load_bytes_broadcast = stats.bytes_broadcast
@@ -514,6 +557,21 @@ def _parent(url: str) -> str:
     """The directory a checkpoint URL is in (its root), as a string."""
     u = url.rstrip("/")
     return (u.rsplit("/", 1)[0] or "/") if "/" in u else "."
+
+
+def _warn_repairs(repairs: list[dict[str, Any]]) -> None:
+    """One warning per (bad copy, file): what failed, where the blocks were read from instead."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in repairs:
+        m = merged.setdefault((r["file"], r["bad"], r["good"]), dict(r, blocks=0, ranks=[]))
+        m["blocks"] += r["blocks"]
+        m["ranks"].append(r["rank"])
+    for (file, bad, good), m in merged.items():
+        rank_zero_warn(
+            f"REPAIRED ON LOAD: {file}: the copy in {bad} failed verification ({m['reason']}); {m['blocks']} "
+            f"block(s) were read from the copy in {good} instead (ranks {sorted(set(m['ranks']))}). The storage "
+            f"of {bad} may be going bad: check it with `distckpt verify {bad}`."
+        )
 
 
 def _fitting(module: Any) -> bool:

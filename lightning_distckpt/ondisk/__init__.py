@@ -10,14 +10,18 @@ A checkpoint is a directory::
         COMMITTED             the commit marker, written last; it names the manifest's digest
 
 Nothing in a checkpoint is a pickle that loading executes: JSON is parsed, tensor bytes are copied.
-This layer does no I/O and imports nothing of the package but `lightning_distckpt.errors`.
+This layer does no I/O, imports nothing of the package but `lightning_distckpt.errors`, and does not import
+torch (the skeleton imports it when it converts tensors; `DTYPES` and `parse_dtype` when used).
 """
 
 from lightning_distckpt.ondisk.digests import BlockDigests, blocks_digest, digest
 from lightning_distckpt.ondisk.documents import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_DEPTH,
     Manifest,
+    check_depth,
+    check_int,
     check_marker,
     check_version,
     dumps,
@@ -25,15 +29,23 @@ from lightning_distckpt.ondisk.documents import (
     marker_bytes,
 )
 from lightning_distckpt.ondisk.metadata import (
-    DTYPES,
+    FLOATING,
+    ITEMSIZE,
     Block,
+    CheckpointMetadata,
+    Chunk,
+    ChunkIndex,
     Location,
+    TensorEntry,
+    check_dtype,
     dtype_name,
     metadata_from_json,
     metadata_to_json,
     parse_dtype,
 )
 from lightning_distckpt.ondisk.names import (
+    DOCUMENT_LIMITS,
+    HEARTBEAT,
     MANIFEST,
     MARKER,
     METADATA,
@@ -42,14 +54,27 @@ from lightning_distckpt.ondisk.names import (
     TRASH_INFIX,
     check_name,
     data_file_name,
+    is_safe_name,
+    staged_name,
     staging_name,
+    token_of,
     trash_name,
     trashed_name,
 )
 
 __all__ = [
-    "DTYPES", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "MARKER", "METADATA", "STAGING_INFIX", "STATE",
-    "TRASH_INFIX", "Block", "BlockDigests", "Location", "Manifest", "blocks_digest", "check_marker", "check_name",
-    "check_version", "data_file_name", "digest", "dtype_name", "dumps", "loads", "marker_bytes", "metadata_from_json",
-    "metadata_to_json", "parse_dtype", "staging_name", "trash_name", "trashed_name",
+    "CheckpointMetadata", "Chunk", "ChunkIndex", "FLOATING", "ITEMSIZE", "TensorEntry", "check_dtype",
+    "DOCUMENT_LIMITS", "DTYPES", "FORMAT_NAME", "FORMAT_VERSION", "HEARTBEAT", "MANIFEST", "MARKER", "MAX_DEPTH",
+    "METADATA", "STAGING_INFIX", "STATE", "TRASH_INFIX", "Block", "BlockDigests", "Location", "Manifest",
+    "blocks_digest", "check_depth", "check_int", "check_marker", "check_name", "check_version", "data_file_name",
+    "digest", "dtype_name", "dumps", "is_safe_name", "loads", "marker_bytes", "metadata_from_json", "metadata_to_json",
+    "parse_dtype", "staged_name", "staging_name", "token_of", "trash_name", "trashed_name",
 ]  # fmt: skip
+
+
+def __getattr__(name: str) -> object:  # DTYPES maps names to torch dtypes: torch is imported on first use only
+    if name == "DTYPES":
+        from lightning_distckpt.ondisk import metadata
+
+        return metadata.DTYPES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,23 +7,54 @@ the manifest's digest. Nothing here is a pickle: documents are parsed JSON, vali
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_distckpt.errors import CorruptCheckpointError
+from lightning_distckpt.errors import CorruptCheckpointError, NewerFormatError
 from lightning_distckpt.ondisk.digests import digest
 from lightning_distckpt.ondisk.names import MANIFEST, METADATA, STATE, check_name
 
 FORMAT_NAME = "lightning-distckpt"
 FORMAT_VERSION = 1
+#: how deeply documents may nest (the skeleton of non-tensor state is walked recursively on load)
+MAX_DEPTH = 128
+_U64 = 1 << 64
+_MAX_SIZE = 1 << 62  # larger than any file or tensor; keeps arithmetic on declared sizes exact and bounded
 
 
 def check_version(version: Any, where: str) -> None:
-    if version != FORMAT_VERSION:
-        raise CorruptCheckpointError(
-            f"{where}: format version {version!r} is not supported (this lightning-distckpt reads version "
-            f"{FORMAT_VERSION}); upgrade lightning-distckpt to read it"
+    """Raise unless ``version`` is the format version this package reads; a newer one is
+    `NewerFormatError` (the checkpoint is fine, this package is too old)."""
+    if version == FORMAT_VERSION and type(version) is int:
+        return
+    if type(version) is int and version > FORMAT_VERSION:
+        raise NewerFormatError(
+            f"{where}: written in format version {version}, newer than the version {FORMAT_VERSION} this "
+            f"lightning-distckpt reads; upgrade lightning-distckpt to read it"
         )
+    raise CorruptCheckpointError(
+        f"{where}: format version {version!r} is not supported (this lightning-distckpt reads version "
+        f"{FORMAT_VERSION}); upgrade lightning-distckpt to read it"
+    )
+
+
+def check_int(value: Any, where: str, key: str, lo: int = 0, hi: int = _MAX_SIZE) -> int:
+    """``value`` as an int in [lo, hi); anything else (bool, float, string, out of range) is a
+    `CorruptCheckpointError` naming ``where`` and ``key``."""
+    if type(value) is not int or not lo <= value < hi:
+        raise CorruptCheckpointError(f"{where}: {key} must be an integer in [{lo}, {hi}), found {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _opt_int(obj: dict[str, Any], key: str, where: str) -> int | None:
+    value = obj.get(key)
+    return None if value is None else check_int(value, where, key, -_MAX_SIZE)
 
 
 @dataclass
@@ -46,31 +77,80 @@ class Manifest:
 
     @staticmethod
     def from_json(obj: Any, where: str) -> Manifest:
+        """Validate every field's type and range; any problem is a `CorruptCheckpointError` (or
+        `NewerFormatError`) naming ``where`` and the key, never a ``TypeError`` or ``OverflowError``."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} manifest")
         check_version(obj.get("version"), where)
-        fields = {k: obj[k] for k in Manifest.__dataclass_fields__ if k in obj}
-        try:
-            m = Manifest(**fields)
-            m.files = {check_name(n, where): {"size": int(f["size"]), "xxh3": int(f["xxh3"])} for n, f in m.files.items()}
-            m.world_size = int(m.world_size)
-        except (TypeError, ValueError, KeyError) as e:
-            raise CorruptCheckpointError(f"{where}: malformed manifest: {e}") from None
+        name = obj.get("name", "")
+        created = obj.get("created")
+        if not isinstance(name, str):
+            raise CorruptCheckpointError(f"{where}: name must be a string, found {_short(name)}")
+        if type(created) not in (int, float) or not math.isfinite(created) or not 0 <= created < 1e12:
+            raise CorruptCheckpointError(f"{where}: created must be a time in seconds, found {_short(created)}")
+        world_size = check_int(obj.get("world_size"), where, "world_size", 1, 1 << 24)
+        strategy = obj.get("strategy", "")
+        versions = obj.get("versions", {})
+        compression = obj.get("compression")
+        if not isinstance(strategy, str):
+            raise CorruptCheckpointError(f"{where}: strategy must be a string, found {_short(strategy)}")
+        if not isinstance(versions, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items()):
+            raise CorruptCheckpointError(f"{where}: versions must map names to version strings")
+        if compression is not None and not isinstance(compression, dict):
+            raise CorruptCheckpointError(f"{where}: compression must be an object or null, found {_short(compression)}")
+        raw_files = obj.get("files")
+        if not isinstance(raw_files, dict):
+            raise CorruptCheckpointError(f"{where}: files must be an object of file name -> size and xxh3")
+        files: dict[str, dict[str, int]] = {}
+        for n, f in raw_files.items():
+            here = f"{where}: files[{_short(n)}]"
+            check_name(n, where)
+            if not isinstance(f, dict):
+                raise CorruptCheckpointError(f"{here} must be an object with size and xxh3")
+            files[n] = {"size": check_int(f.get("size"), here, "size"), "xxh3": check_int(f.get("xxh3"), here, "xxh3", 0, _U64)}
         for required in (METADATA, STATE):
-            if required not in m.files:
+            if required not in files:
                 raise CorruptCheckpointError(f"{where}: manifest does not list {required}")
-        return m
+        return Manifest(name=name, created=float(created), world_size=world_size,
+                        global_step=_opt_int(obj, "global_step", where), epoch=_opt_int(obj, "epoch", where),
+                        strategy=strategy, versions=dict(versions), compression=compression, files=files,
+                        tensor_bytes=check_int(obj.get("tensor_bytes", 0), where, "tensor_bytes"))  # fmt: skip
 
 
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-def loads(data: bytes, where: str) -> Any:
+def loads(data: bytes, where: str, max_depth: int | None = None) -> Any:
+    """Parse a JSON document; invalid UTF-8 or JSON, and nesting deeper than ``max_depth`` (or than the
+    parser can take), are a `CorruptCheckpointError` naming ``where``."""
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+        obj = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise CorruptCheckpointError(f"{where}: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError, TypeError) as e:
         raise CorruptCheckpointError(f"{where}: not valid JSON ({e})") from None
+    if max_depth is not None:
+        check_depth(obj, max_depth, where)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed (documents are written without NaN or Infinity)")
+
+
+def check_depth(obj: Any, max_depth: int, where: str) -> None:
+    """Refuse lists and objects nested more than ``max_depth`` deep (iteratively: no recursion here)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        if depth > max_depth:
+            raise CorruptCheckpointError(f"{where}: nested more than {max_depth} levels deep")
+        stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
 
 
 def marker_bytes(manifest_bytes: bytes) -> bytes:
@@ -80,7 +160,7 @@ def marker_bytes(manifest_bytes: bytes) -> bytes:
 def check_marker(marker: bytes, manifest_bytes: bytes, where: str) -> None:
     """Raise unless ``marker`` is a complete commit marker naming exactly this manifest."""
     obj = loads(marker, where)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME or "manifest_xxh3" not in obj:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME or type(obj.get("manifest_xxh3")) is not int:
         raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} commit marker")
     if obj["manifest_xxh3"] != digest(manifest_bytes):
         raise CorruptCheckpointError(f"{where}: commit marker does not match {MANIFEST} (manifest changed or corrupt)")

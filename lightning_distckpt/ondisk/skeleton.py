@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import collections
 import datetime
 import io
@@ -26,9 +27,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 
-from lightning_distckpt.errors import UnsafeCheckpointError
+from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, UnsafeCheckpointError
 from lightning_distckpt.ondisk.metadata import dtype_name, parse_dtype
 
 MODEL = "model/"
@@ -52,6 +52,8 @@ def split(checkpoint: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
     Tensors may be plain, ``DTensor`` or ``ShardedTensor``; they are not copied.
     """
+    import torch  # lazily: reading the skeleton (tensor_refs, the distckpt command) needs no torch
+
     tensors: dict[str, Any] = {}
 
     def key_for(path: tuple[Any, ...]) -> str:
@@ -74,8 +76,13 @@ def split(checkpoint: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return skeleton, tensors
 
 
-def join(skeleton: Any, tensor: Callable[[str], Any], safe_globals: Iterable[str] = ()) -> Any:
-    """Rebuild the checkpoint dict; ``tensor(key)`` supplies the value of every tensor reference."""
+def join(skeleton: Any, tensor: Callable[[str], Any], safe_globals: Iterable[str] = (), where: str = "state.json") -> Any:
+    """Rebuild the checkpoint dict; ``tensor(key)`` supplies the value of every tensor reference.
+
+    A malformed tag (a ``__float__`` that is no float, a ``__dict__`` that is no list of pairs, an unknown
+    device, base64 that does not decode ...) is a `CorruptCheckpointError` naming ``where`` and the
+    path inside the skeleton. Nesting depth is bounded by the caller (``ondisk.loads(max_depth=...)``).
+    """
     allowed = _ALLOWED_GLOBALS | set(safe_globals)
 
     def dec(obj: Any, path: str) -> Any:
@@ -85,27 +92,60 @@ def join(skeleton: Any, tensor: Callable[[str], Any], safe_globals: Iterable[str
             return obj
         if len(obj) == 1:
             (tag, val), = obj.items()
-            if tag == "__tensor__":
-                return tensor(val)
-            if tag == "__tuple__":
-                return tuple(dec(v, f"{path}[{i}]") for i, v in enumerate(val))
-            if tag == "__dict__":
-                return {dec(k, path): dec(v, f"{path}/{k}") for k, v in val}
-            if tag == "__float__":
-                return float(val)
-            if tag == "__bytes__":
-                return base64.b64decode(val)
-            if tag == "__dtype__":
-                return parse_dtype(val, f"state.json at {path}")
-            if tag == "__device__":
-                return torch.device(val)
-            if tag == "__size__":
-                return torch.Size(val)
-            if tag == "__pickle__":
-                return SafeUnpickler.loads(base64.b64decode(val), allowed, f"state.json at {path or '/'}")
+            if tag in _TAGS:
+                try:
+                    return tagged(tag, val, path)
+                except DistCheckpointError:
+                    raise
+                except (TypeError, ValueError, OverflowError, RuntimeError, KeyError, AttributeError, binascii.Error) as e:
+                    raise CorruptCheckpointError(f"{where} at {path or '/'}: malformed {tag} value ({e})") from None
         return {k: dec(v, f"{path}/{k}") for k, v in obj.items()}
 
+    def tagged(tag: str, val: Any, path: str) -> Any:
+        import torch
+        if tag == "__tensor__":
+            if not isinstance(val, str):
+                raise TypeError(f"a tensor reference must be a string, found {type(val).__name__}")
+            return tensor(val)
+        if tag == "__tuple__":
+            return tuple(dec(v, f"{path}[{i}]") for i, v in enumerate(_list(val)))
+        if tag == "__dict__":
+            out = {}
+            for pair in _list(val):
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise TypeError("a __dict__ item must be a [key, value] pair")
+                key = dec(pair[0], path)
+                out[key] = dec(pair[1], f"{path}/{key}")
+            return out
+        if tag == "__float__":
+            if not isinstance(val, str):
+                raise TypeError("__float__ holds the float's text")
+            return float(val)
+        if tag == "__bytes__":
+            if not isinstance(val, str):
+                raise TypeError("__bytes__ holds base64 text")
+            return base64.b64decode(val, validate=True)
+        if tag == "__dtype__":
+            return parse_dtype(val, f"{where} at {path}")
+        if tag == "__device__":
+            if not isinstance(val, str):
+                raise TypeError("__device__ holds the device's name")
+            return torch.device(val)
+        if tag == "__size__":
+            if not all(type(v) is int and 0 <= v < 1 << 62 for v in _list(val)):
+                raise ValueError("__size__ holds non-negative integers")
+            return torch.Size(val)
+        if not isinstance(val, str):
+            raise TypeError("__pickle__ holds base64 text")
+        return SafeUnpickler.loads(base64.b64decode(val, validate=True), allowed, f"{where} at {path or '/'}")
+
     return dec(skeleton, "")
+
+
+def _list(val: Any) -> list[Any]:
+    if not isinstance(val, list):
+        raise TypeError(f"expected a list, found {type(val).__name__}")
+    return val
 
 
 def tensor_refs(skeleton: Any) -> list[str]:
@@ -118,6 +158,8 @@ def tensor_refs(skeleton: Any) -> list[str]:
                 walk(v)
         elif isinstance(obj, dict):
             if len(obj) == 1 and "__tensor__" in obj:
+                if not isinstance(obj["__tensor__"], str):
+                    raise CorruptCheckpointError(f"state.json: a tensor reference must be a string, found {obj['__tensor__']!r:.80}")
                 out.append(obj["__tensor__"])
             else:
                 for v in obj.values():
@@ -129,6 +171,7 @@ def tensor_refs(skeleton: Any) -> list[str]:
 
 # ---- encoding -----------------------------------------------------------------------------------
 def _encode(obj: Any, child: Callable[[Any, Any], Any]) -> Any:
+    import torch
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int) and type(obj) in (int, bool):
@@ -165,7 +208,7 @@ def _qualname(obj: Any) -> str:
 _ALLOWED_GLOBALS: frozenset[str] = frozenset(
     _qualname(t)
     for t in (
-        set, frozenset, complex, slice, range, bytearray,
+        set, frozenset, complex, slice,
         collections.OrderedDict, collections.defaultdict, collections.deque, collections.Counter,
         datetime.datetime, datetime.date, datetime.time, datetime.timedelta, datetime.timezone,
         argparse.Namespace, pathlib.PurePosixPath, pathlib.PosixPath, uuid.UUID,

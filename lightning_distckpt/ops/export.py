@@ -62,11 +62,8 @@ def export_size(url: str, storage_options: StorageLike = None, weights_only: boo
     from lightning_distckpt.transforms import PART
 
     ckpt = open_checkpoint(source_of(url, storage_options), check_sizes=False)
-    total = 0
-    for index, loc in ckpt.metadata.storage_data.items():
-        if not weights_only or index.fqn.split(PART)[0].startswith(state.MODEL):
-            total += loc.stored
-    return total
+    return sum(c.location.stored for fqn, c in ckpt.metadata.chunks()
+               if not weights_only or fqn.split(PART)[0].startswith(state.MODEL))  # fmt: skip
 
 
 def load_checkpoint(url: str, storage_options: StorageLike = None,
@@ -153,8 +150,7 @@ def export_checkpoint(url: str, out: str, weights_only: bool = False, dtype: tor
                                 quantize)  # fmt: skip
     with output_file(out) as tmp:
         if format == "safetensors":
-            from safetensors.torch import save_file
-
+            save_file = _safetensors_save_file()
             save_file(weights, tmp, metadata={"source": url, "format": "lightning-distckpt export"})
         else:
             torch.save({"state_dict": weights}, tmp)
@@ -168,8 +164,7 @@ def export_sharded_safetensors(url: str, out_dir: str, shard_bytes: int, **kwarg
     keyword arguments go to `inference_weights`."""
     import json
 
-    from safetensors.torch import save_file
-
+    save_file = _safetensors_save_file()
     storage_options = kwargs.pop("storage_options", None)
     progress = kwargs.pop("progress", None)
     weights = inference_weights(read_model_weights(url, storage_options, progress), **kwargs)
@@ -195,3 +190,12 @@ def export_sharded_safetensors(url: str, out_dir: str, shard_bytes: int, **kwarg
     with output_file(index) as tmp, open(tmp, "w") as f:
         json.dump({"metadata": {"total_size": total, "source": url}, "weight_map": weight_map}, f, indent=1)
     return [*files, index]
+
+
+def _safetensors_save_file() -> Any:
+    """``safetensors.torch.save_file``; safetensors is the ``export`` extra of this package."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("exporting to safetensors needs safetensors: pip install 'lightning-distckpt[export]'") from None
+    return save_file

@@ -6,6 +6,8 @@ order) or ``solo``: one process acting alone, e.g. a plain ``CheckpointIO`` call
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,5 +60,35 @@ class Comm:
         if self.active:
             dist.barrier(group=self.group)
 
+    def decide(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on rank 0 only, its result broadcast: every rank gets the same value, or raises the same
+        error (rank 0's). Collective: every rank calls it; ranks other than 0 never call ``fn``."""
+        result: Any = None
+        if self.rank == 0:
+            try:
+                result = ("ok", fn())
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                result = ("error", portable(e))
+        kind, value = self.broadcast(result)
+        if kind == "error":
+            raise value
+        return value
+
+    def agree(self, error: BaseException | None) -> None:
+        """Every rank says whether it failed; if any did, every rank raises the same error (the lowest failing
+        rank's). Collective; returns on every rank only when no rank failed."""
+        for e in self.all_gather(None if error is None else portable(error)):
+            if e is not None:
+                raise e
+
 
 SOLO = Comm(solo=True)
+
+
+def portable(e: BaseException) -> BaseException:
+    """``e`` if it survives pickling (to be sent to other ranks), else a RuntimeError with its type and text."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 - any failure to round-trip
+        return RuntimeError(f"{type(e).__name__}: {e}")

@@ -24,12 +24,22 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Entry:
-    """One directory entry as returned by `Store.listdir()`."""
+    """One directory entry as returned by `Store.listdir()` and `Store.info()`, about the entry itself
+    (a symbolic link is described as a link, never as what it points to).
+
+    ``kind`` is ``"file"``, ``"dir"``, ``"link"`` or ``"other"`` (FIFO, device, socket); empty means the store
+    did not say, and then it follows ``is_dir``.
+    """
 
     name: str
     is_dir: bool
     size: int
     mtime: float = 0.0
+    kind: str = ""
+
+    @property
+    def type(self) -> str:
+        return self.kind or ("dir" if self.is_dir else "file")
 
 
 class WriteStream(Protocol):
@@ -87,7 +97,10 @@ class Store(ABC):
 
     @abstractmethod
     def remove(self, path: str, recursive: bool = False) -> None:
-        """Delete a file, or a directory with ``recursive=True``; no error if it is already gone."""
+        """Delete a file, or a directory with ``recursive=True``; no error if it is already gone.
+
+        Never follows a symbolic link: a link is removed as a link, and the directory it points to is untouched.
+        """
 
     def write_bytes(self, path: str, data: bytes) -> None:
         stream = self.open_write(path)
@@ -110,6 +123,21 @@ class Store(ABC):
         with self.open_read(path) as f:
             return f.read()
 
+    def read_limited(self, path: str, limit: int) -> bytes:
+        """The whole file at ``path`` if it is a regular file of at most ``limit`` bytes; otherwise
+        `ValueError` saying why (checked before reading, so a FIFO never blocks and ``/dev/zero``
+        never fills memory). ``FileNotFoundError`` if it does not exist."""
+        entry = self.info(path)
+        if entry.type != "file":
+            raise ValueError(f"{self.url(path)}: not a regular file ({entry.type}); refused")
+        if entry.size > limit:
+            raise ValueError(f"{self.url(path)}: {entry.size} bytes, more than the {limit} a document may have")
+        with self.open_read(path) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"{self.url(path)}: more than the {limit} bytes a document may have")
+        return data
+
     @abstractmethod
     def size(self, path: str) -> int:
         """Size of a file in bytes; ``FileNotFoundError`` if it does not exist."""
@@ -123,6 +151,15 @@ class Store(ABC):
     @abstractmethod
     def listdir(self, path: str) -> list[Entry]:
         """Entries directly under ``path``; ``FileNotFoundError`` if it does not exist."""
+
+    def info(self, path: str) -> Entry:
+        """The entry at ``path`` itself (a link as a link); ``FileNotFoundError`` if there is none.
+
+        The default asks `isdir()` and `size()`; stores that know links and special files override it.
+        """
+        if self.isdir(path):
+            return Entry(self.basename(path), True, 0, 0.0, "dir")
+        return Entry(self.basename(path), False, self.size(path), 0.0, "file")
 
 
 @dataclass(frozen=True)

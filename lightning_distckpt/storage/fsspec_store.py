@@ -152,10 +152,21 @@ class FsspecStore(Store):
         out = []
         for info in self._do("list", self.fs.ls, path, detail=True):
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-            mtime = info.get("mtime") or info.get("modificationTime") or 0
-            if hasattr(mtime, "timestamp"):
-                mtime = mtime.timestamp()
-            elif mtime and float(mtime) > 1e11:  # milliseconds (HDFS)
-                mtime = float(mtime) / 1000
-            out.append(Entry(name, info["type"] == "directory", int(info.get("size") or 0), float(mtime or 0)))
+            out.append(_entry(name, info))
         return out
+
+    def info(self, path: str) -> Entry:
+        return _entry(path.rstrip("/").rsplit("/", 1)[-1], self._do("stat", self.fs.info, path))
+
+
+def _entry(name: str, info: dict[str, Any]) -> Entry:
+    """An `Entry` from an fsspec ``info`` dict (``islink``/``type: link`` where the backend reports links)."""
+    mtime = info.get("mtime") or info.get("modificationTime") or 0
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    elif mtime and float(mtime) > 1e11:  # milliseconds (HDFS)
+        mtime = float(mtime) / 1000
+    kind = {"directory": "dir", "file": "file", "link": "link", "symlink": "link"}.get(str(info.get("type")).lower(), "other")
+    if info.get("islink"):
+        kind = "link"
+    return Entry(name, kind == "dir", int(info.get("size") or 0), float(mtime or 0), kind)

@@ -47,6 +47,9 @@ class HdfsOptions:
             unreachable); whole files are rewritten when a write fails.
         backoff_s: First wait between attempts; doubles each time.
         config: Extra Hadoop client settings (``{"dfs.client.socket-timeout": "30000"}``), strings only.
+        connect_timeout_s: How long reaching the NameNode (or the webhdfs gateway) may take at setup and in
+            ModelCheckpoint's own calls before a `StorageUnreachableError` names the
+            URL (``None``: the plugin's ``connect_timeout_s``, 30 s by default).
     """
 
     replication: int | None = None
@@ -57,8 +60,11 @@ class HdfsOptions:
     retries: int = 4
     backoff_s: float = 0.5
     config: dict[str, str] = field(default_factory=dict)
+    connect_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.connect_timeout_s is not None and not self.connect_timeout_s > 0:
+            raise ValueError(f"HdfsOptions(connect_timeout_s={self.connect_timeout_s}): must be positive (or None)")
         if self.replication is not None and self.replication < 1:
             raise ValueError(f"HdfsOptions(replication={self.replication}): must be at least 1")
         if self.block_size_mb is not None and self.block_size_mb < 1:

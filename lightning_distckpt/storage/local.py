@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from typing import BinaryIO
 
 from lightning_distckpt.errors import StorageError
@@ -33,6 +34,12 @@ class _LocalWriteStream:
                 os.fsync(self._f.fileno())
         finally:
             self._f.close()
+
+
+def _entry(name: str, st: os.stat_result) -> Entry:
+    mode = st.st_mode
+    kind = "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "link" if stat.S_ISLNK(mode) else "other"
+    return Entry(name, kind == "dir", st.st_size, st.st_mtime, kind)
 
 
 class LocalStore(Store):
@@ -64,19 +71,37 @@ class LocalStore(Store):
             self._fsync_dir(os.path.dirname(dst.rstrip("/")) or ".")
 
     def remove(self, path: str, recursive: bool = False) -> None:
+        """Delete ``path``; a symbolic link is unlinked (never followed), and ``shutil.rmtree`` unlinks the
+        links it meets inside a directory."""
         try:
-            if recursive and os.path.isdir(path) and not os.path.islink(path):
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                if not recursive:
+                    raise IsADirectoryError(errno.EISDIR, f"{path} is a directory (remove it with recursive=True)")
                 shutil.rmtree(path)
             else:
                 os.remove(path)
         except FileNotFoundError:
             pass
 
-    def open_read(self, path: str) -> BinaryIO:
-        return open(path, "rb")  # noqa: SIM115 - caller closes
+    def open_read(self, path: str, buffering: int = -1) -> BinaryIO:
+        """Open a regular file (through a link if ``path`` is one). A FIFO, device or socket is refused with
+        an ``OSError`` instead of blocking or streaming forever."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StorageError(errno.EINVAL, f"{path}: not a regular file (FIFO, device or socket); refused")
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb", buffering=buffering)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
-        with open(path, "rb", buffering=0) as f:
+        with self.open_read(path, buffering=0) as f:
             f.seek(offset)
             read_exactly(f, buffer, path)
 
@@ -97,8 +122,11 @@ class LocalStore(Store):
                     st = e.stat(follow_symlinks=False)
                 except FileNotFoundError:  # removed while listing
                     continue
-                out.append(Entry(e.name, e.is_dir(follow_symlinks=False), st.st_size, st.st_mtime))
+                out.append(_entry(e.name, st))
         return out
+
+    def info(self, path: str) -> Entry:
+        return _entry(os.path.basename(path.rstrip("/")), os.lstat(path))
 
     @staticmethod
     def _fsync_dir(path: str) -> None:

@@ -40,17 +40,39 @@ class StorageConfig:
     """Everything that decides how a URL is stored; one per DistCheckpointIO, identical on every rank.
 
     ``options`` go to the fsspec filesystem of remote URLs; ``durable`` makes local writes fsync;
-    ``hdfs`` configures ``hdfs://``, ``viewfs://`` and ``webhdfs://`` URLs.
+    ``hdfs`` configures ``hdfs://``, ``viewfs://`` and ``webhdfs://`` URLs; ``connect_timeout_s`` bounds how
+    long reaching a store may take (`lightning_distckpt.storage.reach.probe`; for HDFS URLs
+    ``HdfsOptions.connect_timeout_s`` wins when set).
     """
 
     options: dict[str, Any] = field(default_factory=dict)
     durable: bool = True
     hdfs: HdfsOptions | None = None
+    connect_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.connect_timeout_s > 0:
+            raise ValueError(f"connect_timeout_s={self.connect_timeout_s}: must be a positive number of seconds")
+
+    def connect_timeout(self, url: str) -> float:
+        """Seconds allowed to reach the store of ``url``."""
+        scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+        if self.hdfs is not None and self.hdfs.connect_timeout_s is not None and scheme in HDFS_SCHEMES:
+            return self.hdfs.connect_timeout_s
+        return self.connect_timeout_s
 
 
 #: What functions taking a storage configuration accept: a StorageConfig, fsspec options, or nothing.
 StorageLike = StorageConfig | dict[str, Any] | None
 StoreFactory = Callable[[str, StorageConfig], "tuple[Store, str]"]
+
+
+HDFS_SCHEMES = ("hdfs", "viewfs", "webhdfs", "swebhdfs")
+
+
+def as_config(config: StorageLike) -> StorageConfig:
+    """``config`` as a `StorageConfig` (fsspec options or nothing become one with defaults)."""
+    return config if isinstance(config, StorageConfig) else StorageConfig(options=dict(config or {}))
 
 
 def is_local(url: str) -> bool:
@@ -103,8 +125,7 @@ def open_store(url: str, config: StorageLike = None) -> tuple[Store, str]:
     """The store that holds ``url`` and the path of ``url`` inside it."""
     if not isinstance(url, str):
         raise TypeError(f"a checkpoint location must be a str URL or path, got {type(url).__name__}: {url!r}")
-    if not isinstance(config, StorageConfig):
-        config = StorageConfig(options=dict(config or {}))
+    config = as_config(config)
     scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
     factory = _factory(scheme)
     if factory is None:

@@ -74,6 +74,7 @@ class RetryPolicy:
                 if cleanup is not None:
                     try:
                         cleanup()
-                    except Exception:  # noqa: BLE001 - best effort before the next attempt
-                        pass
+                    except Exception as ce:  # noqa: BLE001 - the next attempt goes on; say what is left
+                        log.warning("%s: clean-up before attempt %d failed (%s: %s); what it should have removed "
+                                    "may be left behind", what, attempt + 1, type(ce).__name__, ce)
         raise AssertionError("unreachable")

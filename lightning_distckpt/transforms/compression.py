@@ -33,18 +33,18 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lightning_distckpt.errors import CorruptCheckpointError
-from lightning_distckpt.ondisk.metadata import dtype_name, parse_dtype
+from lightning_distckpt.ondisk.metadata import dtype_name
 from lightning_distckpt.parallel.pieces import Piece, pieces
 from lightning_distckpt.transforms.block import BlockCodec
 from lightning_distckpt.transforms.lossless import ShuffleZstd
-from lightning_distckpt.transforms.registry import block_codec, tensor_codec, tensor_codec_names
+from lightning_distckpt.transforms.checks import check_codecs
+from lightning_distckpt.transforms.registry import block_codec, tensor_codec
+from lightning_distckpt.transforms.specs import BF16, PART
 from lightning_distckpt.transforms.tensor_codecs import BUILTIN
 
 __all__ = ["CompressionConfig", "PRESETS", "resolve", "check_codecs"]
 
 PRESETS = ("lossless", "bf16", "int8")
-PART = "::"  # a part of an encoded tensor is stored under "<key>::<part>"
-BF16 = "bf16"
 _FLOAT = (torch.float32, torch.float64)
 _MOMENTS_SIGNED = ("exp_avg", "momentum_buffer")
 _MOMENTS_SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
@@ -215,23 +215,6 @@ def encode(tensors: dict[str, Any], config: CompressionConfig, params: set[str] 
 
 
 # ---- decode (load) -----------------------------------------------------------------------------
-def check_encodings(encodings: Any, where: str) -> dict[str, Any]:
-    """Validate the encodings section of metadata.json; an unknown codec or version is a clear error."""
-    if not isinstance(encodings, dict):
-        raise CorruptCheckpointError(f"{where}: malformed encodings")
-    for key, e in encodings.items():
-        codec, version = e.get("codec"), e.get("version")
-        c = tensor_codec(codec) if isinstance(codec, str) and codec != BF16 else None
-        known = 1 if codec == BF16 else c.version if c is not None else None
-        if known is None or version != known:
-            raise CorruptCheckpointError(
-                f"{where}: tensor {key!r} uses codec {codec!r} version {version!r}, which this lightning-distckpt "
-                f"cannot decode (it knows {sorted([BF16, *tensor_codec_names()])}); upgrade lightning-distckpt"
-            )
-        parse_dtype(e.get("dtype"), f"{where}: tensor {key!r}")
-    return encodings
-
-
 def decode_plan(encodings: dict[str, Any], targets: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
     """Targets to read (parts replace encoded tensors) and a function that decodes them into ``targets``.
 
@@ -291,15 +274,3 @@ def _codec(name: str) -> Any:
     if c is None:
         raise CorruptCheckpointError(f"tensor codec {name!r} is not known to this lightning-distckpt")
     return c
-
-
-def check_codecs(metadata: Any, where: str) -> None:
-    """Every block codec and tensor codec that parsed ``metadata`` names is known (else a clear error naming
-    ``where``), so a checkpoint this version cannot decode fails when it is opened, not halfway through a read."""
-    for loc in (metadata.storage_data or {}).values():
-        if loc.codec:
-            try:
-                block_codec(loc.codec)
-            except CorruptCheckpointError as e:
-                raise CorruptCheckpointError(f"{where}: {e}") from None
-    check_encodings((metadata.planner_data or {}).get("encodings", {}), where)

@@ -27,6 +27,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from lightning_distckpt.transforms.specs import PartSpecs, dynamic8_parts, int8_rows_parts
 from lightning_distckpt.transforms.vector import CHUNK_ELEMENTS, map_chunks
 
 _DECADES = {True: 5, False: 6}  # magnitudes span 10^-decades .. 1
@@ -66,6 +67,10 @@ def _code_index(x: torch.Tensor, signed: bool) -> torch.Tensor:
     else:  # 0, [1e-6 .. 1] (255); a positive value never maps to 0
         idx = torch.where(mag > 0, k + 1, torch.zeros_like(k))
     return idx.to(torch.uint8)
+
+
+def _torch_dtypes(specs: PartSpecs) -> dict[str, tuple[list[int], torch.dtype]]:
+    return {part: (shape, getattr(torch, dtype)) for part, (shape, dtype) in specs.items()}
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -156,7 +161,7 @@ class Int8Rows(Codec):
     decodes_into = True
 
     def part_shapes(self, shape, block):
-        return {"q": (list(shape), torch.int8), "scale": ([shape[0]], torch.float32)}
+        return _torch_dtypes(int8_rows_parts(shape, block))
 
     def encode(self, t, block):
         if not _fast(t) or t.numel() == 0:
@@ -222,8 +227,7 @@ class Dynamic8(Codec):
         object.__setattr__(self, "sqrt", sqrt)
 
     def part_shapes(self, shape, block):
-        n = math.prod(shape[1:]) if len(shape) > 1 else 1
-        return {"q": (list(shape), torch.uint8), "absmax": ([shape[0], math.ceil(n / block)], torch.float32)}
+        return _torch_dtypes(dynamic8_parts(shape, block))
 
     def _blocks(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
         r, n = x.shape

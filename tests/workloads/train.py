@@ -67,11 +67,26 @@ def fault_injection() -> None:
     ``DISTCKPT_TEST_PAUSE=<rank>:<HdfsStore method>:<n>:<dir>``: at the n-th call that rank creates
     ``<dir>/paused`` and waits for ``<dir>/resume`` (the test stops DataNodes meanwhile). For
     ``open_write`` the pause happens after the first block written to that stream (its pipeline is open).
+    ``DISTCKPT_TEST_HIDE=<rank>:<name>``: that rank's local directory listings leave out entries named
+    ``<name>`` (ranks see different listings, as with a lagging replica or an eventually consistent store).
+    ``DISTCKPT_TEST_FREE_MEMORY=<rank>:<bytes>``: that rank sees only ``<bytes>`` of free host memory.
     """
     import signal
     import time
 
     rank_here = os.environ.get("LOCAL_RANK", "0")
+    hide = os.environ.get("DISTCKPT_TEST_HIDE")
+    if hide and hide.split(":", 1)[0] == rank_here:
+        from lightning_distckpt.storage.local import LocalStore
+
+        hidden, listdir = hide.split(":", 1)[1], LocalStore.listdir
+        LocalStore.listdir = lambda self, path: [e for e in listdir(self, path) if e.name != hidden]
+    free = os.environ.get("DISTCKPT_TEST_FREE_MEMORY")
+    if free and free.split(":", 1)[0] == rank_here:
+        import psutil
+
+        real, nbytes = psutil.virtual_memory, int(free.split(":", 1)[1])
+        psutil.virtual_memory = lambda: real()._replace(available=nbytes)
     crash = os.environ.get("DISTCKPT_TEST_CRASH")
     if crash:
         rank, method, n = crash.split(":")
@@ -137,6 +152,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=8)
     p.add_argument("--save-every", type=int, default=4)
     p.add_argument("--keep-last", type=int, default=None)
+    p.add_argument("--save-last", action="store_true", help="DistCheckpoint(save_last=True): overwrite 'last' too")
     p.add_argument("--resume", default=None, help='"last", a checkpoint URL, or nothing')
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--digest-dir", default=None)
@@ -144,6 +160,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
     p.add_argument("--replicas", nargs="*", default=None)
+    p.add_argument("--save-last", action="store_true", help="also save 'last' every time (the same name overwritten)")
     p.add_argument("--compression", default=None)
     p.add_argument("--timing-only", action="store_true", help="no state digests (they take seconds at 1 GiB)")
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
@@ -169,7 +186,7 @@ def main() -> None:
                                   hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication),
                                   node_local=args.node_local)],
         callbacks=[DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
-                                  replicas=args.replicas),
+                                  replicas=args.replicas, save_last=True if args.save_last else None),
                    probe],
         logger=False,
         enable_progress_bar=False,
