@@ -120,6 +120,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             (see `lightning_distckpt.compression`); loading needs no setting.
         balanced_reads: Read each replicated tensor (DDP state) once across the ranks and broadcast it,
             instead of every rank reading all of it.
+        shared_memory_reads: Balanced reads share the bytes between the ranks of a host through shared memory
+            (each host reads every replicated byte once); False: broadcasts over gloo between all ranks.
         write_threads: Files (and concurrent streams) per rank and save.
         read_threads: Concurrent readers per rank and load.
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
@@ -147,6 +149,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         hdfs: HdfsOptions | None = None,
         compression: Literal["lossless", "bf16", "int8"] | CompressionConfig | None = None,
         balanced_reads: bool = True,
+        shared_memory_reads: bool = True,
         write_threads: int = 2,
         read_threads: int = 2,
         chunk_mb: int = 32,
@@ -166,6 +169,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                                      connect_timeout_s=connect_timeout_s)  # fmt: skip
         self.compression = resolve(compression)
         self.balanced_reads = balanced_reads
+        self.shared_memory_reads = shared_memory_reads
         self.safe_globals = list(safe_globals or [])
         self.read_threads = read_threads
         self.write_options = WriteOptions(threads=write_threads, chunk_bytes=chunk_mb << 20)
@@ -347,7 +351,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         extras = {k: v for k, v in buffers.items() if k.startswith(state.EXTRA)}
         ordered = sources[comm.rank % len(sources):] + sources[: comm.rank % len(sources)]  # spread reads over copies
         self._record(read_tensors(ckpt, {**model, **optim, **extras}, sources=ordered, threads=self.read_threads,
-                                  comm=comm, balanced=self.balanced_reads), comm, strategy)  # fmt: skip
+                                  comm=comm, balanced=self.balanced_reads,
+                                  shared_memory=self.shared_memory_reads), comm, strategy)  # fmt: skip
 
         def lookup(key: str) -> Any:
             if key.startswith(state.MODEL):
