@@ -116,7 +116,10 @@ def main() -> None:
             ix.register(entry, epochs[run])
             register_s.append(time.perf_counter() - t0)
 
-        points = []
+        # what a save costs the training thread with catalog=... (async saves, local disk, 20 saves)
+        train = training_cost(base, hb.catalog_url("bench_train"))  # its own table: not one of the 20 runs
+        points: list[dict[str, Any]] = []
+        seq: list[float] = []
         for per_run in args.per_run:
             jobs = [(r, i) for r in range(args.runs) for i in range(written[runs[r]], per_run)]
             t0 = time.perf_counter()
@@ -178,10 +181,10 @@ def main() -> None:
             point["speedup"] = {q: point[f"list_{q}"]["median"] / point[f"catalog_{q}"]["median"]
                                 for q in ("latest_one", "best_one", "latest_all")}  # fmt: skip
             points.append(point)
+            write(args, points, register_s, seq, train)  # after every round: a late failure keeps what was measured
             print(json.dumps({k: (v["median"] if isinstance(v, dict) and "median" in v else v) for k, v in point.items()}),
                   flush=True)  # fmt: skip
         # registration alone, one writer, nothing else running: 200 rows of a fresh run
-        seq = []
         epoch = index.take_ownership("sequential", "bench")
         tm = ondisk.Manifest.from_json(tmpl, "template")
         for i in range(200):
@@ -192,9 +195,6 @@ def main() -> None:
             index.register(entry, epoch)
             seq.append(time.perf_counter() - t0)
         index.close()
-
-        # what a save costs the training thread with catalog=... (async saves, local disk, 20 saves)
-        train = training_cost(base, url)
         write(args, points, register_s, seq, train)  # before the clean-up (deleting the cluster's files takes minutes)
 
 
@@ -209,7 +209,7 @@ def write(args: argparse.Namespace, points: list[dict[str, Any]], register_s: li
                        "n": len(reg)},
         "training": train,
         "register_sequential_s": {"median": statistics.median(seq), "p90": sorted(seq)[int(0.9 * len(seq))],
-                                  "min": min(seq), "max": max(seq), "n": len(seq)},
+                                  "min": min(seq), "max": max(seq), "n": len(seq)} if seq else None,
     }  # fmt: skip
     print(write_result("catalog", result))
 

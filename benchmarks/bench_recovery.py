@@ -17,7 +17,8 @@
 
     python benchmarks/bench_recovery.py                                   # all parts
     python benchmarks/bench_recovery.py --parts torture --kills 100 --seed 2026
-    python benchmarks/bench_recovery.py --parts unreachable --baseline-checkout /path/to/old/checkout
+    python benchmarks/bench_recovery.py --parts unreachable --baseline-checkout /tmp/baseline
+    # (the baseline: git archive 3c6323c | tar -x -C /tmp/baseline; its REV file names the commit in the report)
 
 Results are merged into benchmarks/results/recovery.json (parts not run keep their last results, each with its
 own date and command); ``python benchmarks/report.py`` renders them.

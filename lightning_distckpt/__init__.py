@@ -42,7 +42,9 @@ __all__ = [
     "UncommittedCheckpointError",
     "UnsafeCheckpointError",
     "VerifyReport",
+    "enable_load_from_checkpoint",
     "export_checkpoint",
+    "import_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "verify",
@@ -61,6 +63,8 @@ _EXPORTS = {
     "list_checkpoints": "catalog.listing",
     "verify": "catalog.verify",
     "export_checkpoint": "ops.export",
+    "enable_load_from_checkpoint": "integration.load_from_checkpoint",
+    "import_checkpoint": "ops.importing",
     "load_checkpoint": "ops.export",
     **{name: "errors" for name in __all__ if name.endswith("Error")},
 }
@@ -104,7 +108,9 @@ if TYPE_CHECKING:
     )
     from lightning_distckpt.integration.callback import DistCheckpoint
     from lightning_distckpt.integration.distill import KnowledgeDistillation
+    from lightning_distckpt.integration.load_from_checkpoint import enable_load_from_checkpoint
     from lightning_distckpt.integration.plugin import DistCheckpointIO
     from lightning_distckpt.ops.export import export_checkpoint, load_checkpoint
+    from lightning_distckpt.ops.importing import import_checkpoint
     from lightning_distckpt.storage.hdfs import HdfsOptions
     from lightning_distckpt.transforms.compression import CompressionConfig

@@ -9,7 +9,7 @@ just finished. Nothing happens unless the environment names that step:
   ``<dir>/resume`` exists (another process acts meanwhile, e.g. a ``distckpt gc`` racing the save).
 
 Steps (see docs/fault-tolerance.md, "Crash points tested"): ``save:staged``, ``save:documents``,
-``publish:old-moved``, ``publish:renamed``, ``publish:committed``, ``remove:unmarked``, ``remove:aside``,
+``publish:old-moved``, ``publish:renamed``, ``publish:committed``, ``remove:unmarked``, ``remove:emptied``,
 ``remove:link``, ``remove:file``, ``clean:aside``, ``clean:restored``, ``copy:file``.
 """
 

@@ -29,7 +29,8 @@ from lightning_distckpt import list_checkpoints, verify
 #: ``DISTCKPT_CRASH_AT``): the process ends the n-th time it passes that step. ``<rank>:<LocalStore method>:<n>``:
 #: that rank SIGKILLs itself at the n-th call (``DISTCKPT_TEST_CRASH``, tests/workloads/train.py). A resumed run
 #: publishes the step checkpoint (#1), then overwrites ``last`` (#2), and so on; a fresh run's first ``last`` is
-#: new. The order matters: the clean-up points come right after the crash whose leftovers they repair.
+#: new. The clean-up's own points (``clean:aside``, ``clean:restored``) are not here: clean-up at setup leaves
+#: leftovers younger than its idle age alone, so cycles seconds apart never reach them (tests/test_safety.py does).
 CRASH_POINTS = {
     "save: staging made, nothing written": "save:staged#2",
     "save: rank 1 dies opening its data file": "1:open_write:3",
@@ -38,11 +39,29 @@ CRASH_POINTS = {
     "publish: just committed": "publish:committed#3",
     "overwrite of last: old copy moved aside": "publish:old-moved#1",
     "overwrite of last: new copy renamed, before COMMITTED": "publish:renamed#2",
-    "clean-up at setup: uncommitted copy moved aside": "clean:aside#1",
-    "clean-up at setup: trashed copy restored": "clean:restored#1",
     "removal: marker removed": "remove:unmarked#1",
     "removal: moved aside, before deleting": "remove:aside#1",
 }
+
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    """SIGKILL a job's process and every process under it, then reap it. The ranks that torchrun starts run in
+    sessions of their own: killing torchrun's process group alone (or torchrun) would leave them training."""
+    try:
+        tree = psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for q in tree:
+        try:
+            q.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    p.wait()
+    psutil.wait_procs(tree, timeout=30)
 
 
 def crash_env(spec: str) -> dict[str, str]:
@@ -150,11 +169,7 @@ class Torture:
             pass
         finally:
             for p in procs:  # what is left of the job dies too, as with a lost node
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+                _kill_tree(p)
             out.close()
         if crash:  # did it die there? (torchrun reports the rank's exit: 86 from a crash point, -9 from a SIGKILL)
             log = open(out.name, errors="replace").read()

@@ -56,10 +56,9 @@ from workloads.crash_ops import sample  # noqa: E402
 from lightning_distckpt import catalog, list_checkpoints, load_checkpoint, verify  # noqa: E402
 from lightning_distckpt.faults import CRASH_EXIT  # noqa: E402
 
-# every step of an overwrite, in order (the old copy's trash directory is deleted in place once unmarked: its
-# name already says it is garbage, so it has no "remove:aside" step)
+# every step of an overwrite, in order (the last two: the old copy's trash directory being removed)
 OVERWRITE_STEPS = ["save:staged", "save:documents", "publish:old-moved", "publish:renamed", "publish:committed",
-                   "remove:unmarked"]  # fmt: skip
+                   "remove:unmarked", "remove:emptied"]  # fmt: skip
 
 
 class Done:
@@ -130,7 +129,7 @@ def test_clean_up_killed_while_restoring_a_crashed_overwrite(tmp_path, step):
     assert_recovers(root, (1,))
 
 
-@pytest.mark.parametrize("step", ["remove:unmarked", "remove:aside"])
+@pytest.mark.parametrize("step", ["remove:unmarked", "remove:emptied"])
 def test_a_retention_removal_killed_at_each_step(tmp_path, step):
     root = committed_root(tmp_path)
     assert op("remove", root / "a", crash_at=step).returncode == CRASH_EXIT
@@ -146,6 +145,23 @@ def test_a_link_removal_killed_right_after_it(tmp_path):
     assert not os.path.lexists(root / "last")
     catalog.clean_stale(str(root), older_than_s=0)
     assert listed(root) == {"a": str(root / "a"), "X": str(root / "X")} and same(str(root / "X"), 1)
+
+
+@pytest.mark.parametrize("step", ["publish:old-moved", "publish:renamed", "publish:committed", "remove:unmarked"])
+def test_a_replication_killed_at_each_step_keeps_the_replica_committed(tmp_path, step):
+    """A checkpoint replicated again after it changed (same name): the replica's old copy stays committed until
+    the new one commits (it is never deleted first)."""
+    root = committed_root(tmp_path)
+    replica = tmp_path / "replica"
+    assert op("replicate", root / "X", replica).returncode == 0
+    assert op("save", root / "X", 2).returncode == 0  # the primary's X changes
+    p = op("replicate", root / "X", replica, crash_at=step)
+    assert p.returncode == CRASH_EXIT, p.stdout
+    found = listed(replica)
+    assert set(found) == {"X"} and any(same(found["X"], s) for s in (1, 2))
+    catalog.clean_stale(str(replica), older_than_s=0)
+    assert sorted(os.listdir(replica)) == ["X"] and verify(str(replica / "X")).ok
+    assert op("replicate", root / "X", replica).returncode == 0 and same(str(replica / "X"), 2)
 
 
 @pytest.mark.parametrize("step", ["copy:file", "publish:renamed"])
@@ -205,7 +221,7 @@ def test_a_forced_gc_during_a_save_costs_that_save_only(tmp_path):
 # Same-name overwrites inside 2-rank training: save_last=True overwrites "last" at every save (even crash point
 # counts fall on "last": each step saves its own checkpoint, then "last"); each kill is followed by a resume
 # from "last" that must restore the newest committed state exactly.
-OVERWRITE_IN_TRAINING = ["publish:old-moved#2", "publish:renamed#4", "publish:committed#4", "remove:aside#3"]
+OVERWRITE_IN_TRAINING = ["publish:old-moved#2", "publish:renamed#4", "publish:committed#4", "remove:emptied#3"]
 
 
 def test_same_name_overwrite_crash_points_in_training_then_resume(tmp_path):

@@ -1,7 +1,8 @@
 """Randomly mutated documents (manifest, metadata, skeleton, marker) fed to load, verify, ls and gc: exact data or
 one of the package's own errors; no other exception, no hang, no allocation from a declared size
 (tests/fuzzing.py says how). The default run takes a fixed subset (200 cases, seed 0, about 10 s); the long run
-is ``pytest -m fuzz`` (``DISTCKPT_FUZZ_CASES`` cases per seed, ``DISTCKPT_FUZZ_SEEDS`` seeds)."""
+is ``pytest -m fuzz`` (``DISTCKPT_FUZZ_CASES`` cases per seed, ``DISTCKPT_FUZZ_SEEDS`` seeds). A ``-m`` given on the
+command line replaces the default ``-m 'not fuzz'`` of pyproject.toml: add ``and not fuzz`` to keep it out."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def test_fuzzed_documents_give_exact_data_or_a_package_error(tmp_path):
 
 
 @pytest.mark.fuzz
+@pytest.mark.timeout(0)  # minutes per seed; each fuzz process has its own bound below
 def test_long_fuzz(tmp_path):
     cases = int(os.environ.get("DISTCKPT_FUZZ_CASES", "5000"))
     seeds = int(os.environ.get("DISTCKPT_FUZZ_SEEDS", "4"))

@@ -6,6 +6,7 @@
     distckpt export CKPT OUT              one plain file; format from OUT's suffix (.safetensors, .pt, ...)
     distckpt copy SRC DST                 verified, resumable copy between stores (into DST/ if a directory)
     distckpt gc ROOT --keep-last N        remove crashed saves and old checkpoints (dry run unless --apply)
+    distckpt import STOCK.ckpt DEST       a stock Lightning checkpoint file as a committed checkpoint
 
 Every subcommand takes ``--json`` (machine-readable output on stdout, errors included), ``--quiet``,
 ``--debug`` (tracebacks) and storage options (``-o key=value`` for fsspec, ``--hdfs-user``,
@@ -52,6 +53,7 @@ COMMAND_MODULES = [
     "lightning_distckpt.cli.cmd_copy",
     "lightning_distckpt.cli.cmd_gc",
     "lightning_distckpt.cli.cmd_catalog",  # runs, best, reconcile; ls --catalog (after cmd_ls)
+    "lightning_distckpt.cli.cmd_import",
 ]
 
 

@@ -318,16 +318,19 @@ def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: di
 
 
 def read_checkpoint(url: str, options: StorageLike = None, safe_globals: list[str] | None = None,
-                    threads: int = 2, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    threads: int = 2, progress: Callable[[int], None] | None = None,
+                    trusted: bool = False) -> dict[str, Any]:
     """The whole checkpoint at ``url`` as a plain dict of CPU tensors, read by this process alone.
 
-    Works for any world size and strategy that wrote it. Optimizer state is keyed by parameter FQN.
-    Never executes code from the checkpoint. ``progress`` gets the stored bytes read as they verify.
+    Works for any world size and strategy that wrote it. Optimizer state is keyed by parameter FQN (by
+    parameter index for a checkpoint imported from a stock Lightning file). Never executes code from the
+    checkpoint, unless ``trusted`` (objects that JSON cannot hold are then unpickled without an allowlist).
+    ``progress`` gets the stored bytes read as they verify.
     """
     ckpt = open_checkpoint(source_of(url, options))
     tensors = allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url)
     read_tensors(ckpt, tensors, threads=threads, comm=SOLO, progress=progress)
-    return state.join(ckpt.skeleton, tensors.__getitem__, safe_globals or ())
+    return state.join(ckpt.skeleton, tensors.__getitem__, safe_globals or (), trusted=trusted)
 
 
 def read_model_weights(url: str, options: StorageLike = None,

@@ -51,9 +51,12 @@ from lightning_distckpt.ondisk.names import (
     METADATA,
     STAGING_INFIX,
     STATE,
+    PENDING,
     TRASH_INFIX,
+    check_checkpoint_name,
     check_name,
     data_file_name,
+    is_checkpoint_name,
     is_safe_name,
     staged_name,
     staging_name,
@@ -65,9 +68,9 @@ from lightning_distckpt.ondisk.names import (
 __all__ = [
     "CheckpointMetadata", "Chunk", "ChunkIndex", "FLOATING", "ITEMSIZE", "TensorEntry", "check_dtype",
     "DOCUMENT_LIMITS", "DTYPES", "FORMAT_NAME", "FORMAT_VERSION", "HEARTBEAT", "MANIFEST", "MARKER", "MAX_DEPTH",
-    "METADATA", "STAGING_INFIX", "STATE", "TRASH_INFIX", "Block", "BlockDigests", "Location", "Manifest",
-    "blocks_digest", "check_depth", "check_int", "check_marker", "check_name", "check_version", "data_file_name",
-    "digest", "dtype_name", "dumps", "is_safe_name", "loads", "marker_bytes", "metadata_from_json", "metadata_to_json",
+    "METADATA", "PENDING", "STAGING_INFIX", "STATE", "TRASH_INFIX", "Block", "BlockDigests", "Location", "Manifest",
+    "blocks_digest", "check_checkpoint_name", "check_depth", "check_int", "check_marker", "check_name", "check_version", "data_file_name",
+    "digest", "dtype_name", "dumps", "is_checkpoint_name", "is_safe_name", "loads", "marker_bytes", "metadata_from_json", "metadata_to_json",
     "parse_dtype", "staged_name", "staging_name", "token_of", "trash_name", "trashed_name",
 ]  # fmt: skip
 

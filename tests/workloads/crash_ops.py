@@ -4,6 +4,7 @@
     python crash_ops.py save URL STEP    save the sample checkpoint of STEP at URL (overwriting what is there)
     python crash_ops.py remove URL       remove URL as retention does (a link as a link)
     python crash_ops.py clean ROOT       clean-up with no age limit (no writer is running)
+    python crash_ops.py replicate URL REPLICA_ROOT   copy the committed checkpoint URL to REPLICA_ROOT (Replicator)
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ def main() -> None:
         DistCheckpointIO().remove_checkpoint(target)
     elif op == "clean":
         catalog.clean_stale(target, older_than_s=0)
+    elif op == "replicate":
+        from lightning_distckpt.catalog.replication import Replicator
+        from lightning_distckpt.parallel.comm import Comm
+
+        replicator = Replicator([sys.argv[3]], None, Comm(), max_attempts=1)
+        replicator.submit(target.rstrip("/").rsplit("/", 1)[-1], target)
+        replicator.close()
+        if replicator.stats.snapshot()["copied"] != 1:
+            raise SystemExit(f"replication failed: {replicator.stats.snapshot()['last_error']}")
     else:
         raise SystemExit(f"unknown operation {op}")
 
