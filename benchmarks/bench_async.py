@@ -141,3 +141,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # before the interpreter exits (docs/troubleshooting.md)
+        torch.distributed.destroy_process_group()

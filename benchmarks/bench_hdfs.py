@@ -185,4 +185,11 @@ if __name__ == "__main__":
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--strategy", choices=["ddp", "mp"], default="mp")
     a = p.parse_args()
-    worker(a) if a.worker else launcher(a)
+    if a.worker:
+        worker(a)
+        import torch
+
+        if torch.distributed.is_initialized():  # before the interpreter exits (docs/troubleshooting.md)
+            torch.distributed.destroy_process_group()
+    else:
+        launcher(a)

@@ -202,3 +202,5 @@ def _gather(x: int) -> list[int]:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # before the interpreter exits (docs/troubleshooting.md)
+        torch.distributed.destroy_process_group()

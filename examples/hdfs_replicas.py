@@ -14,6 +14,7 @@ import os
 import sys
 
 import lightning as L
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits import Classifier, DigitsData  # noqa: E402
@@ -41,6 +42,8 @@ def main() -> None:
         cb = trainer.checkpoint_callback
         print(f"finished at step {trainer.global_step}; resumed from {trainer.strategy.checkpoint_io.stats.loaded_from or 'nothing'}")
         print(f"replication: {cb.replication}")
+    if torch.distributed.is_initialized():  # before the interpreter exits (docs/troubleshooting.md)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

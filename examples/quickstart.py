@@ -90,6 +90,10 @@ def main() -> None:
     if trainer.is_global_zero:
         acc = trainer.callback_metrics.get("val_acc")
         print(f"finished at step {trainer.global_step}; val_acc={float(acc) if acc is not None else float('nan'):.3f}")
+    # Lightning leaves gloo process groups to the interpreter's exit, which can abort the process
+    # ("terminate called without an active exception"): destroy them once the Trainer is done
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

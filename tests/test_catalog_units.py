@@ -172,7 +172,7 @@ def test_a_failed_replication_commits_nothing_and_keeps_older_replicas(tmp_path)
     _io().save_checkpoint(_state(4), str(tmp_path / "p" / "step=4"))
     dst, prefix, root = _mount(tmp_path, "replica")
     copy_checkpoint(str(tmp_path / "p" / "step=2"), f"{prefix}step=2")  # an older replica, committed
-    file, offset, size = _data_blocks(str(tmp_path / "p" / "step=4"))[3]
+    file, offset, _ = _data_blocks(str(tmp_path / "p" / "step=4"))[3]
     src_store = FaultyStore(faults=[Fault(file, offset, offset + 1)])
     src = register_faulty(f"unitsrc{uuid.uuid4().hex[:6]}", src_store, str(tmp_path / "p"))
     dst.ops.clear()
@@ -204,7 +204,7 @@ def _removal_order(ops: list[tuple], path: str) -> None:
 
 
 def test_remove_checkpoint_hides_it_before_deleting(tmp_path):
-    store, prefix, root = _mount(tmp_path, "r")
+    store, _, root = _mount(tmp_path, "r")
     _io().save_checkpoint(_state(1), str(root / "ck"))
     remove_checkpoint(store, str(root / "ck"))
     _removal_order(store.ops, str(root / "ck"))

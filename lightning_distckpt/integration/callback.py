@@ -146,9 +146,13 @@ class DistCheckpoint(ModelCheckpoint):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._replicator is not None:
             self.io.wait()  # the last save commits, and queues its replication, first
-            self._replicator.close(self.replication_timeout_s)
+            finished = self._replicator.close(self.replication_timeout_s)
             self._final_replication = describe(self._replicator.stats)
-            self._replicator = None
+            group, self._replicator = self._replicator.comm.group, None
+            if finished and group is not None:  # its own gloo group (made in setup): not leaked across fits
+                import torch.distributed as dist
+
+                dist.destroy_process_group(group)
             if trainer.is_global_zero:  # the final counts, also of copies that ended after the last step
                 for key in ("failures", "pending"):
                     name = "distckpt/replica_failures" if key == "failures" else "distckpt/replicas_pending"

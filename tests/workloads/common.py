@@ -51,6 +51,16 @@ class Net(L.LightningModule):
         return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)]
 
 
+def destroy_process_group() -> None:
+    """Destroy torch.distributed's process groups at the end of a job, before the interpreter exits.
+
+    Without it a gloo worker thread can drop its last collective's work object while Python finalizes and
+    the process aborts (``terminate called without an active exception``): see docs/troubleshooting.md.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def data(n: int = 128, batch_size: int = 16) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n, 16, generator=g)
