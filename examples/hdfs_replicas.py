@@ -42,9 +42,14 @@ def main() -> None:
         cb = trainer.checkpoint_callback
         print(f"finished at step {trainer.global_step}; resumed from {trainer.strategy.checkpoint_io.stats.loaded_from or 'nothing'}")
         print(f"replication: {cb.replication}")
-    if torch.distributed.is_initialized():  # before the interpreter exits (docs/troubleshooting.md)
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        # gloo's threads can abort a finished job while Python shuts down (docs/troubleshooting.md):
+        # destroy the process group, then leave without the interpreter's shutdown
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import lightning as L
 import torch
@@ -90,11 +91,14 @@ def main() -> None:
     if trainer.is_global_zero:
         acc = trainer.callback_metrics.get("val_acc")
         print(f"finished at step {trainer.global_step}; val_acc={float(acc) if acc is not None else float('nan'):.3f}")
-    # Lightning leaves gloo process groups to the interpreter's exit, which can abort the process
-    # ("terminate called without an active exception"): destroy them once the Trainer is done
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        # gloo's threads can abort a finished job while Python shuts down (docs/troubleshooting.md):
+        # destroy the process group, then leave without the interpreter's shutdown
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Net, accelerator, data, destroy_process_group, full_state_digest, strategy, write_json  # noqa: E402
+from common import Net, accelerator, data, end_process, full_state_digest, strategy, write_json  # noqa: E402
 
 from lightning_distckpt import DistCheckpoint, DistCheckpointIO, HdfsOptions  # noqa: E402
 
@@ -185,8 +185,8 @@ def main() -> None:
             digest.update(probe.loaded_loops)  # what the restore read (no step ran if max_steps was reached)
         if trainer.is_global_zero:
             write_json(args.final_digest, digest)
-    destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    end_process()
