@@ -87,6 +87,7 @@ def environment() -> dict[str, Any]:
         "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min, at the end: other work on the machine
     }  # fmt: skip
 
 

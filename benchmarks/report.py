@@ -36,7 +36,8 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def env_line(r: dict[str, Any], ranks: bool = True) -> str:
     e = r["env"]
     who = f", {e['world_size']} rank{'s' if e['world_size'] > 1 else ''}" if ranks else ""
-    return f"_Measured {e['date']} on {e['cpus']} CPUs, torch {e['torch']}{who}._"
+    load = f", load average {'/'.join(str(x) for x in e['load_avg'])} (1/5/15 min) at the end" if e.get("load_avg") else ""
+    return f"_Measured {e['date']} on {e['cpus']} CPUs, torch {e['torch']}{who}{load}._"
 
 
 def save_load() -> str:
