@@ -222,4 +222,16 @@ if __name__ == "__main__":
     p.add_argument("--no-compression-rows", dest="compression_rows", action="store_false",
                    help="skip the int8 and lossless saves")
     a = p.parse_args()
-    worker(a) if a.worker else launcher(a)
+    if a.worker:
+        worker(a)
+        import torch
+
+        if torch.distributed.is_initialized():
+            # gloo's threads can abort a finished job while Python shuts down (docs/troubleshooting.md):
+            # destroy the process group, then leave without the interpreter's shutdown
+            torch.distributed.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+    else:
+        launcher(a)

@@ -104,7 +104,7 @@ def _file_sizes(ckpt) -> int:
 
 def test_intact_primary_serves_every_byte(copies):
     primary, replica, saved = copies
-    targets, stats, (a, b), ckpt = _read(primary, replica)
+    targets, stats, (_, b), ckpt = _read(primary, replica)
     _expect_exact(targets, saved)
     assert dict(stats.bytes_by_source) == {primary: _file_sizes(ckpt)}
     assert stats.fallbacks == {}
@@ -119,9 +119,9 @@ def test_a_bad_block_is_read_from_the_replica(copies, kind):
     primary, replica, saved = copies
     ckpt = open_checkpoint(source_of(primary))
     blocks = _blocks(ckpt, "model/w")
-    file, offset, size, _ = blocks[1]  # rows 64..127: inside the first chunk
+    file, offset, _, _ = blocks[1]  # rows 64..127: inside the first chunk
     fault = Fault(file, offset + 100, offset + 101 if kind != "truncate" else 0, kind)
-    targets, stats, (a, b), _ = _read(primary, replica, [fault])
+    targets, stats, (_, b), _ = _read(primary, replica, [fault])
     _expect_exact(targets, saved)
     assert stats.fallbacks == {file: replica}
     from_replica = b.reads(file)
@@ -198,7 +198,7 @@ def test_a_partial_read_reads_only_the_covering_blocks(copies):
     ckpt = open_checkpoint(source_of(primary))
     buf = torch.empty(100, W_COLS)
     targets = {"model/w": [Piece(buf, torch.Size([100, 0]), torch.Size([W_ROWS, W_COLS]))]}
-    _, stats, (a, b), _ = _read(primary, replica, targets=targets)
+    _, stats, (a, _), _ = _read(primary, replica, targets=targets)
     assert torch.equal(buf, saved["state_dict"]["w"][100:200])
     need = [(f, o, n) for f, o, n, row in _blocks(ckpt, "model/w") if row < 200 and row + 64 > 100]
     assert len(need) == 3  # the blocks starting at rows 64, 128 and 192, all in the first chunk's file

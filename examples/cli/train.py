@@ -14,7 +14,15 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from digits import Classifier, DigitsData  # noqa: E402
+import torch  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 if __name__ == "__main__":
     LightningCLI(Classifier, DigitsData, save_config_kwargs={"overwrite": True})
+    if torch.distributed.is_initialized():
+        # gloo's threads can abort a finished job while Python shuts down (docs/troubleshooting.md):
+        # destroy the process group, then leave without the interpreter's shutdown
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -315,9 +315,13 @@ class DistCheckpoint(ModelCheckpoint):
         trainer._checkpoint_connector.__dict__.pop("_restore_modules_and_callbacks", None)  # if never called
         if self._replicator is not None:
             self.io.wait()  # the last save commits, and queues its replication, first
-            self._replicator.close(self.replication_timeout_s)
+            finished = self._replicator.close(self.replication_timeout_s)
             self._final_replication = describe(self._replicator.stats)
-            self._replicator = None
+            group, self._replicator = self._replicator.comm.group, None
+            if finished and group is not None:  # its own gloo group (made in setup): not leaked across fits
+                import torch.distributed as dist
+
+                dist.destroy_process_group(group)
         if self._catalog is not None:  # catalog: the last save's registration is written before fit returns
             self.io.wait()
             self._catalog.close()

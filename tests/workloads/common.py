@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
@@ -49,6 +51,24 @@ class Net(L.LightningModule):
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
         return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)]
+
+
+def end_process(code: int = 0) -> NoReturn:
+    """End a job's process after its work: destroy the process groups, flush, and exit without finalizing the
+    interpreter.
+
+    gloo's worker threads outlive ``destroy_process_group()`` while FSDP2/DeviceMesh (or DDP) still hold their
+    groups; one that releases its last collective's work while Python finalizes aborts the process
+    (``terminate called without an active exception``, see docs/troubleshooting.md). Nothing in these
+    workloads needs the interpreter's own exit (atexit handlers, finalizers): files are closed, saves committed.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        sys.exit(code)  # no process group, no gloo threads: the normal exit
+    torch.distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def data(n: int = 128, batch_size: int = 16) -> torch.utils.data.DataLoader:

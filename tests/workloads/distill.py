@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Net, data, full_state_digest, strategy, tensor_digest, write_json  # noqa: E402
+from common import Net, data, end_process, full_state_digest, strategy, tensor_digest, write_json  # noqa: E402
 
 from lightning_distckpt import DistCheckpoint, DistCheckpointIO, KnowledgeDistillation  # noqa: E402
 
@@ -63,3 +63,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()

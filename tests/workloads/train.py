@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Net, accelerator, data, full_state_digest, strategy, write_json  # noqa: E402
+from common import Net, accelerator, data, end_process, full_state_digest, strategy, write_json  # noqa: E402
 
 from lightning_distckpt import DistCheckpoint, DistCheckpointIO, HdfsOptions  # noqa: E402
 
@@ -217,3 +217,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()
