@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import barrier, bench_trainer, dd_read, dd_write, drop_caches, environment, rank, stats, timed, write_result  # noqa: E402
 
 from lightning_distckpt import DistCheckpointIO  # noqa: E402
-from lightning_distckpt.integration.routing import routed_class  # noqa: E402
 
 
 class Big(L.LightningModule):

@@ -4,7 +4,7 @@ sharded to a local directory, and resume from the newest committed checkpoint wh
     torchrun --nproc_per_node=2 examples/quickstart.py --ckpt-dir ./example-ckpts --max-steps 60
     torchrun --nproc_per_node=2 examples/quickstart.py --ckpt-dir ./example-ckpts --max-steps 120   # resumes
 
-Runs on CPU (gloo). Any strategy works the same way: ``--strategy ddp|fsdp|model_parallel``.
+Runs on CPU (gloo). ``--strategy model_parallel`` shards the model with FSDP2; checkpoints resume under either.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CatalogConflictError",
+    "CatalogError",
+    "CatalogOptions",
+    "CatalogUnavailableError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
@@ -30,13 +34,16 @@ __all__ = [
     "KnowledgeDistillation",
     "NewerFormatError",
     "NotACheckpointError",
+    "StaleOwnerError",
     "StateMismatchError",
     "StorageError",
     "StorageUnreachableError",
     "UncommittedCheckpointError",
     "UnsafeCheckpointError",
     "VerifyReport",
+    "enable_load_from_checkpoint",
     "export_checkpoint",
+    "import_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "verify",
@@ -48,12 +55,15 @@ _EXPORTS = {
     "DistCheckpoint": "integration.callback",
     "DistCheckpointIO": "integration.plugin",
     "HdfsOptions": "storage.hdfs",
+    "CatalogOptions": "catalog.index",
     "CompressionConfig": "transforms.compression",
     "KnowledgeDistillation": "integration.distill",
     "VerifyReport": "catalog.verify",
     "list_checkpoints": "catalog.listing",
     "verify": "catalog.verify",
     "export_checkpoint": "ops.export",
+    "enable_load_from_checkpoint": "integration.load_from_checkpoint",
+    "import_checkpoint": "ops.importing",
     "load_checkpoint": "ops.export",
     **{name: "errors" for name in __all__ if name.endswith("Error")},
 }
@@ -73,10 +83,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from lightning_distckpt.catalog.index import CatalogOptions
     from lightning_distckpt.catalog.listing import list_checkpoints
     from lightning_distckpt.catalog.verify import VerifyReport, verify
     from lightning_distckpt.errors import (
         BackendUnavailableError,
+        CatalogConflictError,
+        CatalogError,
+        CatalogUnavailableError,
         CheckpointNotFoundError,
         CheckpointSaveError,
         CorruptCheckpointError,
@@ -84,6 +98,7 @@ if TYPE_CHECKING:
         NewerFormatError,
         InsufficientMemoryError,
         NotACheckpointError,
+        StaleOwnerError,
         StateMismatchError,
         StorageError,
         StorageUnreachableError,
@@ -92,7 +107,9 @@ if TYPE_CHECKING:
     )
     from lightning_distckpt.integration.callback import DistCheckpoint
     from lightning_distckpt.integration.distill import KnowledgeDistillation
+    from lightning_distckpt.integration.load_from_checkpoint import enable_load_from_checkpoint
     from lightning_distckpt.integration.plugin import DistCheckpointIO
     from lightning_distckpt.ops.export import export_checkpoint, load_checkpoint
+    from lightning_distckpt.ops.importing import import_checkpoint
     from lightning_distckpt.storage.hdfs import HdfsOptions
     from lightning_distckpt.transforms.compression import CompressionConfig

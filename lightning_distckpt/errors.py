@@ -66,3 +66,24 @@ class DestinationExistsError(DistCheckpointError, FileExistsError):
 class InsufficientMemoryError(DistCheckpointError):
     """A load needs more host memory than some rank has free. Decided by all ranks together (every rank raises
     the same error, naming the ranks that are short); never a reason to fall back to another checkpoint."""
+
+
+class CatalogError(DistCheckpointError):
+    """The checkpoint catalog (an index of committed checkpoints, e.g. in HBase) refused or failed an operation.
+
+    The storage stays the source of truth: training never fails on a catalog error (it logs, counts and falls
+    back to listing storage); tools report it with the catalog URL and the row concerned.
+    """
+
+
+class CatalogUnavailableError(CatalogError, StorageError):
+    """The catalog could not be reached (connection refused, timeout) within its retries."""
+
+
+class StaleOwnerError(CatalogError):
+    """Fencing: a job whose ownership epoch of a run is older than the catalog's (a zombie) tried to register,
+    move a pointer or prune. Nothing was changed."""
+
+
+class CatalogConflictError(CatalogError):
+    """A catalog row already names a different checkpoint (another manifest digest) under the same key."""

@@ -5,12 +5,12 @@ just finished. Nothing happens unless the environment names that step:
 
 * ``DISTCKPT_CRASH_AT=<step>[#<n>]``: the process ends at once (``os._exit``, no clean-up, no ``finally``)
   the n-th time (default: the first) it reaches ``step``; as if the machine had died there.
-* ``DISTCKPT_PAUSE_AT=<step>[#<n>]:<dir>``: the process creates ``<dir>/paused``, then waits until
+* ``DISTCKPT_PAUSE_AT=<step>[#<n>]@<dir>``: the process creates ``<dir>/paused``, then waits until
   ``<dir>/resume`` exists (another process acts meanwhile, e.g. a ``distckpt gc`` racing the save).
 
 Steps (see docs/fault-tolerance.md, "Crash points tested"): ``save:staged``, ``save:documents``,
-``publish:old-moved``, ``publish:renamed``, ``publish:committed``, ``remove:unmarked``, ``remove:aside``,
-``clean:aside``, ``clean:restored``, ``copy:file``.
+``publish:old-moved``, ``publish:renamed``, ``publish:committed``, ``remove:unmarked``, ``remove:emptied``,
+``remove:link``, ``remove:file``, ``clean:aside``, ``clean:restored``, ``copy:file``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def crash_point(step: str) -> None:
         os._exit(CRASH_EXIT)
     pause = os.environ.get(PAUSE_ENV)
     if pause:
-        spec, _, folder = pause.partition(":")
+        spec, _, folder = pause.partition("@")
         if _hit(spec, step):
             open(os.path.join(folder, "paused"), "w").close()
             while not os.path.exists(os.path.join(folder, "resume")):

@@ -23,6 +23,14 @@ if [ ! -x "$_venv/bin/python" ] || [ ! -f "$_venv/.complete" ]; then
   "$_venv/bin/pip" install -q --no-deps -r "$_nodeps" >&2
   touch "$_venv/.complete"
 fi
+# optional extras (requirements/extras.txt, e.g. the HBase client): installed on top, once per version of that file
+_extras="$_root/requirements/extras.txt"
+if [ -f "$_extras" ]; then
+  _xhash="$(sha256sum < "$_extras" | cut -c1-12)"
+  if [ ! -f "$_venv/.extras-$_xhash" ]; then
+    "$_venv/bin/pip" install -q --no-deps -r "$_extras" >&2 && touch "$_venv/.extras-$_xhash"
+  fi
+fi
 # the `distckpt` command and package metadata, once per venv; which checkout is imported is decided by
 # PYTHONPATH below, so several checkouts (git worktrees, a fresh clone) can share one venv safely
 if [ ! -x "$_venv/bin/distckpt" ]; then

@@ -7,8 +7,15 @@ source scripts/env.sh
 set -euo pipefail
 if command -v mvn >/dev/null 2>&1 && command -v java >/dev/null 2>&1; then
   bash tools/minidfs/build.sh >/dev/null   # builds the HDFS test launcher and fetches its jars once
+  bash tools/minihbase/build.sh >/dev/null  # the mini HBase + Thrift gateway launcher (catalog tests), once
 else
-  echo ">> no Java/Maven: HDFS tests will be skipped (they say why)" >&2
+  echo ">> no Java/Maven: HDFS and HBase tests will be skipped (they say why)" >&2
+fi
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  # the docs are checked in a real browser (tests/test_docs.py); without Chromium that test skips and says why
+  echo ">> installing Debian's chromium for the docs browser check" >&2
+  (apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+     apt-get install -y -qq chromium >/dev/null 2>&1; }) || echo ">> could not install chromium" >&2
 fi
 export OMP_NUM_THREADS=1
 # The default run includes the fixed fuzz subset (tests/test_fuzz.py) but not the long fuzz run (-m fuzz), and

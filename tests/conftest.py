@@ -131,3 +131,24 @@ def healthy_minidfs(minidfs):
     if not status.get("namenode_up", True):
         minidfs.restart_namenode()
     return minidfs
+
+
+# ---- the test HBase: one mini HBase (ZooKeeper, master, region server, Thrift gateway) for the session ----
+@pytest.fixture(scope="session")
+def minihbase(tmp_path_factory):
+    from hbase_cluster import MiniHBase, java_home_or_none
+
+    java_home, reason = java_home_or_none()
+    if java_home is None:
+        pytest.skip(f"HBase tests need Java 17 (HBase 2.6 breaks on Java 23+): {reason}")
+    pytest.importorskip("happybase", reason="HBase tests need happybase: pip install 'lightning-distckpt[hbase]'")
+    with MiniHBase.start(tmp_path_factory.mktemp("minihbase"), java_home=java_home) as hb:
+        yield hb
+
+
+@pytest.fixture
+def healthy_minihbase(minihbase):
+    """The mini HBase with its Thrift gateway up (tests that stop it start it again)."""
+    if not minihbase.status().get("thrift_up", True):
+        minihbase.start_thrift()
+    return minihbase

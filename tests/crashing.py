@@ -40,7 +40,7 @@ CRASH_POINTS = {
     "overwrite of last: old copy moved aside": "publish:old-moved#1",
     "overwrite of last: new copy renamed, before COMMITTED": "publish:renamed#2",
     "removal: marker removed": "remove:unmarked#1",
-    "removal: moved aside, before deleting": "remove:aside#1",
+    "removal: files deleted, manifest left": "remove:emptied#1",
 }
 
 
@@ -132,9 +132,10 @@ class Torture:
                 for r in range(2)]  # fmt: skip
 
     def cycle(self, crash: str | None = None, max_delay: float = 2.0, timeout: float = 120, min_delay: float = 0.0,
-              label: str | None = None) -> None:
+              label: str | None = None, crash_at: str | None = None) -> None:
         """Start the job (it resumes from "last"), check what it restored, kill it (``crash``: at that crash point,
         else at a random moment), then check the committed checkpoints. ``label`` names the kill in ``records``."""
+        crash = crash or crash_at  # a named crash point of the package (lightning_distckpt/faults.py)
         started = self.digests / "started.json"
         started.unlink(missing_ok=True)
         extra = crash_env(crash) if crash else {}

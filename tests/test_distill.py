@@ -135,3 +135,61 @@ def test_kd_run_resumes_exactly_with_2_processes(teacher_ckpt, tmp_path, strateg
     for key in ("model", "optim0", "global_step"):
         assert ref[key] == res[key], key
     assert res["kd_steps"] == 8  # the callback's counter was restored with the checkpoint
+
+
+class HalfLabeled(Net):
+    """Labels below 0 mean "unlabeled": the task loss covers the labeled examples; a batch without any returns None."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        labeled = y >= 0
+        if not labeled.any():
+            return None
+        return nn.functional.cross_entropy(logits[labeled], y[labeled])
+
+
+def unlabeled_loader(labeled_batches: set[int]) -> torch.utils.data.DataLoader:
+    x, y = data().dataset.tensors
+    y = y.clone()
+    for b in range(len(y) // 16):
+        if b not in labeled_batches:
+            y[b * 16 : (b + 1) * 16] = -1
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
+
+
+def test_train_on_unlabeled_distils_batches_without_labels(teacher_ckpt):
+    """Batches 0 and 1 have no label: with train_on_unlabeled they train on alpha * KL alone (the task term
+    is 0), and the other batches on the usual mix; every step moves the student."""
+    torch.manual_seed(0)
+    kd = KnowledgeDistillation(teacher=lambda: Net(width=64), teacher_ckpt=teacher_ckpt, alpha=0.5, train_on_unlabeled=True)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            seen.append((batch_idx, float(m["kd/task"]), float(m["kd/kl"]), float(outputs["loss"])))
+
+    student = HalfLabeled(width=16)
+    before = [p.detach().clone() for p in student.parameters()]
+    t = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, callbacks=[Record(), kd])  # fmt: skip
+    t.fit(student, unlabeled_loader(labeled_batches={2, 3}))
+    assert [s[0] for s in seen] == [0, 1, 2, 3] and kd.steps == 4
+    for idx, task, kl, loss in seen:
+        if idx < 2:
+            assert task == 0.0 and kl > 0 and loss == pytest.approx(0.5 * kl)
+        else:
+            assert task > 0 and loss == pytest.approx(0.5 * task + 0.5 * kl)
+    assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_a_none_loss_without_train_on_unlabeled_fails_before_any_step(teacher_ckpt):
+    kd = KnowledgeDistillation(teacher=lambda: Net(width=64), teacher_ckpt=teacher_ckpt)
+    student = HalfLabeled(width=16)
+    before = [p.detach().clone() for p in student.parameters()]
+    t = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, callbacks=[kd])  # fmt: skip
+    with pytest.raises(RuntimeError, match="train_on_unlabeled=True"):
+        t.fit(student, unlabeled_loader(labeled_batches=set()))
+    assert t.global_step == 0 and all(torch.equal(a, b) for a, b in zip(before, student.parameters()))

@@ -182,9 +182,6 @@ def test_each_block_from_whichever_copy_has_it_intact(copies, primary_kind):
     assert stats.fallbacks == {file: replica}
 
 
-@pytest.mark.xfail(strict=True, raises=CorruptCheckpointError,
-                   reason="the unit of fallback is one read (the blocks of a chunk one rank reads at once): "
-                          "two copies damaged in different blocks of the same read are not combined")
 def test_blocks_of_one_read_from_different_copies(copies):
     primary, replica, saved = copies
     ckpt = open_checkpoint(source_of(primary))

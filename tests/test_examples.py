@@ -56,3 +56,30 @@ def test_distillation_example(tmp_path):
     run(torchrun_cmd(EX / "distill.py", 0, "--seeds", 1, "--steps", 47, "--out", tmp_path / "d.json"))
     r = json.loads((tmp_path / "d.json").read_text())
     assert r["size_ratio"] >= 4 and 0 < r["student_kd_acc_mean"] <= 1 and r["teacher"]["ckpt_bytes_int8"] > 0
+
+
+def test_quickstart_page_shows_the_tested_script_and_its_install_step_covers_its_imports():
+    """docs/quickstart.md includes examples/quickstart.py whole (the file the test above runs), and its
+    install command brings every package the script imports."""
+    import ast
+    import re
+    import sys
+    from importlib.metadata import packages_distributions, requires
+
+    page = (ROOT / "docs" / "quickstart.md").read_text()
+    assert '--8<-- "examples/quickstart.py"' in page
+    install = re.search(r"^pip install (.+?)(?:\s+#.*)?$", page, re.M)
+    assert install, "no pip install line on the quickstart page"
+    installed = {n.lower() for n in install.group(1).split()}
+    declared = {re.split(r"[ <>=!\[;]", r)[0].lower() for r in requires("lightning-distckpt") or [] if "extra ==" not in r}
+    provided = installed | declared
+    dists = packages_distributions()
+    script = ast.parse((EX / "quickstart.py").read_text())
+    tops = {a.name.split(".")[0] for n in ast.walk(script) if isinstance(n, ast.Import) for a in n.names}
+    tops |= {n.module.split(".")[0] for n in ast.walk(script) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    missing = []
+    for top in sorted(tops - set(sys.stdlib_module_names) - {"__future__"}):
+        names = {d.lower() for d in dists.get(top, [])} | ({"lightning-distckpt"} if top == "lightning_distckpt" else set())
+        if not names & provided:
+            missing.append(f"{top} (from {sorted(names) or '?'})")
+    assert not missing, f"the quickstart's install step does not bring: {missing}"

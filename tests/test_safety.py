@@ -327,7 +327,7 @@ def test_a_live_writers_staging_directory_is_left_alone(tmp_path):
 
 
 @pytest.mark.parametrize("victim", [fmt.MANIFEST, fmt.MARKER, fmt.STATE, fmt.METADATA])
-@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "link"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "link", "device"])
 def test_special_files_as_documents_are_refused_without_hanging(tmp_path, victim, kind):
     root = tmp_path / "root"
     good = save(root / "good", step=1)
@@ -338,6 +338,13 @@ def test_special_files_as_documents_are_refused_without_hanging(tmp_path, victim
         os.mkfifo(path)
     elif kind == "dev-zero":
         os.symlink("/dev/zero", path)
+    elif kind == "device":
+        import stat
+
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # a character device reading as /dev/zero
+        except PermissionError as e:
+            pytest.skip(f"cannot create a device node here (needs CAP_MKNOD): {e}")
     else:
         os.symlink(os.path.join(good, victim), path)  # even a link to a good document is refused
     rows = bounded(lambda: {c.name: c for c in list_checkpoints(str(root))})
@@ -502,7 +509,8 @@ def test_terminal_escapes_in_names_are_printed_escaped(tmp_path, capsys):
     assert "\x1b" not in out.out + out.err and "\\x1b" in out.out
 
 
-@pytest.mark.parametrize("template", ["{epoch}/{step}", "{epoch:zz}", "../{step}", ".hidden-{step}", "{epoch} {step}"])
+@pytest.mark.parametrize("template", ["{epoch}/{step}", "{epoch:zz}", "../{step}", ".hidden-{step}", "{epoch}\t{step}",
+                                      "{epoch}.trash-{step}"])
 def test_a_bad_filename_template_is_refused_when_the_callback_is_made(template):
     with pytest.raises(ValueError, match="filename"):
         DistCheckpoint(filename=template)

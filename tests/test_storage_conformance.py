@@ -60,6 +60,40 @@ def test_write_read_list_rename_remove(store_root):
     assert store.url(root).endswith(root.rsplit("/", 1)[-1])
 
 
+def test_info_and_bounded_reads(store_root):
+    """``info`` describes the entry itself; ``read_limited`` reads a regular file only up to its limit."""
+    store, root = store_root
+    d = store.join(root, "docs")
+    store.makedirs(d)
+    store.write_bytes(store.join(d, "m.json"), b"x" * 100)
+    assert store.info(store.join(d, "m.json")).type == "file" and store.info(store.join(d, "m.json")).size == 100
+    assert store.info(d).type == "dir"
+    assert {e.name: e.type for e in store.listdir(d)} == {"m.json": "file"}
+    assert store.read_limited(store.join(d, "m.json"), 100) == b"x" * 100
+    with pytest.raises(ValueError, match="100 bytes, more than the 99"):
+        store.read_limited(store.join(d, "m.json"), 99)
+    with pytest.raises(ValueError, match="not a regular file"):
+        store.read_limited(d, 1000)
+    with pytest.raises(FileNotFoundError):
+        store.info(store.join(d, "nope"))
+
+
+def test_local_links_and_special_files(tmp_path):
+    store, root = open_store(str(tmp_path))
+    os.makedirs(tmp_path / "target")
+    (tmp_path / "target" / "COMMITTED").write_text("{}")
+    os.symlink("target", tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    assert store.info(str(tmp_path / "link")).type == "link" and store.info(str(tmp_path / "fifo")).type == "other"
+    assert {e.name: e.type for e in store.listdir(root)} == {"target": "dir", "link": "link", "fifo": "other"}
+    with pytest.raises(OSError, match="not a regular file"):
+        store.open_read(str(tmp_path / "fifo"))  # refused at once: opening a FIFO would block
+    store.remove(str(tmp_path / "link"), recursive=True)  # the link goes, never what it points to
+    assert not os.path.lexists(tmp_path / "link") and (tmp_path / "target" / "COMMITTED").exists()
+    with pytest.raises(IsADirectoryError):
+        store.remove(str(tmp_path / "target"))
+
+
 def test_urls_stay_strings(tmp_path):
     with pytest.raises(TypeError, match="str"):
         open_store(tmp_path)  # a pathlib.Path is refused, never silently converted

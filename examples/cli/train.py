@@ -2,6 +2,10 @@
 
     torchrun --nproc_per_node=2 examples/cli/train.py fit --config examples/cli/config.yaml
     torchrun --nproc_per_node=2 examples/cli/train.py fit --config examples/cli/config.yaml --ckpt_path last
+
+``save_config_kwargs={"overwrite": True}``: LightningCLI saves the resolved config into the log directory at
+every ``fit``; a resumed run writes it again, which Lightning refuses by default (with ``logger: false`` the
+log directory is ``default_root_dir``, the same for every run). See docs/lightning-cli.md.
 """
 
 import os

@@ -70,9 +70,10 @@ def remove_checkpoint(store: Store, path: str) -> None:
     """Remove a checkpoint so that it is invisible before any data goes: marker first, then the rest.
 
     Never follows a symbolic link: a link (e.g. ModelCheckpoint's ``save_last="link"``) is removed as a link
-    and the checkpoint it points to keeps its marker. A directory is renamed to a staging name after its
-    marker is gone, then deleted, so a crash midway leaves nothing that looks like a checkpoint. A plain file
-    at ``path`` (e.g. a checkpoint of Lightning's own format being overwritten) is removed too.
+    and the checkpoint it points to keeps its marker. In a directory, the manifest goes last (after the marker
+    and every other file), so a crash midway leaves an uncommitted directory whose manifest proves it is this
+    package's garbage (`clean_stale` takes it); no rename is needed, which object stores pay for by copying. A
+    plain file at ``path`` (e.g. a checkpoint of Lightning's own format being overwritten) is removed too.
     """
     try:
         entry = store.info(path)
@@ -80,18 +81,14 @@ def remove_checkpoint(store: Store, path: str) -> None:
         return
     if entry.type != "dir":
         store.remove(path)  # a file, or a link as a link
+        crash_point("remove:link" if entry.type == "link" else "remove:file")
         return
     store.remove(store.join(path, ondisk.MARKER))
     crash_point("remove:unmarked")
-    name = store.basename(path)
-    if ondisk.is_safe_name(name):
-        aside = store.join(store.parent(path), ondisk.staging_name(name, "rm" + uuid.uuid4().hex[:12]))
-        try:
-            store.rename(path, aside)
-            path = aside
-        except (OSError, DistCheckpointError) as e:
-            log.warning("could not move %s aside before deleting it (%s); deleting it in place", store.url(path), e)
-        crash_point("remove:aside")
+    for e in store.listdir(path):
+        if e.name != ondisk.MANIFEST:
+            store.remove(store.join(path, e.name), recursive=e.type == "dir")
+    crash_point("remove:emptied")
     store.remove(path, recursive=True)
 
 
@@ -189,11 +186,11 @@ def _clean_group(store: Store, root: str, g: Group, older_than_s: float, now: fl
     def idle(e: Entry) -> bool:
         return older_than_s == 0 or _age(store, store.join(root, e.name), e, now) >= older_than_s
 
-    def delete(e: Entry, committed: bool = False) -> None:
+    def delete(e: Entry) -> None:
         full = store.join(root, e.name)
         removed.append(store.url(full))
-        if not dry_run:
-            remove_checkpoint(store, full) if committed else store.remove(full, recursive=True)
+        if not dry_run:  # marker (if any) first, manifest last: a crash midway leaves provable garbage again
+            remove_checkpoint(store, full)
 
     live_tokens = set()
     for s in g.staging:
@@ -219,7 +216,7 @@ def _clean_group(store: Store, root: str, g: Group, older_than_s: float, now: fl
     if own is not None and own.committed:  # the newest copy is committed: every trash copy is superseded
         for t, row in trash:
             if row.committed or _uncommitted_ours(store, root, t, g.name):
-                delete(t, committed=row.committed)
+                delete(t)
         return
 
     if own is not None:

@@ -9,9 +9,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from torch.distributed.checkpoint.metadata import Metadata
-
 from lightning_distckpt import ondisk
+from lightning_distckpt.ondisk.names import PENDING
 from lightning_distckpt.ondisk import skeleton as _skeleton
 from lightning_distckpt.errors import (
     CheckpointNotFoundError,
@@ -22,7 +21,7 @@ from lightning_distckpt.errors import (
     UnsafeCheckpointError,
 )
 from lightning_distckpt.storage import Source, StorageLike, open_store
-from lightning_distckpt.transforms import check_codecs
+from lightning_distckpt.transforms.checks import check_codecs
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class Checkpoint:
 
     source: Source
     manifest: ondisk.Manifest
-    metadata: Metadata
+    metadata: ondisk.CheckpointMetadata  #: plain Python; the engine converts it to DCP's Metadata for a load
     skeleton: Any
 
     @property
@@ -58,10 +57,11 @@ def read_document(source: Source, name: str, limit: int | None = None) -> bytes:
         raise UnsafeCheckpointError(f"{source.url(name)}: is a {entry.type}, not a regular file; refused")
     if entry.size > limit:
         raise CorruptCheckpointError(f"{source.url(name)}: {entry.size} bytes, more than the {limit} it may have")
-    try:
-        return store.read_limited(path, limit)
-    except ValueError as e:  # changed between the check and the read
-        raise CorruptCheckpointError(str(e)) from None
+    with store.open_read(path) as f:  # a FIFO swapped in since the check is refused by the store, not waited on
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew since the check
+        raise CorruptCheckpointError(f"{source.url(name)}: more than the {limit} bytes it may have")
+    return data
 
 
 def read_manifest(source: Source) -> ondisk.Manifest:
@@ -74,7 +74,7 @@ def read_manifest(source: Source) -> ondisk.Manifest:
         raise NotACheckpointError(f"{url}: is a file, not a lightning-distckpt checkpoint directory")
     has_manifest = store.exists(store.join(path, ondisk.MANIFEST))
     if not store.exists(store.join(path, ondisk.MARKER)):
-        if has_manifest or any(e.name.endswith(".distcp") for e in store.listdir(path)):
+        if has_manifest or any(e.name.endswith(".distcp") or e.name == PENDING for e in store.listdir(path)):
             raise UncommittedCheckpointError(
                 f"{url}: checkpoint was never committed (no {ondisk.MARKER} marker: its save crashed or is in flight)"
             )

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning_distckpt import ondisk
 from lightning_distckpt.catalog.cleanup import Heartbeat, publish
@@ -25,9 +25,11 @@ from lightning_distckpt.catalog.documents import open_checkpoint, read_document,
 from lightning_distckpt.catalog.verify import blocks_by_file, verify_file
 from lightning_distckpt.errors import CorruptCheckpointError, DestinationExistsError, DistCheckpointError
 from lightning_distckpt.faults import crash_point
-from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.storage import Source, StorageLike
 from lightning_distckpt.storage.base import read_blocks
+
+if TYPE_CHECKING:  # torch.distributed: only replication during training needs it, not `copy_checkpoint`
+    from lightning_distckpt.parallel.comm import Comm
 
 log = logging.getLogger(__name__)
 

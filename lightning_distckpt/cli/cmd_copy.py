@@ -29,6 +29,8 @@ def target(dst: str, src: str, config: object) -> str:
 
     store, path = open_store(dst, config)  # type: ignore[arg-type]
     if dst.endswith("/") or store.isdir(path):
+        if store.exists(store.join(path, ondisk.MANIFEST)) and not store.exists(store.join(path, ondisk.MARKER)):
+            return dst  # a copy killed before its marker: copy_checkpoint finishes it if it is this copy, else refuses
         if store.exists(store.join(path, ondisk.MARKER)) or store.exists(store.join(path, ondisk.MANIFEST)):
             raise DestinationExistsError(f"{dst}: a checkpoint already exists there; remove it first or copy elsewhere")
         dst = dst.rstrip("/") + "/" + basename(src)

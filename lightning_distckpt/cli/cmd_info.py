@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lightning_distckpt.cli.common import EXIT_OK, out, size, storage
+from lightning_distckpt.cli.common import EXIT_OK, out, printable, size, storage
 
 RAW = "raw"  #: the block codec column of blocks stored as they are
 
@@ -49,29 +49,31 @@ def tensor_paths(skeleton: Any) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lightning_distckpt import catalog, ondisk
-    from lightning_distckpt.engine.loading import saved_tensors
-    from lightning_distckpt.transforms import PART
+    from lightning_distckpt import catalog
+    from lightning_distckpt.transforms.specs import PART
 
     ckpt = catalog.open_checkpoint(catalog.source_of(args.ckpt, storage(args)), check_sizes=False)
-    encodings = (ckpt.metadata.planner_data or {}).get("encodings", {})
+    md = ckpt.metadata  # parsed metadata.json: plain Python, no torch
     stored: dict[str, int] = {}
     files: dict[str, set[str]] = {}
-    parts: dict[str, dict[str, set[tuple[int, ...]]]] = {}  # tensor -> stored part -> its chunks' offsets
+    parts: dict[str, dict[str, int]] = {}  # tensor -> stored part -> its number of chunks
     block_codecs: dict[str, set[str]] = {}
-    for index, loc in ckpt.metadata.storage_data.items():
-        base = index.fqn.split(PART)[0]
-        stored[base] = stored.get(base, 0) + loc.stored
-        files.setdefault(base, set()).add(loc.file)
-        parts.setdefault(base, {}).setdefault(index.fqn, set()).add(tuple(index.offset or ()))
-        block_codecs.setdefault(base, set()).add(loc.codec or RAW)
+    for key, t in md.tensors.items():
+        base = key.split(PART)[0]
+        parts.setdefault(base, {})[key] = len(t.chunks)
+        for c in t.chunks:
+            stored[base] = stored.get(base, 0) + c.location.stored
+            files.setdefault(base, set()).add(c.location.file)
+            block_codecs.setdefault(base, set()).add(c.location.codec or RAW)
+    shown = {k: (list(t.size), t.dtype) for k, t in md.tensors.items() if PART not in k}
+    shown.update({k: (list(e["size"]), e["dtype"]) for k, e in md.encodings.items()})  # as the user sees them
     paths = tensor_paths(ckpt.skeleton)
     tensors = []
-    for key, (shape, dtype) in sorted(saved_tensors(ckpt.metadata).items()):
-        e = encodings.get(key)
-        tensors.append({"name": key, "shape": list(shape), "dtype": ondisk.dtype_name(dtype),
-                        "chunks": max(map(len, parts.get(key, {"": set()}).values())), "files": sorted(files.get(key, ())),
-                        "stored_bytes": stored.get(key, 0), "tensor_codec": e["codec"] if e else None,
+    for key, (shape, dtype) in sorted(shown.items()):
+        e = md.encodings.get(key)
+        tensors.append({"name": key, "shape": shape, "dtype": dtype, "chunks": max(parts.get(key, {"": 0}).values()),
+                        "files": sorted(files.get(key, ())), "stored_bytes": stored.get(key, 0),
+                        "tensor_codec": e["codec"] if e else None,
                         "block_codec": "+".join(sorted(block_codecs.get(key, {RAW}))), "path": paths.get(key)})  # fmt: skip
     state_keys = sorted(ckpt.skeleton) if isinstance(ckpt.skeleton, dict) else []
     info = {"url": ckpt.url, "manifest": ckpt.manifest.to_json(), "state_keys": state_keys, "tensors": tensors}
@@ -81,18 +83,18 @@ def run(args: argparse.Namespace) -> int:
         used = sorted({t["tensor_codec"] for t in tensors if t["tensor_codec"]})
         blocks = sorted({c for t in tensors for c in t["block_codec"].split("+")})
         preset = (m.compression or {}).get("preset") if m.compression else None
-        lines = [f"{ckpt.url}", f"  step {m.global_step}  epoch {m.epoch}  world size {m.world_size}  strategy {m.strategy}",
+        lines = [f"{printable(ckpt.url)}", f"  step {m.global_step}  epoch {m.epoch}  world size {m.world_size}  strategy {m.strategy}",
                  f"  {len(m.files)} files, {size(sum(f['size'] for f in m.files.values()))}; tensors {size(m.tensor_bytes)} raw",
-                 f"  compression: {preset or ('lossless' if blocks != [RAW] else 'none')}; tensor codecs used: "
-                 f"{', '.join(used) or 'none (every tensor exact)'}; block codecs: {', '.join(blocks)}",
+                 f"  compression: {preset or ('lossless' if blocks not in ([RAW], []) else 'none')}; tensor codecs used: "
+                 f"{', '.join(used) or 'none (every tensor exact)'}; block codecs: {', '.join(blocks) or '-'}",
                  f"  versions: {', '.join(f'{k} {v}' for k, v in sorted(m.versions.items()))}",
-                 f"  non-tensor state: {', '.join(state_keys)}", "",
+                 f"  non-tensor state: {', '.join(printable(k) for k in state_keys)}", "",
                  f"  {'TENSOR':<40} {'SHAPE':<16} {'DTYPE':<9} {'CHUNKS':>6} {'STORED':>10}  {'CODEC (tensor/block)':<24} HOLDS"]  # fmt: skip
         for t in tensors:
             codec = f"{t['tensor_codec'] or 'exact'}/{t['block_codec']}"
-            holds = t["path"] if t["name"].startswith("extra/") and t["path"] else ""
-            lines.append(f"  {t['name']:<40} {str(t['shape']):<16} {t['dtype']:<9} {t['chunks']:>6} "
-                         f"{size(t['stored_bytes']):>10}  {codec:<24} {holds}".rstrip())  # fmt: skip
+            holds = printable(t["path"]) if t["name"].startswith("extra/") and t["path"] else ""
+            lines.append(f"  {printable(t['name']):<40} {str(t['shape']):<16} {t['dtype']:<9} {t['chunks']:>6} "
+                         f"{size(t['stored_bytes']):>10}  {printable(codec):<24} {holds}".rstrip())  # fmt: skip
         return "\n".join(lines)
 
     out(args, info, text)

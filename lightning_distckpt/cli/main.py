@@ -6,6 +6,7 @@
     distckpt export CKPT OUT              one plain file; format from OUT's suffix (.safetensors, .pt, ...)
     distckpt copy SRC DST                 verified, resumable copy between stores (into DST/ if a directory)
     distckpt gc ROOT --keep-last N        remove crashed saves and old checkpoints (dry run unless --apply)
+    distckpt import STOCK.ckpt DEST       a stock Lightning checkpoint file as a committed checkpoint
 
 Every subcommand takes ``--json`` (machine-readable output on stdout, errors included), ``--quiet``,
 ``--debug`` (tracebacks) and storage options (``-o key=value`` for fsspec, ``--hdfs-user``,
@@ -51,6 +52,8 @@ COMMAND_MODULES = [
     "lightning_distckpt.cli.cmd_export",
     "lightning_distckpt.cli.cmd_copy",
     "lightning_distckpt.cli.cmd_gc",
+    "lightning_distckpt.cli.cmd_catalog",  # runs, best, reconcile; ls --catalog (after cmd_ls)
+    "lightning_distckpt.cli.cmd_import",
 ]
 
 
@@ -100,7 +103,7 @@ def exit_code(e: BaseException) -> int:
 
 def _report(argv: list[str], line: str, e: BaseException, code: int) -> None:
     """One line on stderr; with ``--json`` also ``{"error": {"type", "message", "exit_code"}}`` on stdout."""
-    print(printable(line), file=sys.stderr)
+    print("\n".join(printable(part) for part in line.split("\n")), file=sys.stderr)
     if "--json" in argv:
         message = str(e) or type(e).__name__
         print(json.dumps({"error": {"type": type(e).__name__, "message": message, "exit_code": code}}, indent=1))

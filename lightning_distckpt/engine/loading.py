@@ -17,14 +17,14 @@ import psutil
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.engine.balanced_read import Broadcaster, deal, is_balanceable, rounds
 from lightning_distckpt.engine.reader import CheckpointReader, ReadStats
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, InsufficientMemoryError, StateMismatchError
 from lightning_distckpt.ondisk import skeleton as state
-from lightning_distckpt.ondisk.metadata import parse_dtype
+from lightning_distckpt.engine.dcp_metadata import to_dcp
+from lightning_distckpt.ondisk.metadata import CheckpointMetadata, parse_dtype
 from lightning_distckpt.parallel.comm import SOLO, Comm
 from lightning_distckpt.parallel.pieces import Piece
 from lightning_distckpt.parallel.planner import load_planner
@@ -88,39 +88,38 @@ def global_shape(t: Any) -> torch.Size:
     return t.size() if isinstance(t, ShardedTensor) else t.shape
 
 
-def saved_tensors(metadata: Metadata) -> dict[str, tuple[torch.Size, torch.dtype]]:
+def saved_tensors(metadata: CheckpointMetadata) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Every tensor of the checkpoint as the user sees it (encoded tensors by their own shape and dtype)."""
-    out = {k: (m.size, m.properties.dtype) for k, m in metadata.state_dict_metadata.items() if PART not in k}  # type: ignore[union-attr]
-    for k, e in (metadata.planner_data or {}).get("encodings", {}).items():
+    out = {k: (torch.Size(t.size), parse_dtype(t.dtype, k)) for k, t in metadata.tensors.items() if PART not in k}
+    for k, e in metadata.encodings.items():
         out[k] = (torch.Size(e["size"]), parse_dtype(e["dtype"], k))
     return out
 
 
-def row_layout(metadata: Metadata) -> dict[str, list[tuple[int, int]]]:
+def row_layout(metadata: CheckpointMetadata) -> dict[str, list[tuple[int, int]]]:
     """For every tensor stored in chunks of whole rows: the chunks' (first row, rows), as the user sees the
     tensor (an encoded tensor by the layout of its first part)."""
     out: dict[str, list[tuple[int, int]]] = {}
-    for key, md in metadata.state_dict_metadata.items():
+    for key, t in metadata.tensors.items():
         base = key.split(PART)[0]
-        chunks = md.chunks  # type: ignore[union-attr]
-        if base in out or not chunks or not len(md.size):  # type: ignore[union-attr]
+        chunks = t.chunks
+        if base in out or not chunks or not len(t.size):
             continue
-        if all(list(c.offsets[1:]) == [0] * (len(c.offsets) - 1) and list(c.sizes[1:]) == list(md.size[1:]) for c in chunks):  # type: ignore[union-attr]
+        if all(all(o == 0 for o in c.offsets[1:]) and c.sizes[1:] == t.size[1:] for c in chunks):
             out[base] = [(c.offsets[0], c.sizes[0]) for c in chunks]
     return out
 
 
-def chunk_places(metadata: Metadata) -> dict[tuple[str, int], tuple[str, int]]:
+def chunk_places(metadata: CheckpointMetadata) -> dict[tuple[str, int], tuple[str, int]]:
     """Where each stored chunk of whole rows lives: (key as the user sees it, first row) -> (file, offset)."""
     out: dict[tuple[str, int], tuple[str, int]] = {}
-    for index, loc in (metadata.storage_data or {}).items():
-        base = index.fqn.split(PART)[0]
-        if index.offset is not None and len(index.offset):
-            out.setdefault((base, int(index.offset[0])), (loc.file, loc.offset))
+    for fqn, c in metadata.chunks():
+        if c.offsets:
+            out.setdefault((fqn.split(PART)[0], c.offsets[0]), (c.location.file, c.location.offset))
     return out
 
 
-def match(metadata: Metadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
+def match(metadata: CheckpointMetadata, targets: dict[str, Any], prefix: str, strict: bool, what: str, url: str) -> dict[str, Any]:
     """Targets that the checkpoint can fill; raise `StateMismatchError` naming the first bad keys."""
     saved = {k: size for k, (size, _) in saved_tensors(metadata).items() if k.startswith(prefix)}
     missing = [k[len(prefix):] for k in targets if k not in saved]
@@ -162,7 +161,7 @@ def _first(keys: list[str], n: int = 5) -> str:
     return ", ".join(repr(k) for k in keys[:n]) + more
 
 
-def host_bytes(metadata: Metadata, keys: list[str], url: str) -> int:
+def host_bytes(metadata: CheckpointMetadata, keys: list[str], url: str) -> int:
     """Bytes of host memory that tensors ``keys`` of the checkpoint take once read; a key the metadata does not
     hold is a `CorruptCheckpointError` (the same on every rank: the documents are rank 0's, broadcast)."""
     saved = saved_tensors(metadata)
@@ -190,7 +189,7 @@ def check_memory(needed: int, comm: Comm, url: str) -> None:
         )
 
 
-def allocate(metadata: Metadata, keys: list[str], url: str, comm: Comm = SOLO) -> dict[str, torch.Tensor]:
+def allocate(metadata: CheckpointMetadata, keys: list[str], url: str, comm: Comm = SOLO) -> dict[str, torch.Tensor]:
     """Empty CPU tensors for ``keys``, shaped by the metadata, after `check_memory` (collective over
     ``comm``: with several ranks every rank must call it, each with its own keys)."""
     saved = saved_tensors(metadata)
@@ -215,9 +214,9 @@ def read_tensors(
     (from reader threads) with the stored bytes of every verified read.
     """
     start = time.perf_counter()
-    reader = CheckpointReader(sources or [ckpt.source], ckpt.metadata, threads=threads, codecs=block_codec)
+    reader = CheckpointReader(sources or [ckpt.source], to_dcp(ckpt.metadata), threads=threads, codecs=block_codec)
     reader.stats.progress = progress
-    encodings = (ckpt.metadata.planner_data or {}).get("encodings", {})
+    encodings = ckpt.metadata.encodings
     if not (balanced and comm.active):
         _load_round(reader, encodings, targets, comm)
         reader.stats.read_s = time.perf_counter() - start
@@ -265,16 +264,19 @@ def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: di
 
 
 def read_checkpoint(url: str, options: StorageLike = None, safe_globals: list[str] | None = None,
-                    threads: int = 2, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    threads: int = 2, progress: Callable[[int], None] | None = None,
+                    trusted: bool = False) -> dict[str, Any]:
     """The whole checkpoint at ``url`` as a plain dict of CPU tensors, read by this process alone.
 
-    Works for any world size and strategy that wrote it. Optimizer state is keyed by parameter FQN.
-    Never executes code from the checkpoint. ``progress`` gets the stored bytes read as they verify.
+    Works for any world size and strategy that wrote it. Optimizer state is keyed by parameter FQN (by
+    parameter index for a checkpoint imported from a stock Lightning file). Never executes code from the
+    checkpoint, unless ``trusted`` (objects that JSON cannot hold are then unpickled without an allowlist).
+    ``progress`` gets the stored bytes read as they verify.
     """
     ckpt = open_checkpoint(source_of(url, options))
     tensors = allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url)
     read_tensors(ckpt, tensors, threads=threads, comm=SOLO, progress=progress)
-    return state.join(ckpt.skeleton, tensors.__getitem__, safe_globals or ())
+    return state.join(ckpt.skeleton, tensors.__getitem__, safe_globals or (), trusted=trusted)
 
 
 def read_model_weights(url: str, options: StorageLike = None,

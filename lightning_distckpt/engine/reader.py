@@ -106,6 +106,17 @@ class _Direct:
         return self.offset + sum(b.stored for b in self.blocks)
 
 
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs ``[i, j)`` of consecutive numbers in sorted ``indices``."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
 def _first_bad(blocks: Sequence[Any], got: Sequence[int]) -> int | None:
     """Byte position (from the first block) of the first block whose digest is not in ``got``; None if all match."""
     pos = 0
@@ -367,15 +378,21 @@ class CheckpointReader(StorageReader):
         return data[lo - start_raw : hi - start_raw]
 
     def _read_verified(self, loc: Location, offset: int, blocks: Sequence[Any], fqn: str,
-                       handles: dict[int, BinaryIO], into: memoryview | None = None) -> bytearray | memoryview:
+                       handles: dict[int, BinaryIO], into: memoryview | None = None,
+                       failed: list[tuple[int, str]] | None = None) -> bytearray | memoryview:
         """The stored bytes of ``blocks`` (read into ``into`` if given), each block checked against its digest,
-        from the first source that has them intact."""
+        from the first source that has them intact. The unit of fallback is the block: when a copy's read
+        succeeds but some blocks fail their digests, its good blocks are kept and only the bad ones are read
+        from the other copies. ``failed``: the copies already tried for these blocks, and why (not tried again)."""
         size = sum(b.stored for b in blocks)
         problems = []
-        failed: list[tuple[int, str]] = []  # sources that failed for these blocks in this call, and why
+        failed = list(failed or [])  # sources that failed for these blocks, and why
+        tried = {s for s, _ in failed}
         # copies that failed for this file before are tried last, not skipped: one bad block (or a failed read)
         # does not make the file's other blocks bad, and that copy may hold the only good one of these
         for s in sorted(range(len(self.sources)), key=lambda s: (s, loc.file) in self._bad):
+            if s in tried:
+                continue
             source = self.sources[s]
             buf = into if into is not None else bytearray(size)
 
@@ -421,6 +438,20 @@ class CheckpointReader(StorageReader):
             f = handles.pop(s, None)
             if f is not None:
                 f.close()
+            others = len(self.sources) - len(failed)
+            wrong = [i for i, (b, d) in enumerate(zip(blocks, got)) if d != b.digest]
+            if others and len(wrong) < len(blocks):  # keep this copy's good blocks; the bad ones from the others
+                view, starts = memoryview(buf).cast("B"), [0]
+                for b in blocks:
+                    starts.append(starts[-1] + b.stored)
+                try:
+                    for i, j in _runs(wrong):
+                        self._read_verified(loc, offset + starts[i], blocks[i:j], fqn, handles,
+                                            into=view[starts[i] : starts[j]], failed=failed)
+                except CorruptCheckpointError as e:
+                    raise CorruptCheckpointError(f"{problems[-1]}; {e}") from None
+                self.stats.add(source.url(), size - sum(blocks[i].stored for i in wrong))
+                return buf
         if len(self.sources) > 1 and problems:
             log.warning("no good copy of %s: %s", loc.file, "; ".join(problems))
         raise CorruptCheckpointError("; ".join(problems) or f"{loc.file}: no readable copy")

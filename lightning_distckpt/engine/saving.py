@@ -22,10 +22,12 @@ from lightning_distckpt.catalog import Heartbeat, publish
 from lightning_distckpt.engine.writer import CheckpointWriter
 from lightning_distckpt.errors import CheckpointSaveError, UnsafeCheckpointError
 from lightning_distckpt.faults import crash_point
+from lightning_distckpt.ondisk.names import PENDING, check_checkpoint_name
 from lightning_distckpt.ondisk.skeleton import OPTIM
 from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.parallel.planner import BalancedSavePlanner, PlanCache
 from lightning_distckpt.storage import Store, StorageLike, open_store
+from lightning_distckpt.engine.dcp_metadata import from_dcp
 from lightning_distckpt.transforms import PART, CompressionConfig
 from lightning_distckpt.transforms.compression import encode
 
@@ -84,7 +86,7 @@ def write_checkpoint(
     store, path = open_store(url, storage)
     parent, name = store.parent(path), store.basename(path)
     try:
-        ondisk.check_name(name, url)
+        check_checkpoint_name(name, url)
     except UnsafeCheckpointError as e:
         raise CheckpointSaveError(f"{url}: cannot save here: {e}") from None
     token = comm.broadcast(uuid.uuid4().hex[:12])
@@ -104,6 +106,8 @@ def write_checkpoint(
     if error:
         if beat is not None:
             beat.stop()
+        if is_coordinator:
+            _release(store, path)
         raise CheckpointSaveError(f"saving checkpoint {url} failed: {error}")
 
     published: list[ondisk.Manifest] = []
@@ -128,11 +132,45 @@ def write_checkpoint(
                 store.remove(staging, recursive=True)
             except Exception:  # noqa: BLE001 - best effort; gc removes it later
                 log.warning("could not remove staging directory %s", store.url(staging), exc_info=True)
+            _release(store, path)
         raise CheckpointSaveError(f"saving checkpoint {url} failed (nothing was committed): {_root_cause(e)}") from e
     finally:
         if beat is not None:
             beat.stop()
     return SaveResult(url, writer.bytes_written, time.perf_counter() - start, published[0] if published else None)
+
+
+def reserve(url: str, storage: StorageLike = None) -> bool:
+    """Make a name that an asynchronous save will commit visible now (one process: rank 0).
+
+    Creates ``<url>/PENDING`` when nothing exists at ``url`` yet, so that a name still being written counts
+    as taken (Lightning's ``ModelCheckpoint`` picks ``name-v1`` instead of reusing it). The directory is an
+    uncommitted checkpoint to every reader; the commit replaces it, a failed save removes it. Returns whether
+    a placeholder was created.
+    """
+    store, path = open_store(url, storage)
+    check_checkpoint_name(store.basename(path), url)
+    if store.exists(path):
+        return False
+    store.makedirs(path)
+    store.write_bytes(store.join(path, PENDING), b"")
+    return True
+
+
+def _is_placeholder(store: Store, path: str) -> bool:
+    try:
+        return store.isdir(path) and [e.name for e in store.listdir(path)] == [PENDING]
+    except FileNotFoundError:
+        return False
+
+
+def _release(store: Store, path: str) -> None:
+    """Remove the placeholder of a failed save (best effort; never a committed checkpoint)."""
+    try:
+        if _is_placeholder(store, path):
+            store.remove(path, recursive=True)
+    except Exception:  # noqa: BLE001 - clean-up removes it later
+        log.warning("could not remove placeholder %s", store.url(path), exc_info=True)
 
 
 def _root_cause(e: BaseException) -> str:
@@ -165,7 +203,7 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
             digests.extend(b.digest for b in loc.blocks)
             size += loc.stored
         files[name] = {"size": size, "xxh3": ondisk.blocks_digest(digests)}
-    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(metadata, encodings))), (ondisk.STATE, ondisk.dumps(skeleton)))
+    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(from_dcp(metadata, encodings)))), (ondisk.STATE, ondisk.dumps(skeleton)))
     for name, data in documents:
         store.write_bytes(store.join(staging, name), data)
         files[name] = {"size": len(data), "xxh3": ondisk.digest(data)}
@@ -178,5 +216,7 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
     crash_point("save:documents")
     if beat is not None:
         beat.stop()
+    if _is_placeholder(store, path):  # our own async save reserved the name: nothing to keep there
+        store.remove(path, recursive=True)
     publish(store, staging, path, manifest_bytes, token)
     return manifest

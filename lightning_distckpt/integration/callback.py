@@ -13,6 +13,9 @@ It keeps every option of ``ModelCheckpoint`` (``monitor``, ``save_top_k``, ``eve
   previous checkpoint (loudly). An explicit path is never substituted unless ``fallback_to_previous``;
 * stale staging directories of crashed saves are removed at setup (committed checkpoints never are);
 * checkpoints are directories named like ModelCheckpoint's files, without the ``.ckpt`` suffix;
+* ``ckpt_path="step:N"`` resumes the committed checkpoint of global step N under ``dirpath`` (or a replica);
+* ``initial_load_path``: a warm start (model weights only by default) when the folder holds no committed
+  checkpoint to resume; ``last_save_model_only`` / ``export_dtype``: a final save of the weights alone.
 * every root is reached at setup, before the first training step, within the plugin's ``connect_timeout_s``:
   an unreachable or misconfigured checkpoint root (a file, a scheme without an installed backend) fails
   there on every rank with the URL in the message; a replica root whose backend is missing fails too, one
@@ -40,15 +43,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_distckpt import catalog, ondisk
+from lightning_distckpt.catalog import check_keep_last
+from lightning_distckpt.catalog.index import CatalogOptions
 from lightning_distckpt.catalog.replication import Replicator, describe
 from lightning_distckpt.errors import (
+    CheckpointNotFoundError,
     DistCheckpointError,
     BackendUnavailableError,
     StorageError,
     StorageUnreachableError,
 )
+from lightning_distckpt.integration.catalog_hook import make_hook
 from lightning_distckpt.integration.plugin import DistCheckpointIO
+from lightning_distckpt.integration.plugin import STEP_PREFIX
 from lightning_distckpt.integration.routing import route
+from lightning_distckpt.ondisk.names import check_checkpoint_name
 from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.storage import (
     StorageConfig,
@@ -66,7 +75,8 @@ log = logging.getLogger(__name__)
 class DistCheckpoint(ModelCheckpoint):
     """Save sharded checkpoints on a schedule; keep the last N; resume from the newest committed one.
 
-    Every argument of `ModelCheckpoint` works as there.
+    Every argument of `ModelCheckpoint` of the installed Lightning works as there (a test compares the
+    signatures).
 
     Args:
         dirpath: Where checkpoints go: a local path, ``file://`` or any fsspec URL (``hdfs://nn:8020/x``).
@@ -77,6 +87,23 @@ class DistCheckpoint(ModelCheckpoint):
         fallback_to_previous: Also fall back to older checkpoints when an explicitly given checkpoint
             path cannot be read from any copy (``ckpt_path="last"`` always does).
         replication_timeout_s: How long the end of ``fit`` waits for replication still in progress.
+        catalog: ``hbase://HOST:PORT/TABLE``: index every committed checkpoint of this run there (off the training
+            thread, rank 0), resolve ``ckpt_path="last"``/``"best"`` through it (see :mod:`~lightning_distckpt.
+            integration.catalog_hook`). Catalog errors never fail training.
+        run: The run's name in the catalog (required with ``catalog``; a restarted job reuses it and takes over).
+        catalog_options: Timeouts, retries and namespace of the catalog client.
+        initial_load_path: A checkpoint (of this package or a stock Lightning file) to start from when
+            ``dirpath`` holds no committed checkpoint: with ``fit(ckpt_path="last")`` it is what "last" finds,
+            with ``fit()`` its weights are loaded at the start of ``fit``. Ignored once ``dirpath`` has a
+            committed checkpoint (a restarted job resumes its own).
+        initial_load_model_only: Take only the model weights from ``initial_load_path`` (optimizer, schedulers,
+            loops and callbacks start fresh). ``False`` resumes everything from it, which needs
+            ``fit(ckpt_path="last")``.
+        last_save_model_only: At the end of ``fit``, save the model weights alone (no optimizer state) as
+            ``<dirpath>/<final_name>``; that checkpoint is never what ``ckpt_path="last"`` resumes.
+        export_dtype: Cast floating-point weights of that final save to this dtype (``"bfloat16"``,
+            ``"float16"``, ``"float32"``); ``None`` keeps the training dtype.
+        final_name: The name of the final weights-only checkpoint.
     """
 
     FILE_EXTENSION = ""
@@ -89,6 +116,7 @@ class DistCheckpoint(ModelCheckpoint):
         verbose: bool = False,
         save_last: bool | Literal["link"] | None = None,
         save_top_k: int = 1,
+        save_on_exception: bool = False,
         save_weights_only: bool = False,
         mode: str = "min",
         auto_insert_metric_name: bool = True,
@@ -101,9 +129,17 @@ class DistCheckpoint(ModelCheckpoint):
         replicas: list[str] | None = None,
         fallback_to_previous: bool = False,
         replication_timeout_s: float = 600.0,
+        catalog: str | None = None,
+        run: str | None = None,
+        catalog_options: CatalogOptions | None = None,
+        initial_load_path: str | None = None,
+        initial_load_model_only: bool = True,
+        last_save_model_only: bool = False,
+        export_dtype: Literal["float32", "float16", "bfloat16"] | None = None,
+        final_name: str = "final-weights",
     ) -> None:
         if keep_last is not None:  # one rule with `distckpt gc --keep-last` (catalog.check_keep_last)
-            catalog.check_keep_last(keep_last, "DistCheckpoint(keep_last)")
+            check_keep_last(keep_last, "DistCheckpoint(keep_last)")  # (the argument `catalog` shadows the module)
         if dirpath is not None and not isinstance(dirpath, str):
             dirpath = str(dirpath)
         if dirpath is not None and dirpath.startswith("file://"):
@@ -112,7 +148,7 @@ class DistCheckpoint(ModelCheckpoint):
             save_top_k = -1  # the newest ``keep_last`` are kept by retention, not by ModelCheckpoint
         super().__init__(
             dirpath=dirpath, filename=filename, monitor=monitor, verbose=verbose, save_last=save_last,
-            save_top_k=save_top_k, save_weights_only=save_weights_only, mode=mode,
+            save_top_k=save_top_k, save_on_exception=save_on_exception, save_weights_only=save_weights_only, mode=mode,
             auto_insert_metric_name=auto_insert_metric_name, every_n_train_steps=every_n_train_steps,
             train_time_interval=train_time_interval, every_n_epochs=every_n_epochs,
             save_on_train_epoch_end=save_on_train_epoch_end, enable_version_counter=enable_version_counter,
@@ -121,6 +157,14 @@ class DistCheckpoint(ModelCheckpoint):
         self.replicas = [r[len("file://") :] if r.startswith("file://") else r for r in (replicas or [])]
         self.fallback_to_previous = fallback_to_previous
         self.replication_timeout_s = replication_timeout_s
+        if export_dtype is not None and export_dtype not in _EXPORT_DTYPES:
+            raise ValueError(f"DistCheckpoint(export_dtype={export_dtype!r}): expected one of {sorted(_EXPORT_DTYPES)}")
+        check_checkpoint_name(final_name, "DistCheckpoint(final_name=...)")
+        self.initial_load_path = str(initial_load_path) if initial_load_path is not None else None
+        self.initial_load_model_only = initial_load_model_only
+        self.last_save_model_only = last_save_model_only
+        self.export_dtype = export_dtype
+        self.final_name = final_name
         self._saved: list[str] = []  # checkpoints this callback wrote and still keeps, oldest first (state)
         self._ever: set[str] = set()  # names of every checkpoint this callback wrote (state)
         self._lock = threading.Lock()
@@ -130,6 +174,8 @@ class DistCheckpoint(ModelCheckpoint):
         self._last_resolved: str | None = None
         self._unreachable: list[str] = []  # replica roots that did not answer at setup (warned, not resumed from)
         self._last_requested = False  # ckpt_path="last" was resolved by this rank alone; setup settles it
+        # -- catalog (integration/catalog_hook.py) --
+        self._catalog = make_hook(catalog, run, catalog_options)
         self._check_filename()
 
     def _check_filename(self) -> None:
@@ -145,11 +191,12 @@ class DistCheckpoint(ModelCheckpoint):
         except (KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
             raise ValueError(f"DistCheckpoint(filename={self.filename!r}): not a usable name template: "
                              f"{type(e).__name__}: {e}") from None  # fmt: skip
-        bad = [n for n in names if not ondisk.is_safe_name(n)]
+        bad = [n for n in names if not ondisk.is_checkpoint_name(n) or n.startswith(".")]
         if bad:
             raise ValueError(
                 f"DistCheckpoint(filename={self.filename!r}) makes the checkpoint name {bad[0]!r}: a checkpoint name "
-                f"must be one plain path component (letters, digits and _ . = + -, not starting with a dot)"
+                f"must be one path component (no '/', '\\' or control characters, no '.staging-'/'.trash-'), not "
+                f"starting with a dot (such checkpoints are not listed: 'last' and retention would never see them)"
             )
 
     # -- wiring ------------------------------------------------------------------------------------
@@ -171,6 +218,10 @@ class DistCheckpoint(ModelCheckpoint):
         self._reach_roots(trainer)  # before ModelCheckpoint's own calls on the root, on every rank
         super().setup(trainer, pl_module, stage)
         io.resolver = self._candidates
+        if self._catalog is not None:  # catalog: no "best" lookups after setup; rank 0 owns the run while fitting
+            self.__dict__["_best_asked"] = True
+            if trainer.is_global_zero and stage == "fit":
+                self._catalog.start()
         if trainer.is_global_zero and stage == "fit":
             for root in self._reachable(self.roots):
                 try:
@@ -265,6 +316,9 @@ class DistCheckpoint(ModelCheckpoint):
             self._replicator.close(self.replication_timeout_s)
             self._final_replication = describe(self._replicator.stats)
             self._replicator = None
+        if self._catalog is not None:  # catalog: the last save's registration is written before fit returns
+            self.io.wait()
+            self._catalog.close()
         if trainer.is_global_zero:  # the final counts, also of copies that ended after the last step
             for name, value in self._metrics().items():
                 trainer.callback_metrics[name] = torch.tensor(value)
@@ -280,6 +334,9 @@ class DistCheckpoint(ModelCheckpoint):
             out["distckpt/replicas_unreachable"] = float(len(self._unreachable))
         if self._io is not None and (self.replicas or self._io.stats.repaired_blocks):
             out["distckpt/repaired_blocks"] = float(self._io.stats.repaired_blocks)
+        if self._catalog is not None:  # catalog: failed calls, waiting registrations, refused zombie attempts
+            st = self._catalog.describe()
+            out.update({f"distckpt/catalog_{k}": float(st[k]) for k in ("failures", "pending", "refused")})
         return out
 
     @override
@@ -316,6 +373,8 @@ class DistCheckpoint(ModelCheckpoint):
             self._saved.append(filepath)
             self._ever.add(_name(filepath))
         super()._save_checkpoint(trainer, filepath)
+        if self._catalog is not None and trainer.is_global_zero:  # catalog: register after the commit
+            self._catalog.after_save(trainer, filepath, self.monitor, self.mode, self.io.after_commit)
         if self.keep_last is not None and trainer.is_global_zero:
             self.io.after_commit(lambda result: self.apply_retention())
         if self._replicator is not None:
@@ -329,6 +388,11 @@ class DistCheckpoint(ModelCheckpoint):
         with self._lock:
             if filepath in self._saved:
                 self._saved.remove(filepath)
+        if self._catalog is not None:  # catalog: fenced removal (row deleting, marker, data, row), rank 0
+            if trainer.is_global_zero:
+                self.io.after_commit(lambda r: self._catalog.remove(filepath, self.io.remove_checkpoint,  # type: ignore[union-attr]
+                                                                    self.io.storage, remember=True))
+            return
         super()._remove_checkpoint(trainer, filepath)
 
     def apply_retention(self) -> list[str]:
@@ -345,7 +409,10 @@ class DistCheckpoint(ModelCheckpoint):
         removed = []
         for path in alive:
             if path not in protect:
-                self.io.remove_checkpoint(path)
+                if self._catalog is None:
+                    self.io.remove_checkpoint(path)
+                elif not self._catalog.remove(path, self.io.remove_checkpoint, self.io.storage):
+                    continue  # catalog: could not fence the removal; the next pass tries again
                 removed.append(path)
         with self._lock:
             self._saved = [p for p in self._saved if p not in removed]
@@ -355,6 +422,8 @@ class DistCheckpoint(ModelCheckpoint):
 
     def _retain_replica(self, target: str, name: str) -> None:
         """Rank 0, after a replica commits: remove there what the primary no longer keeps (never the newest)."""
+        if self._catalog is not None:  # catalog: record the copy's location
+            self._catalog.replica_committed(target, name)
         with self._lock:
             keep = {_name(p) for p in self._saved}
             ever = set(self._ever)
@@ -368,28 +437,48 @@ class DistCheckpoint(ModelCheckpoint):
     # -- resume ------------------------------------------------------------------------------------
     @override
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
-        """The newest committed checkpoint under ``dirpath`` or a replica, as this rank lists them.
+        """The newest committed checkpoint under ``dirpath`` or a replica, as this rank lists them; with none,
+        ``initial_load_path`` (a warm start). The final weights-only save (``final_name``) never counts.
 
         Lightning resolves ``ckpt_path="last"`` on every rank *before* the process group exists, so this
         rank's answer is provisional: `setup` decides on rank 0, broadcasts, and makes every rank restore
         that checkpoint (ranks that list storage differently still restore the same one). The listing is bounded
         by ``connect_timeout_s``; a root that does not answer is reported by `setup`.
         """
-        dirpath = self.dirpath if self.dirpath is not None else self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # type: ignore[attr-defined]
+        dirpath = self.dirpath if self.dirpath is not None else _default_dirpath(trainer)
         self._last_requested = True
         self._last_resolved = self._newest(str(dirpath))
+        if not self._last_resolved and self.initial_load_path is not None:
+            return {self._warm_start(trainer)}
+        if not self._last_resolved:
+            _no_last_checkpoint([str(dirpath), *self.replicas])
         return {self._last_resolved} if self._last_resolved else set()
+
+    def _warm_start(self, trainer: pl.Trainer, quiet: bool = False) -> str:
+        """``initial_load_path``, which this rank's next load of it reads as a warm start (model weights only
+        unless ``initial_load_model_only=False``)."""
+        assert self.initial_load_path is not None
+        io = self._io or trainer.strategy.checkpoint_io
+        if self.initial_load_model_only and isinstance(io, DistCheckpointIO):
+            io.exclude_next_load(self.initial_load_path, _WARM_START_EXCLUDED)
+        if not quiet:
+            rank_zero_info(f"DistCheckpoint: no committed checkpoint to resume under {self.dirpath}; starting from "
+                           f"initial_load_path={self.initial_load_path}"
+                           + (" (model weights only)" if self.initial_load_model_only else ""))  # fmt: skip
+        return self.initial_load_path
 
     def _newest(self, dirpath: str) -> str | None:
         options = self._io.storage if self._io else StorageConfig()
+        if self._catalog is not None and (url := self._catalog.lookup("last", options)):  # catalog: one round trip
+            return url
         roots = self._reachable([dirpath, *self.replicas])
         try:
             found = within(lambda: catalog.latest(roots, options), options.connect_timeout(dirpath), f"list {dirpath}")
         except StorageUnreachableError as e:
             log.warning("%s", e)
             return None
+        found = [c for c in found if c.name != self.final_name]  # weights only: never resumed as "last"
         return found[0].url if found else None
-
     def _settle_last(self, trainer: pl.Trainer) -> None:
         """Collective, in ``setup``: when ``ckpt_path="last"`` was asked for, rank 0 lists the roots again and
         every rank restores rank 0's choice (or nothing, if rank 0 found nothing), whatever it listed itself."""
@@ -407,6 +496,8 @@ class DistCheckpoint(ModelCheckpoint):
                 + ", ".join(f"rank {r}: {v or 'none'}" for r, v in enumerate(views))
                 + f"); every rank restores rank 0's choice: {decided or 'none (start from scratch)'}"
             )
+        if decided is None and self.initial_load_path is not None:
+            decided = self._warm_start(trainer, quiet=True)
         connector = trainer._checkpoint_connector
         restore = connector._restore_modules_and_callbacks  # Lightning calls it with its own per-rank choice
 
@@ -418,12 +509,58 @@ class DistCheckpoint(ModelCheckpoint):
 
         connector._restore_modules_and_callbacks = restore_decided
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warm start from ``initial_load_path`` when ``fit`` resumes nothing and ``dirpath`` holds no
+        committed checkpoint: the model weights are read into the (set-up, possibly sharded) model, after the
+        LightningModule's ``on_load_checkpoint`` saw the checkpoint, as in a resume."""
+        super().on_fit_start(trainer, pl_module)
+        if self.initial_load_path is None or trainer.ckpt_path is not None:
+            return
+        if [c for c in catalog.latest(self._reachable(self.roots), self.io.storage) if c.name != self.final_name]:
+            rank_zero_info(f"DistCheckpoint: {self.dirpath} holds committed checkpoints; initial_load_path is not used "
+                           f"(pass fit(ckpt_path='last') to resume them)")
+            return
+        if not self.initial_load_model_only:
+            raise ValueError("DistCheckpoint(initial_load_model_only=False) resumes everything from initial_load_path, "
+                             "which Lightning can only do at the start of a resume: use fit(ckpt_path='last')")
+        self.io.exclude_next_load(self.initial_load_path, _WARM_START_EXCLUDED)
+        checkpoint = trainer.strategy.load_checkpoint(self.initial_load_path)
+        pl_module.on_load_checkpoint(checkpoint)
+        trainer.strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
+        rank_zero_info(f"DistCheckpoint: model weights loaded from initial_load_path={self.initial_load_path}")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.last_save_model_only and self.dirpath is not None:
+            self.save_final_weights(trainer)
+
+    def save_final_weights(self, trainer: pl.Trainer) -> str:
+        """Save the model weights alone (cast to ``export_dtype``) as ``<dirpath>/<final_name>``; collective.
+
+        Returns once the checkpoint has committed (also with ``async_save``). Returns its URL."""
+        assert self.dirpath is not None
+        path = f"{str(self.dirpath).rstrip('/')}/{self.final_name}"
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+        if self.export_dtype is not None:
+            dtype = getattr(torch, self.export_dtype)
+            checkpoint["state_dict"] = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                                        for k, v in checkpoint["state_dict"].items()}  # fmt: skip
+        trainer.strategy.save_checkpoint(checkpoint, path)
+        self.io.wait()
+        trainer.strategy.barrier("DistCheckpoint.save_final_weights")
+        return path
+
     def _candidates(self, url: str) -> list[list[str]]:
         """The checkpoints a load of ``url`` may use, in order, each as the URLs of its copies.
 
+        ``step:N`` is the newest committed checkpoint of global step N under ``dirpath`` or a replica.
         The plugin calls it on rank 0 only and broadcasts the answer (one listing, one fallback order for all
         ranks). Replica roots that were unreachable at setup are left out."""
         dirpath = str(self.dirpath) if self.dirpath is not None else None
+        if url.startswith(STEP_PREFIX):
+            return [self._by_step(url)]
         name, parent = _name(url), url.rstrip("/").rsplit("/", 1)[0] if "/" in url else ""
         name = ondisk.trashed_name(name) or name  # "last" may be a checkpoint a crashed overwrite moved aside
         roots = self._reachable([r for r in [dirpath, *self.replicas] if r])
@@ -435,6 +572,49 @@ class DistCheckpoint(ModelCheckpoint):
             older = names[names.index(name) + 1 :] if name in names else names
             return [copies(name)] + [copies(n) for n in older]
         return [copies(name)]
+
+    def _by_step(self, url: str) -> list[str]:
+        roots = self.roots
+        try:
+            step = int(url[len(STEP_PREFIX):])
+        except ValueError:
+            raise CheckpointNotFoundError(f"ckpt_path={url!r}: expected 'step:<global step>', e.g. 'step:1000'") from None
+        found = [c for c in catalog.latest(roots, self.io.storage)
+                 if c.manifest is not None and c.manifest.global_step == step and c.name != self.final_name]  # fmt: skip
+        if not found:
+            raise CheckpointNotFoundError(f"ckpt_path={url!r}: no committed checkpoint of global step {step} "
+                                          f"under {', '.join(roots)}")  # fmt: skip
+        return [f"{r.rstrip('/')}/{found[0].name}" for r in roots]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a lock, the plugin and the replicator belong to one process (ddp_spawn pickles the callbacks)
+        s = self.__dict__.copy()
+        s.update(_lock=None, _io=None, _replicator=None)
+        return s
+
+    def __setstate__(self, s: dict[str, Any]) -> None:
+        self.__dict__.update(s)
+        self._lock = threading.Lock()
+
+    # -- catalog: ckpt_path="best" before any state is restored (Lightning reads best_model_path first) --
+    @property  # type: ignore[override]
+    def best_model_path(self) -> str:
+        path = self.__dict__.get("_best_model_path", "")
+        hook = self.__dict__.get("_catalog")
+        if not path and hook is not None and self.monitor and not self.__dict__.get("_best_asked"):
+            self.__dict__["_best_asked"] = True
+            path = self.__dict__["_best_model_path"] = hook.lookup("best", self._io.storage if self._io else None,
+                                                                   self.monitor) or ""  # fmt: skip
+        return path
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        self.__dict__["_best_model_path"] = value
+
+    @property
+    def catalog_stats(self) -> dict[str, Any] | None:
+        """The catalog's counters (registered, caught_up, failures, refused, fallbacks, skipped, pending ...)."""
+        return self._catalog.describe() if self._catalog is not None else None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -451,17 +631,50 @@ class DistCheckpoint(ModelCheckpoint):
             saved = state_dict.get("saved", [])
             ever = state_dict.get("ever", [])
             saved = [p for p in saved if self._is_ours(p)] if isinstance(saved, list) else []
-            ever = {n for n in ever if ondisk.is_safe_name(n)} if isinstance(ever, list) else set()
+            ever = {n for n in ever if ondisk.is_checkpoint_name(n)} if isinstance(ever, list) else set()
             with self._lock:
                 self._saved = [p for p in saved if p not in self._saved] + self._saved
                 self._ever |= ever
 
     def _is_ours(self, path: Any) -> bool:
-        """A checkpoint URL this callback may have written: a plain name directly under its ``dirpath``."""
+        """A checkpoint URL this callback may have written: a listed checkpoint name directly under its ``dirpath``."""
         if not isinstance(path, str) or self.dirpath is None:
             return False
         parent, _, name = path.rstrip("/").rpartition("/")
-        return parent == str(self.dirpath).rstrip("/") and ondisk.is_safe_name(name)
+        return parent == str(self.dirpath).rstrip("/") and ondisk.is_checkpoint_name(name) and not name.startswith(".")
+
+
+#: Lightning's warning when ``ckpt_path="last"`` finds nothing; its hint (``save_last=True``) does not apply here
+_LIGHTNING_NO_LAST = r'\.\w+\(ckpt_path="last"\) is set, but there is no last checkpoint available'
+
+
+def _no_last_checkpoint(roots: list[str]) -> None:
+    """Say why ``ckpt_path="last"`` starts from scratch, instead of Lightning's hint to set ``save_last=True``
+    (this callback finds the newest committed checkpoint itself; ``save_last`` changes nothing)."""
+    import warnings
+
+    where = roots[0] + (f" or its replicas ({', '.join(roots[1:])})" if len(roots) > 1 else "")
+    rank_zero_info(f'DistCheckpoint: ckpt_path="last" found no committed checkpoint under {where}; training starts '
+                   "from scratch (expected on a first run).")  # fmt: skip
+    warnings.filterwarnings("ignore", message=_LIGHTNING_NO_LAST)
+
+
+_EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+#: what a warm start from ``initial_load_path`` leaves out (model weights only)
+_WARM_START_EXCLUDED = ["optimizer", "lr_schedulers", "loops", "callbacks"]
+
+
+def _default_dirpath(trainer: pl.Trainer) -> str:
+    """Where ModelCheckpoint puts checkpoints when no ``dirpath`` is given (its documented rule): the first
+    logger's ``<save_dir>/<name>/<version>/checkpoints``, else ``<default_root_dir>/checkpoints``."""
+    import os
+
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return os.path.join(save_dir, str(logger.name), version, "checkpoints")
+    return os.path.join(trainer.default_root_dir, "checkpoints")
 
 
 def _name(url: str) -> str:

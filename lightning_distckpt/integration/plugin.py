@@ -45,7 +45,7 @@ from lightning_distckpt.engine.loading import (
     read_tensors,
     saved_tensors,
 )
-from lightning_distckpt.engine.saving import SaveResult, WriteOptions, write_checkpoint
+from lightning_distckpt.engine.saving import SaveResult, WriteOptions, reserve, write_checkpoint
 from lightning_distckpt.engine.snapshot import Snapshotter
 from lightning_distckpt.errors import (
     CheckpointNotFoundError,
@@ -54,10 +54,12 @@ from lightning_distckpt.errors import (
     StateMismatchError,
     UncommittedCheckpointError,
 )
+from lightning_distckpt.integration import stock
 from lightning_distckpt.integration.adapters import (
     model_state_dict,
     optimizer_state_dict,
     parameter_fqns,
+    set_model_state,
     set_optimizer_state,
 )
 from lightning_distckpt.integration.routing import RoutedIO, install_hook, strategy_name
@@ -108,12 +110,21 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         read_threads: Concurrent readers per rank and load.
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
         safe_globals: Extra ``module.Name`` types that non-tensor state may contain (e.g. custom
-            hyper-parameter classes); everything else that JSON cannot hold is refused on load.
+            hyper-parameter classes); everything else that JSON cannot hold is refused on load, unless the
+            load is given ``weights_only=False`` (``fit``/``validate``/... and ``load_from_checkpoint`` take it,
+            as for ``torch.load``). Types registered with ``torch.serialization.add_safe_globals`` count too.
         connect_timeout_s: How long reaching a store may take: ``DistCheckpoint`` checks the checkpoint root
             and every replica root at setup, before the first training step, and ModelCheckpoint's own calls on
             the root are bounded by it; an unreachable root fails with
             `StorageUnreachableError` naming the URL (``HdfsOptions.connect_timeout_s``
             overrides it for HDFS URLs).
+        exclude_from_loading: Parts of a checkpoint that a resume leaves as they are in the new run:
+            ``"model"``, ``"optimizer"``, ``"lr_schedulers"``, ``"loops"`` (step and epoch counters start at
+            0), ``"callbacks"``, or any other top-level key of Lightning's checkpoint dict (e.g. a
+            precision plugin's or datamodule's entry). Excluded tensors are not read at all.
+
+    Constructing one also lets ``LightningModule.load_from_checkpoint`` read this package's checkpoints
+    (`enable_load_from_checkpoint()`), and routes every strategy it is assigned to.
     """
 
     def __init__(
@@ -129,6 +140,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         chunk_mb: int = 32,
         safe_globals: list[str] | None = None,
         connect_timeout_s: float = 30.0,
+        exclude_from_loading: list[str] | None = None,
     ) -> None:
         super().__init__()
         install_hook()  # from now on, assigning a DistCheckpointIO to a strategy routes it (see routing.py)
@@ -140,6 +152,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self.compression = resolve(compression)
         self.balanced_reads = balanced_reads
         self.safe_globals = list(safe_globals or [])
+        self.exclude_from_loading = _check_exclude(exclude_from_loading)
         self.read_threads = read_threads
         self.write_options = WriteOptions(threads=write_threads, chunk_bytes=chunk_mb << 20)
         self.stats = IOStats()
@@ -155,14 +168,24 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self._lock = threading.Lock()
         #: Given the URL being loaded, the checkpoints to try in order, each as its copies' URLs (primary
         #: first). DistCheckpoint installs one that knows replicas and the "last" fallback.
-        self.resolver: Callable[[str], list[list[str]]] = lambda url: [[url]]
+        self.resolver: Callable[[str], list[list[str]]] = _only
+        self._loaded: _Loaded | None = None  # what the last routed load left for load_model/optimizers_routed
+        self._next_exclude: dict[str, list[str]] = {}  # url -> parts the next load of it leaves out
+        from lightning_distckpt.integration.load_from_checkpoint import enable_load_from_checkpoint
+
+        enable_load_from_checkpoint(storage_options=storage_options, hdfs=hdfs, safe_globals=safe_globals)
 
     # ------------------------------------------------------------------------------------------
     # plain CheckpointIO API: this process alone
     # ------------------------------------------------------------------------------------------
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        """Save ``checkpoint`` from this process alone (no other rank takes part). Blocks until committed."""
+        """Save ``checkpoint`` from this process alone (no other rank takes part). Blocks until committed.
+
+        ``storage_options`` per call are refused with ``TypeError``, as by Lightning's ``TorchCheckpointIO``
+        (storage settings belong to the plugin: ``DistCheckpointIO(storage_options=..., hdfs=...)``).
+        """
+        _refuse_storage_options(self, storage_options)
         skeleton, tensors = state.split(checkpoint)
         self.wait()
         self._write(str(path), skeleton, tensors, self._manifest(checkpoint, 1, ""), SOLO)
@@ -171,9 +194,18 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Read the whole checkpoint at ``path`` into a plain dict of CPU tensors, in this process alone.
 
-        Optimizer state comes back keyed by parameter FQN. Never executes code from the checkpoint.
+        A checkpoint of this package: optimizer state comes back keyed by parameter FQN, and objects that
+        JSON cannot hold are unpickled through the allowlist (without one with ``weights_only=False``). A
+        stock Lightning file: read with ``torch.load`` as Lightning would.
         """
-        checkpoint = read_checkpoint(str(path), self.storage, self.safe_globals, self.read_threads)
+        url = str(path)
+        found = stock.kind(url, self.storage)
+        if found == "missing":
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {url} (no checkpoint directory or file there)")
+        if found == "file":
+            return stock.load_file(url, self.storage, weights_only, map_location if map_location is not None else "cpu")
+        checkpoint = read_checkpoint(url, self.storage, stock.safe_globals(self.safe_globals), self.read_threads,
+                                     trusted=stock.trusted(weights_only))
         if map_location is not None and not callable(map_location):
             from lightning.fabric.utilities.apply_func import move_data_to_device
 
@@ -209,7 +241,14 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
     # routed API: called by the strategy on every rank
     # ------------------------------------------------------------------------------------------
     def save_routed(self, strategy: Strategy, checkpoint: dict[str, Any], path: str, storage_options: Any = None) -> None:
-        """Collective save. Blocks for the whole save, or (``async_save``) only for the snapshot."""
+        """Collective save. Blocks for the whole save, or (``async_save``) only for the snapshot.
+
+        With ``async_save`` the name is reserved at once (a ``PENDING`` placeholder directory, so that
+        Lightning's version counter counts it as taken). A save made while no ``fit``/``validate``/... is
+        running (``trainer.save_checkpoint`` after ``fit``) is written before returning, as without
+        ``async_save``: nothing would wait for it, and no thread outlives the call.
+        """
+        _refuse_storage_options(self, storage_options)
         start = time.perf_counter()
         comm = self._comm()
         self.wait()
@@ -217,26 +256,39 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         skeleton, tensors = state.split(checkpoint)
         manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
         params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
-        if self.async_save:
+        if self.async_save and _running(strategy):
             snapshot = self._snapshots.take(tensors, self._plan_cache.owned() if comm.active else None,
                                             self.write_options.chunk_bytes)
             with self._lock:
                 self._in_flight = True  # tasks registered from now on wait for this save
+            if comm.rank == 0:
+                try:
+                    reserve(url, self.storage)
+                except Exception as e:  # noqa: BLE001 - the save itself reports what is wrong with the location
+                    log.debug("could not reserve %s: %s", url, e)
             self._future = self._pool().submit(self._write, url, skeleton, snapshot, manifest, comm, params, True)
-        else:
+        else:  # also with async_save when no fit/validate/... runs (trainer.save_checkpoint after fit): no thread
             self._write(url, skeleton, tensors, manifest, comm, params)
         self.stats.blocked_s = time.perf_counter() - start
 
-    def load_routed(self, strategy: Strategy, path: str) -> dict[str, Any]:
+    def load_routed(self, strategy: Strategy, path: str, weights_only: bool | None = None) -> dict[str, Any]:
         """Collective load of everything the restore needs, verified, before Lightning uses any of it.
 
-        Model tensors are read into the model's own tensors (in place, any sharding). Optimizer tensors
-        are read into the optimizers' state when the optimizers exist already (FSDP, ModelParallel),
-        otherwise (DDP restores before setup) into host buffers that ``load_optimizer_state_dict`` applies.
-        Every block is read from the first healthy copy (primary, then replicas); blocks served by another
-        copy because one failed verification are reported (a warning naming the file and both copies, and
-        ``stats.load_repairs``). If the checkpoint cannot be read from any copy and it was chosen as "last",
-        the next older one is used, loudly.
+        Model tensors are read into the model's own tensors (in place, any sharding), unless the
+        LightningModule overrides ``on_load_checkpoint``: then ``checkpoint["state_dict"]`` is a
+        `LazyModelState` and the weights are applied in ``load_model_state_dict``, after the hook,
+        honouring whatever it changed (unchanged entries are still read straight into the model).
+        Optimizer tensors are read into the optimizers' state when the optimizers exist already (FSDP,
+        ModelParallel), otherwise (DDP restores before setup) into host buffers that
+        ``load_optimizer_state_dict`` applies. Every block is read from the first healthy copy (primary, then
+        replicas); blocks served by another copy because one failed verification are reported (a warning naming
+        the file and both copies, and ``stats.load_repairs``). If the checkpoint cannot be read from any copy and
+        it was chosen as "last", the next older one is used, loudly.
+
+        A stock Lightning file is read whole by every rank (as stock DDP does) with ``torch.load`` under
+        Lightning's ``weights_only`` rule and applied under any strategy (sharded here when needed).
+        Without a LightningModule (``strategy.load_checkpoint`` before ``fit``) the whole checkpoint is
+        returned as a plain dict, as stock Lightning does. ``exclude_from_loading`` applies to all of these.
 
         Every decision the ranks must share is made once: rank 0 picks the path and the fallback order (the
         ``resolver`` runs on rank 0 only) and broadcasts them; whether memory suffices is judged from every
@@ -244,13 +296,25 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         `InsufficientMemoryError` on every rank and never falls back to an older checkpoint.
         """
         self.wait()
+        self._loaded = None
+        exclude = [*self.exclude_from_loading, *self._next_exclude.pop(str(path).rstrip("/"), [])]
+        if strategy.lightning_module is None:
+            return self._exclude(self.load_checkpoint(path, weights_only=weights_only), exclude)
         comm = self._comm(bulk=self.balanced_reads)
         url = comm.broadcast(path)
+        found = comm.decide(lambda: "ours" if url.startswith(STEP_PREFIX) else stock.kind(url, self.storage))
+        if found == "file":
+            checkpoint = stock.load_file(url, self.storage, weights_only)
+            self._loaded = _Loaded(id(checkpoint), full=True)
+            self.stats.loaded_from = url
+            return self._exclude(checkpoint, exclude)
         candidates = comm.decide(lambda: self.resolver(url))
+        if found == "missing" and candidates == [[url]]:
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {url} (no checkpoint directory or file there)")
         first_error: DistCheckpointError | None = None
         for i, urls in enumerate(candidates):
             try:
-                checkpoint = self._load_candidate(strategy, urls, comm)
+                checkpoint = self._load_candidate(strategy, urls, comm, weights_only, exclude)
             except (CorruptCheckpointError, CheckpointNotFoundError, UncommittedCheckpointError) as e:
                 first_error = first_error or e
                 nxt = f"; falling back to the previous checkpoint {candidates[i + 1][0]}" if i + 1 < len(candidates) else ""
@@ -264,21 +328,26 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         assert first_error is not None
         raise first_error
 
-    def _load_candidate(self, strategy: Strategy, urls: list[str], comm: Comm) -> dict[str, Any]:
+    def _load_candidate(self, strategy: Strategy, urls: list[str], comm: Comm, weights_only: bool | None,
+                        exclude: list[str]) -> dict[str, Any]:
         start = time.perf_counter()
         ckpt, sources = open_for_load(urls, comm, self.storage)
         self.stats.load_s = {"open": time.perf_counter() - start}
         url = ckpt.url
         module = strategy.lightning_module
         strict = bool(getattr(module, "strict_loading", True))
+        skip_model = "model" in exclude
+        skip_optim = "optimizer" in exclude
+        saved_optims = ckpt.skeleton.get("optimizer_states") if isinstance(ckpt.skeleton, dict) else None
         error: DistCheckpointError | None = None
         model: dict[str, Any] = {}
         optim: dict[str, Any] = {}
         host: list[str] = []  # tensors read into new host buffers
         try:
-            model = match(ckpt.metadata, {state.model_key(k): v for k, v in model_state_dict(strategy).items()},
-                          state.MODEL, strict, "model", url)  # fmt: skip
-            if _fitting(module):
+            if not skip_model:
+                model = match(ckpt.metadata, {state.model_key(k): v for k, v in model_state_dict(strategy).items()},
+                              state.MODEL, strict, "model", url)  # fmt: skip
+            if _fitting(module) and not skip_optim:
                 optimizers = list(strategy.optimizers)
                 saved = saved_tensors(ckpt.metadata)
                 saved_n = len({k.split("/")[1] for k in saved if k.startswith(state.OPTIM)})
@@ -287,13 +356,16 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                         raise StateMismatchError(f"{url} holds {saved_n} optimizer states, the model configures "
                                                  f"{len(optimizers)} optimizers")  # fmt: skip
                     for i, opt in enumerate(optimizers):
+                        prefix = f"{state.OPTIM}{i}/"
+                        saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
+                        if not saved_params:  # saved before its first step: nothing to read, nothing to create
+                            continue
+                        names = _saved_param_names(saved_optims, i, strategy, opt, url)  # live FQN -> saved name
                         live = {
-                            state.optim_key(i, fqn, name): t
+                            state.optim_key(i, names.get(fqn, fqn), name): t
                             for fqn, st in optimizer_state_dict(strategy, opt)["state"].items()
                             for name, t in st.items() if isinstance(t, torch.Tensor)
                         }  # fmt: skip
-                        prefix = f"{state.OPTIM}{i}/"
-                        saved_params = {k[len(prefix):].rsplit("/", 1)[0] for k in saved if k.startswith(prefix)}
                         live = {k: v for k, v in live.items() if k[len(prefix):].rsplit("/", 1)[0] in saved_params}
                         optim.update(match(ckpt.metadata, live, prefix, True, f"optimizer {i}", url))
                 else:  # DDP and single device restore before setup: read into host buffers now, apply later
@@ -306,7 +378,9 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         optim.update({k: v for k, v in buffers.items() if k.startswith(state.OPTIM)})
         extras = {k: v for k, v in buffers.items() if k.startswith(state.EXTRA)}
         ordered = sources[comm.rank % len(sources):] + sources[: comm.rank % len(sources)]  # spread reads over copies
-        self._record(read_tensors(ckpt, {**model, **optim, **extras}, sources=ordered, threads=self.read_threads,
+        lazy = bool(model) and _hooks_load(module)  # a hook may change the weights: read them after it ran
+        now = {} if lazy else model
+        self._record(read_tensors(ckpt, {**now, **optim, **extras}, sources=ordered, threads=self.read_threads,
                                   comm=comm, balanced=self.balanced_reads), comm, strategy)  # fmt: skip
 
         def lookup(key: str) -> Any:
@@ -316,17 +390,82 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                 return optim.get(key, Pending(key))
             return extras[key]
 
-        checkpoint = state.join(ckpt.skeleton, lookup, self.safe_globals)
+        checkpoint = state.join(ckpt.skeleton, lookup, stock.safe_globals(self.safe_globals), trusted=stock.trusted(weights_only))
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if v is not _SKIP}
+            if lazy:
+                checkpoint["state_dict"] = LazyModelState(
+                    [k for k in checkpoint["state_dict"]],
+                    read=lambda keys: self._read_model(ckpt, ordered, {k: model[state.model_key(k)] for k in keys}, SOLO, copy=True),
+                    read_in_place=lambda keys: self._read_model(ckpt, ordered, {k: model[state.model_key(k)] for k in keys}, comm),
+                )  # fmt: skip
+        self._loaded = _Loaded(id(checkpoint), full=False)
         self.stats.loaded_from = url
+        return self._exclude(checkpoint, exclude)
+
+    def _read_model(self, ckpt: Any, sources: list[Any], targets: dict[str, Any], comm: Comm,
+                    copy: bool = False) -> dict[str, Any]:
+        """Read model tensors ``{fqn: target}``: into new tensors shaped like the targets (``copy``), else in place.
+
+        In place, collective over ``comm``; balanced only when every rank reads the same keys."""
+        if copy:
+            targets = {k: torch.empty_like(v) for k, v in targets.items()}
+        balanced = self.balanced_reads and comm.active and len(set(comm.all_gather(tuple(sorted(targets))))) == 1
+        read_tensors(ckpt, {state.model_key(k): v for k, v in targets.items()}, sources=sources,
+                     threads=self.read_threads, comm=comm, balanced=balanced)
+        return targets
+
+    def exclude_next_load(self, path: str, parts: list[str]) -> None:
+        """Leave ``parts`` (as in ``exclude_from_loading``) out of the next routed load of ``path`` only."""
+        self._next_exclude[str(path).rstrip("/")] = _check_exclude(parts)
+
+    def _exclude(self, checkpoint: dict[str, Any], exclude: list[str]) -> dict[str, Any]:
+        """Leave the ``exclude`` parts out of a loaded checkpoint dict (in place); record what to skip."""
+        if self._loaded is None or self._loaded.checkpoint_id != id(checkpoint):
+            self._loaded = _Loaded(id(checkpoint), full=False)
+        for part in exclude:
+            if part == "model":
+                self._loaded.skip_model = True
+                checkpoint["state_dict"] = {}
+            elif part == "optimizer":
+                self._loaded.skip_optim = True
+                checkpoint["optimizer_states"] = []
+            elif part == "lr_schedulers":
+                checkpoint["lr_schedulers"] = []
+            elif part in checkpoint:
+                del checkpoint[part]
+            else:
+                log.warning("exclude_from_loading: the checkpoint has no %r", part)
         return checkpoint
 
+    def load_model_routed(self, strategy: Strategy, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        """Apply ``checkpoint["state_dict"]`` to the model, after the LightningModule's ``on_load_checkpoint``.
+
+        Collective. Entries of a `LazyModelState` that no hook read or replaced are read from storage
+        straight into the model's tensors now; everything else is applied as given.
+        """
+        loaded = self._loaded if self._loaded is not None and self._loaded.checkpoint_id == id(checkpoint) else None
+        if loaded is not None and loaded.skip_model:
+            return
+        sd = checkpoint["state_dict"]
+        if isinstance(sd, LazyModelState):
+            sd = sd.resolve()
+        set_model_state(strategy, sd, strict, full=loaded is not None and loaded.full)
+
     def load_optimizers_routed(self, strategy: Strategy, checkpoint: dict[str, Any]) -> None:
-        """Apply the optimizer states that `load_routed()` read (no I/O happens here)."""
+        """Apply the optimizer states that `load_routed()` read (no I/O happens here).
+
+        A state saved by parameter index (a stock file, or a checkpoint imported from one) is mapped onto the
+        live optimizer's parameters in order, as ``torch.optim.Optimizer.load_state_dict`` does."""
+        loaded = self._loaded if self._loaded is not None and self._loaded.checkpoint_id == id(checkpoint) else None
+        if loaded is not None and loaded.skip_optim:
+            return
         saved_states = checkpoint.get("optimizer_states", [])
         optimizers = list(strategy.optimizers)
-        if len(saved_states) != len(optimizers):
+        if not saved_states or (loaded is not None and loaded.full):
+            saved_states = list(saved_states or [])  # as stock Lightning: zip, an empty list loads nothing
+            optimizers = optimizers[: len(saved_states)]
+        elif len(saved_states) != len(optimizers):
             raise StateMismatchError(f"the checkpoint holds {len(saved_states)} optimizer states, the model configures "
                                      f"{len(optimizers)} optimizers")  # fmt: skip
         start = time.perf_counter()
@@ -334,7 +473,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             missing = [p.key for st in saved.get("state", {}).values() for p in st.values() if isinstance(p, Pending)]
             if missing:
                 raise RuntimeError(f"optimizer state {missing[0]!r} was not read when the checkpoint was loaded")
-            set_optimizer_state(strategy, opt, saved)
+            set_optimizer_state(strategy, opt, saved, full=loaded is not None and loaded.full,
+                                where=self.stats.loaded_from or "checkpoint")
         self.stats.load_s["apply_optimizers"] = time.perf_counter() - start
 
     def remove_routed(self, strategy: Strategy, path: str) -> None:
@@ -447,12 +587,178 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         # process groups, threads and buffers belong to one process (ddp_spawn pickles the trainer)
         s = self.__dict__.copy()
         s.update(_pg=None, _bulk_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _plan_cache=PlanCache(), _after_commit=[],
-                 _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]])
+                 _lock=None, _in_flight=False, _failed=False, resolver=_only, _loaded=None, _next_exclude={})
         return s
 
     def __setstate__(self, s: dict[str, Any]) -> None:
         self.__dict__.update(s)
         self._lock = threading.Lock()
+
+
+STEP_PREFIX = "step:"
+
+
+def _only(url: str) -> list[list[str]]:
+    """The default resolver: a load of ``url`` uses ``url`` alone."""
+    if url.startswith(STEP_PREFIX):
+        raise CheckpointNotFoundError(
+            f"ckpt_path={url!r} names a checkpoint by step, which needs a DistCheckpoint callback (it knows the "
+            f"checkpoint folder); pass the checkpoint's path instead"
+        )
+    return [[url]]
+
+
+@dataclass
+class _Loaded:
+    """What a routed load left for ``load_model_routed`` / ``load_optimizers_routed`` (same checkpoint dict)."""
+
+    checkpoint_id: int
+    full: bool  # tensors are whole (a stock file), not shaped like the live (possibly sharded) state
+    skip_model: bool = False
+    skip_optim: bool = False
+
+
+_UNREAD = object()
+
+
+class LazyModelState(dict):  # type: ignore[type-arg]
+    """``checkpoint["state_dict"]`` of a routed load whose LightningModule overrides ``on_load_checkpoint``.
+
+    It behaves as the dict of the checkpoint's weights (a ``dict``; keys, ``in`` and ``len`` are free). The
+    first time a hook reads a value, every value is read from storage (this process alone) into new tensors
+    shaped like the model's. Entries the hook assigns or deletes are taken as it left them. Entries it never
+    read, assigned or deleted are read straight into the model's tensors (collectively) when Lightning applies
+    the state, after the hook: no copy of the weights is made unless a hook looks at them. Pickles and copies
+    as a plain dict of its values.
+    """
+
+    def __init__(self, keys: list[str], read: Callable[[list[str]], dict[str, Any]],
+                 read_in_place: Callable[[list[str]], dict[str, Any]]) -> None:
+        super().__init__((k, _UNREAD) for k in keys)
+        self._read = read
+        self._read_in_place = read_in_place
+
+    def _unread(self) -> list[str]:
+        return [k for k, v in dict.items(self) if v is _UNREAD]
+
+    def _fill(self) -> None:
+        keys = self._unread()
+        if keys:
+            for k, v in self._read(keys).items():
+                dict.__setitem__(self, k, v)
+
+    def resolve(self) -> dict[str, Any]:
+        """The state to apply, as a plain dict: unread entries are read into the model's tensors now."""
+        live = self._read_in_place(self._unread())
+        return {k: live[k] if v is _UNREAD else v for k, v in dict.items(self)}
+
+    def __getitem__(self, key: str) -> Any:
+        self._fill()
+        return dict.__getitem__(self, key)
+
+    def __iter__(self) -> Any:  # defined so that dict(x) and {**x} go through __getitem__
+        return dict.__iter__(self)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._fill()
+        return dict.get(self, key, default)
+
+    def values(self) -> Any:
+        self._fill()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._fill()
+        return dict.items(self)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._fill()
+        return dict.pop(self, key, *default)
+
+    def popitem(self) -> Any:
+        self._fill()
+        return dict.popitem(self)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._fill()
+        return dict.setdefault(self, key, default)
+
+    def copy(self) -> dict[str, Any]:
+        self._fill()
+        return dict(dict.items(self))
+
+    def __or__(self, other: Any) -> Any:
+        return self.copy() | other
+
+    def __ror__(self, other: Any) -> Any:
+        return other | self.copy()
+
+    def __eq__(self, other: object) -> bool:
+        self._fill()
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        self._fill()
+        return dict.__repr__(self)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (dict, (self.copy(),))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        import copy
+
+        return copy.deepcopy(self.copy(), memo)
+
+
+def _hooks_load(module: Any) -> bool:
+    """Whether the LightningModule overrides ``on_load_checkpoint`` (it may change ``checkpoint["state_dict"]``)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return module is not None and is_overridden("on_load_checkpoint", module)
+
+
+def _saved_param_names(saved_optims: Any, i: int, strategy: Strategy, optimizer: Any, url: str) -> dict[str, Any]:
+    """For optimizer ``i`` saved by parameter index (imported from a stock file): live FQN -> saved index."""
+    if not isinstance(saved_optims, list) or i >= len(saved_optims) or not stock.is_index_keyed(saved_optims[i]):
+        return {}
+    order = [p for g in saved_optims[i].get("param_groups", []) for p in g.get("params", [])]
+    fqns = stock.index_fqns(strategy, optimizer)
+    if len(order) != len(fqns):
+        raise StateMismatchError(f"{url}: optimizer {i} holds {len(order)} parameters, the live one {len(fqns)}")
+    return dict(zip(fqns, order))
+
+
+def _running(strategy: Strategy) -> bool:
+    """Whether a ``fit``/``validate``/``test``/``predict`` of the strategy's Trainer is running."""
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    module = strategy.lightning_module
+    trainer = getattr(module, "_trainer", None) if module is not None else None
+    return trainer is not None and trainer.state.status == TrainerStatus.RUNNING
+
+
+def _refuse_storage_options(io: Any, storage_options: Any) -> None:
+    if storage_options is not None:
+        raise TypeError(
+            f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported for "
+            f"`{type(io).__name__}`: storage settings belong to the plugin, "
+            f"`DistCheckpointIO(storage_options=..., hdfs=...)`."
+        )
+
+
+_EXCLUDE_ALIASES = {"optimizers": "optimizer", "optimizer_states": "optimizer", "state_dict": "model",
+                    "lr_scheduler": "lr_schedulers", "schedulers": "lr_schedulers"}  # fmt: skip
+
+
+def _check_exclude(parts: list[str] | None) -> list[str]:
+    out = []
+    for part in parts or []:
+        if not isinstance(part, str) or not part:
+            raise ValueError(f"exclude_from_loading: expected names of checkpoint parts, got {part!r}")
+        out.append(_EXCLUDE_ALIASES.get(part, part))
+    return out
 
 
 def _warn_repairs(repairs: list[dict[str, Any]]) -> None:

@@ -7,8 +7,8 @@ checkpoint methods call the plugin on every rank:
 * ``save_checkpoint`` / ``load_checkpoint`` / ``remove_checkpoint`` -> the plugin (collective);
 * ``lightning_module_state_dict`` / ``optimizer_state`` -> portable, FQN-keyed state
   (``torch.distributed.checkpoint.state_dict``), sharded tensors stay sharded;
-* ``load_model_state_dict`` / ``load_optimizer_state_dict`` -> ``set_*_state_dict``; optimizer tensors
-  are read from storage only here, when the optimizers exist.
+* ``load_model_state_dict`` / ``load_optimizer_state_dict`` -> the plugin applies the state after
+  Lightning's hooks ran (``LightningModule.load_state_dict`` unsharded, ``set_*_state_dict`` sharded).
 
 Routing happens when a ``DistCheckpointIO`` is assigned to a strategy (``Trainer(plugins=[...])``), and
 again (idempotently) in ``DistCheckpoint.setup``. A strategy that cannot be routed fails right there.
@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from lightning_distckpt.integration.adapters import _model, model_state_dict, optimizer_state_dict
+from lightning_distckpt.integration.adapters import model_state_dict, optimizer_state_dict
 
 #: Strategies whose checkpoint methods we know how to replace; subclasses are routed too, unless they
 #: override a checkpoint method themselves (then we cannot know what they need and refuse).
@@ -42,7 +41,10 @@ class RoutedIO:
     def save_routed(self, strategy: Strategy, checkpoint: dict[str, Any], path: str, storage_options: Any = None) -> None:
         raise NotImplementedError
 
-    def load_routed(self, strategy: Strategy, path: str) -> dict[str, Any]:
+    def load_routed(self, strategy: Strategy, path: str, weights_only: bool | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_model_routed(self, strategy: Strategy, checkpoint: dict[str, Any], strict: bool = True) -> None:
         raise NotImplementedError
 
     def load_optimizers_routed(self, strategy: Strategy, checkpoint: dict[str, Any]) -> None:
@@ -69,7 +71,7 @@ class _RoutedStrategy:
         self._distckpt_io.save_routed(self, checkpoint, _as_url(filepath), storage_options)  # type: ignore[arg-type]
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        return self._distckpt_io.load_routed(self, _as_url(checkpoint_path))  # type: ignore[arg-type]
+        return self._distckpt_io.load_routed(self, _as_url(checkpoint_path), weights_only)  # type: ignore[arg-type]
 
     def remove_checkpoint(self, filepath: Any) -> None:
         self._distckpt_io.remove_routed(self, _as_url(filepath))  # type: ignore[arg-type]
@@ -78,10 +80,10 @@ class _RoutedStrategy:
         return model_state_dict(self)  # type: ignore[arg-type]
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return optimizer_state_dict(self, optimizer)  # type: ignore[arg-type]
+        return optimizer_state_dict(self, optimizer, init=False)  # type: ignore[arg-type]
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        set_model_state_dict(_model(self), checkpoint["state_dict"], options=StateDictOptions(strict=strict))  # type: ignore[arg-type]
+        self._distckpt_io.load_model_routed(self, checkpoint, strict)  # type: ignore[arg-type]
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         self._distckpt_io.load_optimizers_routed(self, checkpoint)  # type: ignore[arg-type]
@@ -98,8 +100,13 @@ class _RoutedStrategy:
             type(self).__mro__[1].teardown(self)  # type: ignore[attr-defined]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # routed classes are created at run time; pickle the base class and route again on load (ddp_spawn)
-        return _unpickle_routed, (type(self).__mro__[1], self.__dict__)
+        # Routed classes are created at run time: pickle as the base class and route again on load (ddp_spawn).
+        # The state goes through the base class's __getstate__/__setstate__ (Strategy drops its
+        # LightningOptimizers), and as the third item, so that copy.deepcopy memoizes the new object before
+        # copying the state that refers back to it.
+        base = type(self).__mro__[1]
+        getstate = getattr(base, "__getstate__", None)
+        return _new_routed, (base,), getstate(self) if getstate is not None else self.__dict__.copy()
 
 
 def _as_url(path: Any) -> str:
@@ -149,9 +156,9 @@ def routed_class(cls: type) -> type:
     return _ROUTED[cls]
 
 
-def _unpickle_routed(base: type, state: dict[str, Any]) -> Strategy:
+def _new_routed(base: type) -> Strategy:
+    """An empty instance of the routed class of ``base``; pickle then calls its ``__setstate__``."""
     obj = base.__new__(base)
-    obj.__dict__.update(state)
     obj.__class__ = routed_class(base)
     return obj
 

@@ -10,7 +10,8 @@ A checkpoint is a directory::
         COMMITTED             the commit marker, written last; it names the manifest's digest
 
 Nothing in a checkpoint is a pickle that loading executes: JSON is parsed, tensor bytes are copied.
-This layer does no I/O and imports nothing of the package but `lightning_distckpt.errors`.
+This layer does no I/O, imports nothing of the package but `lightning_distckpt.errors`, and does not import
+torch (the skeleton imports it when it converts tensors; `DTYPES` and `parse_dtype` when used).
 """
 
 from lightning_distckpt.ondisk.digests import BlockDigests, blocks_digest, digest
@@ -28,9 +29,15 @@ from lightning_distckpt.ondisk.documents import (
     marker_bytes,
 )
 from lightning_distckpt.ondisk.metadata import (
-    DTYPES,
+    FLOATING,
+    ITEMSIZE,
     Block,
+    CheckpointMetadata,
+    Chunk,
+    ChunkIndex,
     Location,
+    TensorEntry,
+    check_dtype,
     dtype_name,
     metadata_from_json,
     metadata_to_json,
@@ -44,9 +51,12 @@ from lightning_distckpt.ondisk.names import (
     METADATA,
     STAGING_INFIX,
     STATE,
+    PENDING,
     TRASH_INFIX,
+    check_checkpoint_name,
     check_name,
     data_file_name,
+    is_checkpoint_name,
     is_safe_name,
     staged_name,
     staging_name,
@@ -56,9 +66,18 @@ from lightning_distckpt.ondisk.names import (
 )
 
 __all__ = [
+    "CheckpointMetadata", "Chunk", "ChunkIndex", "FLOATING", "ITEMSIZE", "TensorEntry", "check_dtype",
     "DOCUMENT_LIMITS", "DTYPES", "FORMAT_NAME", "FORMAT_VERSION", "HEARTBEAT", "MANIFEST", "MARKER", "MAX_DEPTH",
-    "METADATA", "STAGING_INFIX", "STATE", "TRASH_INFIX", "Block", "BlockDigests", "Location", "Manifest",
-    "blocks_digest", "check_depth", "check_int", "check_marker", "check_name", "check_version", "data_file_name",
-    "digest", "dtype_name", "dumps", "is_safe_name", "loads", "marker_bytes", "metadata_from_json", "metadata_to_json",
+    "METADATA", "PENDING", "STAGING_INFIX", "STATE", "TRASH_INFIX", "Block", "BlockDigests", "Location", "Manifest",
+    "blocks_digest", "check_checkpoint_name", "check_depth", "check_int", "check_marker", "check_name", "check_version", "data_file_name",
+    "digest", "dtype_name", "dumps", "is_checkpoint_name", "is_safe_name", "loads", "marker_bytes", "metadata_from_json", "metadata_to_json",
     "parse_dtype", "staged_name", "staging_name", "token_of", "trash_name", "trashed_name",
 ]  # fmt: skip
+
+
+def __getattr__(name: str) -> object:  # DTYPES maps names to torch dtypes: torch is imported on first use only
+    if name == "DTYPES":
+        from lightning_distckpt.ondisk import metadata
+
+        return metadata.DTYPES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

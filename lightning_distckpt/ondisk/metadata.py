@@ -7,40 +7,50 @@ before anything is allocated from it (shapes, offsets, byte counts, file names).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from lightning_distckpt.errors import CorruptCheckpointError
 from lightning_distckpt.ondisk.documents import _MAX_SIZE, FORMAT_NAME, FORMAT_VERSION, _short, check_int, check_version
 from lightning_distckpt.ondisk.names import check_name
 
-DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-        torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64,
-    )
+#: every dtype a checkpoint may hold, by the name ``metadata.json`` records, with its bytes per element
+ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex64": 8, "complex128": 16,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "uint16": 2, "uint32": 4, "uint64": 8,
 }  # fmt: skip
+#: the floating-point dtypes among them
+FLOATING = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: Any) -> str:
+    """The name a checkpoint records for ``dtype`` (a ``torch.dtype`` or a name): ``torch.float32`` -> ``float32``."""
     return str(dtype).removeprefix("torch.")
 
 
-def parse_dtype(name: Any, where: str) -> torch.dtype:
-    if not isinstance(name, str) or name not in DTYPES:
+def check_dtype(name: Any, where: str) -> str:
+    """``name`` if it is a dtype a checkpoint may hold, else a `CorruptCheckpointError` naming ``where``."""
+    if not isinstance(name, str) or name not in ITEMSIZE:
         raise CorruptCheckpointError(f"{where}: unknown dtype {name!r}")
-    return DTYPES[name]
+    return name
+
+
+def parse_dtype(name: Any, where: str) -> Any:
+    """The ``torch.dtype`` named ``name`` (checked as `check_dtype` does). Imports torch: for the engine and the
+    skeleton; reading documents (catalog, the distckpt command) uses the names."""
+    import torch
+
+    return getattr(torch, check_dtype(name, where))
+
+
+def __getattr__(name: str) -> Any:  # DTYPES (name -> torch.dtype), built on first use so that torch loads lazily
+    if name == "DTYPES":
+        import torch
+
+        return {n: getattr(torch, n) for n in ITEMSIZE}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: the most raw bytes one stored block may decode to (the writer uses 8 MiB blocks)
@@ -108,51 +118,113 @@ class Location:
         return Location(file, offset, tuple(blocks), codec)
 
 
-# ---- DCP metadata <-> JSON ---------------------------------------------------------------------
-def metadata_to_json(md: Metadata, encodings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Serialize DCP metadata whose storage_data maps every chunk to a `Location`.
+# ---- metadata.json, parsed: plain Python (no torch) ------------------------------------------------
+class ChunkIndex(NamedTuple):
+    """Names one stored chunk: the tensor's key and the chunk's offsets (what DCP's ``MetadataIndex`` holds)."""
 
-    ``encodings`` describes tensors stored through a tensor codec (see ``compression``).
+    fqn: str
+    offset: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored chunk of a tensor: where it sits in the tensor, and where its bytes lie."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    location: Location
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A stored tensor (an encoded tensor's parts are stored tensors of their own, ``<key>::<part>``)."""
+
+    dtype: str  #: dtype name, a key of `ITEMSIZE`
+    size: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.size)
+
+
+@dataclass(eq=False)
+class CheckpointMetadata:
+    """``metadata.json`` parsed and validated, in plain Python: what the catalog, ``verify``, copies and the
+    ``distckpt`` command read. The engine converts it to DCP's ``Metadata`` for a load
+    (``lightning_distckpt.engine.dcp_metadata``), once per object.
+
+    ``encodings`` maps a tensor key to how a tensor codec stored it (codec, version, dtype, size, block).
     """
-    tensors: dict[str, Any] = {}
-    for fqn, tmd in md.state_dict_metadata.items():
-        if not isinstance(tmd, TensorStorageMetadata):
-            raise TypeError(f"state key {fqn!r} is not a tensor; non-tensor state belongs in state.json")
-        chunks = []
-        for c in tmd.chunks:
-            loc: Location = md.storage_data[MetadataIndex(fqn, c.offsets)]
-            chunks.append({"offsets": list(c.offsets), "sizes": list(c.sizes), **loc.to_json()})
-        tensors[fqn] = {"dtype": dtype_name(tmd.properties.dtype), "size": list(tmd.size), "chunks": chunks}
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": tensors, "encodings": encodings or {}}
+
+    tensors: dict[str, TensorEntry]
+    encodings: dict[str, Any] = field(default_factory=dict)
+    _dcp: Any = field(default=None, repr=False)  # the engine's DCP form, cached
+
+    def __getstate__(self) -> dict[str, Any]:  # broadcast to other ranks without the cached DCP form
+        return {**self.__dict__, "_dcp": None}
+
+    def chunks(self) -> Iterator[tuple[str, Chunk]]:
+        """Every stored chunk with its tensor's key, tensor by tensor."""
+        for fqn, t in self.tensors.items():
+            for c in t.chunks:
+                yield fqn, c
+
+    @property
+    def storage_data(self) -> dict[ChunkIndex, Location]:
+        """Every chunk's location by (key, offsets): the shape of DCP's ``Metadata.storage_data``."""
+        return {ChunkIndex(fqn, c.offsets): c.location for fqn, c in self.chunks()}
+
+    @property
+    def planner_data(self) -> dict[str, Any]:
+        """``{"encodings": ...}``: the shape of the ``Metadata.planner_data`` this package writes."""
+        return {"encodings": self.encodings}
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``metadata.json`` document."""
+        tensors = {fqn: {"dtype": t.dtype, "size": list(t.size),
+                         "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes), **c.location.to_json()}
+                                    for c in t.chunks]}
+                   for fqn, t in self.tensors.items()}  # fmt: skip
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": tensors, "encodings": self.encodings}
 
 
-def metadata_from_json(obj: Any, where: str) -> Metadata:
+def metadata_to_json(md: CheckpointMetadata) -> dict[str, Any]:
+    """The ``metadata.json`` document of ``md`` (the engine builds ``md`` from DCP's metadata at save)."""
+    return md.to_json()
+
+
+def metadata_from_json(obj: Any, where: str) -> CheckpointMetadata:
     """Parse and validate ``metadata.json``: shapes, offsets within bounds, byte counts consistent, and the
     chunks of every tensor covering each of its elements exactly once (no gap, no overlap), so that nothing
     is ever left uninitialised on load. Every problem is a `CorruptCheckpointError` naming ``where``
-    and the tensor.
+    and the tensor. Plain Python: no torch.
 
-    Tensor encodings end up in ``metadata.planner_data["encodings"]``. Whether the codecs it names are known
-    is checked by the reader of the checkpoint (`lightning_distckpt.transforms.check_codecs()`), which
-    knows the codec registry; this layer only knows the document.
+    Whether the codecs the document names are known is checked by the reader of the checkpoint
+    (`lightning_distckpt.transforms.check_codecs()`), which knows the codec registry; this layer only knows the
+    document.
     """
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME or not isinstance(obj.get("tensors"), dict):
         raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} metadata document")
     check_version(obj.get("version"), where)
-    sd_md: dict[str, Any] = {}
-    storage: dict[MetadataIndex, Location] = {}
+    tensors: dict[str, TensorEntry] = {}
     for fqn, t in obj["tensors"].items():
         here = f"{where}: tensor {fqn!r}"
         if not isinstance(t, dict):
             raise CorruptCheckpointError(f"{here}: malformed entry {_short(t)}")
-        dtype = parse_dtype(t.get("dtype"), here)
+        dtype = check_dtype(t.get("dtype"), here)
         size = _dims(t.get("size"), here, "size")
         numel = math.prod(size)
-        if numel * dtype.itemsize >= _MAX_SIZE:
+        if numel * ITEMSIZE[dtype] >= _MAX_SIZE:
             raise CorruptCheckpointError(f"{here}: size {list(size)} is too large")
         if not isinstance(t.get("chunks"), list):
             raise CorruptCheckpointError(f"{here}: chunks must be a list")
-        chunks = []
+        chunks: list[Chunk] = []
+        seen: set[tuple[int, ...]] = set()
         for c in t["chunks"]:
             if not isinstance(c, dict):
                 raise CorruptCheckpointError(f"{here}: malformed chunk {_short(c)}")
@@ -162,20 +234,19 @@ def metadata_from_json(obj: Any, where: str) -> Metadata:
             if any(o + n > s for o, n, s in zip(offsets, sizes, size)):
                 raise CorruptCheckpointError(f"{here}: chunk {list(offsets)}+{list(sizes)} outside {list(size)}")
             loc = Location.from_json(c, here)
-            nbytes = math.prod(sizes) * dtype.itemsize
+            nbytes = math.prod(sizes) * ITEMSIZE[dtype]
             if loc.raw != nbytes:
                 raise CorruptCheckpointError(f"{here}: chunk holds {loc.raw} bytes, its shape needs {nbytes}")
-            index = MetadataIndex(fqn, torch.Size(offsets))
-            if index in storage:
+            if offsets in seen:
                 raise CorruptCheckpointError(f"{here}: two chunks at offsets {list(offsets)}")
-            chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
-            storage[index] = loc
+            seen.add(offsets)
+            chunks.append(Chunk(offsets, sizes, loc))
         _check_coverage(chunks, size, here)
-        sd_md[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(size), chunks)
+        tensors[fqn] = TensorEntry(dtype, size, tuple(chunks))
     encodings = obj.get("encodings", {})
     if not isinstance(encodings, dict):
         raise CorruptCheckpointError(f"{where}: malformed encodings")
-    return Metadata(state_dict_metadata=sd_md, storage_data=storage, planner_data={"encodings": encodings})
+    return CheckpointMetadata(tensors, encodings)
 
 
 def _dims(value: Any, where: str, key: str) -> tuple[int, ...]:
@@ -184,7 +255,7 @@ def _dims(value: Any, where: str, key: str) -> tuple[int, ...]:
     return tuple(check_int(v, where, key, 0, 1 << 48) for v in value)
 
 
-def _check_coverage(chunks: list[ChunkStorageMetadata], size: tuple[int, ...], where: str) -> None:
+def _check_coverage(chunks: list[Chunk], size: tuple[int, ...], where: str) -> None:
     """Every element of a tensor of ``size`` lies in exactly one chunk: the chunks' volumes add up to the
     tensor's and no two non-empty chunks overlap (a sweep along dim 0, so row chunks cost n log n)."""
     boxes = sorted((tuple(c.offsets), tuple(c.sizes)) for c in chunks if math.prod(c.sizes) > 0)

@@ -54,7 +54,7 @@ def _parse(dirname: Any, infix: str) -> tuple[str, str] | None:
     if not isinstance(dirname, str) or not dirname.startswith(".") or infix not in dirname[1:]:
         return None
     name, token = dirname[1:].rsplit(infix, 1)
-    if not is_safe_name(name) or not _TOKEN.match(token):
+    if not is_checkpoint_name(name) or not _TOKEN.match(token):
         return None
     return name, token
 
@@ -62,8 +62,9 @@ def _parse(dirname: Any, infix: str) -> tuple[str, str] | None:
 def trashed_name(dirname: str) -> str | None:
     """The checkpoint name a trash directory (an overwrite in progress or crashed) belongs to, else None.
 
-    None unless ``dirname`` is exactly ``.<name>.trash-<token>`` with a safe ``name`` (never ``.``, ``..`` or
-    empty, whatever dots the directory name holds) and an alphanumeric ``token``.
+    None unless ``dirname`` is exactly ``.<name>.trash-<token>`` with a valid checkpoint ``name`` (never ``.``,
+    ``..`` or empty, whatever dots the directory name holds; `check_checkpoint_name()`) and an alphanumeric
+    ``token``.
     """
     parsed = _parse(dirname, TRASH_INFIX)
     return parsed[0] if parsed else None
@@ -84,3 +85,50 @@ def token_of(dirname: str) -> str | None:
 
 def data_file_name(rank: int, k: int) -> str:
     return f"__{rank}_{k}.distcp"
+
+
+#: staging and clean-up names add up to 24 bytes (``.<name>.staging-rm<12 hex>``) to a checkpoint's name
+MAX_CHECKPOINT_NAME = 255 - 24
+
+
+def _checkpoint_name_problem(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if name in (".", ".."):
+        return "is not a name"
+    if "/" in name or "\\" in name:
+        return "must be one path component (no '/' or '\\')"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_CHECKPOINT_NAME:
+        return f"is longer than {MAX_CHECKPOINT_NAME} bytes (its staging directory's name must fit in 255)"
+    if STAGING_INFIX in name or TRASH_INFIX in name:
+        return f"contains {STAGING_INFIX!r} or {TRASH_INFIX!r}, reserved for saves in progress"
+    return ""
+
+
+def is_checkpoint_name(name: Any) -> bool:
+    """True for a name a checkpoint directory may have under its root (see `check_checkpoint_name()`)."""
+    return not _checkpoint_name_problem(name)
+
+
+def check_checkpoint_name(name: Any, where: str) -> str:
+    """A checkpoint directory's name under its root: whatever Lightning's ``ModelCheckpoint`` accepts as a file
+    name (spaces, ``@``, ``,``, ``~``, a leading ``.`` as in the Tuner's ``.lr_find_<uuid>.ckpt``), as long as it
+    is one path component that cannot be mistaken for a staging or trash directory of this package.
+
+    Refused: not a str, empty, ``.``, ``..``, a ``/``, a ``\\``, a NUL or other control character, more than 231
+    bytes, or a name containing ``.staging-`` / ``.trash-`` (clean-up could not tell it apart from a crashed save).
+    A name starting with ``.`` is valid but not listed (``ckpt_path="last"``, retention and clean-up skip it).
+    File names *inside* a checkpoint follow the stricter `check_name()`.
+    """
+    problem = _checkpoint_name_problem(name)
+    if problem:
+        raise UnsafeCheckpointError(f"{where}: refusing checkpoint name {name!r}: it {problem}")
+    return name
+
+
+#: The only file in a directory that stands for an asynchronous save still in flight under that name: the
+#: name counts as taken (Lightning's version counter sees it), the directory is never a committed checkpoint,
+#: and the commit replaces it.
+PENDING = "PENDING"

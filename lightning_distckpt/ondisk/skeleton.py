@@ -21,13 +21,13 @@ import collections
 import datetime
 import io
 import math
+import os
 import pathlib
 import pickle
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, UnsafeCheckpointError
 from lightning_distckpt.ondisk.metadata import dtype_name, parse_dtype
@@ -53,6 +53,8 @@ def split(checkpoint: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
     Tensors may be plain, ``DTensor`` or ``ShardedTensor``; they are not copied.
     """
+    import torch  # lazily: reading the skeleton (tensor_refs, the distckpt command) needs no torch
+
     tensors: dict[str, Any] = {}
 
     def key_for(path: tuple[Any, ...]) -> str:
@@ -75,14 +77,17 @@ def split(checkpoint: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return skeleton, tensors
 
 
-def join(skeleton: Any, tensor: Callable[[str], Any], safe_globals: Iterable[str] = (), where: str = "state.json") -> Any:
+def join(skeleton: Any, tensor: Callable[[str], Any], safe_globals: Iterable[str] = (), where: str = "state.json", *,
+         trusted: bool = False) -> Any:
     """Rebuild the checkpoint dict; ``tensor(key)`` supplies the value of every tensor reference.
 
     A malformed tag (a ``__float__`` that is no float, a ``__dict__`` that is no list of pairs, an unknown
     device, base64 that does not decode ...) is a `CorruptCheckpointError` naming ``where`` and the
     path inside the skeleton. Nesting depth is bounded by the caller (``ondisk.loads(max_depth=...)``).
+    Pickled objects are unpickled through the allowlist plus ``safe_globals`` (``module.Name`` strings), or
+    without restriction when ``trusted`` (the caller passed ``weights_only=False``, as to ``torch.load``).
     """
-    allowed = _ALLOWED_GLOBALS | set(safe_globals)
+    allowed = None if trusted else _ALLOWED_GLOBALS | set(safe_globals)
 
     def dec(obj: Any, path: str) -> Any:
         if isinstance(obj, list):
@@ -101,6 +106,7 @@ def join(skeleton: Any, tensor: Callable[[str], Any], safe_globals: Iterable[str
         return {k: dec(v, f"{path}/{k}") for k, v in obj.items()}
 
     def tagged(tag: str, val: Any, path: str) -> Any:
+        import torch
         if tag == "__tensor__":
             if not isinstance(val, str):
                 raise TypeError(f"a tensor reference must be a string, found {type(val).__name__}")
@@ -169,6 +175,7 @@ def tensor_refs(skeleton: Any) -> list[str]:
 
 # ---- encoding -----------------------------------------------------------------------------------
 def _encode(obj: Any, child: Callable[[Any, Any], Any]) -> Any:
+    import torch
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int) and type(obj) in (int, bool):
@@ -198,6 +205,30 @@ def _encode(obj: Any, child: Callable[[Any, Any], Any]) -> Any:
 
 
 # ---- allowlist unpickling -----------------------------------------------------------------------
+def weights_only_trusted(weights_only: bool | None) -> bool:
+    """Whether pickled objects may be unpickled without an allowlist, by ``torch.load``'s rule: only with
+    ``weights_only=False``, or ``None`` and ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` set; never with
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` set."""
+    truthy = ("1", "y", "yes", "true")
+    if os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in truthy:
+        return False
+    if weights_only is not None:
+        return not weights_only
+    return os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in truthy
+
+
+def torch_safe_globals(extra: list[str] | None = None) -> list[str]:
+    """``extra`` plus every type registered with ``torch.serialization.add_safe_globals`` (or inside a
+    ``torch.serialization.safe_globals`` block), as ``module.Name`` strings."""
+    import torch
+
+    out = list(extra or [])
+    for entry in torch.serialization.get_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, None)
+        out.append(name or f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}")
+    return out
+
+
 def _qualname(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
@@ -214,23 +245,25 @@ _ALLOWED_GLOBALS: frozenset[str] = frozenset(
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only allowlisted globals; anything else is refused before it runs."""
+    """An unpickler that resolves only allowlisted globals (all of them when ``allowed`` is None); anything
+    else is refused before it runs."""
 
-    def __init__(self, data: bytes, allowed: set[str] | frozenset[str], where: str) -> None:
+    def __init__(self, data: bytes, allowed: set[str] | frozenset[str] | None, where: str) -> None:
         super().__init__(io.BytesIO(data))
         self._allowed = allowed
         self._where = where
 
     def find_class(self, module: str, name: str) -> Any:
-        if f"{module}.{name}" not in self._allowed:
+        if self._allowed is not None and f"{module}.{name}" not in self._allowed:
             raise UnsafeCheckpointError(
                 f"{self._where}: refusing to load {module}.{name} from a checkpoint (not an allowlisted type); "
-                f"if you trust this checkpoint, pass safe_globals=[{f'{module}.{name}'!r}] to DistCheckpointIO"
+                f"if you trust this checkpoint, load it with weights_only=False or pass "
+                f"safe_globals=[{f'{module}.{name}'!r}] to DistCheckpointIO"
             )
         return super().find_class(module, name)
 
     @classmethod
-    def loads(cls, data: bytes, allowed: set[str] | frozenset[str], where: str) -> Any:
+    def loads(cls, data: bytes, allowed: set[str] | frozenset[str] | None, where: str) -> Any:
         try:
             return cls(data, allowed, where).load()
         except UnsafeCheckpointError:

@@ -17,6 +17,7 @@ import torch
 from lightning_distckpt.catalog import open_checkpoint, source_of
 from lightning_distckpt.engine.loading import read_checkpoint, read_model_weights
 from lightning_distckpt.ondisk import skeleton as state
+from lightning_distckpt.ondisk.skeleton import torch_safe_globals, weights_only_trusted
 from lightning_distckpt.transforms.prune import prune as prune_tensor
 from lightning_distckpt.transforms.prune import quantize_int8
 from lightning_distckpt.storage import StorageLike
@@ -62,17 +63,18 @@ def export_size(url: str, storage_options: StorageLike = None, weights_only: boo
     from lightning_distckpt.transforms import PART
 
     ckpt = open_checkpoint(source_of(url, storage_options), check_sizes=False)
-    total = 0
-    for index, loc in ckpt.metadata.storage_data.items():
-        if not weights_only or index.fqn.split(PART)[0].startswith(state.MODEL):
-            total += loc.stored
-    return total
+    return sum(c.location.stored for fqn, c in ckpt.metadata.chunks()
+               if not weights_only or fqn.split(PART)[0].startswith(state.MODEL))  # fmt: skip
 
 
 def load_checkpoint(url: str, storage_options: StorageLike = None,
-                    safe_globals: list[str] | None = None) -> dict[str, Any]:
-    """The checkpoint at ``url`` as a plain dict of CPU tensors (optimizer state keyed by parameter FQN)."""
-    return read_checkpoint(url, storage_options, safe_globals)
+                    safe_globals: list[str] | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    """The checkpoint at ``url`` as a plain dict of CPU tensors (optimizer state keyed by parameter FQN).
+
+    Objects that JSON cannot hold are unpickled through an allowlist (plus ``safe_globals`` and types
+    registered with ``torch.serialization.add_safe_globals``), or without one when ``weights_only=False``,
+    following ``torch.load``'s rule."""
+    return read_checkpoint(url, storage_options, torch_safe_globals(safe_globals), trusted=weights_only_trusted(weights_only))
 
 
 def to_lightning_format(checkpoint: dict[str, Any]) -> dict[str, Any]:

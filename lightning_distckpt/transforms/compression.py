@@ -30,18 +30,18 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lightning_distckpt.errors import CorruptCheckpointError
-from lightning_distckpt.ondisk.metadata import dtype_name, parse_dtype
+from lightning_distckpt.ondisk.metadata import dtype_name
 from lightning_distckpt.parallel.pieces import Piece, pieces
 from lightning_distckpt.transforms.block import BlockCodec
 from lightning_distckpt.transforms.lossless import ShuffleZstd
-from lightning_distckpt.transforms.registry import block_codec, tensor_codec, tensor_codec_names
+from lightning_distckpt.transforms.checks import check_codecs
+from lightning_distckpt.transforms.registry import block_codec, tensor_codec
+from lightning_distckpt.transforms.specs import BF16, PART
 from lightning_distckpt.transforms.tensor_codecs import BUILTIN
 
 __all__ = ["CompressionConfig", "PRESETS", "resolve", "check_codecs"]
 
 PRESETS = ("lossless", "bf16", "int8")
-PART = "::"  # a part of an encoded tensor is stored under "<key>::<part>"
-BF16 = "bf16"
 _FLOAT = (torch.float32, torch.float64)
 _MOMENTS_SIGNED = ("exp_avg", "momentum_buffer")
 _MOMENTS_SQUARED = ("exp_avg_sq", "max_exp_avg_sq")
@@ -184,49 +184,6 @@ def encode(tensors: dict[str, Any], config: CompressionConfig,
 
 
 # ---- decode (load) -----------------------------------------------------------------------------
-def check_encodings(encodings: Any, where: str, metadata: Any = None) -> dict[str, Any]:
-    """Validate the encodings section of metadata.json; an unknown codec or version is a clear error.
-
-    With ``metadata``, every encoded tensor's stored parts must exist with exactly the shapes and dtypes its
-    codec produces (a bf16 tensor: its own key, stored as bfloat16), so no part is ever read as another dtype.
-    """
-    if not isinstance(encodings, dict):
-        raise CorruptCheckpointError(f"{where}: malformed encodings")
-    for key, e in encodings.items():
-        here = f"{where}: encodings[{key!r}]"
-        if not isinstance(e, dict):
-            raise CorruptCheckpointError(f"{here}: must be an object")
-        codec, version = e.get("codec"), e.get("version")
-        c = tensor_codec(codec) if isinstance(codec, str) and codec != BF16 else None
-        known = 1 if codec == BF16 else c.version if c is not None else None
-        if known is None or version != known or type(version) is not int:
-            raise CorruptCheckpointError(
-                f"{where}: tensor {key!r} uses codec {codec!r} version {version!r}, which this lightning-distckpt "
-                f"cannot decode (it knows {sorted([BF16, *tensor_codec_names()])}); upgrade lightning-distckpt"
-            )
-        dtype = parse_dtype(e.get("dtype"), here)
-        size = e.get("size")
-        if not isinstance(size, list) or not all(type(n) is int and 0 <= n < 1 << 48 for n in size) or len(size) > 64:
-            raise CorruptCheckpointError(f"{here}: size must be a list of non-negative integers")
-        if codec != BF16 and (type(e.get("block")) is not int or not 1 <= e["block"] <= 1 << 24):
-            raise CorruptCheckpointError(f"{here}: block must be a positive integer")
-        if codec != BF16 and (len(size) < 2 or not dtype.is_floating_point):
-            raise CorruptCheckpointError(f"{here}: codec {codec!r} encodes floating-point tensors of 2 or more dims")
-        if metadata is None:
-            continue
-        stored = metadata.state_dict_metadata
-        if codec == BF16:
-            want = {key: (list(size), torch.bfloat16)}
-        else:
-            want = {f"{key}{PART}{part}": (list(shape), dt) for part, (shape, dt) in c.part_shapes(torch.Size(size), e["block"]).items()}
-        for k, (shape, dt) in want.items():
-            md = stored.get(k)
-            if md is None or list(md.size) != shape or md.properties.dtype != dt:
-                found = "absent" if md is None else f"{list(md.size)} {md.properties.dtype}"
-                raise CorruptCheckpointError(f"{here}: stored part {k!r} must be {shape} {dt}, found {found}")
-    return encodings
-
-
 def decode_plan(encodings: dict[str, Any], targets: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
     """Targets to read (parts replace encoded tensors) and a function that decodes them into ``targets``.
 
@@ -267,15 +224,3 @@ def _codec(name: str) -> Any:
     if c is None:
         raise CorruptCheckpointError(f"tensor codec {name!r} is not known to this lightning-distckpt")
     return c
-
-
-def check_codecs(metadata: Any, where: str) -> None:
-    """Every block codec and tensor codec that parsed ``metadata`` names is known (else a clear error naming
-    ``where``), so a checkpoint this version cannot decode fails when it is opened, not halfway through a read."""
-    for loc in (metadata.storage_data or {}).values():
-        if loc.codec:
-            try:
-                block_codec(loc.codec)
-            except CorruptCheckpointError as e:
-                raise CorruptCheckpointError(f"{where}: {e}") from None
-    check_encodings((metadata.planner_data or {}).get("encodings", {}), where, metadata)

@@ -27,9 +27,14 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from lightning_distckpt.errors import CorruptCheckpointError
+from typing import TYPE_CHECKING
+
 from lightning_distckpt.transforms.block import BlockCodec
 from lightning_distckpt.transforms.lossless import ShuffleZstd
-from lightning_distckpt.transforms.tensor_codecs import BUILTIN, Codec
+from lightning_distckpt.transforms.specs import BUILTIN_SPECS
+
+if TYPE_CHECKING:
+    from lightning_distckpt.transforms.tensor_codecs import Codec
 
 BLOCK_GROUP = "lightning_distckpt.block_codecs"
 TENSOR_GROUP = "lightning_distckpt.tensor_codecs"
@@ -37,7 +42,8 @@ TENSOR_GROUP = "lightning_distckpt.tensor_codecs"
 _lock = threading.Lock()
 _block_factories: dict[str, Callable[[], BlockCodec]] = {"": BlockCodec, ShuffleZstd.name: ShuffleZstd}
 _block_instances: dict[str, BlockCodec] = {}
-_tensor: dict[str, Codec] = {c.name: c for c in BUILTIN}
+_tensor: dict[str, Codec] = {}  # the built-in ones are added on first use (they import torch)
+_builtin_loaded = False
 _scanned: set[str] = set()
 
 
@@ -56,6 +62,9 @@ def register_block_codec(name: str, factory: Callable[[], BlockCodec], *, replac
 def register_tensor_codec(codec: Codec, *, replace: bool = False) -> None:
     """Make the tensor codec ``codec`` (a `Codec`) known
     under ``codec.name``. Registering a taken name raises ``ValueError`` unless ``replace``."""
+    from lightning_distckpt.transforms.tensor_codecs import Codec
+
+    _load_builtin()
     if not isinstance(codec, Codec):
         raise TypeError(f"register_tensor_codec expects a Codec, got {type(codec).__name__}")
     with _lock:
@@ -100,12 +109,29 @@ def block_codec(name: str) -> BlockCodec:
         return _block_instances.setdefault(name, factory())
 
 
+def _load_builtin() -> None:
+    """Register the built-in tensor codecs (importing torch), once."""
+    global _builtin_loaded
+    if _builtin_loaded:
+        return
+    from lightning_distckpt.transforms.tensor_codecs import BUILTIN
+
+    with _lock:
+        if not _builtin_loaded:
+            for c in BUILTIN:
+                _tensor.setdefault(c.name, c)
+            _builtin_loaded = True
+
+
 def tensor_codec(name: str) -> Codec | None:
-    """The tensor codec named ``name``, or None if no one registered it."""
+    """The tensor codec named ``name``, or None if no one registered it. Imports torch (codecs are torch code);
+    checking names and parts of built-in codecs without torch: `lightning_distckpt.transforms.specs`."""
+    _load_builtin()
     if name not in _tensor:
         _scan(TENSOR_GROUP)
     return _tensor.get(name)
 
 
 def tensor_codec_names() -> list[str]:
-    return sorted(_tensor)
+    """Names of the tensor codecs known so far (built-in and registered), without importing torch."""
+    return sorted(set(_tensor) | set(BUILTIN_SPECS))

@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import torch
 
+from lightning_distckpt.transforms.specs import PartSpecs, dynamic8_parts, int8_rows_parts
+
 _DECADES = {True: 5, False: 6}  # magnitudes span 10^-decades .. 1
 _STEPS = {True: 126, False: 254}  # geometric steps between the smallest and the largest magnitude
 
@@ -55,6 +57,10 @@ def _code_index(x: torch.Tensor, signed: bool) -> torch.Tensor:
     return idx.to(torch.uint8)
 
 
+def _torch_dtypes(specs: PartSpecs) -> dict[str, tuple[list[int], torch.dtype]]:
+    return {part: (shape, getattr(torch, dtype)) for part, (shape, dtype) in specs.items()}
+
+
 def rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a 2-D [rows, row elements] float32 view/copy."""
     return t.reshape(t.shape[0], -1).to(torch.float32)
@@ -82,7 +88,7 @@ class Int8Rows(Codec):
     """Symmetric int8 per row: ``q = round(x / s)``, ``s = max|row| / 127`` (for weights)."""
 
     def part_shapes(self, shape, block):
-        return {"q": (list(shape), torch.int8), "scale": ([shape[0]], torch.float32)}
+        return _torch_dtypes(int8_rows_parts(shape, block))
 
     def encode(self, t, block):
         x = rows(t)
@@ -107,8 +113,7 @@ class Dynamic8(Codec):
         object.__setattr__(self, "sqrt", sqrt)
 
     def part_shapes(self, shape, block):
-        n = math.prod(shape[1:]) if len(shape) > 1 else 1
-        return {"q": (list(shape), torch.uint8), "absmax": ([shape[0], math.ceil(n / block)], torch.float32)}
+        return _torch_dtypes(dynamic8_parts(shape, block))
 
     def _blocks(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
         r, n = x.shape

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from lightning_distckpt import catalog
 from lightning_distckpt.ondisk import skeleton as state
 from lightning_distckpt.parallel.comm import Comm
-from lightning_distckpt.engine.loading import allocate, open_for_load, read_tensors
+from lightning_distckpt.engine.loading import open_for_load, read_tensors
 from lightning_distckpt.catalog.replication import Replicator
 from lightning_distckpt.engine.saving import WriteOptions, write_checkpoint
 from lightning_distckpt.ondisk import Manifest

@@ -165,6 +165,7 @@ def main() -> None:
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
     p.add_argument("--hdfs-user", default=None)
     p.add_argument("--hdfs-replication", type=int, default=None)
+    p.add_argument("--stock-save", default=None, help="train with stock Lightning (no plugin) and save this .ckpt file")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -178,11 +179,13 @@ def main() -> None:
         devices=world if args.strategy != "single" else 1,
         strategy=strategy(args.strategy),
         max_steps=args.max_steps,
-        plugins=[DistCheckpointIO(async_save=args.async_save, compression=args.compression,
-                                  hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication))],
-        callbacks=[DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
-                                  replicas=args.replicas, save_last=True if args.save_last else None),
-                   probe],
+        plugins=[] if args.stock_save else [
+            DistCheckpointIO(async_save=args.async_save, compression=args.compression,
+                             hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication))],
+        callbacks=([] if args.stock_save else [
+            DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
+                           replicas=args.replicas, save_last=True if args.save_last else None)]) + [probe],
+        enable_checkpointing=not args.stock_save,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -190,6 +193,9 @@ def main() -> None:
         use_distributed_sampler=True,
     )
     trainer.fit(model, data(), ckpt_path=args.resume)
+    if args.stock_save:
+        trainer.save_checkpoint(args.stock_save)  # Lightning's own format; the probe writes saved-<step>.json
+        return
     io = trainer.strategy.checkpoint_io
     if args.stats and trainer.is_global_zero:
         cb = trainer.checkpoint_callback

@@ -1,0 +1,73 @@
+"""``LightningModule.load_from_checkpoint`` on checkpoints of this package.
+
+Lightning reads the file behind ``MyModule.load_from_checkpoint(path)`` with one function,
+``lightning.pytorch.core.saving.pl_load`` (``lightning.fabric.utilities.cloud_io._load``), which opens
+``path`` as a single file and offers no hook. `enable_load_from_checkpoint()` replaces that module
+attribute by a function that reads a checkpoint *directory* of this package and hands every other path
+(a stock ``.ckpt`` file, a URL to one, a file object, ``http(s)://``) to the original, unchanged.
+
+It is an explicit call, never an import side effect. Constructing a `DistCheckpointIO`
+makes it too (so a process that trained with the plugin can load its checkpoints); a process that never
+builds one (an inference script) calls it once::
+
+    import lightning_distckpt
+    lightning_distckpt.enable_load_from_checkpoint()
+    model = MyModule.load_from_checkpoint("hdfs://nn:8020/ckpts/epoch=3-step=400")
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from lightning_distckpt.integration import stock
+from lightning_distckpt.engine.loading import read_checkpoint
+from lightning_distckpt.storage import HdfsOptions, StorageConfig
+
+_lock = threading.Lock()
+_storage = StorageConfig()
+_safe_globals: list[str] = []
+
+
+def enable_load_from_checkpoint(storage_options: dict[str, Any] | None = None, hdfs: HdfsOptions | None = None,
+                                safe_globals: list[str] | None = None) -> None:
+    """Let ``LightningModule.load_from_checkpoint`` and ``LightningDataModule.load_from_checkpoint`` read this
+    package's checkpoints, from a local path or any URL, in this process.
+
+    Guarantees: only paths that are checkpoint directories of this package are read differently; for them
+    the result is the checkpoint dict Lightning expects (``state_dict``, ``hyper_parameters``, ...), read by
+    this process alone, whatever world size or strategy wrote it. Objects that JSON cannot hold (e.g. an
+    OmegaConf hyper-parameter) are unpickled through the allowlist plus ``safe_globals`` and
+    ``torch.serialization.add_safe_globals``, or without one when ``load_from_checkpoint(...,
+    weights_only=False)``, as ``torch.load`` would. Idempotent and thread-safe; the latest call's settings
+    (fsspec ``storage_options``, ``hdfs``, ``safe_globals``) apply.
+    """
+    global _storage, _safe_globals
+    from lightning.pytorch.core import saving
+
+    with _lock:
+        _storage = StorageConfig(options=dict(storage_options or {}), hdfs=hdfs)
+        _safe_globals = list(safe_globals or [])
+        if not getattr(saving.pl_load, "_distckpt", False):
+            saving.pl_load = _wrap(saving.pl_load)
+
+
+def _wrap(original: Any) -> Any:
+    def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        if isinstance(path_or_url, (str, Path)) and not str(path_or_url).startswith(("http://", "https://")):
+            url = str(path_or_url)
+            if stock.kind(url, _storage) == "ours":
+                checkpoint = read_checkpoint(url, _storage, stock.safe_globals(_safe_globals),
+                                             trusted=stock.trusted(weights_only))
+                if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+                    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+                    checkpoint = move_data_to_device(checkpoint, map_location)
+                return checkpoint
+        return original(path_or_url, map_location=map_location, weights_only=weights_only)
+
+    pl_load._distckpt = True  # type: ignore[attr-defined]
+    pl_load.__wrapped__ = original  # type: ignore[attr-defined]
+    pl_load.__doc__ = original.__doc__
+    return pl_load
