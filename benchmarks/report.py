@@ -389,15 +389,15 @@ def recovery() -> str:
             f"{'n/a' if frac is None else f'{100 * frac:.0f}%'} recovered** (target 100%); broken invariants: "
             f"{len(t['problems'])}. Wall time {t['seconds'] / 60:.0f} min.\n",
             table(["kill", "crash point", "kills", "died there", "restarts with a checkpoint", "restored the newest exactly"],
-                  [[how, f"`{row['spec']}`" if row["spec"] else "", row["kills"], row.get("died_there", ""),
-                    row["restarts_with_a_checkpoint"], row["restored_newest_exactly"]]
-                   for how, row in t["by_kill"].items()]),
+                  [[how, f"`{row['spec']}`" if row["spec"] else "", row["kills"],
+                    row.get("died_there", "") if row["spec"] else "", row["restarts_with_a_checkpoint"],
+                    row["restored_newest_exactly"]]
+                   for how, row in sorted(t["by_kill"].items(), key=lambda kv: (not kv[1]["spec"], kv[0]))]),
             "\nCrash points: `step#n` is the package's own (`lightning_distckpt.faults`, `DISTCKPT_CRASH_AT`: the "
             "process ends the n-th time it passes that step), `rank:method:n` a rank SIGKILLing itself at the n-th "
             "call of that store method. \"Died there\": the job's log shows the rank ending at that point (a point "
-            "not reached within 120 s is a kill at that moment instead).\n",
-            "\nA kill's outcome shows at the next start; a kill that hit the next start before its first step "
-            "(a clean-up at setup) is judged by the start after it.\n",
+            "not reached within 120 s is a kill at that moment instead). A kill's outcome shows at the next start "
+            "(the first start of each part has no checkpoint yet).\n",
         ]  # fmt: skip
         if t["problems"]:
             parts.append("Problems:\n\n" + "\n".join(f"- {p}" for p in t["problems"]) + "\n")
