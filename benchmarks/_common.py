@@ -50,6 +50,12 @@ def settle() -> None:
     barrier()
 
 
+def settle_and_drop() -> bool:
+    """Before a timed step: flush dirty pages (so no writeback from an earlier step runs during it) and drop the
+    page cache where allowed (root; returns whether it was dropped)."""
+    return drop_caches()
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Wall time of ``fn`` on all ranks together (barrier before and after)."""
     barrier()
@@ -75,6 +81,21 @@ def dd_write(path: str, nbytes: int, fsync: bool) -> float:
     return time.perf_counter() - t0
 
 
+def dd_write_streams(paths: list[str], nbytes_each: int, fsync: bool) -> float:
+    """Seconds for one ``dd`` per path, all running at once (the same number of concurrent streams as the
+    plugin's write threads), each writing ``nbytes_each`` of zeros (conv=fsync when ``fsync``)."""
+    bs = 64 << 20
+    count = max(1, nbytes_each // bs)
+    cmds = [["dd", "if=/dev/zero", f"of={p}", f"bs={bs}", f"count={count}", "status=none", *(["conv=fsync"] if fsync else [])]
+            for p in paths]  # fmt: skip
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(c) for c in cmds]
+    for p in procs:
+        if p.wait() != 0:
+            raise subprocess.CalledProcessError(p.returncode, p.args)
+    return time.perf_counter() - t0
+
+
 def dd_read(path: str) -> float:
     """Seconds for ``dd`` to read a file (to /dev/null)."""
     t0 = time.perf_counter()
@@ -82,11 +103,29 @@ def dd_read(path: str) -> float:
     return time.perf_counter() - t0
 
 
+def git_commit() -> str | None:
+    """The commit the benchmark ran from (with "+dirty" if the package had uncommitted changes), or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../lightning_distckpt", ".", ":(exclude)results"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+_COMMIT_AT_START = git_commit()  # the code this process imported, not what the tree holds when it ends
+
+
 def environment() -> dict[str, Any]:
     return {
+        "commit": _COMMIT_AT_START,
         "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "loadavg_1_5_15": list(os.getloadavg()),  # others' work on this machine when the result was written
     }  # fmt: skip
 
 

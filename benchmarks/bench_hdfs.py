@@ -12,7 +12,9 @@ work a verified load does). Every timed step starts after a ``sync`` (writeback 
 slow it down) and the reads alternate their order between repeats. Under DDP every rank needs all of the
 state, so two more rows: ``raw_read_all_copy`` (every rank streams every rank's files into memory) and
 ``plugin_load_unbalanced`` (the plugin with ``balanced_reads=False``: every rank reads everything).
-Replication is
+Compressed saves
+of the same state (``plugin_save_int8``, ``plugin_save_lossless``) are timed in the same repeats (target: int8
+>= 2.5x faster than the uncompressed save, lossless faster). Replication is
 the cluster's (3). ``--strategy mp`` (sharded: each rank loads exactly its share, like the baseline) or
 ``ddp`` (replicated: each rank reads its half and receives the other half by broadcast, so every rank
 ends up with all of the state). Writes benchmarks/results/hdfs_<strategy>.json.
@@ -42,7 +44,8 @@ def launcher(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-minidfs-") as base, MiniDfs.start(base, datanodes=4, java_home=java_home) as dfs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29710", __file__,
                "--worker", "--url", dfs.namenode_url + "/bench", "--repeats", str(args.repeats),
-               "--width", str(args.width), "--depth", str(args.depth), "--strategy", args.strategy]  # fmt: skip
+               "--width", str(args.width), "--depth", str(args.depth), "--strategy", args.strategy,
+               *([] if args.compression_rows else ["--no-compression-rows"])]  # fmt: skip
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -54,6 +57,7 @@ def worker(args: argparse.Namespace) -> None:
     from lightning_distckpt import DistCheckpointIO
     from lightning_distckpt.ondisk import BlockDigests
     from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
+    from lightning_distckpt.transforms import resolve
 
     world = int(os.environ["WORLD_SIZE"])
     io = DistCheckpointIO()
@@ -115,6 +119,16 @@ def worker(args: argparse.Namespace) -> None:
                                                        "raw_read_8mib", "raw_read_copy", "raw_read_verified")}  # fmt: skip
     if ddp:
         rows.update(plugin_load_unbalanced=[], raw_read_all_copy=[])
+    if args.compression_rows:
+        rows.update(plugin_save_int8=[], plugin_save_lossless=[])
+    compressed_bytes: dict[str, int] = {}
+
+    def compressed_save(preset: str, path: str) -> None:
+        io.compression = resolve(preset)
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            io.compression = resolve(None)
 
     def unbalanced_load(path: str) -> None:
         io.balanced_reads = False
@@ -124,17 +138,32 @@ def worker(args: argparse.Namespace) -> None:
             io.balanced_reads = True
 
     phases: list[dict[str, float]] = []
+    shared: list[bool] = []  # whether each plugin load shared its bytes through shared memory
     for i in range(args.repeats):
         path = f"{args.url}/ckpt-{i}"
+        settle()
         rows["plugin_save"].append(timed(lambda: trainer.save_checkpoint(path)))
         mine = io.stats.last_save.bytes_written
+        if args.compression_rows:
+            for preset in ("int8", "lossless"):
+                settle()
+                rows[f"plugin_save_{preset}"].append(timed(lambda: compressed_save(preset, f"{path}-{preset}")))
+                compressed_bytes[preset] = io.stats.last_save.bytes_written
+                barrier()
+                if rank() == 0:
+                    store.remove(store.join(root, f"ckpt-{i}-{preset}"), recursive=True)
+                barrier()
         settle()
         rows["raw_write"].append(timed(lambda: raw_write(mine)))
         if i == 0:  # allocate and touch the buffers outside the timing
             raw_read("verified")()
             if ddp:
                 raw_read("copy_all")()
-        reads = [("plugin_load", lambda: load_everything(trainer, path)), ("raw_read", raw_read("stream")),
+        def plugin_load() -> None:
+            load_everything(trainer, path)
+            shared.append(io.stats.load_shared_memory)
+
+        reads = [("plugin_load", plugin_load), ("raw_read", raw_read("stream")),
                  ("raw_read_8mib", raw_read("8mib")), ("raw_read_copy", raw_read("copy")),
                  ("raw_read_verified", raw_read("verified"))]
         if ddp:
@@ -157,6 +186,8 @@ def worker(args: argparse.Namespace) -> None:
         result = {
             "benchmark": "hdfs", "strategy": args.strategy, "env": environment(), "state_bytes": total,
             "replication": 3, "datanodes": 4, "plugin_load_phases_rank0": phases,
+            "load_through_shared_memory": bool(shared and all(shared)),
+            "compressed_bytes_rank0": compressed_bytes,
             "seconds": {k: stats(v) for k, v in rows.items()}, "samples_s": rows,
             "throughput_MBps": {k: total / med[k] / 1e6 for k in med},
             "ratios": {"save: plugin / raw throughput": med["raw_write"] / med["plugin_save"],
@@ -165,6 +196,11 @@ def worker(args: argparse.Namespace) -> None:
                        "load: plugin / raw stream into memory": med["raw_read_copy"] / med["plugin_load"],
                        "load: plugin / raw stream into memory + checksum": med["raw_read_verified"] / med["plugin_load"]},
         }  # fmt: skip
+        if args.compression_rows:
+            result["ratios"].update({
+                "save: uncompressed / int8 (speed-up)": med["plugin_save"] / med["plugin_save_int8"],
+                "save: uncompressed / lossless (speed-up)": med["plugin_save"] / med["plugin_save_lossless"],
+            })  # fmt: skip
         if ddp:
             result["ratios"].update({
                 "load: plugin / raw stream of all the state into memory by every rank": med["raw_read_all_copy"] / med["plugin_load"],
@@ -183,5 +219,7 @@ if __name__ == "__main__":
     p.add_argument("--width", type=int, default=3872)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--strategy", choices=["ddp", "mp"], default="mp")
+    p.add_argument("--no-compression-rows", dest="compression_rows", action="store_false",
+                   help="skip the int8 and lossless saves")
     a = p.parse_args()
     worker(a) if a.worker else launcher(a)

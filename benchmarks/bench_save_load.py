@@ -5,7 +5,10 @@ vs ``dd``, all in ONE run on the same machine and disk.
     torchrun --nproc_per_node=2 benchmarks/bench_save_load.py --strategy mp  --dir /tmp/bench
 
 Each repeat measures, in this order: stock save, plugin save (durable, fsync), plugin save (no fsync), dd
-of the same bytes; then loads with a dropped page cache (cold: the disk is read), stock then plugin. The
+of the same bytes; then loads with a dropped page cache (cold: the disk is read), stock then plugin. Every
+timed step starts settled: ``os.sync()`` and the page cache dropped where allowed (root), so writeback of
+one step never runs during the next. The ``dd`` baseline writes each rank's bytes as ``write_threads``
+concurrent ``dd`` streams, the number of files (and streams) the plugin writes per rank. The
 stock path is the same strategy object with the routing removed and TorchCheckpointIO restored, so both
 checkpoint exactly the same state. Writes benchmarks/results/save_load_<strategy>.json.
 """
@@ -24,7 +27,19 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import barrier, bench_trainer, dd_read, dd_write, drop_caches, environment, rank, stats, timed, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    barrier,
+    bench_trainer,
+    dd_read,
+    dd_write_streams,
+    drop_caches,
+    environment,
+    rank,
+    settle_and_drop,
+    stats,
+    timed,
+    write_result,
+)
 
 from lightning_distckpt import DistCheckpointIO  # noqa: E402
 
@@ -130,20 +145,28 @@ def main() -> None:
                     os.remove(k)
             barrier()
         if not args.plugin_only:
+            settle_and_drop()
             with stock_checkpointing(trainer.strategy):
                 rows["stock_save"].append(timed(lambda: trainer.save_checkpoint(paths["stock"])))
+        settle_and_drop()
         rows["plugin_save"].append(timed(lambda: trainer.save_checkpoint(paths["plugin"])))
         bytes_per_rank = [int(b) for b in _gather(io.stats.last_save.bytes_written)]
         if not args.plugin_only:
             io.storage = dataclasses.replace(io.storage, durable=False)
+            settle_and_drop()
             rows["plugin_save_nosync"].append(timed(lambda: trainer.save_checkpoint(paths["plugin_nosync"])))
             io.storage = dataclasses.replace(io.storage, durable=True)
         total = sum(bytes_per_rank)
-        rows["dd_fsync"].append(timed(lambda: dd_write(os.path.join(base, f"dd{rank()}"), total // world, True)))
-        rows["dd"].append(timed(lambda: dd_write(os.path.join(base, f"dd{rank()}"), total // world, False)))
-        if rank() == 0:
-            for r in range(world):
-                os.remove(os.path.join(base, f"dd{r}"))
+        streams = io.write_options.threads  # as many concurrent dd streams per rank as the plugin writes files
+        dd_paths = [os.path.join(base, f"dd{rank()}-{k}") for k in range(streams)]
+        each = total // world // streams
+        settle_and_drop()
+        rows["dd_fsync"].append(timed(lambda: dd_write_streams(dd_paths, each, True)))
+        settle_and_drop()
+        rows["dd"].append(timed(lambda: dd_write_streams(dd_paths, each, False)))
+        barrier()
+        for f in dd_paths:
+            os.remove(f)
         cold = drop_caches()
         if not args.plugin_only:
             with stock_checkpointing(trainer.strategy):
@@ -168,6 +191,7 @@ def main() -> None:
             "max_read_over_state": max(read_per_rank) / total,
             "load_restores_the_saved_parameters": all(restored_ok), "plugin_load_phases_rank0": phases,
             "max_over_mean_bytes": max(bytes_per_rank) / (sum(bytes_per_rank) / world),
+            "dd_streams_per_rank": io.write_options.threads, "settled_before_each_timed_step": True,
             "seconds": {k: stats(v) for k, v in rows.items() if v},
         }  # fmt: skip
         med = {k: v["median"] for k, v in result["seconds"].items()}

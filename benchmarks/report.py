@@ -53,7 +53,11 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def env_line(r: dict[str, Any], ranks: bool = True) -> str:
     e = r["env"]
     who = f", {e['world_size']} rank{'s' if e['world_size'] > 1 else ''}" if ranks else ""
-    return f"_Measured {e['date']} on {e['cpus']} CPUs, torch {e['torch']}{who}._"
+    load_avg = e.get("loadavg_1_5_15")
+    busy = f"; load average {load_avg[0]:.1f} when written (others share this machine)" if load_avg else ""
+    gpu = f", {e['gpu']}" if e.get("gpu") else ""
+    commit = f", commit {e['commit']}" if e.get("commit") else ", commit not recorded (an older run)"
+    return f"_Measured {e['date']} on {e['cpus']} CPUs{gpu}, torch {e['torch']}{who}{commit}{busy}._"
 
 
 def save_load() -> str:
@@ -112,6 +116,8 @@ def _plot_save_load() -> str:
 
 HDFS_ROWS = [
     ("plugin_save", "DistCheckpointIO save"),
+    ("plugin_save_int8", "DistCheckpointIO save, compression=\"int8\""),
+    ("plugin_save_lossless", "DistCheckpointIO save, compression=\"lossless\""),
     ("raw_write", "raw hdfs-native write"),
     ("plugin_load", "DistCheckpointIO load (model + optimizer restored, verified)"),
     ("raw_read", "raw read_range_stream, bytes discarded (transfer only)"),
@@ -144,7 +150,7 @@ def per_repeat(r: dict[str, Any], strategy: str) -> str:
 def hdfs() -> str:
     parts = []
     for strategy, title in (("mp", "ModelParallel (sharded: each rank loads its share)"),
-                            ("ddp", "DDP (replicated: each rank reads half and receives the other half by broadcast)")):
+                            ("ddp", "DDP (replicated: each rank reads half and gets the other half from the other rank)")):
         r = load(f"hdfs_{strategy}")
         if r is None:
             continue
@@ -162,7 +168,11 @@ def hdfs() -> str:
             f"\nState: {r['state_bytes'] / 2**30:.2f} GiB. Plugin / raw throughput (target ≥ 0.8× both ways): save "
             f"**{r['ratios']['save: plugin / raw throughput']:.2f}×**; load "
             + "; ".join(f"vs {label} **{r['ratios'][key]:.2f}×**" for key, label in HDFS_LOAD_RATIOS if key in r["ratios"])
-            + f".{per_repeat(r, strategy)}{phase}\n",
+            + f".{per_repeat(r, strategy)}{phase}"
+            + (" Balanced reads went through shared memory." if r.get("load_through_shared_memory") else "")
+            + "".join(f" {k}: **{r['ratios'][k]:.2f}×**." for k in ("save: uncompressed / int8 (speed-up)",
+                                                                      "save: uncompressed / lossless (speed-up)") if k in r["ratios"])
+            + "\n",
         ]  # fmt: skip
     if not parts:
         return ""
@@ -186,32 +196,38 @@ def hdfs() -> str:
 
 def stall_table(stall: dict[str, Any], blocked: dict[str, Any]) -> str:
     rows = [("stock", "Lightning stock"), ("sync", "DistCheckpointIO, synchronous"),
-            ("async", "DistCheckpointIO, async_save=True")]  # fmt: skip
+            ("async_blocking", "DistCheckpointIO, async_save=True, pipelined_snapshot=False (copy inside the call)"),
+            ("async", "DistCheckpointIO, async_save=True (pipelined snapshot, the default)")]  # fmt: skip
     return table(["save", "stall per save", "time inside the save call"],
-                 [[label, fmt_s(stall[k], floor=0.0), fmt_s(blocked[k])] for k, label in rows]) + (
-        "\n\nA stall is the step that includes the save minus the median normal step; measurements below zero "
-        "(noise) are shown as 0.00 s." if any(stall[k]["min"] < 0 for k, _ in rows) else "")
+                 [[label, fmt_s(stall[k]), fmt_s(blocked[k])] for k, label in rows if k in stall])
 
 
 def async_() -> str:
     r = load("async_ddp")
     if r is None:
-        return ""
+        return "## Async saving: training stall per save\n\n" + not_measured("async_ddp")
     st, bl = r["stall_s"], r["blocked_in_save_s"]
     after = r.get("extra_time_of_2_steps_after_async_save_s")
+    wait = r.get("pipelined_step_wait_s")
+    inside = r["ratios"].get("time in the async save call / sync save call")
     return "\n".join([
         "## Async saving: training stall per save\n",
         "Command: `torchrun --nproc_per_node=2 benchmarks/bench_async.py` (DDP, ~1 GiB of state; stall = the training "
-        "step that includes the save minus the median normal step of the same run; saves of the three kinds "
-        "interleaved in one run; the previous checkpoint is removed in a step outside the timing).\n",
+        "step that includes the save minus the median normal step of the same run; saves of every kind interleaved in "
+        "one run; the previous checkpoint is removed in a step outside the timing). The pipelined snapshot copies "
+        "parameters and optimizer state while the next step's forward and backward run; that step's optimizer waits "
+        "for the copy if it is not done.\n",
         env_line(r) + f" Normal step: {r['normal_step_s']:.2f} s.\n",
         stall_table(st, bl),
-        f"\nAsync stall / sync stall = **{num(max(0.0, r['ratios']['async stall / sync stall']))}**, async / stock = "
-        f"**{num(max(0.0, r['ratios']['async stall / stock stall']))}** (target ≤ 0.15 each)"
-        + (f"; the async stall is within the noise of a normal step (stall spread {num(st['async']['min'], sign=True)} to "
-           f"{num(st['async']['max'], sign=True)} s), so its ratios read as about zero. " if st["async"]["min"] < 0 else ". ")
-        + (f"The two steps after an async save took {num(after['median'], sign=True)} s in total against normal steps (median; "
-           "the background write shares the machine's 2 cores with training). " if after else "")
+        (f"\nTime inside the async save call / a synchronous save call = **{inside:.3f}** (target ≤ 0.05)"
+         if inside is not None else "\nTime inside the async save call: not measured by this result file")
+        + (f"; the next optimizer step waited {fmt_s(wait)} for the copy (median, range)" if wait else "")
+        + f". Async stall / sync stall = **{r['ratios']['async stall / sync stall']:.2f}**, async / stock = "
+        f"**{r['ratios']['async stall / stock stall']:.2f}**"
+        + (f"; the async stall is within the noise of a normal step (stall spread {st['async']['min']:+.2f} to "
+           f"{st['async']['max']:+.2f} s), so its ratios read as about zero. " if st["async"]["min"] < 0 else ". ")
+        + (f"The two steps after an async save took {after['median']:+.2f} s in total against normal steps (median; "
+           "they include the wait for the copy and the background write sharing the machine's cores). " if after else "")
         + f"Host memory over {len(r['rss_bytes_after_each_async_save'])} async saves: RSS grew "
         f"**{100 * r['rss_growth_after_second_save']:.1f}%** after the second save (target ≤ 5%); the reused snapshot "
         f"buffers hold {r['snapshot_buffer_bytes'] / 2**30:.2f} GiB. Plan cache hits: {r['plan_cache_hits']}.\n",
@@ -233,7 +249,7 @@ def reads() -> str:
 def scaling() -> str:
     r = load("scaling")
     if r is None:
-        return ""
+        return "## Scaling with processes and state size\n\n" + not_measured("scaling")
     pts = r["points"]
     rows = [[p["nproc"], f"{p['gib']:.2f}", f"{p['save_s']:.2f}", f"{p['dd_fsync_s']:.2f}", f"{p['load_s']:.2f}",
              f"{p['read_files_s']:.2f}", f"{p['gib'] * 1.0737 / p['save_s']:.2f}"] for p in pts]  # fmt: skip
@@ -271,7 +287,7 @@ def scaling() -> str:
 def compression() -> str:
     r = load("compression")
     if r is None:
-        return ""
+        return "## Compression\n\n" + not_measured("compression")
     q, m = r["quality"], r["minilm"]
     rows = []
     for preset, v in q["presets"].items():
@@ -300,16 +316,58 @@ def compression() -> str:
             ["magnitude pruning 30%, relative L2 error", f"{m['prune30_rel_l2']:.4f}"],
             ["magnitude pruning 50%, relative L2 error", f"{m['prune50_rel_l2']:.4f}"],
         ]),  # fmt: skip
+        throughput_table(r.get("throughput")),
         f"\nSave and load of MiniLM weights + AdamW moments ({m['state_bytes'] / 2**20:.0f} MiB), one process, "
         "2 write threads, no fsync:\n",
         table(["preset", "save", "load", "stored", "save throughput"], timing),
     ])  # fmt: skip
 
 
+def throughput_table(t: dict[str, Any] | None) -> str:
+    if not t:
+        return "\n**Codec throughput**: not measured (`python benchmarks/bench_compression.py --throughput-only`).\n"
+    rows = [[name, f"{t[key]['encode_GBps']:.2f} GB/s ({fmt_s(t[key]['encode_s'])})",
+             f"{t[key]['decode_GBps']:.2f} GB/s ({fmt_s(t[key]['decode_s'])})", target]
+            for key, name, target in (("int8", "int8 preset (tensor codecs)", "≥ 1 GB/s"),
+                                      ("lossless", "lossless (block codec)", "≥ 0.8 GB/s"))]  # fmt: skip
+    return "\n".join([
+        f"\n**Codec throughput per process** (`python benchmarks/bench_compression.py --throughput-only`; MiniLM "
+        f"weights + AdamW moments, {t['state_bytes'] / 2**20:.0f} MiB; {t['codec_threads']} codec threads; median of "
+        f"{t['repeats']}, times in brackets). " + env_line({"env": t["env"]}, ranks=False) + "\n" if "env" in t else "",
+        table(["codec", "encode", "decode", "target"], rows),
+        f"\nLossless ratio on this state: {t['lossless']['ratio']:.3f}×.\n",
+    ])  # fmt: skip
+
+
+def planning() -> str:
+    r = load("planning")
+    if r is None:
+        return "## Planning at scale (simulated)\n\n" + not_measured("planning")
+    rows = []
+    for x in r["rows"]:
+        ok = x.get("status") == "ok"
+        f = (lambda k, fmt="{:.2f}": fmt.format(x[k]) if k in x else "–")
+        rows.append([x["kind"], x["ranks"], x.get("status", ""), f("global_plan_s"), f("load_plan_s_one_rank"),
+                     f("metadata_parse_s"), (f"{x['metadata_bytes'] / 1e6:.1f}" if "metadata_bytes" in x else "–"),
+                     (f"{x['peak_rss_bytes'] / 2**30:.2f}" if "peak_rss_bytes" in x else "–"),
+                     x.get("stage", "") if not ok else ""])  # fmt: skip
+    return "\n".join([
+        "## Planning at scale (simulated)\n",
+        "Command: `python benchmarks/bench_planning.py` (the real save planner, load planner and metadata code on "
+        f"synthetic local plans of a 70B-shaped transformer with AdamW state; one process per size, memory limit "
+        f"{r['max_gib']} GiB, {r['timeout_s']:.0f} s; see the script's docstring and docs/scaling.md).\n",
+        env_line(r, ranks=False) + "\n",
+        table(["sharding", "ranks", "status", "global plan s", "load plan s (one rank)", "metadata parse s",
+               "metadata MB", "peak GiB", "reached"], rows),
+        "\nTargets at 4,096 ranks: global plan ≤ 2 s, metadata ≤ 10 MB, linear growth. A size marked as failed or "
+        "timed out did not finish within the limits; its columns show how far it got.\n",
+    ])  # fmt: skip
+
+
 def recovery() -> str:
     r = load("recovery")
     if r is None:
-        return ""
+        return "## Recovery after a kill\n\n" + not_measured("recovery")
     if "seconds_to_first_step" in r:  # the layout before bench_recovery.py had parts
         r = {"resume": {"env": r["env"], "command": "python benchmarks/bench_recovery.py", **r}}
     parts = ["## Recovery after a kill\n"]
@@ -387,7 +445,7 @@ def recovery() -> str:
 def distill() -> str:
     r = load("distill")
     if r is None or "results" not in r:
-        return ""
+        return "## Knowledge distillation\n\n" + not_measured("distill")
     st, t, stu = r["settings"], r["teacher"], r["student"]
     rows = []
     for res in r["results"]:
@@ -454,32 +512,35 @@ def cli() -> str:
 
 def gpu() -> str:
     chk, a, sl = load("gpu_check"), load("async_gpu_mp"), load("save_load_gpu_mp")
-    if chk is None or a is None or sl is None:
-        return "## GPU\n\nNot measured: no GPU machine was lent to the sessions that built this.\n"
-    hops = " → ".join(f"{h['strategy']}×{h['procs']} ({h['device']}){'' if h['ok'] else ' FAILED'}" for h in chk["chain"])
-    st, bl, s = a["stall_s"], a["blocked_in_save_s"], sl["seconds"]
-    return "\n".join([
-        "## GPU (one NVIDIA H100)\n",
-        "Command, on a machine with one GPU: `python benchmarks/gpu_check.py --out DIR` (it runs the three parts "
-        "below; a ModelParallel/FSDP2 model of 4 × Linear(8192, 8192) on one GPU, "
-        f"{a['state_bytes'] / 2**30:.2f} GiB of model + AdamW state).\n",
-        f"_Measured {a['env']['date']} on {a['env']['gpu']}, {a['env']['cpus']} CPUs, torch {a['env']['torch']}, "
-        "one rank; the machine's local disk._\n",
-        f"**Exact resume on the GPU** ({'passed' if chk['chain_ok'] else 'FAILED'}): {hops}; async saves with "
-        "lossless compression, each hop checks that the restored model, optimizer, scheduler and loop state is "
-        "bitwise the saved one"
-        + (f"; the same chain uncompressed (reads straight into GPU memory through pinned buffers): "
-           f"{'passed' if chk['chain_uncompressed_ok'] else 'FAILED'}" if "chain_uncompressed" in chk else "")
-        + ".\n",
-        "### Async saving on the GPU\n",
-        stall_table(st, bl),
-        f"\nAsync stall / sync stall = **{num(max(0.0, a['ratios']['async stall / sync stall']), 3)}**, async / stock = "
-        f"**{num(max(0.0, a['ratios']['async stall / stock stall']), 3)}**: the step blocks for the device-to-pinned-host copy "
-        f"({a['state_bytes'] / 2**30:.1f} GiB in {bl['async']['median']:.3f} s, median; the maximum is the first "
-        "save, which allocates the pinned buffers). RSS growth after the second save: "
-        f"{100 * a['rss_growth_after_second_save']:.3f}%.\n",
-        "### Save and load on the GPU\n",
-        table(["operation", "wall time", "vs stock"], [
+    parts = ["## GPU\n", "Command, on a machine with one GPU: `python benchmarks/gpu_check.py --out DIR` (exact-resume "
+             "chains, then `bench_async.py` and `bench_save_load.py` on the GPU; it writes `gpu_check.json`, "
+             "`async_gpu_mp.json` and `save_load_gpu_mp.json`).\n"]
+    if chk is None:
+        parts.append(not_measured("gpu_check"))
+    else:
+        model = chk.get("model") or {}
+        parts.append(f"_Measured {chk.get('date', '(date not recorded)')} on {chk.get('gpu') or 'no GPU (accelerator: ' + str(chk.get('accelerator')) + ')'}, "
+                     f"torch {chk.get('torch')}; model {model.get('depth', '?')} × Linear({model.get('width', '?')}, "
+                     f"{model.get('width', '?')})._\n")
+        for key, label in (("chain", f"compression {chk.get('chain_compression', '?')}"), ("chain_uncompressed", "uncompressed")):
+            if key not in chk:
+                parts.append(f"**Exact resume chain, {label}**: not measured.\n")
+                continue
+            hops = " → ".join(f"{h['strategy']}×{h['procs']} ({h['device']}){'' if h['ok'] else ' FAILED'}" for h in chk[key])
+            parts.append(f"**Exact resume chain, {label}** ({'passed' if chk.get(key + '_ok') else 'FAILED'}): {hops}; "
+                         "each hop checks that the restored model, optimizer, scheduler and loop state is bitwise the saved one.\n")
+    if a is None:
+        parts.append("### Async saving on the GPU\n\n" + not_measured("async_gpu_mp"))
+    else:
+        st, bl = a["stall_s"], a["blocked_in_save_s"]
+        parts += ["### Async saving on the GPU\n", env_line(a) + f" {a['state_bytes'] / 2**30:.2f} GiB of model + AdamW state.\n",
+                  stall_table(st, bl),
+                  "\n" + "; ".join(f"{k} = **{v:.3f}**" for k, v in a["ratios"].items()) + ".\n"]
+    if sl is None:
+        parts.append("### Save and load on the GPU\n\n" + not_measured("save_load_gpu_mp"))
+    else:
+        s = sl["seconds"]
+        parts += ["### Save and load on the GPU\n", env_line(sl) + "\n", table(["operation", "wall time", "vs stock"], [
             ["stock Lightning save", fmt_s(s["stock_save"]), "1.00"],
             ["DistCheckpointIO save (fsync, default)", fmt_s(s["plugin_save"]), f"{s['plugin_save']['median'] / s['stock_save']['median']:.2f}"],
             ["DistCheckpointIO save (durable=False)", fmt_s(s["plugin_save_nosync"]), f"{s['plugin_save_nosync']['median'] / s['stock_save']['median']:.2f}"],
@@ -487,15 +548,14 @@ def gpu() -> str:
             ["stock Lightning load (cold cache)", fmt_s(s["stock_load_cold"]), "1.00"],
             ["DistCheckpointIO load (cold cache)", fmt_s(s["plugin_load_cold"]), f"{s['plugin_load_cold']['median'] / s['stock_load_cold']['median']:.2f}"],
             ["dd read of the same files (cold)", fmt_s(s["read_files_cold"]), ""],
-        ]),
-        f"\nLoad throughput vs reading the same files: **{sl['ratios']['plugin load throughput / read of the same files (cold)']:.2f}×** "
-        "(uncompressed blocks are read into pinned buffers and copied to the GPU without blocking the reader "
-        f"threads); the load restored every poisoned parameter: {sl.get('load_restores_the_saved_parameters')}. "
-        "Before that change the same load took 3.42 s (1.08× stock, 0.63× the `dd` read; first GPU run, same "
-        "machine): the blocks went through fresh pageable buffers and synchronous copies. "
-        f"Save throughput vs `dd` with fsync: {sl['ratios']['plugin throughput / dd (both fsync)']:.2f}× with the "
-        "default 2 write threads (not tuned for this machine).\n",
-    ])  # fmt: skip
+        ]), "\n" + "; ".join(f"{k}: **{v:.2f}**" for k, v in sl["ratios"].items())
+            + f"; the load restored every poisoned parameter: {sl.get('load_restores_the_saved_parameters')}.\n"]  # fmt: skip
+    return "\n".join(parts)
+
+
+def not_measured(name: str) -> str:
+    """What the page says for a result file that is not there: nothing is carried over or invented."""
+    return f"Not measured: `benchmarks/results/{name}.json` is missing (run the command above to produce it).\n"
 
 
 def catalog_() -> str:
@@ -564,7 +624,7 @@ def catalog_() -> str:
 
 
 SECTIONS: list[Callable[[], str]] = [save_load, _plot_save_load, reads, async_, scaling, hdfs, recovery, compression,
-                                     distill, cli, gpu, catalog_]
+                                     planning, distill, cli, gpu, catalog_]
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "InsufficientMemoryError",
     "KnowledgeDistillation",
     "NewerFormatError",
+    "NodeLocalRootError",
     "NotACheckpointError",
     "StaleOwnerError",
     "StateMismatchError",

@@ -87,3 +87,7 @@ class StaleOwnerError(CatalogError):
 
 class CatalogConflictError(CatalogError):
     """A catalog row already names a different checkpoint (another manifest digest) under the same key."""
+
+
+class NodeLocalRootError(DistCheckpointError):
+    """The checkpoint root is not the same directory on every node of the job (see ``node_local``)."""

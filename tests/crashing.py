@@ -40,7 +40,7 @@ CRASH_POINTS = {
     "overwrite of last: old copy moved aside": "publish:old-moved#1",
     "overwrite of last: new copy renamed, before COMMITTED": "publish:renamed#2",
     "removal: marker removed": "remove:unmarked#1",
-    "removal: moved aside, before deleting": "remove:aside#1",
+    "removal: files deleted, manifest left": "remove:emptied#1",
 }
 
 

@@ -50,7 +50,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from conftest import WORKLOADS, env  # noqa: E402
+from conftest import ROOT, WORKLOADS, env  # noqa: E402
 from workloads.crash_ops import sample  # noqa: E402
 
 from lightning_distckpt import catalog, list_checkpoints, load_checkpoint, verify  # noqa: E402
@@ -233,3 +233,17 @@ def test_same_name_overwrite_crash_points_in_training_then_resume(tmp_path):
     assert t.resumes_checked >= len(OVERWRITE_IN_TRAINING), t.log
     assert "last" in {c.name for c in list_checkpoints(str(tmp_path / "ckpts")) if c.committed}
     print("\n".join(t.log))
+
+
+def test_every_named_crash_point_exists_in_the_package():
+    """The torture's named crash points (tests/crashing.py) are steps the package really reaches: a renamed
+    step would silently turn a crash test into a plain run."""
+    import re
+
+    from crashing import CRASH_POINTS
+
+    source = "".join(p.read_text() for p in (ROOT / "lightning_distckpt").rglob("*.py"))
+    steps = set(re.findall(r'crash_point\(\s*"([a-z-]+:[a-z-]+)"', source))
+    steps |= {s for a, b in re.findall(r'crash_point\("([a-z:-]+)" if [^"]+ else "([a-z:-]+)"\)', source) for s in (a, b)}
+    named = {spec.split("#")[0] for spec in CRASH_POINTS.values() if not spec[0].isdigit()}
+    assert named and named <= steps, f"crash points no code reaches: {sorted(named - steps)} (known: {sorted(steps)})"

@@ -9,10 +9,23 @@ broadcast to the others over the checkpoint's process group, one packed buffer p
 The work runs in rounds: while the chunks of one round are broadcast (asynchronously, on a second gloo
 group), the next round is read. Only CPU tensors are balanced (the broadcast runs on gloo); others are
 read by every rank. Collective: every rank must pass the same keys with the same shapes.
+
+Same-host sharing (the default when every rank can map shared memory): the chunks are dealt over the ranks
+of each host (:func:`node_id`), each rank reads its chunks straight into a shared-memory segment
+(:class:`SharedSegments`, in /dev/shm) and every rank of the host copies all of the host's chunks from
+those segments into its own tensors, a round behind the reads. No byte crosses TCP; each host reads every
+replicated byte once (with several hosts, the storage serves it once per host instead of once per job,
+and no broadcast crosses the network). If any rank cannot set up its segment, every rank falls back to the
+broadcasts above.
 """
 
 from __future__ import annotations
 
+import logging
+import mmap
+import os
+import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_distckpt.parallel.comm import Comm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,8 +65,9 @@ def is_balanceable(t: object) -> bool:
 
 def deal(targets: dict[str, object], comm: Comm, layout: dict[str, list[tuple[int, int]]] | None = None,
          places: dict[tuple[str, int], tuple[str, int]] | None = None,
-         chunk_bytes: int = 16 << 20) -> list[list[_Chunk]]:
-    """Every rank's chunks of the balanceable targets, in about equal bytes.
+         chunk_bytes: int = 16 << 20, ranks: list[int] | None = None) -> list[list[_Chunk]]:
+    """Every rank's chunks of the balanceable targets, in about equal bytes (over ``ranks`` only, when
+    given: the others get none).
 
     ``layout`` gives each key's stored row ranges, so that no block is read by two ranks. The chunks are
     taken in file order (``places``: where each stored chunk starts, file and offset; chunks without a place
@@ -63,9 +79,11 @@ def deal(targets: dict[str, object], comm: Comm, layout: dict[str, list[tuple[in
     last = ("\uffff", 0)
     chunks.sort(key=lambda c: (places.get((c.key, c.start), last), c.key, c.start))
     owned: list[list[_Chunk]] = [[] for _ in range(comm.world_size)]
+    ranks = list(range(comm.world_size)) if ranks is None else ranks
+    n = len(ranks)
     total, done = sum(c.nbytes for c in chunks) or 1, 0
     for c in chunks:
-        owned[min(comm.world_size - 1, (2 * done + c.nbytes) * comm.world_size // (2 * total))].append(c)
+        owned[ranks[min(n - 1, (2 * done + c.nbytes) * n // (2 * total))]].append(c)
         done += c.nbytes
     return owned
 
@@ -127,3 +145,174 @@ class Broadcaster:
                     pos += v.numel()
         self.pending.clear()
         return self.received
+
+
+# ---- same-host sharing through shared memory ---------------------------------------------------------
+SHM_DIR = "/dev/shm"
+_SHM_PREFIX = "distckpt-"
+_ALIGN = 64
+
+
+def shm_dir() -> str:
+    """Where segments go: ``DISTCKPT_SHM_DIR`` if set, else /dev/shm."""
+    return os.environ.get("DISTCKPT_SHM_DIR") or SHM_DIR
+
+
+def node_id() -> str:
+    """This process's host, as balanced reads group ranks: ``DISTCKPT_NODE_ID`` if set (tests simulate
+    several nodes on one machine with it), else the host name."""
+    import socket
+
+    return os.environ.get("DISTCKPT_NODE_ID") or socket.gethostname()
+
+
+def clean_stale_segments(directory: str | None = None) -> int:
+    """Remove shared-memory segments of loads whose creating process is gone (a crash between creating
+    and unlinking one). Returns how many were removed. Safe to call at any time on any rank."""
+    removed = 0
+    directory = directory or shm_dir()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(_SHM_PREFIX):
+            continue
+        try:
+            pid = int(name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SharedSegments:
+    """One load's shared-memory segments on this host: each local rank's chunks, read once, mapped by all.
+
+    Collective over ``comm`` (every rank of the job constructs it, in the same order of calls). Each rank
+    creates a file ``/dev/shm/distckpt-<token>-<pid>-<rank>`` of exactly its chunks' bytes (allocated with
+    ``posix_fallocate``, so a full /dev/shm is an error now, never a SIGBUS later), the ranks of a host map
+    each other's files, and each creator unlinks its file as soon as everyone mapped it: from then on the
+    memory is freed by the kernel when the last process unmaps it or exits, however the load ends. A crash in
+    between leaves a file that :func:`clean_stale_segments` removes (every load calls it first).
+
+    ``ok`` is False on every rank when any rank could not set up its segment; then nothing is mapped and
+    the caller falls back to broadcasts.
+    """
+
+    def __init__(self, comm: Comm, owned: list[list[_Chunk]], local_ranks: list[int], directory: str | None = None) -> None:
+        directory = directory or shm_dir()
+        self.comm, self.local_ranks, self.directory = comm, local_ranks, directory
+        self.places: dict[tuple[str, int], tuple[int, int]] = {}  # (key, start) -> (owner rank, byte offset)
+        sizes = {}
+        for r in local_ranks:
+            pos = 0
+            for c in owned[r]:
+                self.places[(c.key, c.start)] = (r, pos)
+                pos += (c.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+            sizes[r] = pos
+        token = comm.broadcast(uuid.uuid4().hex[:12])
+        self._maps: dict[int, mmap.mmap] = {}
+        self._views: dict[int, torch.Tensor] = {}
+        self.path = os.path.join(directory, f"{_SHM_PREFIX}{token}-{os.getpid()}-{comm.rank}")
+        error = ""
+        clean_stale_segments(directory)
+        try:
+            self._create(sizes[comm.rank])
+        except OSError as e:
+            error = f"{self.path}: {e}"
+        created = comm.all_gather((error, self.path))  # one collective: every rank's outcome and name
+        errors = [e for e, _ in created]
+        self.ok = not any(errors)
+        if self.ok:
+            try:
+                for r in local_ranks:
+                    if r != comm.rank:
+                        self._map(r, created[r][1], sizes[r])
+            except OSError as e:
+                error = f"{created[r][1]}: {e}"
+        # everyone mapped what it needs (or gave up): the names can go; this gather is also that barrier
+        mapped = comm.all_gather(error)
+        self.ok = self.ok and not any(mapped)
+        errors = errors + mapped
+        self._unlink()
+        if not self.ok:
+            self.close()
+            bad = next((e for e in errors if e), "")
+            log.warning("balanced reads fall back to broadcasts: shared memory unavailable (%s)", bad or "on another rank")
+
+    def _create(self, size: int) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if size:
+                os.posix_fallocate(fd, 0, size)
+                self._maps[self.comm.rank] = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            self._unlink()
+            raise
+        os.close(fd)
+
+    def _map(self, rank: int, path: str, size: int) -> None:
+        if not size:
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._maps[rank] = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
+    def _unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _bytes(self, rank: int) -> torch.Tensor:
+        v = self._views.get(rank)
+        if v is None:
+            with warnings.catch_warnings():  # read-only mappings of the other ranks: only ever read
+                warnings.simplefilter("ignore", UserWarning)
+                v = self._views[rank] = torch.frombuffer(self._maps[rank], dtype=torch.uint8)
+        return v
+
+    def copy_into(self, c: _Chunk, target: torch.Tensor) -> None:
+        """Copy chunk ``c`` from its reader's segment into the same rows of ``target`` (a contiguous CPU tensor),
+        as one single-threaded memory copy (no intra-op thread team: on a busy machine waking one for each
+        copy costs more than the copy)."""
+        rank, pos = self.places[(c.key, c.start)]
+        dst = target if target.dim() == 0 else target.narrow(0, c.start, c.rows)
+        out = dst.reshape(-1).view(torch.uint8).numpy()
+        out[...] = memoryview(self._maps[rank])[pos : pos + c.nbytes]
+
+    def view(self, c: _Chunk, like: torch.Tensor) -> torch.Tensor:
+        """Chunk ``c`` of the tensor ``like`` in its reader's segment (a tensor of the chunk's rows)."""
+        rank, pos = self.places[(c.key, c.start)]
+        shape = like.shape if like.dim() == 0 else (c.rows, *like.shape[1:])
+        return self._bytes(rank)[pos : pos + c.nbytes].view(like.dtype).reshape(shape)
+
+    def close(self) -> None:
+        """Unmap everything (the memory goes once every rank of the host has closed or exited)."""
+        self._views.clear()
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view is still referenced somewhere: the mapping goes with it
+                pass
+        self._maps.clear()

@@ -10,6 +10,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
-from lightning_distckpt.engine.balanced_read import Broadcaster, deal, is_balanceable, rounds
+from lightning_distckpt.engine.balanced_read import Broadcaster, SharedSegments, deal, is_balanceable, node_id, rounds
 from lightning_distckpt.engine.reader import CheckpointReader, ReadStats
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, InsufficientMemoryError, StateMismatchError
 from lightning_distckpt.ondisk import skeleton as state
@@ -206,11 +207,13 @@ def read_tensors(
     comm: Comm,
     balanced: bool = True,
     progress: Callable[[int], None] | None = None,
+    shared_memory: bool = True,
 ) -> ReadStats:
     """Fill ``targets`` (plain, DTensor or ShardedTensor; any placement) from the checkpoint's blocks.
 
     With ``balanced`` (and several ranks), plain CPU tensors that every rank loads are read once, split
-    over the ranks, and broadcast (``lightning_distckpt.engine.balanced_read``). ``progress`` is called
+    over the ranks, and broadcast (``lightning_distckpt.engine.balanced_read``); with ``shared_memory``,
+    read once per host and shared through shared memory instead of broadcasts. ``progress`` is called
     (from reader threads) with the stored bytes of every verified read.
     """
     start = time.perf_counter()
@@ -221,8 +224,25 @@ def read_tensors(
         _load_round(reader, encodings, targets, comm)
         reader.stats.read_s = time.perf_counter() - start
         return reader.stats
-    owned = deal(targets, comm, row_layout(ckpt.metadata), chunk_places(ckpt.metadata))
+    layout, places = row_layout(ckpt.metadata), chunk_places(ckpt.metadata)
     others = {k: v for k, v in targets.items() if not is_balanceable(v)}  # read by every rank that has them
+    if shared_memory:
+        hosts = comm.all_gather(node_id())
+        local = [r for r, h in enumerate(hosts) if h == hosts[comm.rank]]
+        owned = [[] for _ in range(comm.world_size)]
+        for host in dict.fromkeys(hosts):  # deal over the ranks of each host
+            ranks = [r for r, h in enumerate(hosts) if h == host]
+            for r, chunks in enumerate(deal(targets, comm, layout, places, ranks=ranks)):
+                owned[r] += chunks
+        segments = SharedSegments(comm, owned, local)
+        if segments.ok:
+            try:
+                _read_shared(reader, encodings, targets, others, owned, local, segments, comm)
+            finally:
+                segments.close()
+            reader.stats.read_s = time.perf_counter() - start - reader.stats.broadcast_s
+            return reader.stats
+    owned = deal(targets, comm, layout, places)
     sender = Broadcaster(targets, comm)
     most = max(sum(c.nbytes for c in chunks) for chunks in owned)
     for i, round_owned in enumerate(rounds(owned, max(1, min(ROUNDS, most // ROUND_MIN_BYTES)))):
@@ -240,7 +260,41 @@ def read_tensors(
     return reader.stats
 
 
+def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: dict[str, Any], others: dict[str, Any],
+                 owned: list[list[Any]], local: list[int], segments: SharedSegments, comm: Comm) -> None:
+    """Balanced reads through shared memory: each round, every rank reads its chunks into its segment; after a
+    barrier, a helper thread copies the round's chunks of every rank of this host into the targets while the
+    next round is read."""
+    most = max(sum(c.nbytes for c in chunks) for chunks in owned)
+    received = 0
+
+    def copy(chunks: list[Any]) -> None:
+        for c in chunks:
+            segments.copy_into(c, targets[c.key])
+
+    with ThreadPoolExecutor(1, thread_name_prefix="distckpt-shm-copy") as copier:
+        pending = []
+        # fewer rounds than broadcasts use: a copy is cheaper than a collective on a busy machine
+        for i, round_owned in enumerate(rounds(owned, max(1, min(SHARED_ROUNDS, most // ROUND_MIN_BYTES)))):
+            part = dict(others) if i == 0 else {}
+            for c in round_owned[comm.rank]:
+                t = targets[c.key]
+                offsets = torch.Size([c.start] + [0] * (t.dim() - 1)) if t.dim() else torch.Size([])
+                part.setdefault(c.key, []).append(Piece(segments.view(c, t), offsets, t.shape))
+            _load_round(reader, encodings, part, comm)
+            comm.barrier()  # every rank's chunks of this round are in its segment
+            pending.append(copier.submit(copy, [c for r in local for c in round_owned[r]]))
+            received += sum(c.nbytes for r in local if r != comm.rank for c in round_owned[r])
+        wait_start = time.perf_counter()
+        for f in pending:
+            f.result()
+        reader.stats.broadcast_s = time.perf_counter() - wait_start
+    reader.stats.bytes_broadcast = received
+    reader.stats.shared_memory = True
+
+
 ROUNDS = 4  # balanced reads: broadcast one round while reading the next
+SHARED_ROUNDS = 2  # through shared memory: copy one round while reading the next
 ROUND_MIN_BYTES = 32 << 20  # fewer rounds when a rank reads less than ROUNDS of these (each round costs a collective)
 
 

@@ -30,6 +30,7 @@ from lightning_distckpt.ondisk.digests import BlockDigests
 from lightning_distckpt.ondisk.metadata import Location
 from lightning_distckpt.storage.base import Source, read_at, read_scatter, windows
 from lightning_distckpt.transforms.block import BlockCodec
+from lightning_distckpt.transforms.vector import map_chunks
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class ReadStats:
     failures: dict[str, str] = field(default_factory=dict)
     repairs: dict[tuple[str, str, str], Repair] = field(default_factory=dict)
     bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads)
+    shared_memory: bool = False  # balanced reads shared the bytes through shared memory (not broadcasts)
     read_s: float = 0.0
     broadcast_s: float = 0.0
     file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)
@@ -362,19 +364,28 @@ class CheckpointReader(StorageReader):
                 f"{self.sources[0].url(loc.file)}: tensor {fqn!r} needs {hi} bytes, its blocks hold less"
             )
         data = memoryview(self._read_verified(loc, start_stored, selected, fqn, handles))
-        if loc.codec:
+        if loc.codec:  # decode the blocks (on the codec threads when there are several) into one buffer
             codec = self.codecs(loc.codec)
-            out, pos = bytearray(), 0
+            out = memoryview(bytearray(sum(b.raw for b in selected)))
+            starts, raw_starts, pos, raw_pos = [], [], 0, 0
             for b in selected:
-                decoded = codec.decode(data[pos : pos + b.stored], b.raw)
-                if len(decoded) != b.raw:
-                    raise CorruptCheckpointError(
-                        f"{self.sources[0].url(loc.file)}: block of tensor {fqn!r} decodes to {len(decoded)} "
-                        f"bytes, expected {b.raw}"
-                    )
-                out += decoded
-                pos += b.stored
-            data = memoryview(out)
+                starts.append(pos)
+                raw_starts.append(raw_pos)
+                pos, raw_pos = pos + b.stored, raw_pos + b.raw
+
+            def decode(lo: int, hi: int) -> None:
+                for k in range(lo, hi):
+                    b = selected[k]
+                    decoded = codec.decode(data[starts[k] : starts[k] + b.stored], b.raw)
+                    if len(decoded) != b.raw:
+                        raise CorruptCheckpointError(
+                            f"{self.sources[0].url(loc.file)}: block of tensor {fqn!r} decodes to {len(decoded)} "
+                            f"bytes, expected {b.raw}"
+                        )
+                    out[raw_starts[k] : raw_starts[k] + b.raw] = memoryview(decoded).cast("B")
+
+            map_chunks(decode, len(selected), 1)
+            data = out
         return data[lo - start_raw : hi - start_raw]
 
     def _read_verified(self, loc: Location, offset: int, blocks: Sequence[Any], fqn: str,

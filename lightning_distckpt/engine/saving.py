@@ -76,7 +76,7 @@ def write_checkpoint(
     compression = compression or CompressionConfig()
     encodings: dict[str, Any] = {}
     if compression.preset not in (None, "lossless"):
-        tensors, encodings = encode(tensors, compression, params)
+        tensors, encodings = encode(tensors, compression, params, lazy=True)  # encoded by the writer's threads
     codec = compression.make_block_codec()
     manifest.compression = compression.descriptor()
 

@@ -5,12 +5,18 @@ stream per thread, balanced by bytes. Every chunk is stored as blocks of at most
 bytes, each optionally encoded by a block codec and always checksummed (xxh3 of the stored bytes), so a
 reader can verify exactly the bytes it reads. All files go to a staging directory; the coordinator's
 ``finish`` hands the complete metadata to ``on_finish``, which commits.
+
+With a block codec, blocks are encoded (and checksummed) ahead on a pool of codec threads shared by the
+rank's files while earlier blocks are written, a bounded number in flight per file; they are written in
+order, so the bytes are the same as encoding one block after the other.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +32,7 @@ from lightning_distckpt.ondisk.names import data_file_name
 from lightning_distckpt.parallel.planner import item_bytes
 from lightning_distckpt.storage.base import Store
 from lightning_distckpt.transforms.block import BlockCodec
+from lightning_distckpt.transforms.vector import threads as codec_threads
 
 DEFAULT_BLOCK_BYTES = 8 << 20
 
@@ -73,6 +80,8 @@ class CheckpointWriter(StorageWriter):
         self.codec = codec or BlockCodec()
         self.on_finish = on_finish
         self.bytes_written = 0
+        self._encoders: ThreadPoolExecutor | None = None
+        self._ahead = 0
 
     # -- DCP protocol ------------------------------------------------------------------------------
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -90,11 +99,19 @@ class CheckpointWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank = int(plan.storage_data)
         groups = spread(list(plan.items), self.threads)
-        if len(groups) <= 1:
-            results = [self._write_file(rank, k, g, planner) for k, g in enumerate(groups)]
-        else:
-            with ThreadPoolExecutor(len(groups), thread_name_prefix="distckpt-write") as pool:
-                results = list(pool.map(lambda kg: self._write_file(rank, kg[0], kg[1], planner), enumerate(groups)))
+        encoders = codec_threads() if self.codec.name else 0
+        self._encoders = ThreadPoolExecutor(encoders, thread_name_prefix="distckpt-encode") if encoders > 1 else None
+        self._ahead = 2 * encoders
+        try:
+            if len(groups) <= 1:
+                results = [self._write_file(rank, k, g, planner) for k, g in enumerate(groups)]
+            else:
+                with ThreadPoolExecutor(len(groups), thread_name_prefix="distckpt-write") as pool:
+                    results = list(pool.map(lambda kg: self._write_file(rank, kg[0], kg[1], planner), enumerate(groups)))
+        finally:
+            if self._encoders is not None:
+                self._encoders.shutdown(wait=True, cancel_futures=True)
+                self._encoders = None
         flat = [r for rs in results for r in rs]
         self.bytes_written = sum(r.size_in_bytes for r in flat)
         fut: Future[list[WriteResult]] = Future()
@@ -121,24 +138,54 @@ class CheckpointWriter(StorageWriter):
         return self.store.retry.run(lambda: self._write_file_once(path, name, items, planner),
                                     f"write {self.store.url(path)}", cleanup=lambda: self.store.remove(path))
 
+    def _encoded(self, items: list[WriteItem], planner: SavePlanner) -> Iterator[tuple[int, int, Any, int]]:
+        """(item number, raw length, stored bytes, digest) of every block of ``items``, in order; encoded on
+        the encoder pool ahead of the consumer (at most ``2 x pool size`` blocks in flight) when there is one."""
+
+        def blocks() -> Iterator[tuple[int, memoryview, int]]:
+            for i, item in enumerate(items):
+                tensor = planner.resolve_data(item)
+                raw = tensor_bytes(tensor)  # type: ignore[arg-type]
+                itemsize = tensor.element_size()  # type: ignore[union-attr]
+                for start in range(0, max(len(raw), 1), self.block_bytes):
+                    yield i, raw[start : start + self.block_bytes], itemsize
+
+        def encode(chunk: memoryview, itemsize: int) -> tuple[Any, int]:
+            data = self.codec.encode(chunk, itemsize)
+            return data, digest(data)
+
+        pool = self._encoders
+        if pool is None:
+            for i, chunk, itemsize in blocks():
+                yield (i, len(chunk), *encode(chunk, itemsize))
+            return
+        ahead: deque[tuple[int, int, ThreadFuture[tuple[Any, int]]]] = deque()
+        try:
+            for i, chunk, itemsize in blocks():
+                ahead.append((i, len(chunk), pool.submit(encode, chunk, itemsize)))
+                if len(ahead) >= self._ahead:
+                    j, n, fut = ahead.popleft()
+                    yield (j, n, *fut.result())
+            while ahead:
+                j, n, fut = ahead.popleft()
+                yield (j, n, *fut.result())
+        finally:
+            for _, _, fut in ahead:  # an error in between: drop what is still queued
+                fut.cancel()
+
     def _write_file_once(self, path: str, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
         stream = self.store.open_write(path)
         offset = 0
         out = []
+        blocks: list[list[Block]] = [[] for _ in items]
         try:
-            for item in items:
-                tensor = planner.resolve_data(item)
-                raw = tensor_bytes(tensor)  # type: ignore[arg-type]
-                itemsize = tensor.element_size()  # type: ignore[union-attr]
-                blocks = []
-                for start in range(0, max(len(raw), 1), self.block_bytes):
-                    chunk = raw[start : start + self.block_bytes]
-                    data = self.codec.encode(chunk, itemsize)
-                    stream.write(data)
-                    blocks.append(Block(len(data), len(chunk), digest(data)))
-                loc = Location(name, offset, tuple(blocks), self.codec.name)
-                offset += loc.stored
-                out.append(WriteResult(index=item.index, size_in_bytes=loc.stored, storage_data=loc))
+            for i, raw_len, data, d in self._encoded(items, planner):
+                stream.write(data)
+                blocks[i].append(Block(len(data), raw_len, d))
         finally:
             stream.close()
+        for item, bs in zip(items, blocks):
+            loc = Location(name, offset, tuple(bs), self.codec.name)
+            offset += loc.stored
+            out.append(WriteResult(index=item.index, size_in_bytes=loc.stored, storage_data=loc))
         return out

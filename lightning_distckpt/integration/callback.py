@@ -218,6 +218,8 @@ class DistCheckpoint(ModelCheckpoint):
         self._reach_roots(trainer)  # before ModelCheckpoint's own calls on the root, on every rank
         super().setup(trainer, pl_module, stage)
         io.resolver = self._candidates
+        if stage == "fit" and self.dirpath is not None:
+            io.check_root(str(self.dirpath))  # collective: every node must see the same root (or node_local)
         if self._catalog is not None:  # catalog: no "best" lookups after setup; rank 0 owns the run while fitting
             self.__dict__["_best_asked"] = True
             if trainer.is_global_zero and stage == "fit":

@@ -9,10 +9,19 @@ Two ways in:
   ``remove_checkpoint``) act in the calling process alone, like any CheckpointIO. Lightning uses them for
   internal files (``ddp_spawn`` results); users can use them to read a checkpoint into a plain dict.
 
-With ``async_save=True`` a routed save blocks only while the tensors are copied into host buffers
-(reused across saves); writing, committing and the after-commit tasks run in one background thread
-with its own gloo process group. At most one save is in flight: the next save, a load, ``wait()`` and
-``teardown()`` wait for it, and an error in the background is raised there.
+With ``async_save=True`` a routed save returns once the tensors that the next forward/backward may change
+(buffers, callback state) are copied into host buffers (reused across saves). Parameters and optimizer
+state, which only an optimizer step changes, are copied by the background thread while the next step's
+forward and backward run (a pipelined snapshot, as in CheckFreq); every optimizer of the strategy gets a
+step pre-hook, on every rank, that waits for that copy if it is not done yet. Writing, committing and the
+after-commit tasks follow in the same background thread, with its own gloo process group. At most one save
+is in flight: the next save, a load, ``wait()`` and ``teardown()`` wait for it, and an error in the
+background is raised there. ``pipelined_snapshot=False`` copies everything inside the save call instead.
+
+Guarantee of the pipelined snapshot: the checkpoint holds the state as of the save provided parameters and
+optimizer state change only through ``optimizer.step()`` of the strategy's optimizers until the copy is
+done. Code that writes them in place otherwise (a callback that edits weights right after a save) must
+call :meth:`DistCheckpointIO.wait_snapshot` first.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,7 +56,8 @@ from lightning_distckpt.engine.loading import (
     saved_tensors,
 )
 from lightning_distckpt.engine.saving import SaveResult, WriteOptions, reserve, write_checkpoint
-from lightning_distckpt.engine.snapshot import Snapshotter
+from lightning_distckpt.engine.shared_root import check_shared_root
+from lightning_distckpt.engine.snapshot import PendingSnapshot, Snapshotter
 from lightning_distckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -82,9 +93,12 @@ class IOStats:
     saves: int = 0
     load_bytes_read: dict[str, int] = field(default_factory=dict)
     load_fallbacks: dict[str, str] = field(default_factory=dict)
-    load_bytes_broadcast: int = 0
+    load_bytes_broadcast: int = 0  # received from other ranks (by broadcast or through shared memory)
+    load_shared_memory: bool = False  # the last load's balanced reads went through shared memory
     loaded_from: str = ""
     load_s: dict[str, float] = field(default_factory=dict)  # the last load's phases
+    snapshot_copy_s: float = 0.0  # the last pipelined snapshot's background copy
+    step_wait_s: float = 0.0  # time optimizer steps waited for the last pipelined snapshot
     #: blocks of the last load that were read from another copy because one failed verification, every rank's
     #: (``file``, ``bad`` and ``good`` copy, ``reason``, ``blocks``, ``bytes``, ``rank``)
     load_repairs: list[dict[str, Any]] = field(default_factory=list)
@@ -98,6 +112,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
 
     Args:
         async_save: Return from a save once the state is copied to host memory; write in the background.
+        pipelined_snapshot: With ``async_save``, copy parameters and optimizer state in the background
+            while the next forward/backward run; the next optimizer step waits for the copy if needed.
         storage_options: Options for the fsspec filesystem of remote URLs (strings for HDFS client settings).
         durable: fsync data files and directories on local filesystems before a checkpoint commits.
         hdfs: Replication, block size, user, Hadoop conf dir and retries for ``hdfs://``, ``viewfs://`` and
@@ -106,6 +122,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             (see `lightning_distckpt.compression`); loading needs no setting.
         balanced_reads: Read each replicated tensor (DDP state) once across the ranks and broadcast it,
             instead of every rank reading all of it.
+        shared_memory_reads: Balanced reads share the bytes between the ranks of a host through shared memory
+            (each host reads every replicated byte once); False: broadcasts over gloo between all ranks.
         write_threads: Files (and concurrent streams) per rank and save.
         read_threads: Concurrent readers per rank and load.
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
@@ -113,6 +131,12 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             hyper-parameter classes); everything else that JSON cannot hold is refused on load, unless the
             load is given ``weights_only=False`` (``fit``/``validate``/... and ``load_from_checkpoint`` take it,
             as for ``torch.load``). Types registered with ``torch.serialization.add_safe_globals`` count too.
+        node_local: The checkpoint root is a per-node directory on purpose. By default a job on several
+            nodes checks (at ``DistCheckpoint`` setup, else at the first save under a root) that every node
+            sees the same root and refuses a node-local one with :class:`NodeLocalRootError`
+            (:mod:`~lightning_distckpt.engine.shared_root`). With ``node_local=True`` nothing is checked, and
+            a checkpoint is complete only where every rank's files end up in one directory (e.g. after the
+            user gathers them).
         connect_timeout_s: How long reaching a store may take: ``DistCheckpoint`` checks the checkpoint root
             and every replica root at setup, before the first training step, and ModelCheckpoint's own calls on
             the root are bounded by it; an unreachable root fails with
@@ -130,15 +154,18 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
     def __init__(
         self,
         async_save: bool = False,
+        pipelined_snapshot: bool = True,
         storage_options: dict[str, Any] | None = None,
         durable: bool = True,
         hdfs: HdfsOptions | None = None,
         compression: Literal["lossless", "bf16", "int8"] | CompressionConfig | None = None,
         balanced_reads: bool = True,
+        shared_memory_reads: bool = True,
         write_threads: int = 2,
         read_threads: int = 2,
         chunk_mb: int = 32,
         safe_globals: list[str] | None = None,
+        node_local: bool = False,
         connect_timeout_s: float = 30.0,
         exclude_from_loading: list[str] | None = None,
     ) -> None:
@@ -147,10 +174,14 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         if write_threads < 1 or read_threads < 1 or chunk_mb < 1:
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
         self.async_save = async_save
+        self.pipelined_snapshot = pipelined_snapshot
+        self.node_local = node_local
+        self._checked_roots: set[str] = set()
         self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs,
                                      connect_timeout_s=connect_timeout_s)  # fmt: skip
         self.compression = resolve(compression)
         self.balanced_reads = balanced_reads
+        self.shared_memory_reads = shared_memory_reads
         self.safe_globals = list(safe_globals or [])
         self.exclude_from_loading = _check_exclude(exclude_from_loading)
         self.read_threads = read_threads
@@ -161,6 +192,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self._executor: ThreadPoolExecutor | None = None
         self._future: Future[None] | None = None
         self._snapshots = Snapshotter()
+        self._snapshot: PendingSnapshot | None = None
+        self._hooked: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._plan_cache = PlanCache()
         self._after_commit: list[Callable[[SaveResult | None], None]] = []
         self._in_flight = False
@@ -228,6 +261,9 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         try:
             self.wait()
         finally:
+            for handle in list(self._hooked.values()):
+                handle.remove()
+            self._hooked = weakref.WeakKeyDictionary()
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
@@ -253,12 +289,20 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         comm = self._comm()
         self.wait()
         url = comm.broadcast(path)
+        self.check_root(_parent(url), comm)
         skeleton, tensors = state.split(checkpoint)
         manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
         params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
         if self.async_save and _running(strategy):
-            snapshot = self._snapshots.take(tensors, self._plan_cache.owned() if comm.active else None,
-                                            self.write_options.chunk_bytes)
+            def now(key: str) -> bool:  # what the next forward/backward may change: copied before returning
+                return not (self.pipelined_snapshot and (key in params or key.startswith(state.OPTIM)))
+
+            if self.pipelined_snapshot:
+                self._hook_optimizers(strategy)
+            snapshot = self._snapshots.start(tensors, self._plan_cache.owned() if comm.active else None,
+                                             self.write_options.chunk_bytes, now=now)
+            self._snapshot = snapshot
+            self.stats.step_wait_s = 0.0
             with self._lock:
                 self._in_flight = True  # tasks registered from now on wait for this save
             if comm.rank == 0:
@@ -381,7 +425,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         lazy = bool(model) and _hooks_load(module)  # a hook may change the weights: read them after it ran
         now = {} if lazy else model
         self._record(read_tensors(ckpt, {**now, **optim, **extras}, sources=ordered, threads=self.read_threads,
-                                  comm=comm, balanced=self.balanced_reads), comm, strategy)  # fmt: skip
+                                  comm=comm, balanced=self.balanced_reads,
+                                  shared_memory=self.shared_memory_reads), comm, strategy)  # fmt: skip
 
         def lookup(key: str) -> Any:
             if key.startswith(state.MODEL):
@@ -501,6 +546,57 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                 return
         self._run_task(task, self.stats.last_save)
 
+    def check_root(self, root: str, comm: Comm | None = None) -> None:
+        """Collective (every rank, same order): refuse a root that the job's nodes do not share, unless
+        ``node_local``. Checked once per root and plugin; a job on one node checks nothing."""
+        if self.node_local or root in self._checked_roots:
+            return
+        comm = comm or self._comm()
+        check_shared_root(root, comm, self.storage)
+        self._checked_roots.add(root)
+
+    def wait_snapshot(self) -> None:
+        """Block until the save in flight has copied everything it saves (its snapshot is complete); after
+        this, training may change any tensor. The optimizer steps of the strategy's optimizers do this by
+        themselves. Returns at once when no save is in flight."""
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.wait()
+
+    def _hook_optimizers(self, strategy: Strategy) -> None:
+        """Make every optimizer of ``strategy`` wait for the pipelined snapshot before it steps (once each)."""
+        for opt in strategy.optimizers:
+            if opt not in self._hooked and hasattr(opt, "register_step_pre_hook"):
+                self._hooked[opt] = opt.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        """Step pre-hook: the update must not start before the snapshot has copied the parameters. A step with a
+        closure (Lightning's automatic optimization runs forward and backward inside ``optimizer.step``) gets
+        a closure that waits after it returns, so forward and backward still overlap with the copy."""
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.done:
+            return None
+        closure = kwargs.get("closure", args[0] if args else None)
+        if not callable(closure):
+            self._wait_for(snapshot)
+            return None
+
+        def closure_then_wait() -> Any:
+            out = closure()
+            self._wait_for(snapshot)
+            return out
+
+        if "closure" in kwargs or not args:
+            return args, {**kwargs, "closure": closure_then_wait}
+        return (closure_then_wait, *args[1:]), kwargs
+
+    def _wait_for(self, snapshot: PendingSnapshot) -> None:
+        if snapshot.done:
+            return
+        start = time.perf_counter()
+        snapshot.wait()
+        self.stats.step_wait_s += time.perf_counter() - start
+
     def wait(self) -> None:
         """Block until the save in flight has committed; raise `CheckpointSaveError` if it failed."""
         future, self._future = self._future, None
@@ -510,11 +606,15 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             finally:
                 self._failed = False
 
-    def _write(self, url: str, skeleton: Any, tensors: dict[str, Any], manifest: ondisk.Manifest, comm: Comm,
-               params: set[str] | None = None, background: bool = False) -> None:
+    def _write(self, url: str, skeleton: Any, tensors: dict[str, Any] | PendingSnapshot, manifest: ondisk.Manifest,
+               comm: Comm, params: set[str] | None = None, background: bool = False) -> None:
         with self._lock:
             self._in_flight = True
         try:
+            if isinstance(tensors, PendingSnapshot):  # the pipelined part of an async snapshot
+                tensors_ = tensors.run()
+                self.stats.snapshot_copy_s = tensors.copy_s
+                tensors = tensors_
             exact = self.compression.exact_every and (self.stats.saves + 1) % self.compression.exact_every == 0
             compression = self.compression.exact() if exact else self.compression
             result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, self.storage,
@@ -572,6 +672,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
         self.stats.load_bytes_broadcast = stats.bytes_broadcast
+        self.stats.load_shared_memory = stats.shared_memory
         self.stats.load_s.update(read=stats.read_s, broadcast=stats.broadcast_s,
                                  slowest_file=max(stats.file_s.values(), default=0.0))
 
@@ -587,12 +688,20 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         # process groups, threads and buffers belong to one process (ddp_spawn pickles the trainer)
         s = self.__dict__.copy()
         s.update(_pg=None, _bulk_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _plan_cache=PlanCache(), _after_commit=[],
-                 _lock=None, _in_flight=False, _failed=False, resolver=_only, _loaded=None, _next_exclude={})
+                 _lock=None, _in_flight=False, _failed=False, resolver=_only, _loaded=None, _next_exclude={},
+                 _snapshot=None, _hooked=None, _checked_roots=set())
         return s
 
     def __setstate__(self, s: dict[str, Any]) -> None:
         self.__dict__.update(s)
         self._lock = threading.Lock()
+        self._hooked = weakref.WeakKeyDictionary()
+
+
+def _parent(url: str) -> str:
+    """The directory a checkpoint URL is in (its root), as a string."""
+    u = url.rstrip("/")
+    return (u.rsplit("/", 1)[0] or "/") if "/" in u else "."
 
 
 STEP_PREFIX = "step:"

@@ -8,7 +8,7 @@ planners deal out and what writers store. Pure functions; no I/O, no collectives
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -20,11 +20,17 @@ DEFAULT_CHUNK_BYTES = 32 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """A rank's local part of a tensor: ``local`` sits at ``offsets`` inside a tensor of ``global_size``."""
+    """A rank's local part of a tensor: ``local`` sits at ``offsets`` inside a tensor of ``global_size``.
+
+    ``source``, when set, produces the piece's real data on first use (``local`` is then a meta tensor of
+    its shape and dtype, enough to plan with): e.g. an encoded tensor part computed only when a writer
+    thread needs its bytes. It must be thread-safe and return the same tensor every time.
+    """
 
     local: torch.Tensor
     offsets: torch.Size
     global_size: torch.Size
+    source: Callable[[], torch.Tensor] | None = None
 
 
 def pieces(value: Any) -> list[Piece]:

@@ -99,8 +99,9 @@ class PlanCache:
 class BalancedSavePlanner(SavePlanner):
     """Plans a save of a flat ``{key: tensor}`` dict (plain, DTensor or ShardedTensor values).
 
-    Not thread-safe; one instance per save. ``resolve_data`` returns views of the caller's tensors, which
-    must not change until the write completes (take a snapshot first for asynchronous saves).
+    Not thread-safe to plan with; one instance per save. ``resolve_data`` (called from the writer's threads)
+    returns views of the caller's tensors, which must not change until the write completes (take a snapshot
+    first for asynchronous saves); for a piece with a ``source`` it calls the source (thread-safe) first.
     """
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -120,7 +121,8 @@ class BalancedSavePlanner(SavePlanner):
                 props = TensorProperties(dtype=piece.local.dtype)
                 for offsets, sizes, view in split_rows(piece, self.chunk_bytes):
                     index = MetadataIndex(key, offsets)
-                    self._views[index] = view
+                    # a piece produced on demand is resolved when a writer asks for its bytes (resolve_data)
+                    self._views[index] = view if piece.source is None else (piece, offsets, sizes)  # type: ignore[assignment]
                     self._items.append(
                         WriteItem(
                             index=index,
@@ -170,7 +172,12 @@ class BalancedSavePlanner(SavePlanner):
         return new_plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
-        return self._views[write_item.index]
+        view = self._views[write_item.index]
+        if isinstance(view, tuple):  # (piece with a source, chunk offsets, chunk sizes)
+            piece, offsets, sizes = view
+            data = piece.source()
+            return data if data.dim() == 0 else data.narrow(0, offsets[0] - piece.offsets[0], sizes[0])
+        return view
 
 
 class PieceLoadPlanner(DefaultLoadPlanner):

@@ -21,10 +21,13 @@ statistics), and everything that is not model or optimizer state (loops, schedul
 from __future__ import annotations
 
 import dataclasses
+import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -155,9 +158,30 @@ def choose(key: str, value: Any, config: CompressionConfig, params: set[str] | N
 
 
 # ---- encode (save) -----------------------------------------------------------------------------
-def encode(tensors: dict[str, Any], config: CompressionConfig,
-           params: set[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Replace tensors chosen for a lossy codec by their parts (as pieces); return them and the encodings."""
+class _Encoded:
+    """The parts of one piece under a tensor codec, encoded on first use (by whichever writer thread asks first,
+    so encoding overlaps with writing other tensors) and kept until the save ends. Thread-safe."""
+
+    def __init__(self, codec: Any, src: torch.Tensor, block: int) -> None:
+        self._codec, self._src, self._block = codec, src, block
+        self._parts: dict[str, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+
+    def part(self, name: str) -> torch.Tensor:
+        with self._lock:
+            if self._parts is None:
+                self._parts = self._codec.encode(self._src, self._block)
+                self._src = None
+            return self._parts[name]
+
+
+def encode(tensors: dict[str, Any], config: CompressionConfig, params: set[str] | None,
+           lazy: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Replace tensors chosen for a lossy codec by their parts (as pieces); return them and the encodings.
+
+    ``lazy``: the tensor-codec parts are pieces with a ``source`` that encodes on first use (the writer's
+    threads then encode while other bytes are written); otherwise everything is encoded now.
+    """
     out: dict[str, Any] = {}
     encodings: dict[str, Any] = {}
     for key, value in tensors.items():
@@ -174,11 +198,18 @@ def encode(tensors: dict[str, Any], config: CompressionConfig,
             entry.update(version=c.version, block=config.block_size)
             shapes = c.part_shapes(ps[0].global_size, config.block_size)
             for p in ps:
-                parts = c.encode(p.local.detach(), config.block_size)
-                for part, data in parts.items():
-                    gshape = torch.Size(shapes[part][0])
+                lazy_parts = _Encoded(c, p.local.detach(), config.block_size) if lazy else None
+                parts = {} if lazy else c.encode(p.local.detach(), config.block_size)
+                for part, (gsize, dtype) in shapes.items():
+                    gshape = torch.Size(gsize)
                     offsets = torch.Size([p.offsets[0]] + [0] * (len(gshape) - 1))
-                    out.setdefault(f"{key}{PART}{part}", []).append(Piece(data, offsets, gshape))
+                    if lazy_parts is None:
+                        piece = Piece(parts[part], offsets, gshape)
+                    else:
+                        rows = p.local.shape[0] if p.local.dim() else 1
+                        meta = torch.empty([rows, *gshape[1:]], dtype=dtype, device="meta")
+                        piece = Piece(meta, offsets, gshape, source=functools.partial(lazy_parts.part, part))
+                    out.setdefault(f"{key}{PART}{part}", []).append(piece)
         encodings[key] = entry
     return out, encodings
 
@@ -211,12 +242,31 @@ def decode_plan(encodings: dict[str, Any], targets: dict[str, Any]) -> tuple[dic
     def finish() -> None:
         for p, bufs, e in jobs:
             c = _codec(e["codec"])
-            full = c.decode(bufs, torch.Size([p.local.shape[0], *e["size"][1:]]), p.local.dtype, e["block"])
+            shape = torch.Size([p.local.shape[0], *e["size"][1:]])
+            if getattr(c, "decodes_into", False) and p.local.shape == shape:  # decode straight into the target
+                full = c.decode(bufs, shape, p.local.dtype, e["block"], out=p.local)
+                if full.data_ptr() == p.local.data_ptr():
+                    continue
+            else:
+                full = c.decode(bufs, shape, p.local.dtype, e["block"])
             for d in range(1, full.dim()):
                 full = full.narrow(d, p.offsets[d], p.local.shape[d])
-            p.local.copy_(full)
+            _copy(p.local, full)
 
     return read, finish
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; between CPU tensors of one dtype as a numpy copy (no intra-op thread team to wake
+    for one memory copy, which costs seconds on an oversubscribed machine)."""
+    if (dst.device.type == src.device.type == "cpu" and dst.dtype == src.dtype and dst.dtype in _NUMPY
+            and not dst.requires_grad and dst.shape == src.shape):
+        np.copyto(dst.numpy(), src.numpy())
+    else:
+        dst.copy_(src)
+
+
+_NUMPY = (torch.float32, torch.float64, torch.float16, torch.int8, torch.uint8, torch.int32, torch.int64)
 
 
 def _codec(name: str) -> Any:

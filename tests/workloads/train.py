@@ -164,6 +164,7 @@ def main() -> None:
     p.add_argument("--timing-only", action="store_true", help="no state digests (they take seconds at 1 GiB)")
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
     p.add_argument("--hdfs-user", default=None)
+    p.add_argument("--node-local", action="store_true", help="DistCheckpointIO(node_local=True)")
     p.add_argument("--hdfs-replication", type=int, default=None)
     p.add_argument("--stock-save", default=None, help="train with stock Lightning (no plugin) and save this .ckpt file")
     args = p.parse_args()
@@ -174,14 +175,17 @@ def main() -> None:
     fault_injection()
     model = Net(width=args.width)
     probe = Probe(args.digest_dir, digests=not args.timing_only)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun --nnodes=K: K nodes of `local` processes
     trainer = L.Trainer(
         accelerator=accelerator(),
-        devices=world if args.strategy != "single" else 1,
+        devices=local if args.strategy != "single" else 1,
+        num_nodes=world // local if args.strategy != "single" else 1,
         strategy=strategy(args.strategy),
         max_steps=args.max_steps,
         plugins=[] if args.stock_save else [
             DistCheckpointIO(async_save=args.async_save, compression=args.compression,
-                             hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication))],
+                             hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication),
+                             node_local=args.node_local)],
         callbacks=([] if args.stock_save else [
             DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
                            replicas=args.replicas, save_last=True if args.save_last else None)]) + [probe],
@@ -200,7 +204,9 @@ def main() -> None:
     if args.stats and trainer.is_global_zero:
         cb = trainer.checkpoint_callback
         write_json(args.stats, {"loaded_from": io.stats.loaded_from, "fallbacks": io.stats.load_fallbacks,
-                                "bytes_by_source": io.stats.load_bytes_read, "replication": cb.replication})
+                                "bytes_by_source": io.stats.load_bytes_read, "replication": cb.replication,
+                                "shared_memory": io.stats.load_shared_memory,
+                                "bytes_received": io.stats.load_bytes_broadcast})
     if args.final_digest:
         digest = full_state_digest(trainer)
         if probe.loaded_loops is not None:

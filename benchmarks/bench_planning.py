@@ -1,0 +1,195 @@
+"""Planning at scale, simulated: the real save planner, load planner and metadata code on synthetic local
+plans of thousands of ranks, in one process (no torch.distributed, no data).
+
+    python benchmarks/bench_planning.py                  # writes benchmarks/results/planning.json
+    python benchmarks/bench_planning.py --ranks 64 256   # other sizes
+
+The model is shaped like a 70B transformer (Llama-3-70B: 80 layers of q/k/v/o, gate/up/down and two norms,
+embeddings, final norm, LM head: 723 tensors, 70.6 B parameters) with AdamW state (exp_avg, exp_avg_sq and
+a 0-dim step per parameter). FSDP2 shards every parameter and moment on dim 0 over all ranks (torch.chunk
+rule: ranks past the last row hold nothing); the step counters are replicated on every rank. DDP: every rank
+holds everything whole.
+
+For each world size N, in a fresh subprocess (so peak memory is that of one size), it times:
+
+* local plans: ``BalancedSavePlanner.set_up_planner`` + ``create_local_plan`` for every rank, on meta tensors;
+* global plan: ``create_global_plan`` on all N local plans (balance, DCP's global plan, coverage checks);
+* metadata: ``metadata_to_json`` after giving every chunk the Location a writer would (one block each),
+  its JSON bytes, and ``metadata_from_json`` (what every load parses);
+* load plan: ``PieceLoadPlanner.create_local_plan`` for one rank loading with the same sharding.
+
+Peak memory is the subprocess's maximum RSS. A size that exceeds ``--max-gib`` of memory or ``--timeout``
+seconds is recorded as such (with how far it got), never extrapolated into a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+VOCAB, HIDDEN, INTER, LAYERS, KV = 128256, 8192, 28672, 80, 1024
+
+
+def model_shapes() -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (KV, HIDDEN),
+                       p + "self_attn.v_proj.weight": (KV, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                       p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
+                       p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
+                       p + "post_attention_layernorm.weight": (HIDDEN,)})  # fmt: skip
+    shapes["norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+def rank_state(shapes: dict[str, tuple[int, ...]], world: int, rank: int, kind: str) -> dict:
+    """One rank's flat state as the plugin would pass it: {key: [Piece on the meta device]}."""
+    import torch
+
+    from lightning_distckpt.parallel.pieces import Piece
+
+    out = {}
+    for fqn, shape in shapes.items():
+        size = torch.Size(shape)
+        if kind == "fsdp2":
+            per = -(-shape[0] // world)
+            lo, hi = min(shape[0], rank * per), min(shape[0], (rank + 1) * per)
+            local, offsets = (hi - lo, *shape[1:]), torch.Size([lo] + [0] * (len(shape) - 1))
+        else:
+            local, offsets = shape, torch.Size([0] * len(shape))
+        piece = [Piece(torch.empty(local, dtype=torch.float32, device="meta"), offsets, size)]
+        out[f"model/{fqn}"] = piece
+        out[f"optim/0/{fqn}/exp_avg"] = piece
+        out[f"optim/0/{fqn}/exp_avg_sq"] = piece
+        out[f"optim/0/{fqn}/step"] = torch.empty((), dtype=torch.float32, device="meta")
+    return out
+
+
+def one_size(world: int, kind: str) -> dict:
+    import torch  # noqa: F401
+
+    from lightning_distckpt import ondisk
+    from lightning_distckpt.engine.dcp_metadata import from_dcp, to_dcp
+    from lightning_distckpt.ondisk.metadata import Block, Location, metadata_from_json, metadata_to_json
+    from lightning_distckpt.parallel.planner import BalancedSavePlanner, PieceLoadPlanner
+
+    shapes = model_shapes()
+    row: dict = {"ranks": world, "kind": kind, "tensors": 4 * len(shapes),
+                 "parameters": sum(torch.Size(s).numel() for s in shapes.values())}  # fmt: skip
+    t0 = time.perf_counter()
+    plans, planners = [], []
+    for r in range(world):
+        pl = BalancedSavePlanner()
+        pl.set_up_planner(rank_state(shapes, world, r, kind))
+        plans.append(pl.create_local_plan())
+        if r == 0:
+            planners.append(pl)
+    row["local_plans_s_all_ranks"] = time.perf_counter() - t0
+    row["local_plan_items"] = sum(len(p.items) for p in plans)
+    row["stage"] = "local plans"
+    _progress(row)
+    t0 = time.perf_counter()
+    global_plans, metadata = planners[0].create_global_plan(plans)
+    row["global_plan_s"] = time.perf_counter() - t0
+    row["written_items"] = sum(len(p.items) for p in global_plans)
+    row["stage"] = "global plan"
+    _progress(row)
+    del plans
+    # what the writers report back: every chunk at its place in its rank's file, one block each
+    t0 = time.perf_counter()
+    storage = {}
+    for r, plan in enumerate(global_plans):
+        offset = 0
+        for item in plan.items:
+            n = item.tensor_data.chunk.sizes.numel() * 4
+            storage[item.index] = Location(f"__{r}_0.distcp", offset, (Block(n, n, 0x9E3779B97F4A7C15),))
+            offset += n
+    metadata.storage_data = storage
+    doc = ondisk.dumps(metadata_to_json(from_dcp(metadata)))
+    row["metadata_write_s"] = time.perf_counter() - t0
+    row["metadata_bytes"] = len(doc)
+    row["stage"] = "metadata"
+    _progress(row)
+    t0 = time.perf_counter()
+    parsed = to_dcp(metadata_from_json(json.loads(doc), "metadata.json"))  # what opening a checkpoint does
+    row["metadata_parse_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lp = PieceLoadPlanner()
+    lp.set_up_planner(rank_state(shapes, world, world // 2, kind), parsed)
+    load_plan = lp.create_local_plan()
+    row["load_plan_s_one_rank"] = time.perf_counter() - t0
+    row["load_plan_items_one_rank"] = len(load_plan.items)
+    row["stage"] = "done"
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
+
+
+def _progress(row: dict) -> None:
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("PROGRESS " + json.dumps(row), flush=True)
+
+
+def run_size(world: int, kind: str, max_gib: float, timeout: float) -> dict:
+    """One size in a subprocess under a memory limit; the last progress line if it did not finish."""
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); import resource, json; "
+            f"resource.setrlimit(resource.RLIMIT_AS, ({int(max_gib * 2**30)}, {int(max_gib * 2**30)})); "
+            f"from bench_planning import one_size; print('RESULT ' + json.dumps(one_size({world}, {kind!r})))")  # fmt: skip
+    last: dict = {"ranks": world, "kind": kind, "stage": "start"}
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        out = p.stdout
+        status = "ok" if p.returncode == 0 else f"failed (exit {p.returncode}; memory limit {max_gib} GiB?)"
+        tail = p.stderr[-400:]
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        status, tail = f"timed out after {timeout:.0f} s", ""
+    for line in out.splitlines():
+        if line.startswith("PROGRESS "):
+            last = json.loads(line[9:])
+        if line.startswith("RESULT "):
+            last = json.loads(line[7:])
+    last["status"] = status
+    if status != "ok":
+        last["error_tail"] = tail
+    return last
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ranks", type=int, nargs="*", default=[64, 256, 1024, 4096, 16384])
+    p.add_argument("--ddp-ranks", type=int, nargs="*", default=[16, 64, 1024])
+    p.add_argument("--max-gib", type=float, default=8.0, help="memory limit of each size's process")
+    p.add_argument("--timeout", type=float, default=600.0)
+    args = p.parse_args()
+    from _common import environment, write_result
+
+    rows = []
+    for kind, sizes in (("fsdp2", args.ranks), ("ddp", args.ddp_ranks)):
+        stop = False
+        for n in sizes:
+            if stop:  # a smaller size already exceeded the limits: the larger one cannot fit
+                rows.append({"ranks": n, "kind": kind, "status": "not run: a smaller size exceeded the limits"})
+                continue
+            row = run_size(n, kind, args.max_gib, args.timeout)
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "error_tail"}, flush=True)
+            stop = row["status"] != "ok"
+    result = {"benchmark": "planning", "env": environment(), "max_gib": args.max_gib, "timeout_s": args.timeout,
+              "model": {"layers": LAYERS, "hidden": HIDDEN, "intermediate": INTER, "vocab": VOCAB},
+              "rows": rows}  # fmt: skip
+    print(write_result("planning", result))
+
+
+if __name__ == "__main__":
+    main()
