@@ -22,8 +22,8 @@ Modes (environment variable ``DISTCKPT_COMPAT``):
     * ``os.path.isfile(p)`` / ``Path.is_file()`` -> True for a committed plugin checkpoint;
     * ``os.path.getsize(p)`` / ``Path.stat().st_size`` of a plugin checkpoint -> the sum of its files' sizes;
     * ``torch.save`` replaced by a ``Mock`` and its calls counted by a test: the plugin never calls
-      ``torch.save``; the injected plugin (:class:`ReportingDistCheckpointIO`) reports each committed save to
-      such a mock as one call ``torch.save({"__distckpt__": path}, path)``.
+      ``torch.save``; the injected plugin (:class:`ReportingDistCheckpointIO`) reports each save it starts on
+      rank 0 to such a mock as one call ``torch.save({"__distckpt__": path}, path)``.
 
 With ``DISTCKPT_COMPAT_ASYNC=1`` the injected plugin is ``DistCheckpointIO(async_save=True)``, and every
 ``Trainer.fit/validate/test/predict`` and every ``Trainer.save_checkpoint`` called while none of them runs is
@@ -194,15 +194,21 @@ def _dir_size(path: str) -> int:
 
 
 class ReportingDistCheckpointIO(DistCheckpointIO):
-    """What ``adapted`` mode injects: DistCheckpointIO that reports each committed save to a ``torch.save``
-    mock. A class (not a patch), so that it travels to ``ddp_spawn`` children, which do not load this plugin."""
+    """What ``adapted`` mode injects: DistCheckpointIO that reports each save it starts to a ``torch.save``
+    mock, on rank 0, when the save is started (as stock's ``torch.save`` call happens then, also with
+    ``async_save``). A class (not a patch), so that it travels to ``ddp_spawn`` children, which do not load
+    this plugin."""
 
-    def _write(self, url: str, skeleton: Any, tensors: Any, manifest: Any, comm: Any, *args: Any, **kwargs: Any) -> Any:
-        out = super()._write(url, skeleton, tensors, manifest, comm, *args, **kwargs)
+    def save_routed(self, strategy: Any, checkpoint: Any, path: str, storage_options: Any = None) -> None:
+        super().save_routed(strategy, checkpoint, path, storage_options)
         _counts["saves"] += 1
-        if comm.rank == 0:  # a stock save is one torch.save on rank 0
-            _report_save_to_torch_save_mock(url)
-        return out
+        if strategy.global_rank == 0:  # a stock save is one torch.save on rank 0
+            _report_save_to_torch_save_mock(path)
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        _counts["saves"] += 1
+        _report_save_to_torch_save_mock(str(path))
 
 
 def _report_save_to_torch_save_mock(url: str) -> None:
