@@ -45,6 +45,8 @@ from lightning_distckpt.engine.loading import (
     read_tensors,
     saved_tensors,
 )
+from lightning_distckpt.catalog.blocks import data_ids_of, sweep_after_removal
+from lightning_distckpt.engine.incremental import Base, IncrementalSave
 from lightning_distckpt.engine.saving import SaveResult, WriteOptions, write_checkpoint
 from lightning_distckpt.engine.snapshot import Snapshotter
 from lightning_distckpt.errors import (
@@ -114,6 +116,14 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             the root are bounded by it; an unreachable root fails with
             `StorageUnreachableError` naming the URL (``HdfsOptions.connect_timeout_s``
             overrides it for HDFS URLs).
+        incremental: Write only the blocks that differ from the last committed checkpoint of this run under the same
+            root (or the one it resumed from): a block whose raw bytes match one of that checkpoint's (xxh3, length,
+            block codec, and SHA-256) is referenced where it lies instead of written again. Data files then live in
+            the root's block store (``<root>/.distckpt-blocks/``) and are kept while any checkpoint references them;
+            loading, verification, copies and replication work as for any checkpoint (see docs/incremental.md).
+        full_every: With ``incremental``: every K-th save is self-contained (borrows nothing), so that the data of a
+            long run does not spread over ever more earlier saves. ``None``: only the first save of a process (and a
+            save whose base already spans ``engine.incremental.MAX_SOURCES`` earlier saves) is a full one.
     """
 
     def __init__(
@@ -129,11 +139,19 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         chunk_mb: int = 32,
         safe_globals: list[str] | None = None,
         connect_timeout_s: float = 30.0,
+        incremental: bool = False,
+        full_every: int | None = None,
     ) -> None:
         super().__init__()
         install_hook()  # from now on, assigning a DistCheckpointIO to a strategy routes it (see routing.py)
         if write_threads < 1 or read_threads < 1 or chunk_mb < 1:
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
+        if full_every is not None and (type(full_every) is not int or full_every < 1):
+            raise ValueError(f"full_every={full_every!r}: must be an integer of at least 1 (or None)")
+        self.incremental = incremental
+        self.full_every = full_every
+        self._base: Base | None = None  # rank 0: what the next incremental save may borrow from
+        self._since_full = 0  # rank 0: saves since (and including) the last self-contained one
         self.async_save = async_save
         self.storage = StorageConfig(options=dict(storage_options or {}), durable=durable, hdfs=hdfs,
                                      connect_timeout_s=connect_timeout_s)  # fmt: skip
@@ -182,9 +200,13 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
-        """Remove a checkpoint directory (its commit marker first, so it is never half visible)."""
+        """Remove a checkpoint directory (its commit marker first, so it is never half visible). Blocks of an
+        incremental checkpoint that no other checkpoint references are deleted afterwards (the block store's sweep:
+        blocks a newer checkpoint borrows stay)."""
         store, p = open_store(str(path), self.storage)
+        ids = data_ids_of(store, p)
         catalog.remove_checkpoint(store, p)
+        sweep_after_removal(store, p, ids, self.storage)
 
     @override
     def teardown(self) -> None:
@@ -317,6 +339,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             return extras[key]
 
         checkpoint = state.join(ckpt.skeleton, lookup, self.safe_globals)
+        if self.incremental and comm.rank == 0:  # a resumed run's next save borrows from what it resumed from
+            self._base, self._since_full = Base(url, ckpt.manifest, ckpt.metadata), 1
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if v is not _SKIP}
         self.stats.loaded_from = url
@@ -378,7 +402,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             exact = self.compression.exact_every and (self.stats.saves + 1) % self.compression.exact_every == 0
             compression = self.compression.exact() if exact else self.compression
             result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, self.storage,
-                                      compression, params, self._plan_cache if comm.active else None)
+                                      compression, params, self._plan_cache if comm.active else None,
+                                      self._incremental_save(url, comm))
         except BaseException:
             with self._lock:
                 self._after_commit.clear()
@@ -387,11 +412,24 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             raise
         self.stats.last_save = result
         self.stats.saves += 1
+        if self.incremental and result.manifest is not None and result.metadata is not None:  # rank 0
+            self._base = Base(url, result.manifest, result.metadata)
+            self._since_full = self._since_full + 1 if result.manifest.borrows else 1
         with self._lock:
             tasks, self._after_commit = self._after_commit, []
             self._in_flight = False
         for task in tasks:
             self._run_task(task, result)
+
+    def _incremental_save(self, url: str, comm: Comm) -> IncrementalSave | None:
+        """How the next save is incremental (rank 0 decides the base; the others only need to know it is)."""
+        if not self.incremental:
+            return None
+        if comm.rank != 0:
+            return IncrementalSave()
+        base = self._base if self._base is not None and self._base.same_root(url) else None
+        full = base is None or (self.full_every is not None and self._since_full >= self.full_every)
+        return IncrementalSave(base, full)
 
     @staticmethod
     def _run_task(task: Callable[[SaveResult | None], None], result: SaveResult | None) -> None:
@@ -447,7 +485,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         # process groups, threads and buffers belong to one process (ddp_spawn pickles the trainer)
         s = self.__dict__.copy()
         s.update(_pg=None, _bulk_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _plan_cache=PlanCache(), _after_commit=[],
-                 _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]])
+                 _lock=None, _in_flight=False, _failed=False, resolver=lambda url: [[url]], _base=None)
         return s
 
     def __setstate__(self, s: dict[str, Any]) -> None:
