@@ -347,10 +347,10 @@ def metadata_from_json(obj: Any, where: str) -> CheckpointMetadata:
     if not isinstance(encodings, dict):
         raise CorruptCheckpointError(f"{where}: malformed encodings")
     md = CheckpointMetadata(tensors, encodings)
-    if obj["version"] > PLAIN_VERSION:
-        apply_incremental(md, obj.get(INCREMENTAL), where)
-    elif INCREMENTAL in obj:
-        raise CorruptCheckpointError(f"{where}: an {INCREMENTAL} field needs format version {FORMAT_VERSION}")
+    if INCREMENTAL in obj:
+        if obj["version"] == PLAIN_VERSION:
+            raise CorruptCheckpointError(f"{where}: an {INCREMENTAL} field needs format version {FORMAT_VERSION}")
+        apply_incremental(md, obj[INCREMENTAL], where)
     return md
 
 
