@@ -90,7 +90,8 @@ def test_a_chain_borrows_unchanged_blocks_and_loads_exactly(tmp_path):
     md = json.load(open(tmp_path / name(6) / ondisk.METADATA))
     assert "incremental" in md and all("/" not in c["f"] for t in md["tensors"].values() for c in t["chunks"])
     # the checkpoint directory holds documents only; the data is in the root's block store
-    assert sorted(os.listdir(tmp_path / name(6))) == sorted([ondisk.MANIFEST, ondisk.METADATA, ondisk.STATE, ondisk.MARKER])
+    docs = [ondisk.MANIFEST, ondisk.METADATA, ondisk.STATE, ondisk.MARKER, ondisk.BORROWS]  # BORROWS: what it relied on
+    assert sorted(os.listdir(tmp_path / name(6))) == sorted(docs)
 
 
 def test_a_plain_save_stays_format_1(tmp_path):

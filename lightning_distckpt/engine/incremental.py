@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 
 from lightning_distckpt import ondisk
-from lightning_distckpt.catalog import read_manifest
+from lightning_distckpt.catalog import read_document
 from lightning_distckpt.storage import Source
 from lightning_distckpt.errors import DistCheckpointError
 
@@ -121,12 +121,10 @@ class IncrementalSave:
             log.info("incremental save: the base %s uses %d block directories; this save is a full one", base.url,
                      len(base.manifest.data_ids()))  # fmt: skip
             return BlockIndex()
-        try:
-            now = read_manifest(source)
+        try:  # still committed with the very manifest held here: its marker names that manifest (two calls on HDFS)
+            ondisk.check_marker(read_document(source, ondisk.MARKER), ondisk.dumps(base.manifest.to_json()),
+                                source.url(ondisk.MARKER))  # fmt: skip
         except (DistCheckpointError, OSError) as e:
             log.warning("incremental save: the base %s is not usable (%s); this save is a full one", base.url, e)
             return BlockIndex()
-        if now.to_json() != base.manifest.to_json():
-            log.warning("incremental save: the base %s changed on storage; this save is a full one", base.url)
-            return BlockIndex()
-        return build_index(base.manifest, base.metadata, now.name)
+        return build_index(base.manifest, base.metadata, base.manifest.name)

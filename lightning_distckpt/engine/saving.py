@@ -111,7 +111,8 @@ def write_checkpoint(
             store.makedirs(staging)
             beat = Heartbeat(store, staging)  # clean-up elsewhere never takes this save for a crashed one
             if incremental is not None:
-                store.write_bytes(store.join(staging, ondisk.BORROWS), borrows_bytes(incremental.base_ids()))
+                if incremental.base_ids():  # before the base is checked: clean-up keeps them from now on
+                    store.write_bytes(store.join(staging, ondisk.BORROWS), borrows_bytes(incremental.base_ids()))
                 store.makedirs(data_dir)  # type: ignore[arg-type]
                 base = incremental.base
                 index = incremental.index(source_of(base.url, storage) if base is not None else Source(store, staging))
@@ -210,8 +211,6 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
     manifest.created = time.time()
     manifest_bytes = ondisk.dumps(manifest.to_json())
     store.write_bytes(store.join(staging, ondisk.MANIFEST), manifest_bytes)
-    if index is not None:  # the manifest now names every block directory this save relies on
-        store.remove(store.join(staging, ondisk.BORROWS))
     crash_point("save:documents")
     if beat is not None:
         beat.stop()
