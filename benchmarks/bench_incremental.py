@@ -145,6 +145,7 @@ def scenario(root: str, trainable: bool, rounds: int, every: int, compression: s
                 own = [n for n in m.files if (p := ondisk.parse_blocks_key(n)) is None or p[0] == m.data_id]
                 row[f"{mode}_bytes"] = sum(m.files[n]["size"] for n in own)
                 row[f"{mode}_borrowed"] = io.stats.last_save.bytes_borrowed
+                row[f"{mode}_prepare_s"] = io.stats.last_save.prepare_s  # staging (+ BORROWS, block dir, base check)
             rows.append(row)
 
     t = L.Trainer(accelerator="cpu", devices=1, max_steps=every * rounds, logger=False, enable_checkpointing=False,
@@ -160,6 +161,8 @@ def scenario(root: str, trainable: bool, rounds: int, every: int, compression: s
         "inc_bytes_fraction": stats([r["inc_bytes"] / full for r in later]),
         "speedup": statistics.median(r["plain_s"] for r in later) / statistics.median(r["inc_s"] for r in later),
         "time_ratio_inc_over_plain": statistics.median(r["inc_s"] / r["plain_s"] for r in later),
+        "time_ratio_of_medians": statistics.median(r["inc_s"] for r in later) / statistics.median(r["plain_s"] for r in later),
+        "prepare_s": {"plain": stats([r["plain_prepare_s"] for r in later]), "inc": stats([r["inc_prepare_s"] for r in later])},
     }  # fmt: skip
 
 
@@ -199,6 +202,7 @@ def encode_costs() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--scratch-rounds", type=int, default=12, help="save rounds when training from scratch (noisier)")
     p.add_argument("--every", type=int, default=2, help="training steps between saves")
     p.add_argument("--out", default=os.path.join(HERE, "results", "incremental.json"))
     args = p.parse_args()
@@ -214,7 +218,7 @@ def main() -> None:
         url = dfs.namenode_url
         result["finetune"] = scenario(url + "/finetune", False, args.rounds, args.every, None)
         print("fine-tune", {k: v for k, v in result["finetune"].items() if k != "rounds"}, flush=True)
-        result["scratch"] = scenario(url + "/scratch", True, args.rounds, args.every, None)
+        result["scratch"] = scenario(url + "/scratch", True, args.scratch_rounds, args.every, None)
         print("scratch", {k: v for k, v in result["scratch"].items() if k != "rounds"}, flush=True)
         result["finetune_lossless"] = scenario(url + "/lossless", False, max(3, args.rounds // 2), args.every, "lossless")
         print("lossless", {k: v for k, v in result["finetune_lossless"].items() if k != "rounds"}, flush=True)

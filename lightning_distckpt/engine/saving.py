@@ -54,6 +54,7 @@ class SaveResult:
     manifest: ondisk.Manifest | None = None  # rank 0 only
     metadata: ondisk.CheckpointMetadata | None = None  # rank 0 only
     bytes_borrowed: int = 0  # incremental saves: stored bytes this rank referenced instead of writing
+    prepare_s: float = 0.0  # until every rank knew the staging directory (and, incremental, the base's index)
 
 
 def write_checkpoint(
@@ -121,6 +122,7 @@ def write_checkpoint(
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = f"cannot create {store.url(staging)}: {e}"
     error, index = comm.broadcast((error, index))
+    prepared = time.perf_counter() - start
     if error:
         if beat is not None:
             beat.stop()
@@ -155,7 +157,8 @@ def write_checkpoint(
         if beat is not None:
             beat.stop()
     done = published[0] if published else (None, None)
-    return SaveResult(url, writer.bytes_written, time.perf_counter() - start, done[0], done[1], writer.bytes_borrowed)
+    return SaveResult(url, writer.bytes_written, time.perf_counter() - start, done[0], done[1], writer.bytes_borrowed,
+                      prepared)
 
 
 def _root_cause(e: BaseException) -> str:
