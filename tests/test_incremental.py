@@ -361,3 +361,20 @@ def test_an_explicit_path_with_a_damaged_borrowed_block_names_the_file(tmp_path)
     key = _damage_borrowed(root)
     with pytest.raises(CorruptCheckpointError, match=key.split("/")[-1]):
         fit(root, 3, resume=list_checkpoints(str(root))[-1].url)
+
+
+# ---- several ranks: the index is broadcast, each rank borrows for the chunks it writes; resharded resume ---------------
+@pytest.mark.slow
+def test_two_ranks_async_incremental_saves_resume_exactly_on_three(tmp_path):
+    from conftest import load_json, train
+    from test_distributed import assert_same_state
+
+    ck = tmp_path / "ck"
+    flags = ["--save-every", 1, "--keep-last", 2, "--incremental", "--freeze-first", "--digest-dir", tmp_path]
+    train("mp", 2, ck, "--max-steps", 6, "--async-save", *flags)
+    kept = list_checkpoints(str(ck))
+    assert [c.manifest.global_step for c in kept] == [5, 6] and kept[-1].manifest.borrows
+    assert all(verify(c.url).ok for c in kept) and block_dirs(ck) == referenced(ck)
+    train("mp", 3, ck, "--max-steps", 7, "--resume", "last", *flags)
+    assert_same_state(load_json(tmp_path / "saved-6.json"), load_json(tmp_path / "restored-6.json"))
+    assert [c.manifest.global_step for c in list_checkpoints(str(ck))] == [6, 7] and block_dirs(ck) == referenced(ck)
