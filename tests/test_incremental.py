@@ -378,3 +378,28 @@ def test_two_ranks_async_incremental_saves_resume_exactly_on_three(tmp_path):
     train("mp", 3, ck, "--max-steps", 7, "--resume", "last", *flags)
     assert_same_state(load_json(tmp_path / "saved-6.json"), load_json(tmp_path / "restored-6.json"))
     assert [c.manifest.global_step for c in list_checkpoints(str(ck))] == [6, 7] and block_dirs(ck) == referenced(ck)
+
+
+@pytest.mark.parametrize("crash_at", ["copy:file#2", "publish:renamed"])
+def test_a_killed_copy_of_an_incremental_checkpoint_resumes(tmp_path, crash_at):
+    assert chain(tmp_path / "src", 1, 3, 3).returncode == 0
+    (tmp_path / "dst").mkdir()
+    cmd = [sys.executable, "-m", "lightning_distckpt.cli", "copy", str(tmp_path / "src" / name(3)), str(tmp_path / "dst") + "/"]
+    p = subprocess.run(cmd, env=env(DISTCKPT_CRASH_AT=crash_at), capture_output=True, text=True, timeout=120)
+    assert p.returncode == CRASH_EXIT, p.stdout + p.stderr
+    assert not committed(tmp_path / "dst") and assert_all_exact(tmp_path / "src")  # nothing half-copied is visible
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert committed(tmp_path / "dst").keys() == {name(3)} and same(str(tmp_path / "dst" / name(3)), 3)
+    assert verify(str(tmp_path / "dst" / name(3))).ok
+    catalog.clean_stale(str(tmp_path / "dst"), older_than_s=0)
+    assert block_dirs(tmp_path / "dst") == referenced(tmp_path / "dst")
+
+
+def test_clean_up_removes_a_stale_partial_copy_inside_a_referenced_block_directory(tmp_path):
+    assert chain(tmp_path, 1, 2, 2).returncode == 0
+    d = tmp_path / ondisk.BLOCKS / sorted(referenced(tmp_path))[0]
+    (d / ".__0_0.distcp.part-abc123").write_bytes(b"x" * 10)
+    removed = catalog.clean_stale(str(tmp_path), older_than_s=0)
+    assert [os.path.basename(r) for r in removed] == [".__0_0.distcp.part-abc123"]
+    assert_all_exact(tmp_path)

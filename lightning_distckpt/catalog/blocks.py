@@ -113,10 +113,12 @@ def _idle(store: Store, path: str, entry: Entry, now: float, older_than_s: float
 
 
 def sweep_blocks(root: str, options: StorageLike = None, older_than_s: float = 600.0, dry_run: bool = False,
-                 done: Iterable[str] = (), ignore: Iterable[str] = ()) -> list[str]:
+                 done: Iterable[str] = (), ignore: Iterable[str] = (), parts: bool = False) -> list[str]:
     """Delete the block directories under ``root`` that nothing references (module docstring for the rule); returns
     their URLs (with ``dry_run``: what would be deleted). ``done``: ids of saves known to be complete (of checkpoints
-    removed just now), exempt from the idle test. A root without a block store costs one listing."""
+    removed just now), exempt from the idle test. With ``parts``, also the idle temporary files (``.<file>.part-<t>``)
+    that an interrupted copy left in referenced directories (one listing per directory). A root without a block
+    store costs one listing."""
     store, path = open_store(root, options)
     blocks = store.join(path, ondisk.BLOCKS)
     try:
@@ -135,6 +137,8 @@ def sweep_blocks(root: str, options: StorageLike = None, older_than_s: float = 6
     removed = []
     for e in entries:
         if e.name in refs:
+            if parts:
+                removed += _sweep_parts(store, store.join(blocks, e.name), now, older_than_s, dry_run)
             continue
         full = store.join(blocks, e.name)
         try:
@@ -149,6 +153,17 @@ def sweep_blocks(root: str, options: StorageLike = None, older_than_s: float = 6
     if removed:
         log.info("block store: %s %s", "would remove" if dry_run else "removed", ", ".join(removed))
     return removed
+
+
+def _sweep_parts(store: Store, path: str, now: float, older_than_s: float, dry_run: bool) -> list[str]:
+    out = []
+    for f in store.listdir(path):
+        if f.type == "file" and f.name.startswith(".") and ".part-" in f.name and (
+                older_than_s == 0 or (f.mtime and now - f.mtime >= older_than_s)):  # fmt: skip
+            out.append(store.url(store.join(path, f.name)))
+            if not dry_run:
+                store.remove(store.join(path, f.name))
+    return out
 
 
 def data_ids_of(store: Store, path: str) -> set[str]:

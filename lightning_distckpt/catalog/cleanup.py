@@ -187,7 +187,7 @@ def clean_stale(root: str, options: StorageLike = None, older_than_s: float = DE
         except (OSError, DistCheckpointError) as e:
             log.warning("clean-up of %s skipped: %s", store.url(store.join(path, group.name)), e)
     try:  # then the block store: directories of incremental saves that nothing references any more
-        removed += sweep_blocks(root, options, older_than_s, dry_run)
+        removed += sweep_blocks(root, options, older_than_s, dry_run, parts=True)
     except (OSError, DistCheckpointError) as e:
         log.warning("clean-up of the block store of %s skipped: %s", store.url(path), e)
     return removed
