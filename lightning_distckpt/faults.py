@@ -10,7 +10,8 @@ just finished. Nothing happens unless the environment names that step:
 
 Steps (see docs/fault-tolerance.md, "Crash points tested"): ``save:staged``, ``save:documents``,
 ``publish:old-moved``, ``publish:renamed``, ``publish:committed``, ``remove:unmarked``, ``remove:emptied``,
-``remove:link``, ``remove:file``, ``clean:aside``, ``clean:restored``, ``copy:file``.
+``remove:link``, ``remove:file``, ``clean:aside``, ``clean:restored``, ``copy:file``, ``sweep:removed`` (a block
+directory of incremental checkpoints deleted by the block store's sweep).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fuzzing the documents of a checkpoint: ``python tests/fuzzing.py --seed S --cases N [--work DIR]``.
 
-Each case takes a committed checkpoint (uncompressed, lossless, or int8-compressed, with non-tensor state of
+Each case takes a committed checkpoint (uncompressed, lossless, int8-compressed, or incremental, with non-tensor state of
 every tagged kind), mutates one of its documents (``manifest.json``, ``metadata.json``, ``state.json``,
 ``COMMITTED``) at the byte level or the JSON level, or replaces it by a special file, and most of the time
 reseals it as a malicious author would (the manifest's size and digest of the document and the marker
@@ -293,6 +293,14 @@ def main() -> int:
         verify(str(base))
         catalog.list_checkpoints(str(work / "bases"))
     catalog.clean_stale(str(work / "bases"), older_than_s=0, dry_run=True)
+    # an incremental checkpoint (format 2): its documents name block-store files and borrowed blocks of an earlier save
+    io = DistCheckpointIO(incremental=True)
+    io.save_checkpoint(ck, str(work / "incremental" / "first"))
+    changed = {**ck, "global_step": 8, "state_dict": {**ck["state_dict"], "net.0.bias": ck["state_dict"]["net.0.bias"] + 1}}
+    io.save_checkpoint(changed, str(work / "incremental" / "inc"))
+    assert io.stats.last_save.bytes_borrowed > 0
+    loaded = load_checkpoint(str(work / "incremental" / "inc"))
+    bases.append((work / "incremental" / "inc", tensors_of(loaded), without_tensors(loaded)))
 
     status = Path("/proc/self/status").read_text()
     vm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmSize:"))) * 1024
@@ -316,6 +324,8 @@ def main() -> int:
         base, expected, plain = bases[i % len(bases)]
         root = work / "cases" / f"{i:06d}"
         shutil.copytree(base, root / "good", copy_function=os.link)
+        if (base.parent / fmt.BLOCKS).is_dir():  # the block store the incremental checkpoint's files lie in
+            shutil.copytree(base.parent / fmt.BLOCKS, root / fmt.BLOCKS, copy_function=os.link)
         doc, what = make_case(base, root / "case", rng)
         current.update(case=f"seed {args.seed} #{i} ({base.name}, {doc}: {what})", start=time.monotonic())
         try:

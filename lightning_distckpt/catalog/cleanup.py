@@ -24,6 +24,9 @@ committed trash copy of ``<name>`` is moved back: the uncommitted directory is f
 staging name (so a crash leaves the trash copy listed), then the trash copy is renamed to ``<name>``, then the
 set-aside directory is deleted. Nothing committed is ever deleted unless a newer committed copy of the same
 name exists; corrupt, foreign or newer-format directories are left for a human.
+
+Then the block store (``<root>/.distckpt-blocks``, incremental checkpoints): `lightning_distckpt.catalog.blocks`
+deletes the block directories that no manifest under the root references any more (its docstring has the rule).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import time
 import uuid
 
 from lightning_distckpt import ondisk
+from lightning_distckpt.catalog.blocks import sweep_blocks
 from lightning_distckpt.catalog.documents import read_manifest, read_uncommitted_manifest
 from lightning_distckpt.catalog.listing import Group, examine, scan
 from lightning_distckpt.errors import DistCheckpointError, NotACheckpointError, UncommittedCheckpointError
@@ -178,6 +182,10 @@ def clean_stale(root: str, options: StorageLike = None, older_than_s: float = DE
             _clean_group(store, path, group, older_than_s, now, dry_run, removed)
         except (OSError, DistCheckpointError) as e:
             log.warning("clean-up of %s skipped: %s", store.url(store.join(path, group.name)), e)
+    try:  # then the block store: directories of incremental saves that nothing references any more
+        removed += sweep_blocks(root, options, older_than_s, dry_run, parts=True)
+    except (OSError, DistCheckpointError) as e:
+        log.warning("clean-up of the block store of %s skipped: %s", store.url(path), e)
     return removed
 
 

@@ -126,15 +126,25 @@ def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
     check_codecs(metadata, source.url(ondisk.METADATA))
     skeleton = ondisk.loads(_read_listed(source, manifest, ondisk.STATE), source.url(ondisk.STATE), ondisk.MAX_DEPTH)
     _skeleton.tensor_refs(skeleton)  # every tensor reference is a string
+    if metadata.data_id != manifest.data_id:
+        raise CorruptCheckpointError(f"{source.url(ondisk.METADATA)}: data_id {metadata.data_id!r} differs from the "
+                                     f"manifest's {manifest.data_id!r}")  # fmt: skip
     for loc in metadata.storage_data.values():
-        info = manifest.files.get(loc.file)
-        if info is None or loc.offset + loc.stored > info["size"]:
-            raise CorruptCheckpointError(
-                f"{source.url(ondisk.METADATA)}: a chunk lies outside data file {loc.file!r} as listed in the manifest"
-            )
+        for key, offset, i, j in loc.segments():
+            info = manifest.files.get(key)
+            if info is None or offset + sum(b.stored for b in loc.blocks[i:j]) > info["size"]:
+                raise CorruptCheckpointError(
+                    f"{source.url(ondisk.METADATA)}: a chunk lies outside data file {key!r} as listed in the manifest"
+                )
     entries = {e.name: e for e in source.store.listdir(source.path)}
     for name, info in manifest.files.items():
-        entry = entries.get(name)
+        if "/" in name:  # in the root's block store (incremental checkpoints)
+            try:
+                entry = source.store.info(source.file(name))
+            except FileNotFoundError:
+                entry = None
+        else:
+            entry = entries.get(name)
         if entry is None:
             if check_sizes:
                 raise CorruptCheckpointError(f"{source.url(name)}: missing (listed in {ondisk.MANIFEST})")

@@ -263,7 +263,7 @@ def entry_from_manifest(run: str, url: str, manifest: ondisk.Manifest, metrics: 
         run=run, name=manifest.name or url.rstrip("/").rsplit("/", 1)[-1], step=int(manifest.global_step or 0),
         digest=manifest_digest(manifest) if digest is None else digest, epoch=manifest.epoch,
         created=float(manifest.created), world_size=int(manifest.world_size), strategy=manifest.strategy,
-        bytes=sum(int(f["size"]) for f in manifest.files.values()),
+        format_version=manifest.version, bytes=sum(int(f["size"]) for f in manifest.files.values()),
         compression=(manifest.compression or {}).get("preset") if manifest.compression else None,
         monitor=monitor, monitor_value=metrics.get(monitor) if monitor else None, mode=mode, metrics=metrics,
         locations={PRIMARY: url},

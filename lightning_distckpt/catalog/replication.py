@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 from lightning_distckpt import ondisk
 from lightning_distckpt.catalog.cleanup import Heartbeat, publish
 from lightning_distckpt.catalog.documents import open_checkpoint, read_document, read_manifest, source_of
-from lightning_distckpt.catalog.verify import blocks_by_file, verify_file
+from lightning_distckpt.catalog.blocks import borrows_bytes
+from lightning_distckpt.catalog.verify import blocks_by_file, is_borrowed, verify_file
 from lightning_distckpt.errors import CorruptCheckpointError, DestinationExistsError, DistCheckpointError
 from lightning_distckpt.faults import crash_point
 from lightning_distckpt.storage import Source, StorageLike
-from lightning_distckpt.storage.base import read_blocks
+from lightning_distckpt.storage.base import read_at, read_blocks
 
 if TYPE_CHECKING:  # torch.distributed: only replication during training needs it, not `copy_checkpoint`
     from lightning_distckpt.parallel.comm import Comm
@@ -77,40 +79,111 @@ class _Job:
 
 
 def copy_file(src: Source, dst: Source, name: str, blocks: list[tuple[int, ondisk.Block]] | None, size: int,
-              progress: Callable[[int], None] | None = None) -> int:
-    """Copy one file, verifying each block (data files) or the whole (documents); returns its digest."""
-    reader = src.store.open_read(src.store.join(src.path, name))
-    writer = dst.store.open_write(dst.store.join(dst.path, name))
+              progress: Callable[[int], None] | None = None, partial: bool = False) -> int:
+    """Copy one file, verifying each block (data files) or the whole (documents); returns its digest.
+
+    A file of the block store (``name`` a block-store key) is copied into the destination root's block store,
+    through a temporary name renamed into place when complete (a file there under its own name is always whole).
+    With ``partial`` (a file another save wrote, of which the checkpoint knows only the blocks it borrows) the blocks
+    given are verified and the bytes between them copied as they are; the digest returned is then 0 (the file's
+    digest covers blocks the checkpoint does not know)."""
+    target = dst.file(name)
+    in_store = "/" in name
+    if in_store:
+        dst.store.makedirs(dst.store.parent(target))
+        final, target = target, dst.store.join(dst.store.parent(target), f".{dst.store.basename(target)}.part-{uuid.uuid4().hex[:12]}")
+    reader = src.store.open_read(src.file(name))
+    writer = dst.store.open_write(target)
     try:
         if blocks is None:
             data = reader.read()
             writer.write(data)
             if progress:
                 progress(len(data))
-            return ondisk.digest(data)
-        pos = 0
-        for offset, b in blocks:
-            if offset != pos:
-                raise CorruptCheckpointError(f"{src.url(name)}: blocks are not contiguous at byte {pos}")
-            pos += b.stored
-        digests, pos = [], 0
-        try:
-            for (offset, b), data in zip(blocks, read_blocks(reader, [b.stored for _, b in blocks], src.url(name))):
-                if ondisk.digest(data) != b.digest:
-                    raise CorruptCheckpointError(f"{src.url(name)}: block at byte {offset} fails its checksum; not copied")
-                writer.write(data)
-                if progress:
-                    progress(len(data))
-                digests.append(b.digest)
-                pos += b.stored
-        except EOFError as e:  # a file shorter than its blocks
-            raise CorruptCheckpointError(f"{e}; not copied") from None
-        if pos != size:
-            raise CorruptCheckpointError(f"{src.url(name)}: blocks cover {pos} of {size} bytes")
-        return ondisk.blocks_digest(digests)
-    finally:
+            result = ondisk.digest(data)
+        elif partial:
+            result = _copy_partial(reader, writer, src.url(name), blocks, size, progress)
+        else:
+            result = _copy_blocks(reader, writer, src.url(name), blocks, size, progress)
+    except BaseException:
         reader.close()
         writer.close()
+        if in_store:
+            dst.store.remove(target)
+        raise
+    reader.close()
+    writer.close()
+    if in_store:
+        if dst.store.exists(final):  # another copy put it there meanwhile: keep that one
+            dst.store.remove(target)
+        else:
+            dst.store.rename(target, final)
+    return result
+
+
+def _copy_blocks(reader: Any, writer: Any, url: str, blocks: list[tuple[int, ondisk.Block]], size: int,
+                 progress: Callable[[int], None] | None) -> int:
+    pos = 0
+    for offset, b in blocks:
+        if offset != pos:
+            raise CorruptCheckpointError(f"{url}: blocks are not contiguous at byte {pos}")
+        pos += b.stored
+    digests, pos = [], 0
+    try:
+        for (offset, b), data in zip(blocks, read_blocks(reader, [b.stored for _, b in blocks], url)):
+            if ondisk.digest(data) != b.digest:
+                raise CorruptCheckpointError(f"{url}: block at byte {offset} fails its checksum; not copied")
+            writer.write(data)
+            if progress:
+                progress(len(data))
+            digests.append(b.digest)
+            pos += b.stored
+    except EOFError as e:  # a file shorter than its blocks
+        raise CorruptCheckpointError(f"{e}; not copied") from None
+    if pos != size:
+        raise CorruptCheckpointError(f"{url}: blocks cover {pos} of {size} bytes")
+    return ondisk.blocks_digest(digests)
+
+
+def _copy_partial(reader: Any, writer: Any, url: str, blocks: list[tuple[int, ondisk.Block]], size: int,
+                  progress: Callable[[int], None] | None) -> int:
+    """Copy the ``size`` bytes of a file of which only ``blocks`` are known: those are verified, the rest copied."""
+    pieces: list[tuple[int, int, ondisk.Block | None]] = []
+    pos = 0
+    for offset, b in blocks:
+        if offset < pos or offset + b.stored > size:
+            raise CorruptCheckpointError(f"{url}: a borrowed block at byte {offset} overlaps another or the end")
+        pieces += [(pos, offset - pos, None)] if offset > pos else []
+        pieces.append((offset, b.stored, b))
+        pos = offset + b.stored
+    pieces += [(pos, size - pos, None)] if size > pos else []
+    for offset, n, b in pieces:
+        for start in range(offset, offset + n, 64 << 20):
+            buf = memoryview(bytearray(min(64 << 20, offset + n - start) if b is None else n))
+            try:
+                read_at(reader, start, buf, url)
+            except EOFError as e:
+                raise CorruptCheckpointError(f"{e}; not copied") from None
+            if b is not None and ondisk.digest(buf) != b.digest:
+                raise CorruptCheckpointError(f"{url}: block at byte {offset} fails its checksum; not copied")
+            writer.write(buf)
+            if progress:
+                progress(len(buf))
+            if b is not None:
+                break
+    return 0
+
+
+def present(dst: Source, name: str, size: int) -> bool:
+    """Whether the destination already has the block-store file ``name`` complete (files of the block store are
+    renamed into place only when whole and never change: its size is the check)."""
+    if "/" not in name:
+        return False
+    try:
+        entry = dst.store.info(dst.file(name))
+    except FileNotFoundError:
+        return False
+    return entry.type == "file" and entry.size == size
 
 
 class Replicator:
@@ -199,6 +272,9 @@ class Replicator:
                     staging.store.remove(staging.path, recursive=True)  # a crashed earlier attempt
                     staging.store.makedirs(staging.path)
                     beat = Heartbeat(staging.store, staging.path)
+                    if primary.manifest.data_id:  # the target's block directories it relies on stay meanwhile
+                        staging.store.write_bytes(staging.store.join(staging.path, ondisk.BORROWS),
+                                                  borrows_bytes(primary.manifest.data_ids()))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - agreed on below
             error = f"rank {rank}: {type(e).__name__}: {e}"
         try:
@@ -226,8 +302,11 @@ class Replicator:
             for i, name in enumerate(data_files):
                 if i % world == rank:
                     info = primary.manifest.files[name]
-                    got = copy_file(primary.source, staging, name, blocks.get(name, []), info["size"])
-                    if got != info["xxh3"]:
+                    if present(staging, name, info["size"]):
+                        continue  # the target has this file of the block store already: only what it lacks moves
+                    partial = is_borrowed(primary, name)
+                    got = copy_file(primary.source, staging, name, blocks.get(name, []), info["size"], partial=partial)
+                    if not partial and got != info["xxh3"]:
                         raise CorruptCheckpointError(f"{primary.source.url(name)}: digest differs from its manifest")
                     copied += info["size"]
         except Exception as e:  # noqa: BLE001
@@ -239,13 +318,14 @@ class Replicator:
                     info = primary.manifest.files[name]
                     if copy_file(primary.source, staging, name, None, info["size"]) != info["xxh3"]:
                         raise CorruptCheckpointError(f"{primary.source.url(name)}: digest differs from its manifest")
-                sizes = {e.name: e.size for e in staging.store.listdir(staging.path)}
+                sizes = _sizes(staging, primary.manifest)
                 for name, info in primary.manifest.files.items():
                     if sizes.get(name) != info["size"]:
                         raise CorruptCheckpointError(f"{staging.url(name)}: copy has {sizes.get(name)} bytes, "
                                                      f"expected {info['size']}")  # fmt: skip
                 manifest_bytes = ondisk.dumps(primary.manifest.to_json())
                 staging.store.write_bytes(staging.store.join(staging.path, ondisk.MANIFEST), manifest_bytes)
+                staging.store.remove(staging.store.join(staging.path, ondisk.BORROWS))  # the manifest names them now
                 if beat is not None:
                     beat.stop()
                 publish(staging.store, staging.path, final, manifest_bytes, "r" + token)  # replaces an old copy
@@ -265,6 +345,21 @@ class Replicator:
         errors = [e for e in self.comm.all_gather(error) if e]
         if errors:
             raise DistCheckpointError("; ".join(errors))
+
+
+def _sizes(copy: Source, manifest: ondisk.Manifest) -> dict[str, int]:
+    """The sizes of the files of ``copy`` that ``manifest`` lists (documents in its directory, data files in its
+    root's block store too); a file that is missing or not a regular file is left out."""
+    sizes = {e.name: e.size for e in copy.store.listdir(copy.path) if e.type == "file"}
+    for name in manifest.files:
+        if "/" in name:
+            try:
+                entry = copy.store.info(copy.file(name))
+            except FileNotFoundError:
+                continue
+            if entry.type == "file":
+                sizes[name] = entry.size
+    return sizes
 
 
 def describe(stats: ReplicaStats) -> dict[str, Any]:
@@ -297,18 +392,24 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     store.makedirs(staging.path)
     beat = Heartbeat(store, staging.path)
     try:
-        present = {e.name: e.size for e in store.listdir(staging.path) if e.type == "file"}
+        if src.manifest.data_id:  # the destination's block directories this copy relies on stay meanwhile
+            store.write_bytes(store.join(staging.path, ondisk.BORROWS), borrows_bytes(src.manifest.data_ids()))
+        done = {e.name: e.size for e in store.listdir(staging.path) if e.type == "file"}
         blocks = blocks_by_file(src)
         for fname, info in sorted(src.manifest.files.items()):
             kind = None if fname in (ondisk.METADATA, ondisk.STATE) else blocks.get(fname, [])
-            if present.get(fname) == info["size"] and verify_file(staging, fname, info, kind or []).ok:
+            partial = is_borrowed(src, fname)
+            if present(staging, fname, info["size"]) or (
+                    done.get(fname) == info["size"] and verify_file(staging, fname, info, kind or []).ok):
                 if progress:
                     progress(info["size"])
-                continue  # copied completely before an interruption
-            if copy_file(src.source, staging, fname, kind, info["size"], progress) != info["xxh3"]:
+                continue  # the destination has it (block store), or it was copied completely before an interruption
+            got = copy_file(src.source, staging, fname, kind, info["size"], progress, partial=partial)
+            if not partial and got != info["xxh3"]:
                 raise CorruptCheckpointError(f"{src.source.url(fname)}: digest differs from its manifest; not copied")
             crash_point("copy:file")
         store.write_bytes(store.join(staging.path, ondisk.MANIFEST), manifest_bytes)
+        store.remove(store.join(staging.path, ondisk.BORROWS))
     finally:
         beat.stop()
     publish(store, staging.path, dst.path, manifest_bytes, token)
@@ -324,7 +425,7 @@ def _finish_interrupted(dst: Source, manifest: ondisk.Manifest, manifest_bytes: 
             return False
         if read_document(dst, ondisk.MANIFEST) != manifest_bytes:
             return False
-        sizes = {e.name: e.size for e in store.listdir(dst.path) if e.type == "file"}
+        sizes = _sizes(dst, manifest)
     except (OSError, DistCheckpointError):
         return False
     if any(sizes.get(n) != f["size"] for n, f in manifest.files.items()):

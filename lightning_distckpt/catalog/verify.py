@@ -9,7 +9,7 @@ from lightning_distckpt import ondisk
 from lightning_distckpt.catalog.documents import Checkpoint, open_checkpoint, source_of
 from lightning_distckpt.errors import DistCheckpointError
 from lightning_distckpt.storage import Source, StorageLike
-from lightning_distckpt.storage.base import read_blocks
+from lightning_distckpt.storage.base import read_at, read_blocks
 
 
 @dataclass
@@ -49,37 +49,75 @@ def verify(url: str, options: StorageLike = None, progress: Callable[[int], None
     blocks = blocks_by_file(ckpt)
     files = []
     for name, info in sorted(ckpt.manifest.files.items()):
-        files.append(verify_file(ckpt.source, name, info, blocks.get(name, []), progress))
+        files.append(verify_file(ckpt.source, name, info, blocks.get(name, []), progress, partial=is_borrowed(ckpt, name)))
     return VerifyReport(source.url(), all(f.ok for f in files), files)
 
 
+def is_borrowed(ckpt: Checkpoint, name: str) -> bool:
+    """Whether ``name`` is a data file of another save that the checkpoint borrows blocks from (it knows only the
+    blocks it uses of such a file, not all of them)."""
+    parsed = ondisk.parse_blocks_key(name)
+    return parsed is not None and parsed[0] != ckpt.manifest.data_id
+
+
 def blocks_by_file(ckpt: Checkpoint) -> dict[str, list[tuple[int, ondisk.Block]]]:
-    """Every data file's blocks as (offset in the file, block), in file order."""
-    out: dict[str, list[tuple[int, ondisk.Block]]] = {}
+    """Every data file's blocks that the checkpoint uses, as (offset in the file, block), in file order (a block that
+    several chunks borrow is listed once)."""
+    out: dict[str, dict[int, ondisk.Block]] = {}
     for loc in ckpt.metadata.storage_data.values():
-        pos = loc.offset
-        for b in loc.blocks:
-            out.setdefault(loc.file, []).append((pos, b))
-            pos += b.stored
-    return {k: sorted(v, key=lambda x: x[0]) for k, v in out.items()}
+        for key, pos, i, j in loc.segments():
+            for b in loc.blocks[i:j]:
+                out.setdefault(key, {})[pos] = b
+                pos += b.stored
+    return {k: sorted(v.items(), key=lambda x: x[0]) for k, v in out.items()}
 
 
 def verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, ondisk.Block]],
-                progress: Callable[[int], None] | None = None) -> FileReport:
+                progress: Callable[[int], None] | None = None, partial: bool = False) -> FileReport:
     """Check one file of a checkpoint against its manifest entry ``info`` and (data files) its ``blocks``,
     reading every byte; ``progress`` gets the bytes read as the check goes. Never raises for a bad file.
+
+    With ``partial`` (a file of another save that the checkpoint borrows from, read where it lives in the block
+    store) only ``blocks`` are read and checked, and the size: the checkpoint does not know the file's other blocks.
 
     A file that is not a regular file (a symlink, FIFO or device) is reported bad without being read: a load
     refuses it too (sizes are those of the entry itself, never of what a link points to)."""
     try:
+        if partial:
+            return _verify_blocks(source, name, info, blocks, progress or (lambda n: None))
         return _verify_file(source, name, info, blocks, progress or (lambda n: None))
     except (OSError, EOFError, ValueError, DistCheckpointError) as e:
         return FileReport(name, False, 0, f"cannot read: {type(e).__name__}: {e}")
 
 
+def _verify_blocks(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, ondisk.Block]],
+                   progress: Callable[[int], None]) -> FileReport:
+    """The borrowed blocks of a file of another save: size as listed, each used block intact."""
+    path = source.file(name)
+    try:
+        entry = source.store.info(path)
+    except FileNotFoundError:
+        return FileReport(name, False, 0, "missing")
+    if entry.type != "file":
+        return FileReport(name, False, entry.size, f"a {entry.type}, not a regular file (refused)")
+    if entry.size != info["size"]:
+        return FileReport(name, False, entry.size, f"size {entry.size}, expected {info['size']}")
+    with source.store.open_read(path) as f:
+        for offset, b in blocks:
+            buf = memoryview(bytearray(b.stored))
+            try:
+                read_at(f, offset, buf, source.url(name))
+            except EOFError:
+                return FileReport(name, False, entry.size, f"short read at byte {offset}")
+            progress(b.stored)
+            if ondisk.digest(buf) != b.digest:
+                return FileReport(name, False, entry.size, f"block at byte {offset} fails its checksum")
+    return FileReport(name, True, entry.size)
+
+
 def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, ondisk.Block]],
                  progress: Callable[[int], None]) -> FileReport:
-    path = source.store.join(source.path, name)
+    path = source.file(name)
     try:
         entry = source.store.info(path)
     except FileNotFoundError:
@@ -89,7 +127,7 @@ def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[t
         return FileReport(name, False, size, f"a {entry.type}, not a regular file (refused)")
     if size != info["size"]:
         return FileReport(name, False, size, f"size {size}, expected {info['size']}")
-    if name.endswith(".json"):
+    if name in (ondisk.METADATA, ondisk.STATE):
         data = source.store.read_limited(path, size) if size <= ondisk.DOCUMENT_LIMITS.get(name, 1 << 30) else b""
         progress(len(data))
         ok = len(data) == size and ondisk.digest(data) == info["xxh3"]

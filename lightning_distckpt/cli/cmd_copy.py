@@ -38,6 +38,8 @@ def target(dst: str, src: str, config: object) -> str:
     if store.exists(path):
         if not store.isdir(path):
             raise NotACheckpointError(f"{dst}: is a file; copy needs a new checkpoint path or a directory")
+        if store.exists(store.join(path, ondisk.MANIFEST)) and not store.exists(store.join(path, ondisk.MARKER)):
+            return dst  # as above: an interrupted copy, finished or refused by copy_checkpoint
         raise DestinationExistsError(f"{dst}: already exists; remove it first or copy elsewhere")
     return dst
 

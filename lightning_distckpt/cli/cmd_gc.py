@@ -52,11 +52,18 @@ def run(args: argparse.Namespace) -> int:
     stale = catalog.clean_stale(args.root, config, older_than_s=older_than, dry_run=dry)
     committed = catalog.committed(args.root, config)
     old = catalog.retention_victims(committed, args.keep_last) if args.keep_last is not None else []
+    blocks: list[str] = []
+    ids = {i for c in old if c.manifest is not None for i in c.manifest.data_ids()}  # complete: no idle test for them
     if not dry:
         for c in old:
             where, path = open_store(c.url, config)  # the listed copy (a trash directory's, until restored)
             catalog.remove_checkpoint(where, path)
-    removed = stale + [c.url for c in old]
+        if ids:  # blocks of the removed checkpoints that no checkpoint still references
+            blocks = catalog.sweep_blocks(args.root, config, older_than_s=older_than, done=ids)
+    elif ids:
+        blocks = catalog.sweep_blocks(args.root, config, older_than_s=older_than, dry_run=True, done=ids,
+                                      ignore=[store.basename(c.url) for c in old])  # fmt: skip
+    removed = stale + [c.url for c in old] + [b for b in blocks if b not in stale]
     verb = "would remove" if dry else "removed"
     out(args, {"dry_run": dry, "removed": removed, "kept": [c.url for c in committed[len(old):]]},
         lambda: "\n".join([f"{verb} {printable(u)}" for u in removed]

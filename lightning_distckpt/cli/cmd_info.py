@@ -48,6 +48,38 @@ def tensor_paths(skeleton: Any) -> dict[str, str]:
     return paths
 
 
+def ownership(ckpt: Any) -> dict[str, Any]:
+    """Stored tensor bytes the checkpoint owns (wrote itself) and borrows (references in files of earlier saves),
+    and from which checkpoints, from its documents alone."""
+    from lightning_distckpt import ondisk
+
+    m = ckpt.manifest
+    owned = borrowed = 0
+    by_id: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+    for loc in ckpt.metadata.storage_data.values():
+        for (key, offset), b in zip(loc.places(), loc.blocks):
+            parsed = ondisk.parse_blocks_key(key)
+            if parsed is None or parsed[0] == m.data_id:
+                owned += b.stored
+            elif (key, offset) not in seen:  # a block borrowed by several chunks counts once
+                seen.add((key, offset))
+                borrowed += b.stored
+                by_id[parsed[0]] = by_id.get(parsed[0], 0) + b.stored
+    return {"incremental": bool(m.data_id), "data_id": m.data_id or None, "owned_bytes": owned, "borrowed_bytes": borrowed,
+            "borrowed_from": [{"data_id": i, "checkpoint": m.borrows.get(i, ""), "bytes": n} for i, n in sorted(by_id.items())]}  # fmt: skip
+
+
+def ownership_lines(d: dict[str, Any]) -> list[str]:
+    if not d["incremental"]:
+        return ["  data: self-contained (every block in the checkpoint directory)"]
+    lines = [f"  data: owns {size(d['owned_bytes'])} (block directory {d['data_id']}), borrows "
+             f"{size(d['borrowed_bytes'])}" + (" from:" if d["borrowed_from"] else "")]  # fmt: skip
+    for b in d["borrowed_from"]:
+        lines.append(f"    {size(b['bytes']):>10}  from {printable(b['checkpoint'])} (block directory {b['data_id']})")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from lightning_distckpt import catalog
     from lightning_distckpt.transforms.specs import PART
@@ -76,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                         "tensor_codec": e["codec"] if e else None,
                         "block_codec": "+".join(sorted(block_codecs.get(key, {RAW}))), "path": paths.get(key)})  # fmt: skip
     state_keys = sorted(ckpt.skeleton) if isinstance(ckpt.skeleton, dict) else []
-    info = {"url": ckpt.url, "manifest": ckpt.manifest.to_json(), "state_keys": state_keys, "tensors": tensors}
+    info = {"url": ckpt.url, "manifest": ckpt.manifest.to_json(), "state_keys": state_keys, "tensors": tensors,
+            "data": ownership(ckpt)}  # fmt: skip
 
     def text() -> str:
         m = ckpt.manifest
@@ -88,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
                  f"  compression: {preset or ('lossless' if blocks not in ([RAW], []) else 'none')}; tensor codecs used: "
                  f"{', '.join(used) or 'none (every tensor exact)'}; block codecs: {', '.join(blocks) or '-'}",
                  f"  versions: {', '.join(f'{k} {v}' for k, v in sorted(m.versions.items()))}",
+                 *ownership_lines(info["data"]),
                  f"  non-tensor state: {', '.join(printable(k) for k in state_keys)}", "",
                  f"  {'TENSOR':<40} {'SHAPE':<16} {'DTYPE':<9} {'CHUNKS':>6} {'STORED':>10}  {'CODEC (tensor/block)':<24} HOLDS"]  # fmt: skip
         for t in tensors:

@@ -102,6 +102,7 @@ class _Direct:
     target: torch.Tensor
     offset: int  # of the first block in the file
     blocks: Sequence[Any]
+    first: int = 0  # index of the first block in its chunk's location
 
     @property
     def end(self) -> int:
@@ -199,7 +200,7 @@ class CheckpointReader(StorageReader):
         return self.metadata.storage_data[ri.storage_index]
 
     def _read_file(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
-        handles: dict[int, BinaryIO] = {}
+        handles: dict[tuple[int, str], BinaryIO] = {}
         start = time.perf_counter()
         try:
             for run in self._runs(items, planner):
@@ -227,10 +228,10 @@ class CheckpointReader(StorageReader):
         target = planner.resolve_tensor(ri)
         if target.dtype != dtype or not target.is_contiguous():
             return None
-        blocks, start_raw, start_stored = self._select(loc, lo, hi)
+        blocks, start_raw, start_stored, first = self._select(loc, lo, hi)
         if start_raw != lo or start_raw + sum(b.raw for b in blocks) != hi:
             return None
-        return _Direct(ri, target, start_stored, blocks)
+        return _Direct(ri, target, start_stored, blocks, first)
 
     def _runs(self, items: list[ReadItem], planner: LoadPlanner) -> list[list[tuple[ReadItem, _Direct | None]]]:
         """The items of one file in offset order, each with its direct read (or None), grouped into runs of
@@ -239,7 +240,7 @@ class CheckpointReader(StorageReader):
         last: _Direct | None = None  # the direct CPU read that ends the last run
         for ri in items:
             d = self._direct(ri, planner)
-            cpu = d is not None and d.target.device.type == "cpu"
+            cpu = d is not None and d.target.device.type == "cpu" and not self._loc(ri).refs  # one file, in order
             if cpu and last is not None and last.end == d.offset:  # type: ignore[union-attr]
                 out[-1].append((ri, d))
             else:
@@ -248,7 +249,7 @@ class CheckpointReader(StorageReader):
         return out
 
     def _read_run(self, name: str, run: list[tuple[ReadItem, _Direct | None]], planner: LoadPlanner,
-                  handles: dict[int, BinaryIO]) -> None:
+                  handles: dict[tuple[int, str], BinaryIO]) -> None:
         """Several adjacent direct reads: one ranged read from the first source straight into their
         destinations, each block checked as its bytes stream in; an item that fails (or a failed read) goes through
         `_read_item()`, which tries every source. A run of one: `_read_item()`."""
@@ -259,15 +260,15 @@ class CheckpointReader(StorageReader):
             views = [memoryview(d.target.reshape(-1).view(torch.uint8).numpy()) for d in directs]
 
             def read_once() -> list[int]:
-                f = handles.get(0)
+                f = handles.get((0, name))
                 if f is None:
-                    f = handles[0] = source.store.open_read(source.store.join(source.path, name))
+                    f = handles[(0, name)] = source.store.open_read(source.file(name))
                 digests = BlockDigests([b.stored for d in directs for b in d.blocks])
                 read_scatter(f, directs[0].offset, views, source.url(name), digests)
                 return digests.digests
 
             def reopen() -> None:
-                f = handles.pop(0, None)
+                f = handles.pop((0, name), None)
                 if f is not None:
                     f.close()
 
@@ -295,16 +296,16 @@ class CheckpointReader(StorageReader):
             self._read_item(ri, d, planner, handles)
 
     def _read_item(self, ri: ReadItem, direct: _Direct | None, planner: LoadPlanner,
-                   handles: dict[int, BinaryIO]) -> None:
+                   handles: dict[tuple[int, str], BinaryIO]) -> None:
         """One item from the first source that has it intact; ``direct``: its direct read (``_direct``)."""
         fqn, loc, dtype, shape, rows, lo, hi = self._geometry(ri)
         if direct is not None:
             # whole blocks into a contiguous destination: read them straight into it, verified as they stream in
             flat = direct.target.reshape(-1).view(torch.uint8)
             if flat.device.type == "cpu":
-                self._read_verified(loc, direct.offset, direct.blocks, fqn, handles, into=memoryview(flat.numpy()))
+                self._read_verified(loc, direct.first, len(direct.blocks), fqn, handles, into=memoryview(flat.numpy()))
             else:
-                self._read_to_device(loc, direct.offset, direct.blocks, fqn, handles, flat)
+                self._read_to_device(loc, direct.first, direct.blocks, fqn, handles, flat)
             planner.commit_tensor(ri, direct.target)
             return
         raw = self._read_raw(loc, lo, hi, fqn, handles)
@@ -321,15 +322,15 @@ class CheckpointReader(StorageReader):
         target.copy_(src)
         planner.commit_tensor(ri, target)
 
-    def _read_to_device(self, loc: Location, offset: int, blocks: Sequence[Any], fqn: str,
-                        handles: dict[int, BinaryIO], flat: torch.Tensor) -> None:
+    def _read_to_device(self, loc: Location, first: int, blocks: Sequence[Any], fqn: str,
+                        handles: dict[tuple[int, str], BinaryIO], flat: torch.Tensor) -> None:
         """Read ``blocks`` into the accelerator bytes ``flat`` through pinned host buffers of about
         ``STAGE_BYTES``: each is verified, then copied without blocking this thread (the caching host allocator
         keeps a buffer until its copy is done; ``read_data`` synchronizes the device before it returns)."""
         pos = 0
         for i, j, size in windows([b.stored for b in blocks], STAGE_BYTES):
             stage = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            self._read_verified(loc, offset + pos, blocks[i:j], fqn, handles, into=memoryview(stage.numpy()))
+            self._read_verified(loc, first + i, j - i, fqn, handles, into=memoryview(stage.numpy()))
             flat[pos : pos + size].copy_(stage, non_blocking=True)
             self._devices.add(flat.device)
             pos += size
@@ -341,29 +342,30 @@ class CheckpointReader(StorageReader):
         return why
 
     @staticmethod
-    def _select(loc: Location, lo: int, hi: int) -> tuple[list[Any], int, int]:
-        """The blocks of ``loc`` that cover raw bytes [lo, hi), and where the first one starts (raw, stored)."""
+    def _select(loc: Location, lo: int, hi: int) -> tuple[list[Any], int, int, int]:
+        """The blocks of ``loc`` that cover raw bytes [lo, hi), where the first one starts (raw, stored) and its
+        index."""
         selected, raw_pos, stored_pos = [], 0, loc.offset
-        start_raw = start_stored = 0
-        for b in loc.blocks:
+        start_raw = start_stored = first = 0
+        for k, b in enumerate(loc.blocks):
             if raw_pos < hi and raw_pos + b.raw > lo:
                 if not selected:
-                    start_raw, start_stored = raw_pos, stored_pos
+                    start_raw, start_stored, first = raw_pos, stored_pos, k
                 selected.append(b)
             raw_pos += b.raw
             stored_pos += b.stored
-        return selected, start_raw, start_stored
+        return selected, start_raw, start_stored, first
 
-    def _read_raw(self, loc: Location, lo: int, hi: int, fqn: str, handles: dict[int, BinaryIO]) -> memoryview:
+    def _read_raw(self, loc: Location, lo: int, hi: int, fqn: str, handles: dict[tuple[int, str], BinaryIO]) -> memoryview:
         """Raw bytes [lo, hi) of the chunk at ``loc``, from verified (and decoded) blocks."""
         if hi <= lo:
             return memoryview(bytearray())
-        selected, start_raw, start_stored = self._select(loc, lo, hi)
+        selected, start_raw, start_stored, first = self._select(loc, lo, hi)
         if start_raw + sum(b.raw for b in selected) < hi:
             raise CorruptCheckpointError(
                 f"{self.sources[0].url(loc.file)}: tensor {fqn!r} needs {hi} bytes, its blocks hold less"
             )
-        data = memoryview(self._read_verified(loc, start_stored, selected, fqn, handles))
+        data = memoryview(self._read_verified(loc, first, len(selected), fqn, handles))
         if loc.codec:  # decode the blocks (on the codec threads when there are several) into one buffer
             codec = self.codecs(loc.codec)
             out = memoryview(bytearray(sum(b.raw for b in selected)))
@@ -388,43 +390,61 @@ class CheckpointReader(StorageReader):
             data = out
         return data[lo - start_raw : hi - start_raw]
 
-    def _read_verified(self, loc: Location, offset: int, blocks: Sequence[Any], fqn: str,
-                       handles: dict[int, BinaryIO], into: memoryview | None = None,
-                       failed: list[tuple[int, str]] | None = None) -> bytearray | memoryview:
-        """The stored bytes of ``blocks`` (read into ``into`` if given), each block checked against its digest,
-        from the first source that has them intact. The unit of fallback is the block: when a copy's read
-        succeeds but some blocks fail their digests, its good blocks are kept and only the bad ones are read
-        from the other copies. ``failed``: the copies already tried for these blocks, and why (not tried again)."""
+    def _read_verified(self, loc: Location, first: int, count: int, fqn: str, handles: dict[tuple[int, str], BinaryIO],
+                       into: memoryview | None = None) -> bytearray | memoryview:
+        """The stored bytes of ``count`` blocks of ``loc`` from block ``first`` on (read into ``into`` if given), each
+        block checked against its digest, each run of blocks from the first source that has it intact (the blocks of
+        an incremental checkpoint may lie in several files: its own and those of earlier saves it borrows from)."""
+        segments = loc.segments(first, first + count)
+        if len(segments) == 1:
+            key, offset, a, b = segments[0]
+            return self._read_verified_file(key, offset, loc.blocks[a:b], fqn, handles, into)
+        buf = into if into is not None else bytearray(sum(b.stored for b in loc.blocks[first : first + count]))
+        view, pos = memoryview(buf), 0
+        for key, offset, a, b in segments:
+            n = sum(blk.stored for blk in loc.blocks[a:b])
+            self._read_verified_file(key, offset, loc.blocks[a:b], fqn, handles, view[pos : pos + n])
+            pos += n
+        return buf
+
+    def _read_verified_file(self, file: str, offset: int, blocks: Sequence[Any], fqn: str,
+                            handles: dict[tuple[int, str], BinaryIO], into: memoryview | None = None,
+                            failed: list[tuple[int, str]] | None = None) -> bytearray | memoryview:
+        """The stored bytes of ``blocks``, which lie one after the other in ``file`` from ``offset`` on (read into
+        ``into`` if given), each block checked against its digest, from the first source that has them intact.
+        The unit of fallback is the block: when a copy's read succeeds but some blocks fail their digests, its
+        good blocks are kept and only the bad ones are read from the other copies. ``failed``: the copies
+        already tried for these blocks, and why (not tried again)."""
         size = sum(b.stored for b in blocks)
         problems = []
         failed = list(failed or [])  # sources that failed for these blocks, and why
         tried = {s for s, _ in failed}
         # copies that failed for this file before are tried last, not skipped: one bad block (or a failed read)
         # does not make the file's other blocks bad, and that copy may hold the only good one of these
-        for s in sorted(range(len(self.sources)), key=lambda s: (s, loc.file) in self._bad):
+        for s in sorted(range(len(self.sources)), key=lambda s: (s, file) in self._bad):
             if s in tried:
                 continue
             source = self.sources[s]
             buf = into if into is not None else bytearray(size)
 
             def read_once(s: int = s, source: Source = source, buf: bytearray = buf) -> list[int]:
-                f = handles.get(s)
+                f = handles.get((s, file))
                 if f is None:
-                    f = handles[s] = source.store.open_read(source.store.join(source.path, loc.file))
+                    f = handles[(s, file)] = source.store.open_read(source.file(file))
                 digests = BlockDigests([b.stored for b in blocks])
-                read_at(f, offset, memoryview(buf), source.url(loc.file), digests)
+                read_at(f, offset, memoryview(buf), source.url(file), digests)
                 return digests.digests
 
             def reopen(s: int = s) -> None:
-                f = handles.pop(s, None)
+                f = handles.pop((s, file), None)
                 if f is not None:
                     f.close()
 
             try:
-                got = source.store.retry.run(read_once, f"read {source.url(loc.file)}", cleanup=reopen)
+                got = source.store.retry.run(read_once, f"read {source.url(file)}", cleanup=reopen)
             except (OSError, EOFError) as e:
-                problems.append(f"{source.url(loc.file)}: {e}")
-                self._bad[(s, loc.file)] = self._failed(loc.file, problems[-1])
+                problems.append(f"{source.url(file)}: {e}")
+                self._bad[(s, file)] = self._failed(file, problems[-1])
                 failed.append((s, problems[-1]))
                 continue
             bad = _first_bad(blocks, got)
@@ -432,21 +452,21 @@ class CheckpointReader(StorageReader):
                 self.stats.add(source.url(), size)
                 if s:
                     with self.stats.lock:
-                        self.stats.fallbacks[loc.file] = source.url()
-                if not failed and s and (0, loc.file) in self._bad:  # the preferred copy failed for this file before
-                    failed.append((0, self._bad[(0, loc.file)]))
+                        self.stats.fallbacks[file] = source.url()
+                if not failed and s and (0, file) in self._bad:  # the preferred copy failed for this file before
+                    failed.append((0, self._bad[(0, file)]))
                 if failed:  # served by this copy because another one failed: a repair to report
                     first, why = failed[0]
-                    key = (loc.file, self.sources[first].url(), source.url())
+                    key = (file, self.sources[first].url(), source.url())
                     with self.stats.lock:
                         r = self.stats.repairs.setdefault(key, Repair(*key, reason=why))
                         r.blocks += len(blocks)
                         r.bytes += size
                 return buf
-            problems.append(f"{source.url(loc.file)}: block at byte {offset + bad} (tensor {fqn!r}) fails its checksum")
-            self._bad[(s, loc.file)] = self._failed(loc.file, problems[-1])
+            problems.append(f"{source.url(file)}: block at byte {offset + bad} (tensor {fqn!r}) fails its checksum")
+            self._bad[(s, file)] = self._failed(file, problems[-1])
             failed.append((s, problems[-1]))
-            f = handles.pop(s, None)
+            f = handles.pop((s, file), None)
             if f is not None:
                 f.close()
             others = len(self.sources) - len(failed)
@@ -457,12 +477,12 @@ class CheckpointReader(StorageReader):
                     starts.append(starts[-1] + b.stored)
                 try:
                     for i, j in _runs(wrong):
-                        self._read_verified(loc, offset + starts[i], blocks[i:j], fqn, handles,
-                                            into=view[starts[i] : starts[j]], failed=failed)
+                        self._read_verified_file(file, offset + starts[i], blocks[i:j], fqn, handles,
+                                                 into=view[starts[i] : starts[j]], failed=failed)
                 except CorruptCheckpointError as e:
                     raise CorruptCheckpointError(f"{problems[-1]}; {e}") from None
                 self.stats.add(source.url(), size - sum(blocks[i].stored for i in wrong))
                 return buf
         if len(self.sources) > 1 and problems:
-            log.warning("no good copy of %s: %s", loc.file, "; ".join(problems))
-        raise CorruptCheckpointError("; ".join(problems) or f"{loc.file}: no readable copy")
+            log.warning("no good copy of %s: %s", file, "; ".join(problems))
+        raise CorruptCheckpointError("; ".join(problems) or f"{file}: no readable copy")

@@ -18,7 +18,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt import ondisk
-from lightning_distckpt.catalog import Heartbeat, publish
+from lightning_distckpt.catalog import Heartbeat, publish, source_of
+from lightning_distckpt.catalog.blocks import borrows_bytes
+from lightning_distckpt.engine.incremental import BlockIndex, IncrementalSave
 from lightning_distckpt.engine.writer import CheckpointWriter
 from lightning_distckpt.errors import CheckpointSaveError, UnsafeCheckpointError
 from lightning_distckpt.faults import crash_point
@@ -26,7 +28,7 @@ from lightning_distckpt.ondisk.names import PENDING, check_checkpoint_name
 from lightning_distckpt.ondisk.skeleton import OPTIM
 from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.parallel.planner import BalancedSavePlanner, PlanCache
-from lightning_distckpt.storage import Store, StorageLike, open_store
+from lightning_distckpt.storage import Source, Store, StorageLike, open_store
 from lightning_distckpt.engine.dcp_metadata import from_dcp
 from lightning_distckpt.transforms import PART, CompressionConfig
 from lightning_distckpt.transforms.compression import encode
@@ -51,6 +53,9 @@ class SaveResult:
     bytes_written: int
     seconds: float
     manifest: ondisk.Manifest | None = None  # rank 0 only
+    metadata: ondisk.CheckpointMetadata | None = None  # rank 0 only
+    bytes_borrowed: int = 0  # incremental saves: stored bytes this rank referenced instead of writing
+    prepare_s: float = 0.0  # until every rank knew the staging directory (and, incremental, the base's index)
 
 
 def write_checkpoint(
@@ -64,6 +69,7 @@ def write_checkpoint(
     compression: CompressionConfig | None = None,
     params: set[str] | None = None,
     plan_cache: PlanCache | None = None,
+    incremental: IncrementalSave | None = None,
 ) -> SaveResult:
     """Save ``tensors`` (flat, possibly sharded) and ``skeleton`` (JSON) as the checkpoint ``url``.
 
@@ -71,6 +77,11 @@ def write_checkpoint(
     hold the same bytes on every rank (so any rank may write them, see
     `balance()`); ``None`` assumes that of every tensor. ``compression``
     encodes tensors (on the calling thread, which is the background thread for async saves).
+
+    ``incremental`` (see `lightning_distckpt.engine.incremental`): the data files go to the root's block store
+    (``<root>/.distckpt-blocks/<token>/``) and blocks confirmed equal to blocks of the base are referenced, not
+    written. Rank 0 records the block directories it may reference in the staging directory (``BORROWS``) before it
+    checks that the base is still committed, so no clean-up can delete them while the save runs.
     """
     start = time.perf_counter()
     compression = compression or CompressionConfig()
@@ -95,14 +106,24 @@ def write_checkpoint(
 
     error = ""
     beat: Heartbeat | None = None
+    index: BlockIndex | None = None
+    data_dir = store.join(parent, ondisk.BLOCKS, token) if incremental is not None else None
     if is_coordinator:
         try:
             store.makedirs(staging)
             beat = Heartbeat(store, staging)  # clean-up elsewhere never takes this save for a crashed one
+            if incremental is not None:
+                if incremental.base_ids():  # before the base is checked: clean-up keeps them from now on
+                    store.write_bytes(store.join(staging, ondisk.BORROWS), borrows_bytes(incremental.base_ids()))
+                store.makedirs(data_dir)  # type: ignore[arg-type]
+                base = incremental.base
+                index = incremental.index(source_of(base.url, storage) if base is not None else Source(store, staging))
+                index.data_id = token
             crash_point("save:staged")
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = f"cannot create {store.url(staging)}: {e}"
-    error = comm.broadcast(error)
+    error, index = comm.broadcast((error, index))
+    prepared = time.perf_counter() - start
     if error:
         if beat is not None:
             beat.stop()
@@ -110,13 +131,13 @@ def write_checkpoint(
             _release(store, path)
         raise CheckpointSaveError(f"saving checkpoint {url} failed: {error}")
 
-    published: list[ondisk.Manifest] = []
+    published: list[tuple[ondisk.Manifest, ondisk.CheckpointMetadata]] = []
 
     def on_finish(metadata: Metadata) -> None:
-        published.append(_publish(store, path, staging, token, metadata, skeleton, manifest, encodings, beat))
+        published.append(_publish(store, path, staging, token, metadata, skeleton, manifest, encodings, beat, index))
 
     writer = CheckpointWriter(store, staging, threads=options.threads, block_bytes=options.block_bytes,
-                              codec=codec, on_finish=on_finish)
+                              codec=codec, on_finish=on_finish, incremental=index, data_dir=data_dir)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -130,6 +151,8 @@ def write_checkpoint(
                 if beat is not None:
                     beat.stop()
                 store.remove(staging, recursive=True)
+                if data_dir is not None:
+                    store.remove(data_dir, recursive=True)
             except Exception:  # noqa: BLE001 - best effort; gc removes it later
                 log.warning("could not remove staging directory %s", store.url(staging), exc_info=True)
             _release(store, path)
@@ -137,7 +160,9 @@ def write_checkpoint(
     finally:
         if beat is not None:
             beat.stop()
-    return SaveResult(url, writer.bytes_written, time.perf_counter() - start, published[0] if published else None)
+    done = published[0] if published else (None, None)
+    return SaveResult(url, writer.bytes_written, time.perf_counter() - start, done[0], done[1], writer.bytes_borrowed,
+                      prepared)
 
 
 def reserve(url: str, storage: StorageLike = None) -> bool:
@@ -185,14 +210,20 @@ def _root_cause(e: BaseException) -> str:
 
 
 def _publish(store: Store, path: str, staging: str, token: str, metadata: Metadata, skeleton: Any,
-             manifest: ondisk.Manifest, encodings: dict[str, Any], beat: Heartbeat | None = None) -> ondisk.Manifest:
+             manifest: ondisk.Manifest, encodings: dict[str, Any], beat: Heartbeat | None = None,
+             index: BlockIndex | None = None) -> tuple[ondisk.Manifest, ondisk.CheckpointMetadata]:
     """Coordinator only: write the documents, move staging into place, write the commit marker
-    (`lightning_distckpt.catalog.publish()`: an overwrite stays recoverable at every step)."""
+    (`lightning_distckpt.catalog.publish()`: an overwrite stays recoverable at every step). An incremental save also
+    lists the data files it borrows blocks from (with the size and digest their own manifest gives) and the
+    checkpoints they came from."""
     files: dict[str, dict[str, int]] = {}
     by_file: dict[str, list[tuple[int, ondisk.Location]]] = {}
     raw = 0
+    used: set[str] = set()
     for loc in metadata.storage_data.values():
-        by_file.setdefault(loc.file, []).append((loc.offset, loc))
+        if not loc.refs or any(r is None for r in loc.refs):
+            by_file.setdefault(loc.file, []).append((loc.offset, loc))
+        used.update(r[0] for r in loc.refs if r is not None)
         raw += loc.raw
     for name, locs in by_file.items():
         locs.sort(key=lambda x: x[0])
@@ -200,10 +231,17 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
         for offset, loc in locs:
             if offset != size:
                 raise RuntimeError(f"internal error: chunks of {name} are not contiguous")
-            digests.extend(b.digest for b in loc.blocks)
-            size += loc.stored
+            digests.extend(b.digest for b, r in zip(loc.blocks, loc.refs or [None] * len(loc.blocks)) if r is None)
+            size += loc.own_stored
         files[name] = {"size": size, "xxh3": ondisk.blocks_digest(digests)}
-    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(from_dcp(metadata, encodings)))), (ondisk.STATE, ondisk.dumps(skeleton)))
+    md = from_dcp(metadata, encodings)
+    if index is not None:
+        md.data_id = manifest.data_id = token
+        borrowed = {ondisk.parse_blocks_key(k)[0] for k in used}  # type: ignore[index]
+        manifest.borrows = {i: index.names.get(i, "") or "unknown" for i in sorted(borrowed)}
+        for key in used:
+            files[key] = dict(index.files[key])
+    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(md))), (ondisk.STATE, ondisk.dumps(skeleton)))
     for name, data in documents:
         store.write_bytes(store.join(staging, name), data)
         files[name] = {"size": len(data), "xxh3": ondisk.digest(data)}
@@ -219,4 +257,4 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
     if _is_placeholder(store, path):  # our own async save reserved the name: nothing to keep there
         store.remove(path, recursive=True)
     publish(store, staging, path, manifest_bytes, token)
-    return manifest
+    return manifest, md

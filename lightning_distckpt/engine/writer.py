@@ -14,6 +14,7 @@ order, so the bytes are the same as encoding one block after the other.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future as ThreadFuture
@@ -28,7 +29,8 @@ from torch.futures import Future
 
 from lightning_distckpt.ondisk.digests import digest
 from lightning_distckpt.ondisk.metadata import Block, Location
-from lightning_distckpt.ondisk.names import data_file_name
+from lightning_distckpt.engine.incremental import BlockIndex, strong_hash
+from lightning_distckpt.ondisk.names import blocks_key, data_file_name
 from lightning_distckpt.parallel.planner import item_bytes
 from lightning_distckpt.storage.base import Store
 from lightning_distckpt.transforms.block import BlockCodec
@@ -71,6 +73,8 @@ class CheckpointWriter(StorageWriter):
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         codec: BlockCodec | None = None,
         on_finish: Callable[[Metadata], None] | None = None,
+        incremental: BlockIndex | None = None,
+        data_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -82,10 +86,17 @@ class CheckpointWriter(StorageWriter):
         self.bytes_written = 0
         self._encoders: ThreadPoolExecutor | None = None
         self._ahead = 0
+        #: incremental saves: data files go to ``data_dir`` (the save's block directory), named by block-store key;
+        #: blocks the index confirms are referenced instead of written
+        self.incremental = incremental
+        self.data_dir = data_dir
+        self.bytes_borrowed = 0
+        self._lock = threading.Lock()
 
     # -- DCP protocol ------------------------------------------------------------------------------
     def reset(self, checkpoint_id: Any = None) -> None:
         self.bytes_written = 0
+        self.bytes_borrowed = 0
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -134,9 +145,61 @@ class CheckpointWriter(StorageWriter):
     def _write_file(self, rank: int, k: int, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
         """Write one file; on a transient storage error the whole file is written again (bounded)."""
         name = data_file_name(rank, k)
-        path = self.store.join(self.staging, name)
-        return self.store.retry.run(lambda: self._write_file_once(path, name, items, planner),
-                                    f"write {self.store.url(path)}", cleanup=lambda: self.store.remove(path))
+        if self.incremental is not None:
+            path = self.store.join(self.data_dir or self.staging, name)
+            write = lambda: self._write_incremental(path, blocks_key(self.incremental.data_id, name), items, planner)  # type: ignore[union-attr]  # noqa: E731
+        else:
+            path = self.store.join(self.staging, name)
+            write = lambda: self._write_file_once(path, name, items, planner)  # noqa: E731
+        return self.store.retry.run(write, f"write {self.store.url(path)}", cleanup=lambda: self.store.remove(path))
+
+    def _write_incremental(self, path: str, key: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
+        """Like `_write_file_once`, but a block whose raw bytes the index confirms (same xxh3, length, codec and
+        SHA-256 as a committed block) is referenced where it lies instead of written; the file is created only
+        if some block is written. Every block gets its fingerprint (raw xxh3; SHA-256 when computed)."""
+        index = self.incremental
+        assert index is not None
+        stream = None
+        offset = 0
+        borrowed = 0
+        out = []
+        try:
+            for item in items:
+                tensor = planner.resolve_data(item)
+                raw = tensor_bytes(tensor)  # type: ignore[arg-type]
+                itemsize = tensor.element_size()  # type: ignore[union-attr]
+                blocks, refs, fps = [], [], []
+                first = offset
+                for start in range(0, max(len(raw), 1), self.block_bytes):
+                    chunk = raw[start : start + self.block_bytes]
+                    raw_xh = digest(chunk)
+                    found = index.lookup(raw_xh, len(chunk), self.codec.name) if len(chunk) else []
+                    strong = strong_hash(chunk) if found or index.full else ""
+                    hit = next((c for c in found if c.strong and c.strong == strong), None)
+                    if hit is not None:
+                        blocks.append(hit.block)
+                        refs.append((hit.key, hit.offset))
+                        fps.append((raw_xh, strong))
+                        borrowed += hit.block.stored
+                        continue
+                    data = self.codec.encode(chunk, itemsize)
+                    if stream is None:
+                        stream = self.store.open_write(path)
+                    stream.write(data)
+                    d = raw_xh if not self.codec.name else digest(data)
+                    blocks.append(Block(len(data), len(chunk), d))
+                    refs.append(None)
+                    fps.append((raw_xh, strong))
+                    offset += len(data)
+                any_ref = any(r is not None for r in refs)
+                loc = Location(key, first, tuple(blocks), self.codec.name, tuple(refs) if any_ref else (), tuple(fps))
+                out.append(WriteResult(index=item.index, size_in_bytes=loc.own_stored, storage_data=loc))
+        finally:
+            if stream is not None:
+                stream.close()
+        with self._lock:
+            self.bytes_borrowed += borrowed
+        return out
 
     def _encoded(self, items: list[WriteItem], planner: SavePlanner) -> Iterator[tuple[int, int, Any, int]]:
         """(item number, raw length, stored bytes, digest) of every block of ``items``, in order; encoded on

@@ -44,6 +44,7 @@ from typing_extensions import override
 
 from lightning_distckpt import catalog, ondisk
 from lightning_distckpt.catalog import check_keep_last
+from lightning_distckpt.catalog.blocks import data_ids_of, sweep_after_removal
 from lightning_distckpt.catalog.index import CatalogOptions
 from lightning_distckpt.catalog.replication import Replicator, describe
 from lightning_distckpt.errors import (
@@ -438,7 +439,10 @@ class DistCheckpoint(ModelCheckpoint):
         store, root = open_store(target, self.io.storage)
         for c in found:
             if c.name in ever and c.name not in keep and c.name != newest:
-                catalog.remove_checkpoint(store, store.join(root, c.name))
+                path = store.join(root, c.name)
+                ids = data_ids_of(store, path)
+                catalog.remove_checkpoint(store, path)
+                sweep_after_removal(store, path, ids, self.io.storage)  # blocks newer copies borrow stay
 
     # -- resume ------------------------------------------------------------------------------------
     @override

@@ -55,6 +55,8 @@ from lightning_distckpt.engine.loading import (
     read_tensors,
     saved_tensors,
 )
+from lightning_distckpt.catalog.blocks import data_ids_of, sweep_after_removal
+from lightning_distckpt.engine.incremental import Base, IncrementalSave
 from lightning_distckpt.engine.saving import SaveResult, WriteOptions, reserve, write_checkpoint
 from lightning_distckpt.engine.shared_root import check_shared_root
 from lightning_distckpt.engine.snapshot import PendingSnapshot, Snapshotter
@@ -146,6 +148,14 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             ``"model"``, ``"optimizer"``, ``"lr_schedulers"``, ``"loops"`` (step and epoch counters start at
             0), ``"callbacks"``, or any other top-level key of Lightning's checkpoint dict (e.g. a
             precision plugin's or datamodule's entry). Excluded tensors are not read at all.
+        incremental: Write only the blocks that differ from the last committed checkpoint of this run under the same
+            root (or the one it resumed from): a block whose raw bytes match one of that checkpoint's (xxh3, length,
+            block codec, and SHA-256) is referenced where it lies instead of written again. Data files then live in
+            the root's block store (``<root>/.distckpt-blocks/``) and are kept while any checkpoint references them;
+            loading, verification, copies and replication work as for any checkpoint (see docs/incremental.md).
+        full_every: With ``incremental``: every K-th save is self-contained (borrows nothing), so that the data of a
+            long run does not spread over ever more earlier saves. ``None``: only the first save of a process (and a
+            save whose base already spans ``engine.incremental.MAX_SOURCES`` earlier saves) is a full one.
 
     Constructing one also lets ``LightningModule.load_from_checkpoint`` read this package's checkpoints
     (`enable_load_from_checkpoint()`), and routes every strategy it is assigned to.
@@ -168,11 +178,19 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         node_local: bool = False,
         connect_timeout_s: float = 30.0,
         exclude_from_loading: list[str] | None = None,
+        incremental: bool = False,
+        full_every: int | None = None,
     ) -> None:
         super().__init__()
         install_hook()  # from now on, assigning a DistCheckpointIO to a strategy routes it (see routing.py)
         if write_threads < 1 or read_threads < 1 or chunk_mb < 1:
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
+        if full_every is not None and (type(full_every) is not int or full_every < 1):
+            raise ValueError(f"full_every={full_every!r}: must be an integer of at least 1 (or None)")
+        self.incremental = incremental
+        self.full_every = full_every
+        self._base: Base | None = None  # rank 0: what the next incremental save may borrow from
+        self._since_full = 0  # rank 0: saves since (and including) the last self-contained one
         self.async_save = async_save
         self.pipelined_snapshot = pipelined_snapshot
         self.node_local = node_local
@@ -247,9 +265,13 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
-        """Remove a checkpoint directory (its commit marker first, so it is never half visible)."""
+        """Remove a checkpoint directory (its commit marker first, so it is never half visible). Blocks of an
+        incremental checkpoint that no other checkpoint references are deleted afterwards (the block store's sweep:
+        blocks a newer checkpoint borrows stay)."""
         store, p = open_store(str(path), self.storage)
+        ids = data_ids_of(store, p)
         catalog.remove_checkpoint(store, p)
+        sweep_after_removal(store, p, ids, self.storage)
 
     @override
     def teardown(self) -> None:
@@ -436,6 +458,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             return extras[key]
 
         checkpoint = state.join(ckpt.skeleton, lookup, stock.safe_globals(self.safe_globals), trusted=stock.trusted(weights_only))
+        if self.incremental and comm.rank == 0:  # a resumed run's next save borrows from what it resumed from
+            self._base, self._since_full = Base(url, ckpt.manifest, ckpt.metadata), 1
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if v is not _SKIP}
             if lazy:
@@ -618,7 +642,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             exact = self.compression.exact_every and (self.stats.saves + 1) % self.compression.exact_every == 0
             compression = self.compression.exact() if exact else self.compression
             result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, self.storage,
-                                      compression, params, self._plan_cache if comm.active else None)
+                                      compression, params, self._plan_cache if comm.active else None,
+                                      self._incremental_save(url, comm))
         except BaseException:
             with self._lock:
                 self._after_commit.clear()
@@ -627,11 +652,24 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             raise
         self.stats.last_save = result
         self.stats.saves += 1
+        if self.incremental and result.manifest is not None and result.metadata is not None:  # rank 0
+            self._base = Base(url, result.manifest, result.metadata)
+            self._since_full = self._since_full + 1 if result.manifest.borrows else 1
         with self._lock:
             tasks, self._after_commit = self._after_commit, []
             self._in_flight = False
         for task in tasks:
             self._run_task(task, result)
+
+    def _incremental_save(self, url: str, comm: Comm) -> IncrementalSave | None:
+        """How the next save is incremental (rank 0 decides the base; the others only need to know it is)."""
+        if not self.incremental:
+            return None
+        if comm.rank != 0:
+            return IncrementalSave()
+        base = self._base if self._base is not None and self._base.same_root(url) else None
+        full = base is None or (self.full_every is not None and self._since_full >= self.full_every)
+        return IncrementalSave(base, full)
 
     @staticmethod
     def _run_task(task: Callable[[SaveResult | None], None], result: SaveResult | None) -> None:
@@ -689,7 +727,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         s = self.__dict__.copy()
         s.update(_pg=None, _bulk_pg=None, _executor=None, _future=None, _snapshots=Snapshotter(), _plan_cache=PlanCache(), _after_commit=[],
                  _lock=None, _in_flight=False, _failed=False, resolver=_only, _loaded=None, _next_exclude={},
-                 _snapshot=None, _hooked=None, _checked_roots=set())
+                 _snapshot=None, _hooked=None, _checked_roots=set(), _base=None)
         return s
 
     def __setstate__(self, s: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from lightning_distckpt.ondisk.documents import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_DEPTH,
+    PLAIN_VERSION,
     Manifest,
     check_depth,
     check_int,
@@ -35,7 +36,9 @@ from lightning_distckpt.ondisk.metadata import (
     CheckpointMetadata,
     Chunk,
     ChunkIndex,
+    Fingerprint,
     Location,
+    Ref,
     TensorEntry,
     check_dtype,
     dtype_name,
@@ -44,6 +47,8 @@ from lightning_distckpt.ondisk.metadata import (
     parse_dtype,
 )
 from lightning_distckpt.ondisk.names import (
+    BLOCKS,
+    BORROWS,
     DOCUMENT_LIMITS,
     HEARTBEAT,
     MANIFEST,
@@ -53,11 +58,15 @@ from lightning_distckpt.ondisk.names import (
     STATE,
     PENDING,
     TRASH_INFIX,
+    blocks_key,
     check_checkpoint_name,
+    check_file_key,
     check_name,
     data_file_name,
     is_checkpoint_name,
     is_safe_name,
+    is_token,
+    parse_blocks_key,
     staged_name,
     staging_name,
     token_of,
@@ -72,6 +81,8 @@ __all__ = [
     "blocks_digest", "check_checkpoint_name", "check_depth", "check_int", "check_marker", "check_name", "check_version", "data_file_name",
     "digest", "dtype_name", "dumps", "is_checkpoint_name", "is_safe_name", "loads", "marker_bytes", "metadata_from_json", "metadata_to_json",
     "parse_dtype", "staged_name", "staging_name", "token_of", "trash_name", "trashed_name",
+    "BLOCKS", "BORROWS", "Fingerprint", "PLAIN_VERSION", "Ref", "blocks_key", "check_file_key", "is_token",
+    "parse_blocks_key",
 ]  # fmt: skip
 
 

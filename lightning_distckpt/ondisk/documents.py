@@ -13,10 +13,24 @@ from typing import Any
 
 from lightning_distckpt.errors import CorruptCheckpointError, NewerFormatError
 from lightning_distckpt.ondisk.digests import digest
-from lightning_distckpt.ondisk.names import MANIFEST, METADATA, STATE, check_name
+from lightning_distckpt.ondisk.names import (
+    MANIFEST,
+    METADATA,
+    STATE,
+    check_file_key,
+    check_name,
+    is_safe_name,
+    is_token,
+    parse_blocks_key,
+)
 
 FORMAT_NAME = "lightning-distckpt"
-FORMAT_VERSION = 1
+#: the newest format version this package reads. Version 1: a self-contained checkpoint directory. Version 2 (written
+#: only by incremental saves, so that a plain checkpoint stays readable by older releases): data files live in the
+#: root's block store and may be shared with other checkpoints (``manifest.data_id``, ``borrows``; docs/incremental.md)
+FORMAT_VERSION = 2
+#: the version of a self-contained checkpoint (what a save without ``incremental`` writes)
+PLAIN_VERSION = 1
 #: how deeply documents may nest (the skeleton of non-tensor state is walked recursively on load)
 MAX_DEPTH = 128
 _U64 = 1 << 64
@@ -26,7 +40,7 @@ _MAX_SIZE = 1 << 62  # larger than any file or tensor; keeps arithmetic on decla
 def check_version(version: Any, where: str) -> None:
     """Raise unless ``version`` is the format version this package reads; a newer one is
     `NewerFormatError` (the checkpoint is fine, this package is too old)."""
-    if version == FORMAT_VERSION and type(version) is int:
+    if type(version) is int and PLAIN_VERSION <= version <= FORMAT_VERSION:
         return
     if type(version) is int and version > FORMAT_VERSION:
         raise NewerFormatError(
@@ -71,9 +85,26 @@ class Manifest:
     compression: dict[str, Any] | None = None
     files: dict[str, dict[str, int]] = field(default_factory=dict)
     tensor_bytes: int = 0
+    #: incremental checkpoints (format 2): the id of the block-store directory this checkpoint's own data files are
+    #: in (``<root>/.distckpt-blocks/<data_id>/``); "" for a self-contained checkpoint (format 1)
+    data_id: str = ""
+    #: incremental checkpoints: the block-store directories it borrows blocks from (id -> the name of the checkpoint
+    #: that wrote them, for people: the checkpoint may be gone, its blocks stay while they are referenced)
+    borrows: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        return FORMAT_VERSION if self.data_id else PLAIN_VERSION
+
+    def data_ids(self) -> set[str]:
+        """Every block-store directory this checkpoint's files lie in (its own and those it borrows from)."""
+        return {p[0] for k in self.files if (p := parse_blocks_key(k)) is not None}
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, **self.__dict__}
+        out = {"format": FORMAT_NAME, "version": self.version, **self.__dict__}
+        if not self.data_id:  # a self-contained checkpoint: the format-1 document, field for field
+            del out["data_id"], out["borrows"]
+        return out
 
     @staticmethod
     def from_json(obj: Any, where: str) -> Manifest:
@@ -102,9 +133,25 @@ class Manifest:
         if not isinstance(raw_files, dict):
             raise CorruptCheckpointError(f"{where}: files must be an object of file name -> size and xxh3")
         files: dict[str, dict[str, int]] = {}
+        version = obj["version"]
+        data_id, borrows = obj.get("data_id", ""), obj.get("borrows", {})
+        if version == PLAIN_VERSION and ("data_id" in obj or "borrows" in obj):
+            raise CorruptCheckpointError(f"{where}: data_id and borrows need format version {FORMAT_VERSION}")
+        if version > PLAIN_VERSION and not is_token(data_id):
+            raise CorruptCheckpointError(f"{where}: data_id must be a block directory id (letters and digits), found "
+                                         f"{_short(data_id)}")  # fmt: skip
+        if not isinstance(borrows, dict) or not all(is_token(k) and k != data_id and is_safe_name(v)
+                                                    for k, v in borrows.items()):
+            raise CorruptCheckpointError(f"{where}: borrows must map block directory ids to checkpoint names")
         for n, f in raw_files.items():
             here = f"{where}: files[{_short(n)}]"
-            check_name(n, where)
+            if version == PLAIN_VERSION:
+                check_name(n, where)
+            else:
+                check_file_key(n, where)
+                if (p := parse_blocks_key(n)) is not None and p[0] != data_id and p[0] not in borrows:
+                    raise CorruptCheckpointError(f"{here}: lies in block directory {p[0]!r}, which is neither the "
+                                                 f"checkpoint's own nor one it borrows from")  # fmt: skip
             if not isinstance(f, dict):
                 raise CorruptCheckpointError(f"{here} must be an object with size and xxh3")
             files[n] = {"size": check_int(f.get("size"), here, "size"), "xxh3": check_int(f.get("xxh3"), here, "xxh3", 0, _U64)}
@@ -114,7 +161,8 @@ class Manifest:
         return Manifest(name=name, created=float(created), world_size=world_size,
                         global_step=_opt_int(obj, "global_step", where), epoch=_opt_int(obj, "epoch", where),
                         strategy=strategy, versions=dict(versions), compression=compression, files=files,
-                        tensor_bytes=check_int(obj.get("tensor_bytes", 0), where, "tensor_bytes"))  # fmt: skip
+                        tensor_bytes=check_int(obj.get("tensor_bytes", 0), where, "tensor_bytes"),
+                        data_id=data_id, borrows=dict(borrows))  # fmt: skip
 
 
 def dumps(obj: Any) -> bytes:

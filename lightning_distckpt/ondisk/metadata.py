@@ -12,8 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from lightning_distckpt.errors import CorruptCheckpointError
-from lightning_distckpt.ondisk.documents import _MAX_SIZE, FORMAT_NAME, FORMAT_VERSION, _short, check_int, check_version
-from lightning_distckpt.ondisk.names import check_name
+from lightning_distckpt.ondisk.documents import (
+    _MAX_SIZE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PLAIN_VERSION,
+    _short,
+    check_int,
+    check_version,
+)
+from lightning_distckpt.ondisk.names import blocks_key, check_name, is_safe_name, is_token, parse_blocks_key
 
 #: every dtype a checkpoint may hold, by the name ``metadata.json`` records, with its bytes per element
 ITEMSIZE: dict[str, int] = {
@@ -67,21 +75,74 @@ class Block:
     digest: int
 
 
+#: a block that lies elsewhere: (file key, offset); the key is a block-store key (`ondisk.blocks_key`)
+Ref = tuple[str, int]
+#: what an incremental save records of a stored block to recognise it later: (xxh3 of its raw bytes, strong hash of
+#: its raw bytes as hex, or "" when it was not computed)
+Fingerprint = tuple[int, str]
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a tensor chunk's bytes lie: a file, an offset and consecutive blocks.
 
     ``codec`` names the block codec ("" for raw bytes). Blocks split the chunk's raw bytes in order.
+
+    Incremental checkpoints: ``refs`` (empty, or one entry per block) says where each *borrowed* block lies (a file
+    of another save in the block store, and its offset); the blocks without a ref are this checkpoint's own and lie
+    one after the other in ``file`` from ``offset`` on. ``fps`` (empty, or one per block) are their fingerprints.
     """
 
     file: str
     offset: int
     blocks: tuple[Block, ...]
     codec: str = ""
+    refs: tuple[Ref | None, ...] = ()
+    fps: tuple[Fingerprint | None, ...] = ()
 
     @property
     def stored(self) -> int:
+        """Stored bytes of all the blocks, wherever they lie."""
         return sum(b.stored for b in self.blocks)
+
+    @property
+    def own_stored(self) -> int:
+        """Stored bytes of the blocks that lie in ``file`` (all of them unless some are borrowed)."""
+        if not self.refs:
+            return self.stored
+        return sum(b.stored for b, r in zip(self.blocks, self.refs) if r is None)
+
+    def places(self) -> list[Ref]:
+        """Where each block lies: (file key, offset), block by block."""
+        out: list[Ref] = []
+        for key, off, a, b in self.segments():
+            for blk in self.blocks[a:b]:
+                out.append((key, off))
+                off += blk.stored
+        return out
+
+    def segments(self, i: int = 0, j: int | None = None) -> list[tuple[str, int, int, int]]:
+        """Blocks ``i`` to ``j`` as runs that lie one after the other in one file: ``(file key, offset, first, end)``
+        (block indices). One run unless some blocks are borrowed."""
+        j = len(self.blocks) if j is None else j
+        if not self.refs:
+            pos = self.offset + sum(b.stored for b in self.blocks[:i])
+            return [(self.file, pos, i, j)] if j > i else []
+        own = self.offset + sum(b.stored for b, r in zip(self.blocks[:i], self.refs[:i]) if r is None)
+        out: list[list[Any]] = []
+        for k in range(i, j):
+            ref = self.refs[k]
+            if ref is None:
+                key, off = self.file, own
+                own += self.blocks[k].stored
+            else:
+                key, off = ref
+            last = out[-1] if out else None
+            if last is not None and last[0] == key and last[4] == off:
+                last[3], last[4] = k + 1, off + self.blocks[k].stored
+            else:
+                out.append([key, off, k, k + 1, off + self.blocks[k].stored])
+        return [(key, off, a, b) for key, off, a, b, _ in out]
 
     @property
     def raw(self) -> int:
@@ -163,6 +224,9 @@ class CheckpointMetadata:
 
     tensors: dict[str, TensorEntry]
     encodings: dict[str, Any] = field(default_factory=dict)
+    #: incremental checkpoints: the block-store directory of this checkpoint's own data files ("": format 1, its
+    #: files are in the checkpoint directory); chunk locations then name files by block-store key
+    data_id: str = ""
     _dcp: Any = field(default=None, repr=False)  # the engine's DCP form, cached
 
     def __getstate__(self) -> dict[str, Any]:  # broadcast to other ranks without the cached DCP form
@@ -185,12 +249,48 @@ class CheckpointMetadata:
         return {"encodings": self.encodings}
 
     def to_json(self) -> dict[str, Any]:
-        """The ``metadata.json`` document."""
+        """The ``metadata.json`` document (format 2 with an ``incremental`` field when ``data_id`` is set)."""
         tensors = {fqn: {"dtype": t.dtype, "size": list(t.size),
-                         "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes), **c.location.to_json()}
+                         "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes), **self._own(c.location).to_json()}
                                     for c in t.chunks]}
                    for fqn, t in self.tensors.items()}  # fmt: skip
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": tensors, "encodings": self.encodings}
+        out = {"format": FORMAT_NAME, "version": FORMAT_VERSION if self.data_id else PLAIN_VERSION, "tensors": tensors,
+               "encodings": self.encodings}  # fmt: skip
+        if self.data_id:
+            out[INCREMENTAL] = incremental_to_json(self)
+        return out
+
+    def _own(self, loc: Location) -> Location:
+        """``loc`` as the chunk fields store it: the own file by its plain name (its directory is ``data_id``)."""
+        parsed = parse_blocks_key(loc.file)
+        if self.data_id and parsed is not None and parsed[0] == self.data_id:
+            return Location(parsed[1], loc.offset, loc.blocks, loc.codec)
+        return Location(loc.file, loc.offset, loc.blocks, loc.codec)
+
+
+#: the optional top-level field of ``metadata.json`` (format 2) that incremental saves add, kept apart from the chunk
+#: fields: ``{"data_id": id, "strong": "sha256-128", "chunks": {key: [[offsets, [[raw xxh3, strong, ref], ...]], ...]}}``
+#: with one entry per block of a listed chunk; ``ref`` is ``[id, file, offset]`` for a borrowed block, else null
+INCREMENTAL = "incremental"
+#: the strong hash of raw block bytes that confirms a digest match before a block is borrowed
+STRONG = "sha256-128"
+
+
+def incremental_to_json(md: CheckpointMetadata) -> dict[str, Any]:
+    chunks: dict[str, list[Any]] = {}
+    for fqn, c in md.chunks():
+        loc = c.location
+        if not loc.refs and not loc.fps:
+            continue
+        entries = []
+        for k in range(len(loc.blocks)):
+            fp = loc.fps[k] if loc.fps else None
+            ref = loc.refs[k] if loc.refs else None
+            parsed = parse_blocks_key(ref[0]) if ref is not None else None
+            entries.append([fp[0] if fp else None, (fp[1] or None) if fp else None,
+                            [parsed[0], parsed[1], ref[1]] if ref is not None and parsed else None])  # type: ignore[index]
+        chunks.setdefault(fqn, []).append([list(c.offsets), entries])
+    return {"data_id": md.data_id, "strong": STRONG, "chunks": chunks}
 
 
 def metadata_to_json(md: CheckpointMetadata) -> dict[str, Any]:
@@ -246,7 +346,72 @@ def metadata_from_json(obj: Any, where: str) -> CheckpointMetadata:
     encodings = obj.get("encodings", {})
     if not isinstance(encodings, dict):
         raise CorruptCheckpointError(f"{where}: malformed encodings")
-    return CheckpointMetadata(tensors, encodings)
+    md = CheckpointMetadata(tensors, encodings)
+    if INCREMENTAL in obj:
+        if obj["version"] == PLAIN_VERSION:
+            raise CorruptCheckpointError(f"{where}: an {INCREMENTAL} field needs format version {FORMAT_VERSION}")
+        apply_incremental(md, obj[INCREMENTAL], where)
+    return md
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def apply_incremental(md: CheckpointMetadata, inc: Any, where: str) -> None:
+    """Read the ``incremental`` field into ``md`` (in place): own files become block-store keys of ``data_id``,
+    borrowed blocks get their refs, blocks their fingerprints. Everything is validated: ids are tokens, files plain
+    names, offsets integers, one entry per block of a chunk that exists; a problem is a `CorruptCheckpointError`
+    naming ``where`` and the tensor."""
+    if not isinstance(inc, dict) or not is_token(inc.get("data_id")) or not isinstance(inc.get("chunks"), dict):
+        raise CorruptCheckpointError(f"{where}: {INCREMENTAL} must name a data_id and list chunks")
+    if inc.get("strong") != STRONG:
+        raise CorruptCheckpointError(f"{where}: {INCREMENTAL}.strong {_short(inc.get('strong'))} is not {STRONG!r}")
+    md.data_id = data_id = inc["data_id"]
+    extra: dict[tuple[str, tuple[int, ...]], tuple[tuple[Ref | None, ...], tuple[Fingerprint | None, ...]]] = {}
+    for fqn, listed in inc["chunks"].items():
+        here = f"{where}: {INCREMENTAL} of tensor {_short(fqn)}"
+        t = md.tensors.get(fqn)
+        if t is None or not isinstance(listed, list):
+            raise CorruptCheckpointError(f"{here}: no such tensor, or not a list of chunks")
+        by_offsets = {c.offsets: c for c in t.chunks}
+        for item in listed:
+            if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], list):
+                raise CorruptCheckpointError(f"{here}: a chunk must be [offsets, blocks], found {_short(item)}")
+            offsets = _dims(item[0], here, "chunk offsets")
+            chunk = by_offsets.get(offsets)
+            if chunk is None or (fqn, offsets) in extra or len(item[1]) != len(chunk.location.blocks):
+                raise CorruptCheckpointError(f"{here}: chunk {list(offsets)} does not exist, is listed twice or has "
+                                             f"another number of blocks")  # fmt: skip
+            refs: list[Ref | None] = []
+            fps: list[Fingerprint | None] = []
+            for e in item[1]:
+                if not isinstance(e, list) or len(e) != 3:
+                    raise CorruptCheckpointError(f"{here}: a block entry must be [xxh3, strong, ref], found {_short(e)}")
+                raw_xh, strong, ref = e
+                if raw_xh is None:
+                    fps.append(None)
+                else:
+                    check_int(raw_xh, here, "raw xxh3", 0, 1 << 64)
+                    if strong is not None and (not isinstance(strong, str) or len(strong) != 32 or not set(strong) <= _HEX):
+                        raise CorruptCheckpointError(f"{here}: strong hash must be 32 hex digits, found {_short(strong)}")
+                    fps.append((raw_xh, strong or ""))
+                if ref is None:
+                    refs.append(None)
+                    continue
+                if (not isinstance(ref, list) or len(ref) != 3 or not is_token(ref[0]) or ref[0] == data_id
+                        or not is_safe_name(ref[1])):  # fmt: skip
+                    raise CorruptCheckpointError(f"{here}: a borrowed block must be [id of another save, file, offset], "
+                                                 f"found {_short(ref)}")  # fmt: skip
+                refs.append((blocks_key(ref[0], ref[1]), check_int(ref[2], here, "borrowed block offset")))
+            extra[(fqn, offsets)] = (tuple(refs) if any(r is not None for r in refs) else (), tuple(fps) if any(fps) else ())
+    for fqn, t in list(md.tensors.items()):
+        chunks = []
+        for c in t.chunks:
+            refs_, fps_ = extra.get((fqn, c.offsets), ((), ()))
+            loc = c.location
+            chunks.append(Chunk(c.offsets, c.sizes, Location(blocks_key(data_id, loc.file), loc.offset, loc.blocks,
+                                                             loc.codec, refs_, fps_)))  # fmt: skip
+        md.tensors[fqn] = TensorEntry(t.dtype, t.size, tuple(chunks))
 
 
 def _dims(value: Any, where: str, key: str) -> tuple[int, ...]:

@@ -21,9 +21,15 @@ STAGING_INFIX = ".staging-"
 TRASH_INFIX = ".trash-"
 #: refreshed by a writer while it fills a staging directory; removed before the directory is published
 HEARTBEAT = ".heartbeat"
+#: the block store of a root: incremental checkpoints keep their data files in ``<root>/.distckpt-blocks/<id>/``
+#: (one directory per save, named by its token, never renamed) so that other checkpoints can borrow their blocks
+BLOCKS = ".distckpt-blocks"
+#: written into a staging directory before an incremental save (or a copy) relies on blocks of other saves: the
+#: ids of the block directories it may reference, which clean-up keeps while the staging directory exists
+BORROWS = "BORROWS"
 
 #: the most bytes a document may have; checked before it is read (a FIFO or /dev/zero is refused earlier)
-DOCUMENT_LIMITS = {MARKER: 4 << 10, MANIFEST: 64 << 20, METADATA: 1 << 30, STATE: 1 << 30}
+DOCUMENT_LIMITS = {MARKER: 4 << 10, MANIFEST: 64 << 20, METADATA: 1 << 30, STATE: 1 << 30, BORROWS: 1 << 20}
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,254}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9]{1,64}$")
@@ -40,6 +46,37 @@ def check_name(name: Any, where: str) -> str:
     if not is_safe_name(name):
         raise UnsafeCheckpointError(f"{where}: refusing file name {name!r} (must be a plain name inside the checkpoint)")
     return name
+
+
+def is_token(value: Any) -> bool:
+    """A token the package could have made (letters and digits): staging and trash suffixes, block directory ids."""
+    return isinstance(value, str) and bool(_TOKEN.match(value))
+
+
+def blocks_key(data_id: str, name: str) -> str:
+    """How a checkpoint names a data file of the block store: ``.distckpt-blocks/<id>/<file>``, relative to the
+    checkpoint's root (plain names stay relative to the checkpoint directory)."""
+    return f"{BLOCKS}/{data_id}/{name}"
+
+
+def parse_blocks_key(key: Any) -> tuple[str, str] | None:
+    """``(id, file)`` of a block-store key made by `blocks_key()`, else None (a plain name, or anything else)."""
+    if not isinstance(key, str) or not key.startswith(BLOCKS + "/"):
+        return None
+    parts = key.split("/")
+    if len(parts) != 3 or not is_token(parts[1]) or not is_safe_name(parts[2]):
+        return None
+    return parts[1], parts[2]
+
+
+def check_file_key(key: Any, where: str) -> str:
+    """A file a checkpoint lists: a plain name inside the checkpoint directory, or a block-store key
+    (`blocks_key()`) that can only lead into ``<root>/.distckpt-blocks/<id>/``; anything else (``..``, absolute,
+    more components) is refused."""
+    if is_safe_name(key) or parse_blocks_key(key) is not None:
+        return key
+    raise UnsafeCheckpointError(f"{where}: refusing file name {key!r} (must be a plain name inside the checkpoint "
+                                f"or {BLOCKS}/<id>/<name>)")
 
 
 def staging_name(name: str, token: str) -> str:

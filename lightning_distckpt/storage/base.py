@@ -169,8 +169,15 @@ class Source:
     store: Store
     path: str
 
+    def file(self, name: str) -> str:
+        """The path of a file the checkpoint lists: a plain name lies in the checkpoint directory, a block-store key
+        (``.distckpt-blocks/<id>/<file>``, validated when the documents were parsed) in the root that holds it."""
+        if "/" in name:
+            return self.store.join(self.store.parent(self.path), name)
+        return self.store.join(self.path, name)
+
     def url(self, name: str = "") -> str:
-        return self.store.url(self.store.join(self.path, name) if name else self.path)
+        return self.store.url(self.file(name) if name else self.path)
 
 
 def read_at(f: BinaryIO, offset: int, buffer: memoryview, what: str, digests: BlockDigests | None = None) -> None:

@@ -161,6 +161,8 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=None, help="launch with Lightning's launcher instead of torchrun")
     p.add_argument("--replicas", nargs="*", default=None)
     p.add_argument("--compression", default=None)
+    p.add_argument("--incremental", action="store_true", help="DistCheckpointIO(incremental=True)")
+    p.add_argument("--freeze-first", action="store_true", help="freeze the first layer (unchanged between saves)")
     p.add_argument("--timing-only", action="store_true", help="no state digests (they take seconds at 1 GiB)")
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
     p.add_argument("--hdfs-user", default=None)
@@ -174,6 +176,8 @@ def main() -> None:
     os.environ.setdefault("DISTCKPT_TEST_WORLD", str(world))
     fault_injection()
     model = Net(width=args.width)
+    if args.freeze_first:
+        model.net[0].requires_grad_(False)
     probe = Probe(args.digest_dir, digests=not args.timing_only)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun --nnodes=K: K nodes of `local` processes
     trainer = L.Trainer(
@@ -184,6 +188,7 @@ def main() -> None:
         max_steps=args.max_steps,
         plugins=[] if args.stock_save else [
             DistCheckpointIO(async_save=args.async_save, compression=args.compression,
+                             incremental=args.incremental,
                              hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication),
                              node_local=args.node_local)],
         callbacks=([] if args.stock_save else [
