@@ -20,7 +20,6 @@ import sys
 import tempfile
 
 import lightning as L
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits import Classifier, DigitsData  # noqa: E402

@@ -9,7 +9,6 @@ import threading
 import time
 
 import lightning as L
-import pytest
 import torch
 from torch import nn
 
