@@ -190,7 +190,7 @@ def test_a_failed_replication_commits_nothing_and_keeps_older_replicas(tmp_path)
     # what the failed copy left behind is provably garbage: clean-up removes it, and only it
     left = [p.name for p in root.iterdir() if p.name != "step=2"]
     assert left and all(n.startswith(".") for n in left)
-    assert sorted(Path(u).name for u in clean_stale(prefix)) == sorted(left)
+    assert sorted(Path(u).name for u in clean_stale(prefix, older_than_s=0)) == sorted(left)
     assert [p.name for p in root.iterdir()] == ["step=2"]
 
 
@@ -198,9 +198,11 @@ def test_a_failed_replication_commits_nothing_and_keeps_older_replicas(tmp_path)
 # removal and retention
 # ---------------------------------------------------------------------------------------------------
 def _removal_order(ops: list[tuple], path: str) -> None:
-    """``path`` was removed marker first, then as a whole."""
+    """``path`` was removed marker first, then its other files, the manifest last, then the directory."""
     mine = [op for op in ops if op[0] == "remove" and (op[1] == path or op[1].startswith(path + "/"))]
-    assert mine == [("remove", f"{path}/{ondisk.MARKER}", False), ("remove", path, True)], mine
+    assert mine[0] == ("remove", f"{path}/{ondisk.MARKER}", False) and mine[-1] == ("remove", path, True), mine
+    files = [op[1].rsplit("/", 1)[1] for op in mine[1:-1]]
+    assert ondisk.MANIFEST not in files and {ondisk.METADATA, ondisk.STATE} <= set(files), mine
 
 
 def test_remove_checkpoint_hides_it_before_deleting(tmp_path):
@@ -214,8 +216,8 @@ def test_remove_checkpoint_hides_it_before_deleting(tmp_path):
 def test_a_removal_interrupted_after_the_marker_leaves_an_invisible_checkpoint(tmp_path):
     class Interrupted(FaultyStore):
         def remove(self, path: str, recursive: bool = False) -> None:
-            if recursive:
-                raise KeyboardInterrupt  # the process dies between the two steps
+            if not path.endswith(ondisk.MARKER):
+                raise KeyboardInterrupt  # the process dies right after the marker is gone
             super().remove(path, recursive)
 
     store = Interrupted()
@@ -226,13 +228,14 @@ def test_a_removal_interrupted_after_the_marker_leaves_an_invisible_checkpoint(t
     with pytest.raises(KeyboardInterrupt):
         remove_checkpoint(store, str(tmp_path / "b"))
     assert [c.name for c in committed(prefix)] == ["a"]  # "last" can never pick the half-removed one
-    assert [Path(u).name for u in clean_stale(str(tmp_path))] == ["b"]
+    assert [Path(u).name for u in clean_stale(str(tmp_path), older_than_s=0)] == ["b"]
     assert verify(str(tmp_path / "a")).ok
 
 
 def _callback(keep_last: int, io: DistCheckpointIO, saved: list[str], tmp_path: Path) -> DistCheckpoint:
     """A DistCheckpoint wired to ``io`` without a Trainer, as after ``setup``, having saved ``saved``."""
     cb = DistCheckpoint(dirpath=str(tmp_path / "unused"), keep_last=keep_last)
+    cb.dirpath = saved[0][: saved[0].rindex("/") + 1]  # where they are (a registered URL root)
     cb._io = io
     cb._saved = list(saved)
     cb._ever = {u.rstrip("/").rsplit("/", 1)[-1] for u in saved}

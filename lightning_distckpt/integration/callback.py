@@ -650,8 +650,9 @@ class DistCheckpoint(ModelCheckpoint):
         """A checkpoint URL this callback may have written: a listed checkpoint name directly under its ``dirpath``."""
         if not isinstance(path, str) or self.dirpath is None:
             return False
-        parent, _, name = path.rstrip("/").rpartition("/")
-        return parent == str(self.dirpath).rstrip("/") and ondisk.is_checkpoint_name(name) and not name.startswith(".")
+        base = str(self.dirpath) if str(self.dirpath).endswith("/") else f"{self.dirpath}/"  # also "memory://"
+        name = path.rstrip("/")[len(base):] if path.startswith(base) else ""
+        return "/" not in name and ondisk.is_checkpoint_name(name) and not name.startswith(".")
 
 
 #: Lightning's warning when ``ckpt_path="last"`` finds nothing; its hint (``save_last=True``) does not apply here
