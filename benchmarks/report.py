@@ -657,6 +657,45 @@ def incremental() -> str:
     ])  # fmt: skip
 
 
+def lightning_compat() -> str:
+    """docs/lightning-compat.md: counts of Lightning's own tests with the plugin (tools/lightning_compat/run.sh)."""
+    r = load("lightning_compat")
+    if r is None:
+        return ""
+    reasons = {}
+    for line in open(os.path.join(HERE, "..", "tools", "lightning_compat", "expected_failures.txt")):
+        if line.strip() and not line.startswith("#"):
+            test, _, why = line.partition("#")
+            reasons[test.strip()] = why.strip()
+    rows, remaining = [], {}
+    for name in ("core", "wider"):
+        x = r["sets"].get(name)
+        if x is None:
+            continue
+        m = x.get("modes", {})
+        count = lambda mode: str(len(m[mode]["failed"])) if mode in m else "not run"  # noqa: E731
+        rows.append([name, x["collected"], x["pass_stock"], count("plugin"), count("adapted"), count("async"), x["date"]])
+        for mode in ("adapted", "async"):
+            for t in m.get(mode, {}).get("failed", []):
+                remaining.setdefault(t, []).append(mode)
+    lines = [
+        "## Lightning's own tests\n",
+        f"Lightning {r['lightning']} installed; its tests from tag {r['tests_ref']}. Command: "
+        "`tools/lightning_compat/run.sh` (writes `benchmarks/results/lightning_compat.json`; rendered by "
+        "`python benchmarks/report.py`). Columns: tests that fail in each mode, of those that pass stock.\n",
+        table(["set", "collected", "pass stock", "fail: plugin", "fail: plugin + adapted reads",
+               "fail: async + adapted reads", "measured"], rows),
+        "\nFailures that remain with the tests' own reads adapted, and why "
+        "(`tools/lightning_compat/expected_failures.txt`):\n",
+    ]  # fmt: skip
+    if not remaining:
+        lines.append("None.")
+    for t, modes in sorted(remaining.items()):
+        why = reasons.get(t, "**not explained (UNEXPECTED)**")
+        lines.append(f"* `{t}` ({', '.join(modes)}): {why}")
+    return "\n".join(lines) + "\n"
+
+
 SECTIONS: list[Callable[[], str]] = [save_load, _plot_save_load, reads, async_, scaling, hdfs, recovery, compression,
                                      planning, incremental, distill, cli, gpu, catalog_]
 
@@ -673,6 +712,7 @@ def main() -> None:
         f.write("\n\n".join(b.strip() for b in body if b) + "\n")
     _render_into(os.path.join(HERE, "..", "docs", "catalog.md"), "catalog-numbers", catalog_())
     _render_into(os.path.join(HERE, "..", "docs", "incremental.md"), "incremental-numbers", incremental())
+    _render_into(os.path.join(HERE, "..", "docs", "lightning-compat.md"), "compat-numbers", lightning_compat())
 
 
 def _render_into(path: str, tag: str, text: str) -> None:

@@ -9,10 +9,12 @@ import threading
 import time
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 
-from lightning_distckpt import DistCheckpointIO, load_checkpoint
+from lightning_distckpt import DistCheckpointIO, list_checkpoints, load_checkpoint
+from lightning_distckpt.errors import CheckpointSaveError
 from lightning_distckpt.engine import snapshot as snapshot_mod
 
 SAVE_AT = 3
@@ -117,13 +119,13 @@ def test_optimizer_step_during_the_copy_does_not_leak_into_the_checkpoint(tmp_pa
     assert not torch.equal(model.net[0].weight.detach(), cb.expected["state_dict"]["net.0.weight"])
 
 
-def test_without_the_optimizer_hook_the_next_step_leaks(tmp_path, monkeypatch):
-    """Control: the same run with the hook disabled saves parameters of a later step (what the hook prevents)."""
+def test_without_the_optimizer_hook_the_next_step_is_caught_not_saved(tmp_path, monkeypatch):
+    """Control: with the hook disabled the next step changes the parameters before the copy. The version check
+    catches it: the save fails naming a tensor, and nothing is committed (never a mix of two steps)."""
     monkeypatch.setattr(DistCheckpointIO, "_before_step", lambda self, *a: None)
-    io, cb, _ = _train(tmp_path, monkeypatch, delay=0.3)
-    back = load_checkpoint(str(tmp_path / "ckpt"))
-    diff = _differences(cb.expected, back)
-    assert diff and all("running" not in d and "num_batches" not in d for d in diff), diff  # buffers: copied in the call
+    with pytest.raises(CheckpointSaveError, match=r"changed in place after the save call.*pipelined_snapshot=False"):
+        _train(tmp_path, monkeypatch, delay=0.3)
+    assert list_checkpoints(str(tmp_path)) == []  # nor its placeholder (the name reserved by the async save)
 
 
 def test_blocking_snapshot_when_not_pipelined(tmp_path):
@@ -144,10 +146,27 @@ def test_snapshot_buffers_are_reused_and_pieces_exact():
     p = s.start({"model/a": a, "extra/b": b}, now=lambda k: not k.startswith("model/"))
     assert torch.equal(p.pieces["extra/b"][0].local, b) and not p.done  # "model/a": a buffer, not filled yet
     before = a.clone()
-    a.add_(1.0)  # would be an optimizer step; the test runs the copy after it on purpose
     p.run()
     assert p.done and torch.equal(p.pieces["model/a"][0].local, a)
+    a.add_(1.0)  # after the copy: the snapshot keeps the old values
+    assert torch.equal(p.pieces["model/a"][0].local, before)
     buf = p.pieces["model/a"][0].local
     p2 = s.start({"model/a": a, "extra/b": b}, now=lambda k: True)
     assert p2.done and p2.pieces["model/a"][0].local.data_ptr() == buf.data_ptr()  # the same host buffer
     assert not torch.equal(before, a)
+
+
+def test_a_tensor_changed_in_place_before_its_deferred_copy_fails_the_snapshot():
+    """Lightning's ModelCheckpoint under manual optimization swaps weights in place around the save call and
+    restores them right after it returns: the deferred copy would see the restored values. It is caught."""
+    s = snapshot_mod.Snapshotter()
+    a, b = torch.randn(100, 10), torch.randn(5)
+    p = s.start({"model/a": a, "extra/b": b}, now=lambda k: not k.startswith("model/"))
+    a[3].mul_(2.0)  # through a view: the counter is shared with the base
+    p.run()
+    assert p.done and "'model/a'" in p.problem  # waiters are released; the save reports the error
+    with pytest.raises(CheckpointSaveError, match=r"rank 1: tensor 'model/a' was changed in place"):
+        p.check(lambda mine: ["", mine])  # as rank 1 of two: every rank raises the same
+    p2 = s.start({"model/a": a, "extra/b": b}, now=lambda k: not k.startswith("model/"))
+    p2.run()
+    p2.check(lambda mine: [mine, mine])  # unchanged: nothing to report

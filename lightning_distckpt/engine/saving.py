@@ -182,6 +182,13 @@ def reserve(url: str, storage: StorageLike = None) -> bool:
     return True
 
 
+def release(url: str, storage: StorageLike = None) -> None:
+    """Remove the placeholder that `reserve()` made for a save that will not commit (rank 0; best effort:
+    only a directory holding nothing but ``PENDING`` is removed, never a checkpoint)."""
+    store, path = open_store(url, storage)
+    _release(store, path)
+
+
 def _is_placeholder(store: Store, path: str) -> bool:
     try:
         return store.isdir(path) and [e.name for e in store.listdir(path)] == [PENDING]

@@ -9,7 +9,10 @@ Two ways to take one:
   returns a :class:`PendingSnapshot` whose :meth:`~PendingSnapshot.run` copies the rest (parameters and
   optimizer state, which only an optimizer step changes) on another thread while the next step's forward
   and backward run. Whoever is about to change those tensors (the optimizer step) calls
-  :meth:`~PendingSnapshot.wait` first.
+  :meth:`~PendingSnapshot.wait` first. A deferred tensor changed in place before it was copied by anything
+  else (e.g. code that swaps a module's weights around a save call and restores them right after it
+  returns) is detected through torch's version counter: the save fails on every rank with `CheckpointSaveError` naming it
+  instead of writing a mix of two states (``DistCheckpointIO(pipelined_snapshot=False)`` copies at the call).
 
 Buffers are kept per (key, piece) and reused as long as shape and dtype stay the same, so host memory
 stays flat over many saves. Device tensors are copied into pinned buffers with ``non_blocking`` on a side
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from lightning_distckpt.errors import CheckpointSaveError
 from lightning_distckpt.parallel.pieces import DEFAULT_CHUNK_BYTES, Piece, pieces, split_rows
 
 #: (key, tag, source piece): one copy to make; tag identifies the piece of the key (index or chunk offsets)
@@ -44,12 +48,14 @@ class PendingSnapshot:
     """
 
     def __init__(self, owner: Snapshotter, pieces_: dict[str, list[Piece]], deferred: list[tuple[Piece, torch.Tensor]],
-                 event: Any = None) -> None:
+                 event: Any = None, versions: list[tuple[str, int | None]] | None = None) -> None:
         self.pieces = pieces_
         self._owner = owner
         self._deferred = deferred
+        self._versions: list[tuple[str, int | None]] = versions or [("?", None)] * len(deferred)
         self._event = event  # a device event recorded on the training stream (device sources only)
         self._done = threading.Event()
+        self.problem = ""  # why the deferred copies cannot be saved (set by run)
         self.copy_s = 0.0  # how long run() took
         self.waited_s = 0.0  # how long callers of wait() were blocked, in total
         if not deferred:
@@ -60,16 +66,33 @@ class PendingSnapshot:
         return self._done.is_set()
 
     def run(self) -> dict[str, list[Piece]]:
-        """Copy the deferred tensors (call once, on the saving thread); returns ``pieces``."""
+        """Copy the deferred tensors (call once, on the saving thread); returns ``pieces``. Never raises: a
+        failed copy or a tensor changed before its copy sets ``problem`` (the caller must not write ``pieces``,
+        and in a job every rank must learn of it before any writes: `check()`)."""
         start = time.perf_counter()
         try:
-            for src, dst in self._deferred:
+            for (src, dst), (key, version) in zip(self._deferred, self._versions):
                 dst.copy_(src.local.detach(), non_blocking=src.local.is_cuda)
+                if version is not None and _version(src.local) != version and not self.problem:
+                    self.problem = (
+                        f"tensor {key!r} was changed in place after the save call returned and before its pipelined "
+                        f"snapshot copied it (not by an optimizer step, which waits for the snapshot); the save is "
+                        f"abandoned rather than written with a mix of two states. Use "
+                        f"DistCheckpointIO(pipelined_snapshot=False) if weights are changed in place around saves")
             self._owner._sync([(None, None, src) for src, _ in self._deferred])
+        except Exception as e:  # noqa: BLE001 - reported through `problem`, agreed on by every rank before writing
+            self.problem = self.problem or f"the snapshot copy failed: {type(e).__name__}: {e}"
         finally:
             self.copy_s = time.perf_counter() - start
             self._done.set()
         return self.pieces
+
+    def check(self, all_gather: Callable[[str], list[str]]) -> None:
+        """After `run()`, on every rank of the save: raise `CheckpointSaveError` on every rank if any rank's
+        snapshot has a ``problem`` (``all_gather``: the save's collective over the ranks)."""
+        problems = [(r, p) for r, p in enumerate(all_gather(self.problem)) if p]
+        if problems:
+            raise CheckpointSaveError("; ".join(f"rank {r}: {p}" for r, p in problems))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the deferred copies are done; True unless ``timeout`` ran out first."""
@@ -149,13 +172,15 @@ class Snapshotter:
         self._sync(immediate)
         # buffers of the deferred copies are allocated here, on the training thread: the same allocator arena
         # every save (allocating on the saving thread grew the RSS by a buffer set), and no dict changes later
-        later = [(src, dst) for _, _, src, dst in self._materialize(deferred, out)]
+        made = self._materialize(deferred, out)
+        later = [(src, dst) for _, _, src, dst in made]
+        versions = [(key, _version(src.local)) for key, _, src, _ in made]  # checked after each deferred copy
         event = None
         if any(src.local.is_cuda for _, _, src in deferred):
             # the side stream's copies must see what the training stream computed before this save
             event = torch.cuda.Event()
             event.record()
-        pending = PendingSnapshot(self, out, later, event)
+        pending = PendingSnapshot(self, out, later, event, versions)
         if event is not None:
             pending.run = _on_side_stream(pending.run, event)  # type: ignore[method-assign]
         return pending
@@ -167,6 +192,14 @@ class Snapshotter:
             buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
             self._buffers[key] = buf
         return buf
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (shared with its views; bumped by every in-place change), None if untracked."""
+    try:
+        return int(t._version)
+    except (RuntimeError, AttributeError):  # inference tensors and some subclasses track none
+        return None
 
 
 def _on_side_stream(run: Callable[[], dict[str, list[Piece]]], event: Any) -> Callable[[], dict[str, list[Piece]]]:

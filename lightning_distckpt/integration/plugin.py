@@ -57,11 +57,12 @@ from lightning_distckpt.engine.loading import (
 )
 from lightning_distckpt.catalog.blocks import data_ids_of, sweep_after_removal
 from lightning_distckpt.engine.incremental import Base, IncrementalSave
-from lightning_distckpt.engine.saving import SaveResult, WriteOptions, reserve, write_checkpoint
+from lightning_distckpt.engine.saving import SaveResult, WriteOptions, release, reserve, write_checkpoint
 from lightning_distckpt.engine.shared_root import check_shared_root
 from lightning_distckpt.engine.snapshot import PendingSnapshot, Snapshotter
 from lightning_distckpt.errors import (
     CheckpointNotFoundError,
+    CheckpointSaveError,
     CorruptCheckpointError,
     DistCheckpointError,
     StateMismatchError,
@@ -638,6 +639,12 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             if isinstance(tensors, PendingSnapshot):  # the pipelined part of an async snapshot
                 tensors_ = tensors.run()
                 self.stats.snapshot_copy_s = tensors.copy_s
+                try:  # every rank learns whether any rank's copy is unusable, before anything is written
+                    tensors.check(comm.all_gather)
+                except CheckpointSaveError as e:
+                    if comm.rank == 0:
+                        release(url, self.storage)
+                    raise CheckpointSaveError(f"saving checkpoint {url} failed (nothing was committed): {e}") from None
                 tensors = tensors_
             exact = self.compression.exact_every and (self.stats.saves + 1) % self.compression.exact_every == 0
             compression = self.compression.exact() if exact else self.compression

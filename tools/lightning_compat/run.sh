@@ -111,6 +111,7 @@ for set in "${sets[@]}"; do
       --junitxml="$results/$set-$mode.xml" ${PYTEST_ARGS:-} "${paths[@]}" > "$results/$set-$mode.log" 2>&1 || true
     tail -1 "$results/$set-$mode.log" >&2
   done
-  python "$here/summarize.py" "$results" "$set" --expected "$here/expected_failures.txt" || status=1
+  python "$here/summarize.py" "$results" "$set" --expected "$here/expected_failures.txt" \
+    --json "$root/benchmarks/results/lightning_compat.json" || status=1
 done
 exit $status

@@ -58,6 +58,8 @@ def main() -> int:
     ap.add_argument("--expected")
     ap.add_argument("--list", action="store_true", help="list every failure, not only unexpected ones")
     ap.add_argument("--why", action="store_true", help="print each listed failure's message")
+    ap.add_argument("--json", help="merge this set's counts and failures into this JSON file (docs/lightning-compat.md "
+                                   "is rendered from it by benchmarks/report.py)")
     args = ap.parse_args()
     runs = {m: outcomes(p, m) for m in MODES if os.path.exists(p := os.path.join(args.results, f"{args.set}-{m}.xml"))}
     if "stock" not in runs:
@@ -66,6 +68,7 @@ def main() -> int:
     passing = sorted(t for t, o in runs["stock"].items() if o == "passed")
     expected = load_expected(args.expected)
     print(f"{args.set}: {len(runs['stock'])} collected, {len(passing)} pass stock")
+    summary: dict = {"collected": len(runs["stock"]), "pass_stock": len(passing)}
     bad = 0
     for mode, res in runs.items():
         if mode == "stock":
@@ -82,7 +85,25 @@ def main() -> int:
                 print(f"          {WHY[(mode, t)]}")
         if mode in ("adapted", "async"):
             bad += len(unexpected)
+        summary.setdefault("modes", {})[mode] = {"failed": failed, "unexpected": unexpected}
+    if args.json:
+        write_json(args.json, args.set, summary)
     return 1 if bad else 0
+
+
+def write_json(path: str, set_: str, summary: dict) -> None:
+    import json
+    import time
+
+    import lightning
+
+    data = json.load(open(path)) if os.path.exists(path) else {}
+    data["lightning"] = lightning.__version__
+    data["tests_ref"] = os.environ.get("LIGHTNING_REF", "2.6.5")
+    data.setdefault("sets", {})[set_] = {**summary, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 if __name__ == "__main__":
