@@ -13,7 +13,9 @@ import inspect
 import os
 import pickle
 import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -111,6 +113,43 @@ def test_load_from_checkpoint_reads_a_url_and_keeps_stock_files_working(tmp_path
     stock_trainer.fit(Net(width=8), data())
     stock_trainer.save_checkpoint(tmp_path / "stock.ckpt")
     assert Net.load_from_checkpoint(tmp_path / "stock.ckpt").hparams.width == 8
+
+
+def test_load_from_checkpoint_over_http_reads_a_plugin_checkpoint_and_a_stock_file(tmp_path):
+    """A static file server (``python -m http.server``, as Lightning's own ``tmpdir_server`` fixture) serving a
+    plugin checkpoint directory and a stock file: both load through ``load_from_checkpoint(http://...)``."""
+    pytest.importorskip("aiohttp", reason="fsspec's HTTP client needs aiohttp")
+    import socket
+
+    torch.manual_seed(0)
+    model = Net(width=8)
+    t = trainer(tmp_path, max_steps=2, enable_checkpointing=False)
+    t.fit(model, data())
+    t.save_checkpoint(str(tmp_path / "served" / "plugin.ckpt"))
+    stock_trainer = trainer(tmp_path, max_steps=2, plugin=False, enable_checkpointing=False)
+    stock_model = Net(width=6)
+    stock_trainer.fit(stock_model, data())
+    stock_trainer.save_checkpoint(tmp_path / "served" / "stock.ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=tmp_path / "served", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        loaded = Net.load_from_checkpoint(f"{base}/plugin.ckpt")
+        assert loaded.hparams.width == 8 and same(weights(loaded), weights(model))
+        from_stock = Net.load_from_checkpoint(f"{base}/stock.ckpt", weights_only=False)
+        assert from_stock.hparams.width == 6 and same(weights(from_stock), weights(stock_model))
+    finally:
+        server.kill()
+        server.wait()
 
 
 # ---- 2. Tuner and checkpoint names -----------------------------------------------------------------------

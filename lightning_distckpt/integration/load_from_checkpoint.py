@@ -4,7 +4,8 @@ Lightning reads the file behind ``MyModule.load_from_checkpoint(path)`` with one
 ``lightning.pytorch.core.saving.pl_load`` (``lightning.fabric.utilities.cloud_io._load``), which opens
 ``path`` as a single file and offers no hook. `enable_load_from_checkpoint()` replaces that module
 attribute by a function that reads a checkpoint *directory* of this package and hands every other path
-(a stock ``.ckpt`` file, a URL to one, a file object, ``http(s)://``) to the original, unchanged.
+(a stock ``.ckpt`` file, a URL to one, a file object) to the original, unchanged. Over ``http(s)://`` a
+checkpoint directory is recognised by its ``manifest.json`` and read file by file (fsspec's HTTP client).
 
 It is an explicit call, never an import side effect. Constructing a `DistCheckpointIO`
 makes it too (so a process that trained with the plugin can load its checkpoints); a process that never
@@ -21,9 +22,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lightning_distckpt.integration import stock
+from lightning_distckpt import ondisk
 from lightning_distckpt.engine.loading import read_checkpoint
-from lightning_distckpt.storage import HdfsOptions, StorageConfig
+from lightning_distckpt.errors import DistCheckpointError
+from lightning_distckpt.integration import stock
+from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
 
 _lock = threading.Lock()
 _storage = StorageConfig()
@@ -53,11 +56,24 @@ def enable_load_from_checkpoint(storage_options: dict[str, Any] | None = None, h
             saving.pl_load = _wrap(saving.pl_load)
 
 
+def _is_ours(url: str) -> bool:
+    """Whether ``url`` is a checkpoint directory of this package. Over ``http(s)://`` (no directories: a file
+    server's index page at best) that is whether ``<url>/manifest.json`` exists, one HEAD request; a server
+    that cannot be asked (no aiohttp, unreachable) leaves the URL to Lightning."""
+    if url.startswith(("http://", "https://")):
+        try:
+            store, path = open_store(url, _storage)
+            return store.exists(store.join(path, ondisk.MANIFEST))
+        except (OSError, DistCheckpointError):
+            return False
+    return stock.kind(url, _storage) == "ours"
+
+
 def _wrap(original: Any) -> Any:
     def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        if isinstance(path_or_url, (str, Path)) and not str(path_or_url).startswith(("http://", "https://")):
+        if isinstance(path_or_url, (str, Path)):
             url = str(path_or_url)
-            if stock.kind(url, _storage) == "ours":
+            if _is_ours(url):
                 checkpoint = read_checkpoint(url, _storage, stock.safe_globals(_safe_globals),
                                              trusted=stock.trusted(weights_only))
                 if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):

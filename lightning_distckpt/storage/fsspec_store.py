@@ -90,6 +90,8 @@ class FsspecStore(Store):
     def url(self, path: str) -> str:
         """The URL of ``path``, with the host and port of the store's URL (fsspec's ``unstrip_protocol``
         drops them for webhdfs, which would make the URL unusable in another process)."""
+        if "://" in path:  # fsspec keeps whole URLs as paths for some protocols (http, https)
+            return path
         parts = urlsplit(self._root_url)
         if parts.netloc and not self.strip(self._root_url).lstrip("/").startswith(parts.netloc):
             return f"{parts.scheme}://{parts.netloc}/{path.lstrip('/')}"  # host-based: hdfs, webhdfs
@@ -152,6 +154,8 @@ class FsspecStore(Store):
         out = []
         for info in self._do("list", self.fs.ls, path, detail=True):
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if info.get("size") is None and info.get("type") == "file":  # an HTML index (http): no sizes listed
+                info = self._do("stat", self.fs.info, info["name"])
             out.append(_entry(name, info))
         return out
 

@@ -130,8 +130,8 @@ def _install_adapted_reads() -> None:
 
     torch_load = torch.load
 
-    def read(f: Any, map_location: Any) -> Any:
-        checkpoint = to_lightning_format(load_checkpoint(os.fspath(f)))
+    def read(f: Any, map_location: Any, weights_only: Any = None) -> Any:  # torch.load's weights_only rule
+        checkpoint = to_lightning_format(load_checkpoint(os.fspath(f), weights_only=weights_only))
         if map_location is not None and not callable(map_location):
             from lightning.fabric.utilities.apply_func import move_data_to_device
 
@@ -141,7 +141,7 @@ def _install_adapted_reads() -> None:
     @functools.wraps(torch_load)
     def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
         if _is_plugin_checkpoint(f) and _from_test_code():
-            return read(f, map_location)
+            return read(f, map_location, kwargs.get("weights_only"))
         return torch_load(f, map_location, *args, **kwargs)
 
     torch.load = load
@@ -153,7 +153,7 @@ def _install_adapted_reads() -> None:
     @functools.wraps(pl_load)
     def adapted_pl_load(path_or_url: Any, map_location: Any = None, weights_only: Any = None) -> Any:
         if _is_plugin_checkpoint(path_or_url) and _from_test_code():
-            return read(path_or_url, map_location)
+            return read(path_or_url, map_location, weights_only)
         return pl_load(path_or_url, map_location, weights_only)
 
     # test modules import it after this runs (``from ...cloud_io import _load as pl_load``); Lightning's own
