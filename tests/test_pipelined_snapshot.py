@@ -170,3 +170,70 @@ def test_a_tensor_changed_in_place_before_its_deferred_copy_fails_the_snapshot()
     p2 = s.start({"model/a": a, "extra/b": b}, now=lambda k: not k.startswith("model/"))
     p2.run()
     p2.check(lambda mine: [mine, mine])  # unchanged: nothing to report
+
+
+class PlainNet(L.LightningModule):
+    """BNNet without its test events (SWA deep-copies the module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Captures(L.Callback):
+    """Records the model weights as each save sees them (on_save_checkpoint), by checkpoint step."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict] = {}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.at[trainer.global_step] = _clone(checkpoint["state_dict"])
+
+
+def test_stochastic_weight_averaging_with_async_saves_keeps_each_checkpoint_exact(tmp_path, monkeypatch):
+    """SWA changes the weights in place in on_train_epoch_start / on_train_end, right after an epoch-end save:
+    the snapshot is waited for at such boundary hooks, so every save commits exactly what it saw (the copy is
+    slowed down so that, without the wait, SWA's change would come first)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+
+    original = snapshot_mod.PendingSnapshot.run
+
+    def slow_run(self):
+        time.sleep(0.2)
+        return original(self)
+
+    monkeypatch.setattr(snapshot_mod.PendingSnapshot, "run", slow_run)
+
+    torch.manual_seed(0)
+    io = DistCheckpointIO(async_save=True)
+    cap = Captures()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 16)), batch_size=8)
+    t = L.Trainer(accelerator="cpu", devices=1, max_epochs=4, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, plugins=[io], callbacks=[StochasticWeightAveraging(swa_lrs=0.1, swa_epoch_start=2), cap, ckpt])  # fmt: skip
+    t.fit(PlainNet(), data)
+    saved = sorted((tmp_path / "ck").iterdir())
+    assert len(saved) >= 4 and all((p / "COMMITTED").exists() for p in saved), saved  # SWA+BN adds an epoch
+    for p in saved:
+        back = load_checkpoint(str(p))
+        step = back["global_step"]
+        assert all(torch.equal(back["state_dict"][k], v) for k, v in cap.at[step].items()), p.name
+
+
+def test_a_save_inside_inference_mode_leaves_buffers_a_later_save_can_fill():
+    s = snapshot_mod.Snapshotter()
+    a = torch.randn(64, 8)
+    with torch.inference_mode():
+        p = s.start({"model/a": a}, now=lambda k: False)
+    p.run()
+    assert not p.problem and torch.equal(p.pieces["model/a"][0].local, a)
+    a.add_(1.0)
+    p2 = s.start({"model/a": a}, now=lambda k: False)  # outside inference mode, the same buffer reused
+    p2.run()
+    assert not p2.problem and torch.equal(p2.pieces["model/a"][0].local, a)

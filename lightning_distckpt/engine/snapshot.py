@@ -187,9 +187,11 @@ class Snapshotter:
 
     def _buffer(self, key: tuple[str, Any], like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(key)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.is_inference():
             pin = like.is_cuda and torch.cuda.is_available()
-            buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
+            with torch.inference_mode(False):  # a save inside inference mode (the Tuner's) must not make a
+                # buffer that a later copy outside it cannot write
+                buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
             self._buffers[key] = buf
         return buf
 

@@ -179,3 +179,38 @@ def install_hook() -> None:
 
     fset._distckpt = True  # type: ignore[attr-defined]
     Strategy.checkpoint_io = property(prop.fget, fset, prop.fdel, prop.__doc__)  # type: ignore[method-assign]
+    _install_boundary_waits()
+
+
+#: Lightning hooks at which a pipelined snapshot in flight is waited for, before any callback or the module
+#: runs them: epoch and stage boundaries, where Lightning's own callbacks change weights in place
+#: (StochasticWeightAveraging, WeightAveraging) and no training step is left to overlap the copy with
+BOUNDARY_HOOKS = frozenset({
+    "on_train_start", "on_train_end", "on_train_epoch_start", "on_train_epoch_end", "on_validation_start",
+    "on_validation_end", "on_test_start", "on_predict_start", "on_sanity_check_start", "on_fit_end",
+    "on_exception", "teardown",
+})  # fmt: skip
+
+
+def _install_boundary_waits() -> None:
+    """Wrap Lightning's callback and module hook dispatch (``lightning.pytorch.trainer.call``) once so that, for
+    a strategy routed through a plugin, a hook in `BOUNDARY_HOOKS` first waits for the snapshot of an
+    asynchronous save in flight (``RoutedIO.wait_snapshot``). Other hooks, and other plugins, are untouched."""
+    from lightning.pytorch.trainer import call
+
+    for name in ("_call_callback_hooks", "_call_lightning_module_hook"):
+        original = getattr(call, name)
+        if getattr(original, "_distckpt", False):
+            continue
+
+        def wrapped(trainer: Any, hook_name: str, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
+            if hook_name in BOUNDARY_HOOKS:
+                io = getattr(getattr(trainer, "strategy", None), "_checkpoint_io", None)
+                wait = getattr(io, "wait_snapshot", None) if isinstance(io, RoutedIO) else None
+                if wait is not None:
+                    wait()
+            return __original(trainer, hook_name, *args, **kwargs)
+
+        wrapped._distckpt = True  # type: ignore[attr-defined]
+        wrapped.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(call, name, wrapped)
