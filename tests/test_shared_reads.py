@@ -1,4 +1,4 @@
-"""Same-host balanced reads through shared memory: DDP resumes exactly with the bytes shared through
+"""Same-host balanced reads through shared memory (``shared_memory_reads=True``; broadcasts are the default): DDP resumes exactly with the bytes shared through
 /dev/shm-style segments (no broadcast), segments never outlive a load (also when it fails), stale ones of
 dead processes are removed, and a rank that cannot map shared memory makes every rank fall back to
 broadcasts."""
@@ -30,7 +30,7 @@ def test_ddp_resume_shares_bytes_through_shared_memory_and_leaves_nothing(tmp_pa
     ck = tmp_path / "ck"
     train("ddp", 2, ck, "--max-steps", 4, "--save-every", 2, "--keep-last", 2, "--digest-dir", tmp_path, "--width", 128)
     train("ddp", 2, ck, "--max-steps", 4, "--resume", "last", "--final-digest", tmp_path / "restored.json",
-          "--stats", tmp_path / "stats.json", "--width", 128)
+          "--stats", tmp_path / "stats.json", "--width", 128, "--shared-memory-reads")
     assert_same_state(load_json(tmp_path / "saved-4.json"), load_json(tmp_path / "restored.json"))
     stats = load_json(tmp_path / "stats.json")
     assert stats["shared_memory"] is True and stats["bytes_received"] > 0
@@ -45,7 +45,7 @@ def test_ddp_resume_shares_bytes_through_shared_memory_and_leaves_nothing(tmp_pa
             data[len(data) // 2] ^= 0xFF
             open(os.path.join(newest, f), "wb").write(bytes(data))
     train("ddp", 2, ck, "--max-steps", 2, "--resume", "last", "--final-digest", tmp_path / "older.json",
-          "--stats", tmp_path / "stats2.json", "--width", 128)
+          "--stats", tmp_path / "stats2.json", "--width", 128, "--shared-memory-reads")
     assert load_json(tmp_path / "stats2.json")["loaded_from"].endswith("step=2")
     assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / "older.json"))
     assert leftovers(shm) == []
@@ -57,7 +57,7 @@ def test_without_shared_memory_every_rank_falls_back_to_broadcasts(tmp_path, mon
     ck = tmp_path / "ck"
     train("ddp", 2, ck, "--max-steps", 2, "--save-every", 2, "--digest-dir", tmp_path, "--width", 128)
     train("ddp", 2, ck, "--max-steps", 2, "--resume", "last", "--final-digest", tmp_path / "restored.json",
-          "--stats", tmp_path / "stats.json", "--width", 128)
+          "--stats", tmp_path / "stats.json", "--width", 128, "--shared-memory-reads")
     assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / "restored.json"))
     stats = load_json(tmp_path / "stats.json")
     assert stats["shared_memory"] is False and stats["bytes_received"] > 0  # broadcasts did the sharing
