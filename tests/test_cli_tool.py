@@ -386,8 +386,11 @@ def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
     server.listen(8)
     server.settimeout(300)
     port = server.getsockname()[1]
+    # as in a terminal: SIGINT at its default (a test run started in the background, `cmd &` or nohup, has it
+    # ignored, and a child inherits that: Python then installs no KeyboardInterrupt handler at all)
     p = subprocess.Popen([EXE, "ls", f"webhdfs://127.0.0.1:{port}/ckpts", "--connect-timeout", "600"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())  # fmt: skip
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         conn, _ = server.accept()  # the command is inside its work, waiting for an answer
         p.send_signal(signal.SIGINT)

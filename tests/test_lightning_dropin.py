@@ -115,11 +115,13 @@ def test_load_from_checkpoint_reads_a_url_and_keeps_stock_files_working(tmp_path
     assert Net.load_from_checkpoint(tmp_path / "stock.ckpt").hparams.width == 8
 
 
-def test_load_from_checkpoint_over_http_reads_a_plugin_checkpoint_and_a_stock_file(tmp_path):
+def test_load_from_checkpoint_over_http_reads_a_plugin_checkpoint_and_a_stock_file(tmp_path, monkeypatch):
     """A static file server (``python -m http.server``, as Lightning's own ``tmpdir_server`` fixture) serving a
     plugin checkpoint directory and a stock file: both load through ``load_from_checkpoint(http://...)``."""
     pytest.importorskip("aiohttp", reason="fsspec's HTTP client needs aiohttp")
     import socket
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # torch.hub caches stock files by name
 
     torch.manual_seed(0)
     model = Net(width=8)
