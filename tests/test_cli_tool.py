@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import signal
+import time
 import subprocess
 import sys
 import traceback
@@ -387,19 +388,25 @@ def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
     server.settimeout(300)
     port = server.getsockname()[1]
     # as in a terminal: SIGINT at its default (a test run started in the background, `cmd &` or nohup, has it
-    # ignored, and a child inherits that: Python then installs no KeyboardInterrupt handler at all)
+    # ignored, and a child inherits that). Output goes to files, and the test waits for the process itself:
+    # a pipe would also wait for any process that inherited it
+    out_f, err_f = open(tmp_path / "out", "w"), open(tmp_path / "err", "w")
     p = subprocess.Popen([EXE, "ls", f"webhdfs://127.0.0.1:{port}/ckpts", "--connect-timeout", "600"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                         stdout=out_f, stderr=err_f, text=True, env=env(),
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         conn, _ = server.accept()  # the command is inside its work, waiting for an answer
+        time.sleep(0.5)  # its main thread is waiting on the call, not still starting it
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=120)
+        p.wait(timeout=120)
         conn.close()
     finally:
         server.close()
+        out_f.close()
+        err_f.close()
         if p.poll() is None:
             p.kill()
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     assert p.returncode == C.EXIT_INTERRUPTED and out == "" and err == "", (p.returncode, out, err)
 
 
