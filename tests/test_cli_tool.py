@@ -385,15 +385,16 @@ def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
-    server.settimeout(300)
+    server.settimeout(120)
     port = server.getsockname()[1]
     # as in a terminal: SIGINT at its default (a test run started in the background, `cmd &` or nohup, has it
-    # ignored, and a child inherits that). Output goes to files, and the test waits for the process itself:
-    # a pipe would also wait for any process that inherited it
+    # ignored, and a child inherits that), set by a small launcher that then execs the command (no preexec_fn:
+    # forking a threaded pytest and running Python before exec can deadlock). Output goes to files, and the
+    # test waits for the process itself: a pipe would also wait for anything that inherited it
+    launcher = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
     out_f, err_f = open(tmp_path / "out", "w"), open(tmp_path / "err", "w")
-    p = subprocess.Popen([EXE, "ls", f"webhdfs://127.0.0.1:{port}/ckpts", "--connect-timeout", "600"],
-                         stdout=out_f, stderr=err_f, text=True, env=env(),
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-c", launcher, EXE, "ls", f"webhdfs://127.0.0.1:{port}/ckpts",
+                          "--connect-timeout", "600"], stdout=out_f, stderr=err_f, text=True, env=env())  # fmt: skip
     try:
         conn, _ = server.accept()  # the command is inside its work, waiting for an answer
         time.sleep(0.5)  # its main thread is waiting on the call, not still starting it
