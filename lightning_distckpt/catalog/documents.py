@@ -57,11 +57,8 @@ def read_document(source: Source, name: str, limit: int | None = None) -> bytes:
         raise UnsafeCheckpointError(f"{source.url(name)}: is a {entry.type}, not a regular file; refused")
     if entry.size > limit:
         raise CorruptCheckpointError(f"{source.url(name)}: {entry.size} bytes, more than the {limit} it may have")
-    def once() -> bytes:
-        with store.open_read(path) as f:  # a FIFO swapped in since the check is refused by the store, not waited on
-            return f.read(limit + 1)
-
-    data = store.retry.run(once, f"read {source.url(name)}")  # a DataNode lost meanwhile is a transient error
+    with store.open_read(path) as f:  # a FIFO swapped in since the check is refused by the store, not waited on
+        data = f.read(limit + 1)
     if len(data) > limit:  # grew since the check
         raise CorruptCheckpointError(f"{source.url(name)}: more than the {limit} bytes it may have")
     return data
