@@ -297,12 +297,18 @@ class WithObjects(Net):
         self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
 
 
-def test_weights_only_false_is_honoured_from_fit_validate_and_load_from_checkpoint(tmp_path):
+def _objects_checkpoint(tmp_path: Path) -> str:
+    """A plugin checkpoint of `WithObjects` (objects JSON cannot hold), after two training steps."""
     torch.manual_seed(0)
     t = trainer(tmp_path, max_steps=2, enable_checkpointing=False)
     t.fit(WithObjects(Config()), data())
     path = str(tmp_path / "objects.ckpt")
     t.save_checkpoint(path)
+    return path
+
+
+def test_weights_only_false_is_honoured_from_fit_validate_and_load_from_checkpoint(tmp_path):
+    path = _objects_checkpoint(tmp_path)
     with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
         trainer(tmp_path, max_steps=2).fit(WithObjects(Config()), data(), ckpt_path=path)
     trainer(tmp_path, max_steps=2).fit(WithObjects(Config()), data(), ckpt_path=path, weights_only=False)
@@ -316,11 +322,7 @@ def test_weights_only_false_is_honoured_from_fit_validate_and_load_from_checkpoi
 def test_torch_safe_globals_are_honoured(tmp_path):
     import numpy as np
 
-    torch.manual_seed(0)
-    t = trainer(tmp_path, max_steps=2, enable_checkpointing=False)
-    t.fit(WithObjects(Config()), data())
-    path = str(tmp_path / "objects.ckpt")
-    t.save_checkpoint(path)
+    path = _objects_checkpoint(tmp_path)
     allowed = [Config, np.ndarray, np.dtype, type(np.dtype("int64")), np._core.multiarray._reconstruct]
     with torch.serialization.safe_globals(allowed):
         trainer(tmp_path, max_steps=2).fit(WithObjects(Config()), data(), ckpt_path=path)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from lightning_distckpt import ondisk
 from lightning_distckpt.catalog.documents import Checkpoint, open_checkpoint, source_of
 from lightning_distckpt.errors import DistCheckpointError
-from lightning_distckpt.storage import Source, StorageLike
+from lightning_distckpt.storage import Entry, Source, StorageLike
 from lightning_distckpt.storage.base import read_at, read_blocks
 
 
@@ -90,10 +90,8 @@ def verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tu
         return FileReport(name, False, 0, f"cannot read: {type(e).__name__}: {e}")
 
 
-def _verify_blocks(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, ondisk.Block]],
-                   progress: Callable[[int], None]) -> FileReport:
-    """The borrowed blocks of a file of another save: size as listed, each used block intact."""
-    path = source.file(name)
+def _entry(source: Source, name: str, path: str, info: dict[str, int]) -> Entry | FileReport:
+    """The store's entry for file ``name`` if it is a regular file of the listed size, else the failed report."""
     try:
         entry = source.store.info(path)
     except FileNotFoundError:
@@ -102,6 +100,16 @@ def _verify_blocks(source: Source, name: str, info: dict[str, int], blocks: list
         return FileReport(name, False, entry.size, f"a {entry.type}, not a regular file (refused)")
     if entry.size != info["size"]:
         return FileReport(name, False, entry.size, f"size {entry.size}, expected {info['size']}")
+    return entry
+
+
+def _verify_blocks(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, ondisk.Block]],
+                   progress: Callable[[int], None]) -> FileReport:
+    """The borrowed blocks of a file of another save: size as listed, each used block intact."""
+    path = source.file(name)
+    entry = _entry(source, name, path, info)
+    if isinstance(entry, FileReport):
+        return entry
     with source.store.open_read(path) as f:
         for offset, b in blocks:
             buf = memoryview(bytearray(b.stored))
@@ -118,15 +126,10 @@ def _verify_blocks(source: Source, name: str, info: dict[str, int], blocks: list
 def _verify_file(source: Source, name: str, info: dict[str, int], blocks: list[tuple[int, ondisk.Block]],
                  progress: Callable[[int], None]) -> FileReport:
     path = source.file(name)
-    try:
-        entry = source.store.info(path)
-    except FileNotFoundError:
-        return FileReport(name, False, 0, "missing")
+    entry = _entry(source, name, path, info)
+    if isinstance(entry, FileReport):
+        return entry
     size = entry.size
-    if entry.type != "file":
-        return FileReport(name, False, size, f"a {entry.type}, not a regular file (refused)")
-    if size != info["size"]:
-        return FileReport(name, False, size, f"size {size}, expected {info['size']}")
     if name in (ondisk.METADATA, ondisk.STATE):
         data = source.store.read_limited(path, size) if size <= ondisk.DOCUMENT_LIMITS.get(name, 1 << 30) else b""
         progress(len(data))

@@ -127,8 +127,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             instead of every rank reading all of it.
         shared_memory_reads: Balanced reads share the bytes between the ranks of a host through shared memory
             (each host reads every replicated byte once). Off by default: on the 2-core test machine the
-            broadcasts over gloo loaded 1 GiB of DDP state in 0.49 s and shared memory in 0.77 s (medians of
-            5, same run conditions; docs/async.md).
+            broadcasts over gloo loaded DDP state faster (docs/async.md).
         write_threads: Files (and concurrent streams) per rank and save.
         read_threads: Concurrent readers per rank and load.
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
