@@ -46,7 +46,12 @@ class CheckpointSaveError(DistCheckpointError):
 
 
 class StorageError(DistCheckpointError, OSError):
-    """The storage backend failed after its retries (unreachable, permission denied, disk full)."""
+    """The storage backend failed after its retries (unreachable, permission denied, disk full).
+
+    ``errno`` is set where one applies; the message is the text alone (no ``[Errno N]`` prefix)."""
+
+    def __str__(self) -> str:
+        return self.strerror if self.strerror is not None and self.filename is None else super().__str__()
 
 
 class StorageUnreachableError(StorageError):

@@ -378,6 +378,43 @@ class MiniDfs:
     def status(self) -> Dict[str, Any]:
         return json.loads(self._command("status"))
 
+    def block_replicas(self, path: str) -> Dict[str, List[int]]:
+        """Live replicas of every block of every file under ``path`` (a path or an ``hdfs://`` URL), by
+        file, as the NameNode reports them now (WebHDFS ``GETFILEBLOCKLOCATIONS``)."""
+        from urllib.parse import quote, urlparse
+        from urllib.request import urlopen
+
+        base = f"http://{self.host}:{self.http_port}/webhdfs/v1"
+        out: Dict[str, List[int]] = {}
+
+        def get(p: str, op: str) -> Any:
+            with urlopen(f"{base}{quote(p)}?op={op}&user.name=root", timeout=30) as r:
+                return json.load(r)
+
+        def walk(p: str) -> None:
+            for st in get(p, "LISTSTATUS")["FileStatuses"]["FileStatus"]:
+                child = f"{p.rstrip('/')}/{st['pathSuffix']}" if st["pathSuffix"] else p
+                if st["type"] == "DIRECTORY":
+                    walk(child)
+                else:
+                    blocks = get(child, "GETFILEBLOCKLOCATIONS")["BlockLocations"]["BlockLocation"]
+                    out[child] = [len(b["names"]) for b in blocks]
+
+        walk(urlparse(path).path or "/")
+        return out
+
+    def wait_replicated(self, path: str, timeout: float = 120.0) -> None:
+        """Wait until every block under ``path`` has ``replication`` live replicas again (the NameNode
+        re-replicates blocks a lost DataNode held once enough DataNodes are back)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            short = {f: n for f, n in self.block_replicas(path).items() if any(r < self.replication for r in n)}
+            if not short:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"blocks still under-replicated after {timeout:.0f} s: {short}")
+            time.sleep(0.5)
+
     def client_env(self) -> Dict[str, str]:
         """Environment for clients that read Hadoop XML config (``HADOOP_CONF_DIR``)."""
         return {"HADOOP_CONF_DIR": str(self.conf_dir)}

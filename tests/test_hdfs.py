@@ -105,11 +105,50 @@ def test_datanodes_lost_during_save_and_during_load(healthy_minidfs, tmp_path):
     assert report.ok, report
     dfs.restart_datanode(0)
     dfs.restart_datanode(1)
-    # the resume pauses after opening its first data file; DataNodes 2 and 3 go away meanwhile
+    # what was written while 0 and 1 were away lives on 2 and 3 only until the NameNode re-replicates it; a
+    # real cluster does the same (losing 2 and 3 before then loses those blocks: see the test below)
+    dfs.wait_replicated(url)
+    # the resume pauses at its second read (listing "last"); DataNodes 2 and 3 go away meanwhile
     _run_paused(dfs, tmp_path / "load", "0:open_read:2",
                 [*base, "--max-steps", 4, "--resume", "last", "--final-digest", tmp_path / "restored.json"],
                 lambda: (dfs.stop_datanode(2), dfs.stop_datanode(3)))
     assert_same_state(load_json(tmp_path / "saved-4.json"), load_json(tmp_path / "restored.json"))
+
+
+def test_last_refuses_to_start_over_while_no_datanode_can_serve_the_newest_marker(healthy_minidfs, tmp_path):
+    """The NameNode lists the checkpoints, but no DataNode can serve their blocks: ``ckpt_path="last"``
+    fails naming the file, after the store's retries, instead of training from scratch; once the DataNodes are
+    back the same call resumes the newest checkpoint."""
+    import lightning as L
+    from workloads.common import Net, data
+
+    from lightning_distckpt import DistCheckpoint, StorageError
+
+    dfs = healthy_minidfs
+    url = url_for(dfs, "hdfs", "nodn")
+    io = lambda: DistCheckpointIO(hdfs=HdfsOptions(retries=2, backoff_s=0.1))  # noqa: E731
+    trainer = lambda steps: L.Trainer(  # noqa: E731
+        accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        plugins=[io()], callbacks=[DistCheckpoint(dirpath=url, every_n_train_steps=2, keep_last=2)])
+    torch.manual_seed(0)
+    trainer(4).fit(Net(), data())
+    assert [c.name for c in list_checkpoints(url)] == ["epoch=0-step=2", "epoch=0-step=4"]
+    stopped = []
+    try:
+        for i in range(4):
+            dfs.stop_datanode(i)
+            stopped.append(i)
+        t = trainer(6)
+        with pytest.raises(StorageError, match=r"(?s)epoch=0-step=.*refusing to pass it over"):
+            t.fit(Net(), data(), ckpt_path="last")
+        assert t.global_step == 0
+        assert {c.status for c in list_checkpoints(url)} == {"unreadable"}
+    finally:
+        for i in stopped:
+            dfs.restart_datanode(i)
+    t = trainer(6)
+    t.fit(Net(), data(), ckpt_path="last")
+    assert t.global_step == 6 and [c.name for c in list_checkpoints(url)][-1] == "epoch=0-step=6"
 
 
 def test_namenode_down_gives_a_clear_error_and_loses_nothing(healthy_minidfs):

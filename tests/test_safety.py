@@ -538,3 +538,31 @@ def test_one_bad_checkpoint_never_breaks_last_for_the_rest(tmp_path):
 
 def test_errors_are_package_errors():
     assert issubclass(NewerFormatError, DistCheckpointError) and issubclass(UnsafeCheckpointError, DistCheckpointError)
+
+
+def test_a_checkpoint_the_storage_cannot_read_is_never_passed_over_by_last(tmp_path, capsys):
+    """A storage failure reading a committed checkpoint's marker (a lost DataNode, an I/O error) says nothing
+    about the checkpoint: it is listed "unreadable" (naming the file), clean-up keeps it, and the newest
+    committed checkpoint ("last") is an error instead of an older checkpoint or nothing at all."""
+    from faulty_store import Fault, FaultyStore, register_faulty
+
+    from lightning_distckpt import StorageError
+
+    root = tmp_path / "ck"
+    for step in (1, 2, 3):
+        save(root / f"s{step}", step=step)
+    store = FaultyStore(faults=[Fault(fmt.MARKER, 0, 1 << 20, "raise")])  # every marker read fails
+    url = register_faulty("unreadable" + str(os.getpid()), store, str(root))
+    rows = list_checkpoints(url)
+    assert [(r.name, r.status) for r in rows] == [(f"s{s}", "unreadable") for s in (1, 2, 3)], rows
+    assert all(f"s{s}/{fmt.MARKER}" in r.problem and "injected I/O error" in r.problem
+               for s, r in zip((1, 2, 3), rows)), rows  # fmt: skip
+    with pytest.raises(StorageError, match=rf"(?s)cannot tell which checkpoint is the newest.*{fmt.MARKER}.*2 more"):
+        catalog.latest([url])
+    for name in os.listdir(root):
+        make_idle(root / name)
+    assert catalog.clean_stale(url, older_than_s=0) == [] and sorted(os.listdir(root)) == ["s1", "s2", "s3"]
+    assert run_cli("ls", url) == 0 and "UNREADABLE" in capsys.readouterr().out
+    # (a Trainer resuming "last" past DataNodes that cannot serve the marker: test_hdfs.py)
+    store.faults.clear()  # the storage recovers: the newest is listed again, nothing was lost
+    assert [c.name for c in catalog.latest([url])] == ["s3", "s2", "s1"]

@@ -5,6 +5,7 @@ Not collective: call on one rank (the engine broadcasts what rank 0 opened) or i
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from lightning_distckpt.errors import (
     CorruptCheckpointError,
     DistCheckpointError,
     NotACheckpointError,
+    StorageError,
     UncommittedCheckpointError,
     UnsafeCheckpointError,
 )
@@ -49,16 +51,26 @@ def read_document(source: Source, name: str, limit: int | None = None) -> bytes:
     """The bytes of document ``name`` of a checkpoint, read only if it is a regular file (not a link, FIFO or
     device: `UnsafeCheckpointError`) of at most ``limit`` bytes (default: its
     ``ondisk.DOCUMENT_LIMITS`` entry; `CorruptCheckpointError`), checked before any byte is read.
-    ``FileNotFoundError`` if it does not exist."""
+    ``FileNotFoundError`` if it does not exist; `StorageError` naming the file if the storage fails (after the
+    store's retries): that says nothing about whether the checkpoint is intact."""
     store, path = source.store, source.store.join(source.path, name)
     limit = ondisk.DOCUMENT_LIMITS.get(name, 1 << 30) if limit is None else limit
-    entry = store.info(path)
-    if entry.type != "file":
-        raise UnsafeCheckpointError(f"{source.url(name)}: is a {entry.type}, not a regular file; refused")
-    if entry.size > limit:
-        raise CorruptCheckpointError(f"{source.url(name)}: {entry.size} bytes, more than the {limit} it may have")
-    with store.open_read(path) as f:  # a FIFO swapped in since the check is refused by the store, not waited on
-        data = f.read(limit + 1)
+    try:
+        entry = store.info(path)
+        if entry.type != "file":
+            raise UnsafeCheckpointError(f"{source.url(name)}: is a {entry.type}, not a regular file; refused")
+        if entry.size > limit:
+            raise CorruptCheckpointError(f"{source.url(name)}: {entry.size} bytes, more than the {limit} it may have")
+
+        def once() -> bytes:
+            with store.open_read(path) as f:  # a FIFO swapped in since the check is refused by the store
+                return f.read(limit + 1)
+
+        data = store.retry.run(once, f"read {source.url(name)}")  # e.g. a DataNode lost meanwhile: retried
+    except (DistCheckpointError, FileNotFoundError):
+        raise
+    except (OSError, RuntimeError) as e:  # the storage failed (hdfs-native raises RuntimeError): not the bytes
+        raise StorageError(errno.EIO, f"{source.url(name)}: could not be read ({type(e).__name__}: {e})") from e
     if len(data) > limit:  # grew since the check
         raise CorruptCheckpointError(f"{source.url(name)}: more than the {limit} bytes it may have")
     return data

@@ -10,6 +10,7 @@ as its marker, a permission error) is reported in its `Listed` row, and the rest
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from lightning_distckpt.errors import (
     DistCheckpointError,
     NewerFormatError,
     NotACheckpointError,
+    StorageError,
     UncommittedCheckpointError,
 )
 from lightning_distckpt.storage import Entry, Source, StorageLike, Store, open_store
@@ -27,8 +29,8 @@ from lightning_distckpt.storage import Entry, Source, StorageLike, Store, open_s
 log = logging.getLogger(__name__)
 
 #: Listed.status values
-COMMITTED, UNCOMMITTED, NEWER_FORMAT, CORRUPT, NOT_A_CHECKPOINT = (
-    "committed", "uncommitted", "newer format", "corrupt", "not a checkpoint")  # fmt: skip
+COMMITTED, UNCOMMITTED, NEWER_FORMAT, CORRUPT, NOT_A_CHECKPOINT, UNREADABLE = (
+    "committed", "uncommitted", "newer format", "corrupt", "not a checkpoint", "unreadable")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,9 @@ class Listed:
 
     ``status`` is ``"committed"``, ``"uncommitted"`` (no marker: a crashed or running save), ``"newer format"``
     (committed by a newer lightning-distckpt: not loadable here, never garbage), ``"corrupt"`` (a marker that
-    does not verify, a malformed manifest) or ``"not a checkpoint"``; ``problem`` says what is wrong.
+    does not verify, a malformed manifest), ``"unreadable"`` (the storage failed reading its marker or
+    manifest after its retries: it may well be committed; never garbage, and ``"last"`` refuses to pass it
+    over) or ``"not a checkpoint"``; ``problem`` says what is wrong.
     ``created`` orders entries whose manifest could not be used (best effort; 0 if unknown).
     """
 
@@ -100,10 +104,14 @@ def examine(source: Source, name: str) -> Listed:
         return Listed(name, source.url(), False, None, str(err), UNCOMMITTED)
     except NotACheckpointError as err:
         return Listed(name, source.url(), False, None, str(err), NOT_A_CHECKPOINT)
-    except (DistCheckpointError, OSError, EOFError) as err:
+    except FileNotFoundError as err:  # removed while it was being read
+        return Listed(name, source.url(), False, None, str(err), NOT_A_CHECKPOINT)
+    except (OSError, RuntimeError) as err:  # the storage failed, not the checkpoint (StorageError is an OSError)
+        problem = str(err) if isinstance(err, StorageError) else f"{source.url()}: {type(err).__name__}: {err}"
+        return Listed(name, source.url(), False, None, problem, UNREADABLE)
+    except (DistCheckpointError, EOFError) as err:
         status = CORRUPT if isinstance(err, CorruptCheckpointError) else NOT_A_CHECKPOINT
-        return Listed(name, source.url(), False, None, f"{type(err).__name__}: {err}" if isinstance(err, OSError)
-                      else str(err), status)  # fmt: skip
+        return Listed(name, source.url(), False, None, str(err), status)
 
 
 def _created(source: Source) -> float:
@@ -125,7 +133,7 @@ def resolve(store: Store, path: str, group: Group) -> Listed | None:
     own = None
     if group.entry is not None and group.entry.type == "dir":
         own = examine(Source(store, store.join(path, group.entry.name)), group.name)
-        if own.committed:
+        if own.committed or own.status == UNREADABLE:  # an unreadable copy may be the newer one: not passed over
             return own
     trashed = [examine(Source(store, store.join(path, t.name)), group.name) for t in group.trash if t.type == "dir"]
     good = [t for t in trashed if t.committed]
@@ -175,9 +183,14 @@ def latest(roots: list[str], options: StorageLike = None) -> list[Listed]:
     Raises `NewerFormatError` if a checkpoint of a newer format is newer than every committed one this
     package can read (or there is none): resuming from an older one, or from scratch, would silently lose
     training; upgrading lightning-distckpt is the fix.
+
+    Raises `StorageError` naming the directory if a checkpoint could not be read (storage failure after the
+    store's retries; listed ``"unreadable"``) and no root holds a committed copy of that name: it may be the
+    newest, so passing it over could resume older training or start over without a word.
     """
     seen: dict[str, Listed] = {}
     newer: list[Listed] = []
+    unreadable: list[Listed] = []
     for root in roots:
         try:
             found = list_checkpoints(root, options)
@@ -189,6 +202,16 @@ def latest(roots: list[str], options: StorageLike = None) -> list[Listed]:
                 seen.setdefault(c.name, c)
             elif c.newer_format:
                 newer.append(c)
+            elif c.status == UNREADABLE:
+                unreadable.append(c)
+    unknown = [c for c in unreadable if c.name not in seen]
+    if unknown:
+        raise StorageError(
+            errno.EIO,
+            f"cannot tell which checkpoint is the newest: {unknown[0].problem}; refusing to pass it over (that could "
+            f"resume older training, or start over). Retry once the storage recovers, pass an explicit ckpt_path, or "
+            f"move {unknown[0].url} away" + (f" ({len(unknown) - 1} more unreadable)" if len(unknown) > 1 else ""),
+        )
     out = sorted(seen.values(), key=lambda c: c.order, reverse=True)
     if newer:
         top = max(newer, key=lambda c: c.order)

@@ -457,7 +457,13 @@ class DistCheckpoint(ModelCheckpoint):
         """
         dirpath = self.dirpath if self.dirpath is not None else _default_dirpath(trainer)
         self._last_requested = True
-        self._last_resolved = self._newest(str(dirpath))
+        io = trainer.strategy._checkpoint_io
+        try:
+            self._last_resolved = self._newest(str(dirpath), io.storage if isinstance(io, DistCheckpointIO) else None)
+        except StorageError as e:  # provisional: `setup` lists again on rank 0 and raises on every rank
+            log.debug("ckpt_path='last', provisional listing on this rank failed: %s", e)
+            self._last_resolved = None
+            return set()
         if not self._last_resolved and self.initial_load_path is not None:
             return {self._warm_start(trainer)}
         if not self._last_resolved:
@@ -477,18 +483,21 @@ class DistCheckpoint(ModelCheckpoint):
                            + (" (model weights only)" if self.initial_load_model_only else ""))  # fmt: skip
         return self.initial_load_path
 
-    def _newest(self, dirpath: str) -> str | None:
-        options = self._io.storage if self._io else StorageConfig()
+    def _newest(self, dirpath: str, options: StorageConfig | None = None) -> str | None:
+        """The newest committed checkpoint under ``dirpath`` or a replica (None if there is none). Raises
+        `StorageError` when that cannot be told (a root silent past its timeout, a checkpoint unreadable)."""
+        options = options or (self._io.storage if self._io else StorageConfig())
         if self._catalog is not None and (url := self._catalog.lookup("last", options)):  # catalog: one round trip
             return url
         roots = self._reachable([dirpath, *self.replicas])
         try:
             found = within(lambda: catalog.latest(roots, options), options.connect_timeout(dirpath), f"list {dirpath}")
-        except StorageUnreachableError as e:
-            log.warning("%s", e)
-            return None
+        except StorageUnreachableError as e:  # reached at setup, silent now: never "nothing to resume"
+            raise StorageUnreachableError(f"{e}; ckpt_path='last' cannot tell which checkpoint is the newest and "
+                                          f"refuses to start over") from e  # fmt: skip
         found = [c for c in found if c.name != self.final_name]  # weights only: never resumed as "last"
         return found[0].url if found else None
+
     def _settle_last(self, trainer: pl.Trainer) -> None:
         """Collective, in ``setup``: when ``ckpt_path="last"`` was asked for, rank 0 lists the roots again and
         every rank restores rank 0's choice (or nothing, if rank 0 found nothing), whatever it listed itself."""
