@@ -21,6 +21,8 @@ Modes (environment variable ``DISTCKPT_COMPAT``):
       (``ops.export.to_lightning_format``: optimizer state by parameter index), ``map_location`` applied;
     * ``os.path.isfile(p)`` / ``Path.is_file()`` -> True for a committed plugin checkpoint;
     * ``os.path.getsize(p)`` / ``Path.stat().st_size`` of a plugin checkpoint -> the sum of its files' sizes;
+    * ``torch.save(d, p)`` of a dict over a committed plugin checkpoint ``p`` (a test that edits a checkpoint
+      and writes it back) -> ``DistCheckpointIO().save_checkpoint(d, p)``, which replaces it as a new commit;
     * ``torch.save`` replaced by a ``Mock`` and its calls counted by a test: the plugin never calls
       ``torch.save``; the injected plugin (:class:`ReportingDistCheckpointIO`) reports each save it starts on
       rank 0 to such a mock as one call ``torch.save({"__distckpt__": path}, path)``.
@@ -186,6 +188,16 @@ def _install_adapted_reads() -> None:
         return getsize(path)
 
     os.path.getsize = adapted_getsize
+
+    torch_save = torch.save
+
+    @functools.wraps(torch_save)
+    def adapted_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(obj, dict) and _is_plugin_checkpoint(f) and _from_test_code():
+            return DistCheckpointIO().save_checkpoint(obj, os.fspath(f))  # overwrites it, as the file would be
+        return torch_save(obj, f, *args, **kwargs)
+
+    torch.save = adapted_save
 
 
 
