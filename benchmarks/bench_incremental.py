@@ -120,6 +120,9 @@ def scenario(root: str, trainable: bool, rounds: int, every: int, compression: s
     import torch
 
     from lightning_distckpt import DistCheckpointIO, ondisk
+    from lightning_distckpt.catalog import remove_checkpoint
+    from lightning_distckpt.catalog.blocks import data_ids_of, sweep_after_removal
+    from lightning_distckpt.storage import open_store
 
     torch.manual_seed(0)
     model = build(trainable)
@@ -147,6 +150,14 @@ def scenario(root: str, trainable: bool, rounds: int, every: int, compression: s
                 row[f"{mode}_borrowed"] = io.stats.last_save.bytes_borrowed
                 row[f"{mode}_prepare_s"] = io.stats.last_save.prepare_s  # staging (+ BORROWS, block dir, base check)
             rows.append(row)
+            # keep the disk bounded (untimed): the plain save just made, and incremental saves older than the base
+            # of the next one (removed as retention does: what a kept checkpoint borrows stays)
+            drop = [f"{root}/plain/step-{step:04d}"] + ([f"{root}/inc/step-{step - every:04d}"] if k > 1 else [])
+            for url in drop:
+                store, path = open_store(url, io.storage)
+                ids = data_ids_of(store, path)
+                remove_checkpoint(store, path)
+                sweep_after_removal(store, path, ids, io.storage)
 
     t = L.Trainer(accelerator="cpu", devices=1, max_steps=every * rounds, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, plugins=[io], callbacks=[Saver()])  # fmt: skip
@@ -202,7 +213,7 @@ def encode_costs() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--scratch-rounds", type=int, default=12, help="save rounds when training from scratch (noisier)")
+    p.add_argument("--scratch-rounds", type=int, default=30, help="save rounds when training from scratch (noisier)")
     p.add_argument("--every", type=int, default=2, help="training steps between saves")
     p.add_argument("--out", default=os.path.join(HERE, "results", "incremental.json"))
     args = p.parse_args()

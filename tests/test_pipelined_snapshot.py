@@ -237,3 +237,39 @@ def test_a_save_inside_inference_mode_leaves_buffers_a_later_save_can_fill():
     p2 = s.start({"model/a": a}, now=lambda k: False)  # outside inference mode, the same buffer reused
     p2.run()
     assert not p2.problem and torch.equal(p2.pieces["model/a"][0].local, a)
+
+
+class ManualNet(PlainNet):
+    """Manual optimization that also writes a parameter in place outside optimizer.step() (weight clipping)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():  # right after the previous step's save returned, before any optimizer.step()
+            self.net[0].weight.clamp_(-0.05, 0.05)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self.net(batch[0]).pow(2).mean())
+        opt.step()
+
+
+def test_manual_optimization_saves_are_snapshot_inside_the_call(tmp_path):
+    """Under manual optimization training_step may change parameters anywhere, so an async save copies them
+    before returning (no pipelined copy to race with the clamp): every checkpoint commits, holding exactly the
+    weights its save saw."""
+    io = DistCheckpointIO(async_save=True)
+    seen = Captures()
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=1, save_top_k=-1)
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 16)), batch_size=8)
+    L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              plugins=[io], callbacks=[ckpt, seen]).fit(ManualNet(), data)  # fmt: skip
+    rows = list_checkpoints(str(tmp_path))
+    assert len(rows) == 4 and all(r.committed for r in rows), rows
+    for r in rows:
+        back = load_checkpoint(r.url)
+        want = seen.at[back["global_step"]]
+        assert want.keys() == back["state_dict"].keys()
+        assert all(torch.equal(back["state_dict"][k], v) for k, v in want.items()), r.name

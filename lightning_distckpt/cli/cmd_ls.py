@@ -10,7 +10,7 @@ from lightning_distckpt.cli.common import EXIT_FAILED, EXIT_OK, out, printable, 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("ls", parents=[common], help="checkpoints under a root",
                        description="List the checkpoint directories under ROOT, oldest first: name, step, size, "
-                                   "world size, compression and status (committed, UNCOMMITTED, verified, CORRUPT).")  # fmt: skip
+                                   "world size, compression and status (committed, UNCOMMITTED, verified, CORRUPT, UNREADABLE, ...).")  # fmt: skip
     s.add_argument("root", metavar="ROOT", help="directory (or URL) that holds checkpoint directories")
     s.add_argument("--verify", action="store_true",
                    help="also read every byte of every committed checkpoint (exit 1 if one is corrupt)")  # fmt: skip

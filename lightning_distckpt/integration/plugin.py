@@ -16,7 +16,9 @@ forward and backward run (a pipelined snapshot, as in CheckFreq); every optimize
 step pre-hook, on every rank, that waits for that copy if it is not done yet. Writing, committing and the
 after-commit tasks follow in the same background thread, with its own gloo process group. At most one save
 is in flight: the next save, a load, ``wait()`` and ``teardown()`` wait for it, and an error in the
-background is raised there. ``pipelined_snapshot=False`` copies everything inside the save call instead.
+background is raised there. ``pipelined_snapshot=False`` copies everything inside the save call instead, and so does a save of a
+LightningModule with manual optimization (``automatic_optimization = False``), whose ``training_step`` may
+write parameters anywhere.
 
 Guarantee of the pipelined snapshot: the checkpoint holds the state as of the save provided parameters and
 optimizer state change only through ``optimizer.step()`` of the strategy's optimizers until the copy is
@@ -117,6 +119,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         async_save: Return from a save once the state is copied to host memory; write in the background.
         pipelined_snapshot: With ``async_save``, copy parameters and optimizer state in the background
             while the next forward/backward run; the next optimizer step waits for the copy if needed.
+            Not used for a module with manual optimization (everything is copied inside the call).
         storage_options: Options for the fsspec filesystem of remote URLs (strings for HDFS client settings).
         durable: fsync data files and directories on local filesystems before a checkpoint commits.
         hdfs: Replication, block size, user, Hadoop conf dir and retries for ``hdfs://``, ``viewfs://`` and
@@ -318,10 +321,14 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         manifest = self._manifest(checkpoint, comm.world_size, strategy_name(strategy))
         params = {state.model_key(fqn) for fqn in parameter_fqns(strategy)}
         if self.async_save and _running(strategy):
-            def now(key: str) -> bool:  # what the next forward/backward may change: copied before returning
-                return not (self.pipelined_snapshot and (key in params or key.startswith(state.OPTIM)))
+            # under manual optimization training_step may write parameters anywhere (clipping, swaps, EMA),
+            # not only through optimizer.step(): everything is copied inside the call
+            pipelined = self.pipelined_snapshot and _automatic_optimization(strategy)
 
-            if self.pipelined_snapshot:
+            def now(key: str) -> bool:  # what the next forward/backward may change: copied before returning
+                return not (pipelined and (key in params or key.startswith(state.OPTIM)))
+
+            if pipelined:
                 self._hook_optimizers(strategy)
             snapshot = self._snapshots.start(tensors, self._plan_cache.owned() if comm.active else None,
                                              self.write_options.chunk_bytes, now=now)
@@ -883,6 +890,12 @@ def _saved_param_names(saved_optims: Any, i: int, strategy: Strategy, optimizer:
     if len(order) != len(fqns):
         raise StateMismatchError(f"{url}: optimizer {i} holds {len(order)} parameters, the live one {len(fqns)}")
     return dict(zip(fqns, order))
+
+
+def _automatic_optimization(strategy: Strategy) -> bool:
+    """Whether the strategy's LightningModule uses automatic optimization (True if there is none)."""
+    module = strategy.lightning_module
+    return module is None or bool(getattr(module, "automatic_optimization", True))
 
 
 def _running(strategy: Strategy) -> bool:
