@@ -213,7 +213,7 @@ def job(work: Path, *extra: str) -> float:
     from conftest import WORKLOADS, env, torchrun_cmd
 
     digests = work / "digests"
-    digests.mkdir(exist_ok=True)
+    digests.mkdir(parents=True, exist_ok=True)
     (digests / "started.json").unlink(missing_ok=True)
     cmd = torchrun_cmd(WORKLOADS / "train.py", 2, "--strategy", "ddp", "--ckpt-dir", work / "primary", "--replicas",
                        work / "replica", "--width", WIDTH, "--digest-dir", digests, "--timing-only", *extra)  # fmt: skip
@@ -275,20 +275,26 @@ def main() -> None:
     result: dict[str, Any] = {}
     command = "python benchmarks/bench_recovery.py " + " ".join(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
+
+    def save() -> None:  # after each part: a part that fails later does not lose what was measured before it
+        print(write_result("recovery", {**_previous(), **result, "benchmark": "recovery"}))
+
     try:
         if "unreachable" in parts:
             result["unreachable"] = {"env": environment(), "command": command,
                                      **unreachable(args.connect_timeout, args.baseline_checkout)}  # fmt: skip
             print(json.dumps({k: v for k, v in result["unreachable"].items() if k != "env"}, indent=1))
+            save()
         if "torture" in parts:
             result["torture"] = {"env": environment() | {"world_size": 2}, "command": command,
                                  **torture(work / "torture", args.kills, args.seed, args.repeats)}  # fmt: skip
             t = result["torture"]
             print({k: t[k] for k in ("kills", "restarts_with_a_checkpoint", "restored_newest_exactly", "recovered_fraction",
                                      "problems", "seconds")})  # fmt: skip
+            save()
         if "resume" in parts:
             result["resume"] = {"env": environment() | {"world_size": 2}, "command": command, **resume_times(work / "resume")}
-        print(write_result("recovery", {**_previous(), **result, "benchmark": "recovery"}))
+            save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

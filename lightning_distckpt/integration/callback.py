@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -463,6 +464,7 @@ class DistCheckpoint(ModelCheckpoint):
         except StorageError as e:  # provisional: `setup` lists again on rank 0 and raises on every rank
             log.debug("ckpt_path='last', provisional listing on this rank failed: %s", e)
             self._last_resolved = None
+            warnings.filterwarnings("ignore", message=_LIGHTNING_NO_LAST)  # not "starting from scratch": setup decides
             return set()
         if not self._last_resolved and self.initial_load_path is not None:
             return {self._warm_start(trainer)}
@@ -671,8 +673,6 @@ _LIGHTNING_NO_LAST = r'\.\w+\(ckpt_path="last"\) is set, but there is no last ch
 def _no_last_checkpoint(roots: list[str]) -> None:
     """Say why ``ckpt_path="last"`` starts from scratch, instead of Lightning's hint to set ``save_last=True``
     (this callback finds the newest committed checkpoint itself; ``save_last`` changes nothing)."""
-    import warnings
-
     where = roots[0] + (f" or its replicas ({', '.join(roots[1:])})" if len(roots) > 1 else "")
     rank_zero_info(f'DistCheckpoint: ckpt_path="last" found no committed checkpoint under {where}; training starts '
                    "from scratch (expected on a first run).")  # fmt: skip
