@@ -120,9 +120,6 @@ def scenario(root: str, trainable: bool, rounds: int, every: int, compression: s
     import torch
 
     from lightning_distckpt import DistCheckpointIO, ondisk
-    from lightning_distckpt.catalog import remove_checkpoint
-    from lightning_distckpt.catalog.blocks import data_ids_of, sweep_after_removal
-    from lightning_distckpt.storage import open_store
 
     torch.manual_seed(0)
     model = build(trainable)
@@ -154,10 +151,7 @@ def scenario(root: str, trainable: bool, rounds: int, every: int, compression: s
             # of the next one (removed as retention does: what a kept checkpoint borrows stays)
             drop = [f"{root}/plain/step-{step:04d}"] + ([f"{root}/inc/step-{step - every:04d}"] if k > 1 else [])
             for url in drop:
-                store, path = open_store(url, io.storage)
-                ids = data_ids_of(store, path)
-                remove_checkpoint(store, path)
-                sweep_after_removal(store, path, ids, io.storage)
+                io.remove_checkpoint(url)
 
     t = L.Trainer(accelerator="cpu", devices=1, max_steps=every * rounds, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, plugins=[io], callbacks=[Saver()])  # fmt: skip

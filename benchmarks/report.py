@@ -376,7 +376,7 @@ def recovery() -> str:
         frac = t["recovered_fraction"]
         parts += [
             "### The kill torture\n",
-            f"Command: `{t['command']}`. A 2-rank DDP job (Lightning + `DistCheckpoint`, `ckpt_path=\"last\"`, a save "
+            f"Command: `{command(t)}`. A 2-rank DDP job (Lightning + `DistCheckpoint`, `ckpt_path=\"last\"`, a save "
             "every step, `keep_last=3`) is killed over and over: at each named crash point (`tests/crashing.py`, "
             "`CRASH_POINTS`; `save_last=True`, so `last` is overwritten at every save) and, with a replica root, by a "
             "SIGKILL of a random rank at a "
@@ -419,7 +419,7 @@ def recovery() -> str:
                for c in u["cli"]]  # fmt: skip
         parts += [
             "### An unreachable checkpoint root\n",
-            f"Command: `{u['command']}`. `Trainer.fit` with `DistCheckpoint(dirpath=URL)` on a root that cannot be "
+            f"Command: `{command(u)}`. `Trainer.fit` with `DistCheckpoint(dirpath=URL)` on a root that cannot be "
             "reached, each in a fresh process; time from `fit` to the error (setup reaches every root within "
             "`connect_timeout_s`, before the first training step).\n",
             env_line(u, ranks=False) + "\n",
@@ -431,7 +431,7 @@ def recovery() -> str:
         s = res["seconds_to_first_step"]
         parts += [
             "### Kill to first step\n",
-            f"Command: `{res['command']}` (2 ranks, DDP; time from starting the job to its first training step; the "
+            f"Command: `{command(res)}` (2 ranks, DDP; time from starting the job to its first training step; the "
             "fresh start is process start-up and setup without a checkpoint).\n", env_line(res) + "\n",
             table(["start", "seconds to first step"], [
                 ["fresh (no checkpoint)", fmt_s(s["fresh_start"])],

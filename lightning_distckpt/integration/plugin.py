@@ -16,9 +16,9 @@ forward and backward run (a pipelined snapshot, as in CheckFreq); every optimize
 step pre-hook, on every rank, that waits for that copy if it is not done yet. Writing, committing and the
 after-commit tasks follow in the same background thread, with its own gloo process group. At most one save
 is in flight: the next save, a load, ``wait()`` and ``teardown()`` wait for it, and an error in the
-background is raised there. ``pipelined_snapshot=False`` copies everything inside the save call instead, and so does a save of a
-LightningModule with manual optimization (``automatic_optimization = False``), whose ``training_step`` may
-write parameters anywhere.
+background is raised there. ``pipelined_snapshot=False`` copies everything inside the save call instead, and
+so does a save of a LightningModule with manual optimization (``automatic_optimization = False``), whose
+``training_step`` may write parameters anywhere.
 
 Guarantee of the pipelined snapshot: the checkpoint holds the state as of the save provided parameters and
 optimizer state change only through ``optimizer.step()`` of the strategy's optimizers until the copy is
