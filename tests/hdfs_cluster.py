@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 __all__ = ["MiniDfs", "java_home_or_none", "build_launcher", "JVM_FLAGS"]
 
@@ -378,14 +378,16 @@ class MiniDfs:
     def status(self) -> Dict[str, Any]:
         return json.loads(self._command("status"))
 
-    def block_replicas(self, path: str) -> Dict[str, List[int]]:
-        """Live replicas of every block of every file under ``path`` (a path or an ``hdfs://`` URL), by
-        file, as the NameNode reports them now (WebHDFS ``GETFILEBLOCKLOCATIONS``)."""
+    def block_holders(self, path: str) -> Dict[str, List[Set[int]]]:
+        """The DataNodes (logical indices) holding a live replica of each block of each file under ``path`` (a
+        path or an ``hdfs://`` URL), by file, as the NameNode reports them now (WebHDFS
+        ``GETFILEBLOCKLOCATIONS``; a replica the NameNode knows to be stale or corrupt is not listed)."""
         from urllib.parse import quote, urlparse
         from urllib.request import urlopen
 
         base = f"http://{self.host}:{self.http_port}/webhdfs/v1"
-        out: Dict[str, List[int]] = {}
+        by_port = {int(port): int(i) for i, port in self.status().get("datanode_xfer_ports", {}).items()}
+        out: Dict[str, List[Set[int]]] = {}
 
         def get(p: str, op: str) -> Any:
             with urlopen(f"{base}{quote(p)}?op={op}&user.name=root", timeout=30) as r:
@@ -398,21 +400,24 @@ class MiniDfs:
                     walk(child)
                 else:
                     blocks = get(child, "GETFILEBLOCKLOCATIONS")["BlockLocations"]["BlockLocation"]
-                    out[child] = [len(b["names"]) for b in blocks]
+                    out[child] = [{by_port.get(int(n.rsplit(":", 1)[1]), -1) for n in b["names"]} for b in blocks]
 
         walk(urlparse(path).path or "/")
         return out
 
-    def wait_replicated(self, path: str, timeout: float = 120.0) -> None:
-        """Wait until every block under ``path`` has ``replication`` live replicas again (the NameNode
-        re-replicates blocks a lost DataNode held once enough DataNodes are back)."""
+    def wait_losable(self, path: str, choices: Sequence[Tuple[int, ...]], timeout: float = 120.0) -> Tuple[int, ...]:
+        """Wait until losing one of ``choices`` (sets of DataNodes, tried in order) would leave a live replica of
+        every block under ``path``; return that choice. Blocks written while DataNodes were away live on the
+        others only until the NameNode re-replicates them, and a DataNode that came back holding a stale
+        replica of a block is no target for it, so which loss is survivable is read, not assumed."""
         deadline = time.monotonic() + timeout
         while True:
-            short = {f: n for f, n in self.block_replicas(path).items() if any(r < self.replication for r in n)}
-            if not short:
-                return
+            holders = self.block_holders(path)
+            for lost in choices:
+                if all(h - set(lost) for blocks in holders.values() for h in blocks):
+                    return lost
             if time.monotonic() > deadline:
-                raise TimeoutError(f"blocks still under-replicated after {timeout:.0f} s: {short}")
+                raise TimeoutError(f"after {timeout:.0f} s, losing any of {list(choices)} would lose a block: {holders}")
             time.sleep(0.5)
 
     def client_env(self) -> Dict[str, str]:

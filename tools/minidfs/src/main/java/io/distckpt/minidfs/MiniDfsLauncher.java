@@ -409,6 +409,15 @@ public final class MiniDfsLauncher {
     Map<String, Object> ports = new LinkedHashMap<>();
     lastIpcPorts.forEach((k, v) -> ports.put(String.valueOf(k), v));
     m.put("stopped_ipc_ports", ports);
+    // logical index -> data transfer port of each running DataNode (how WebHDFS block locations name it)
+    Map<String, Object> xfer = new LinkedHashMap<>();
+    for (int i = 0; i < dnUuids.size(); i++) {
+      int p = position(i);
+      if (p >= 0) {
+        xfer.put(String.valueOf(i), cluster.getDataNodes().get(p).getXferPort());
+      }
+    }
+    m.put("datanode_xfer_ports", xfer);
     boolean safe = false;
     if (nameNodeUp) {
       FSNamesystem ns = cluster.getNamesystem(0);
