@@ -14,9 +14,15 @@ For each world size N, in a fresh subprocess (so peak memory is that of one size
 
 * local plans: ``BalancedSavePlanner.set_up_planner`` + ``create_local_plan`` for every rank, on meta tensors;
 * global plan: ``create_global_plan`` on all N local plans (balance, DCP's global plan, coverage checks);
-* metadata: ``metadata_to_json`` after giving every chunk the Location a writer would (one block each),
-  its JSON bytes, and ``metadata_from_json`` (what every load parses);
+* metadata: after giving every chunk the Location a writer would (one block each; untimed, the writers make
+  them), what the coordinator does to write ``metadata.json`` (``from_dcp``, ``metadata_to_json``, ``dumps``),
+  its bytes, and what opening a checkpoint does to parse it (``ondisk.loads``, ``metadata_from_json``,
+  ``to_dcp``). These run with Python's cyclic garbage collector paused, as the package runs them
+  (``lightning_distckpt.gcpause``);
 * load plan: ``PieceLoadPlanner.create_local_plan`` for one rank loading with the same sharding.
+
+The smallest size of each kind runs a second time with the package's garbage-collector pauses made no-ops
+(``gc_paused: false`` in its row), so the report can show what the pauses save in the same run.
 
 Peak memory is the subprocess's maximum RSS. A size that exceeds ``--max-gib`` of memory or ``--timeout``
 seconds is recorded as such (with how far it got), never extrapolated into a number.
@@ -105,8 +111,8 @@ def one_size(world: int, kind: str) -> dict:
     row["stage"] = "global plan"
     _progress(row)
     del plans
-    # what the writers report back: every chunk at its place in its rank's file, one block each
-    t0 = time.perf_counter()
+    # what the writers report back (untimed: each rank makes its own): every chunk at its place in its rank's
+    # file, one block each
     storage = {}
     for r, plan in enumerate(global_plans):
         offset = 0
@@ -115,13 +121,14 @@ def one_size(world: int, kind: str) -> dict:
             storage[item.index] = Location(f"__{r}_0.distcp", offset, (Block(n, n, 0x9E3779B97F4A7C15),))
             offset += n
     metadata.storage_data = storage
+    t0 = time.perf_counter()  # what the coordinator does to write metadata.json (engine.saving._publish)
     doc = ondisk.dumps(metadata_to_json(from_dcp(metadata)))
     row["metadata_write_s"] = time.perf_counter() - t0
     row["metadata_bytes"] = len(doc)
     row["stage"] = "metadata"
     _progress(row)
     t0 = time.perf_counter()
-    parsed = to_dcp(metadata_from_json(json.loads(doc), "metadata.json"))  # what opening a checkpoint does
+    parsed = to_dcp(metadata_from_json(ondisk.loads(doc, "metadata.json"), "metadata.json"))  # what opening a checkpoint does
     row["metadata_parse_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     lp = PieceLoadPlanner()
@@ -139,10 +146,16 @@ def _progress(row: dict) -> None:
     print("PROGRESS " + json.dumps(row), flush=True)
 
 
-def run_size(world: int, kind: str, max_gib: float, timeout: float) -> dict:
-    """One size in a subprocess under a memory limit; the last progress line if it did not finish."""
+#: the baseline: the package's collector pauses made no-ops (the pause is looked up at every call)
+NO_GC_PAUSE = "import contextlib, lightning_distckpt.gcpause as g; g.gc_paused = contextlib.nullcontext; "
+
+
+def run_size(world: int, kind: str, max_gib: float, timeout: float, gc_paused: bool = True) -> dict:
+    """One size in a subprocess under a memory limit; the last progress line if it did not finish. With
+    ``gc_paused=False``, the same code with the package's garbage-collector pauses turned into no-ops."""
     code = (f"import sys; sys.path.insert(0, {HERE!r}); import resource, json; "
             f"resource.setrlimit(resource.RLIMIT_AS, ({int(max_gib * 2**30)}, {int(max_gib * 2**30)})); "
+            + ("" if gc_paused else NO_GC_PAUSE) +
             f"from bench_planning import one_size; print('RESULT ' + json.dumps(one_size({world}, {kind!r})))")  # fmt: skip
     last: dict = {"ranks": world, "kind": kind, "stage": "start"}
     try:
@@ -160,6 +173,7 @@ def run_size(world: int, kind: str, max_gib: float, timeout: float) -> dict:
         if line.startswith("RESULT "):
             last = json.loads(line[7:])
     last["status"] = status
+    last["gc_paused"] = gc_paused
     if status != "ok":
         last["error_tail"] = tail
     return last
@@ -171,6 +185,9 @@ def main() -> None:
     p.add_argument("--ddp-ranks", type=int, nargs="*", default=[16, 64, 1024])
     p.add_argument("--max-gib", type=float, default=8.0, help="memory limit of each size's process")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--gc-baseline", action="store_true", default=True,
+                   help="also run the smallest size of each kind with the collector pauses disabled (default)")
+    p.add_argument("--no-gc-baseline", dest="gc_baseline", action="store_false")
     args = p.parse_args()
     from _common import environment, write_result
 
@@ -185,6 +202,10 @@ def main() -> None:
             rows.append(row)
             print({k: v for k, v in row.items() if k != "error_tail"}, flush=True)
             stop = row["status"] != "ok"
+        if args.gc_baseline and sizes:  # the same code with Python's collector running through it, same run
+            row = run_size(min(sizes), kind, args.max_gib, args.timeout, gc_paused=False)
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "error_tail"}, flush=True)
     result = {"benchmark": "planning", "env": environment(), "max_gib": args.max_gib, "timeout_s": args.timeout,
               "model": {"layers": LAYERS, "hidden": HIDDEN, "intermediate": INTER, "vocab": VOCAB},
               "rows": rows}  # fmt: skip

@@ -148,3 +148,41 @@ def test_plan_cache_skips_replanning_of_an_unchanged_structure():
     assert caches[0].hits == 1 and second == first and md2.state_dict_metadata == md1.state_dict_metadata
     third, md3, _ = save({**tensors, "model/c": torch.zeros(8, 8)})  # a changed structure is planned again
     assert caches[0].hits == 1 and "model/c" in md3.state_dict_metadata
+
+
+def test_gc_pause_nests_overlaps_across_threads_and_restores_the_collector():
+    """Metadata work runs with the cyclic collector off; afterwards it is exactly as before: on if it was on
+    (also after an error inside, and when a pause in another thread overlaps), off if the program turned it off."""
+    import gc
+    import threading
+
+    from lightning_distckpt.gcpause import gc_paused
+
+    assert gc.isenabled()
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with gc_paused():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    with gc_paused():
+        t.start()
+        assert inside.wait(10)
+        with gc_paused():
+            assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread's pause still lasts
+    release.set()
+    t.join(10)
+    assert gc.isenabled()
+    with pytest.raises(CorruptCheckpointError):
+        fmt.metadata_from_json(fmt.loads(b'{"format": 1}', "metadata.json"), "metadata.json")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        fmt.metadata_from_json(_metadata_doc([2], [{"offsets": [0], "sizes": [2], "f": "__0_0.distcp", "o": 0,
+                                                     "b": [[8, 8, 1]]}]), "metadata.json")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

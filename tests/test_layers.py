@@ -20,7 +20,7 @@ PKG = ROOT / "lightning_distckpt"
 
 #: docs/architecture.md: a module may import its own sub-package and sub-packages on lower floors only
 FLOORS = {
-    "errors": 0, "faults": 0,
+    "errors": 0, "faults": 0, "gcpause": 0,
     "ondisk": 1, "parallel": 1,
     "transforms": 2, "storage": 2,
     "catalog": 3,

@@ -18,9 +18,11 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from lightning_distckpt.gcpause import without_gc
 from lightning_distckpt.ondisk.metadata import CheckpointMetadata, Chunk, Location, TensorEntry, dtype_name, parse_dtype
 
 
+@without_gc
 def to_dcp(md: CheckpointMetadata) -> Metadata:
     """DCP's ``Metadata`` for ``md`` (made once per object; the result is shared, do not modify it)."""
     if md._dcp is not None:
@@ -38,6 +40,7 @@ def to_dcp(md: CheckpointMetadata) -> Metadata:
     return md._dcp
 
 
+@without_gc
 def from_dcp(md: Metadata, encodings: dict[str, Any] | None = None) -> CheckpointMetadata:
     """The plain form of DCP metadata whose ``storage_data`` maps every chunk to a `Location` (what the writer
     produces); ``encodings`` describes tensors stored through a tensor codec."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_distckpt.errors import CorruptCheckpointError, NewerFormatError
+from lightning_distckpt.gcpause import without_gc
 from lightning_distckpt.ondisk.digests import digest
 from lightning_distckpt.ondisk.names import (
     MANIFEST,
@@ -165,10 +166,12 @@ class Manifest:
                         data_id=data_id, borrows=dict(borrows))  # fmt: skip
 
 
+@without_gc
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
+@without_gc
 def loads(data: bytes, where: str, max_depth: int | None = None) -> Any:
     """Parse a JSON document; invalid UTF-8 or JSON, and nesting deeper than ``max_depth`` (or than the
     parser can take), are a `CorruptCheckpointError` naming ``where``."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from lightning_distckpt.errors import CorruptCheckpointError
+from lightning_distckpt.gcpause import without_gc
 from lightning_distckpt.ondisk.documents import (
     _MAX_SIZE,
     FORMAT_NAME,
@@ -293,11 +294,13 @@ def incremental_to_json(md: CheckpointMetadata) -> dict[str, Any]:
     return {"data_id": md.data_id, "strong": STRONG, "chunks": chunks}
 
 
+@without_gc
 def metadata_to_json(md: CheckpointMetadata) -> dict[str, Any]:
     """The ``metadata.json`` document of ``md`` (the engine builds ``md`` from DCP's metadata at save)."""
     return md.to_json()
 
 
+@without_gc
 def metadata_from_json(obj: Any, where: str) -> CheckpointMetadata:
     """Parse and validate ``metadata.json``: shapes, offsets within bounds, byte counts consistent, and the
     chunks of every tensor covering each of its elements exactly once (no gap, no overlap), so that nothing

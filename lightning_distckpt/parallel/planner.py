@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner
 from torch.distributed.checkpoint.planner_helpers import _create_read_items, create_read_items_for_chunk_list
 
 from lightning_distckpt.errors import UnsafeCheckpointError
+from lightning_distckpt.gcpause import without_gc
 from lightning_distckpt.parallel.pieces import DEFAULT_CHUNK_BYTES, pieces, split_rows
 
 
@@ -142,6 +143,7 @@ class BalancedSavePlanner(SavePlanner):
             return SavePlan([], planner_data=_SAME)
         return plan
 
+    @without_gc
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         c = self.cache
         if c.all_plans is not None and len(c.all_plans) == len(all_plans):
@@ -197,6 +199,7 @@ class PieceLoadPlanner(DefaultLoadPlanner):
         self.metadata = metadata
         self.is_coordinator = is_coordinator
 
+    @without_gc
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
         requests = []
