@@ -22,7 +22,10 @@ For each world size N, in a fresh subprocess (so peak memory is that of one size
 * load plan: ``PieceLoadPlanner.create_local_plan`` for one rank loading with the same sharding.
 
 The smallest size of each kind runs a second time with the package's garbage-collector pauses made no-ops
-(``gc_paused: false`` in its row), so the report can show what the pauses save in the same run.
+(``gc_paused: false`` in its row), so the report can show what the pauses save in the same run. Every stage's
+time ends with a full collection (``gc.collect()``), so the work a pause only defers is counted where it arose;
+what existed before a stage is frozen (``gc.freeze()``), so its collections walk only what the stage made (one
+process simulates every rank here; a real rank does not hold the others' plans).
 
 Peak memory is the subprocess's maximum RSS. A size that exceeds ``--max-gib`` of memory or ``--timeout``
 seconds is recorded as such (with how far it got), never extrapolated into a number.
@@ -31,6 +34,7 @@ seconds is recorded as such (with how far it got), never extrapolated into a num
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -92,7 +96,7 @@ def one_size(world: int, kind: str) -> dict:
     shapes = model_shapes()
     row: dict = {"ranks": world, "kind": kind, "tensors": 4 * len(shapes),
                  "parameters": sum(torch.Size(s).numel() for s in shapes.values())}  # fmt: skip
-    t0 = time.perf_counter()
+    t0 = _start()
     plans, planners = [], []
     for r in range(world):
         pl = BalancedSavePlanner()
@@ -100,13 +104,13 @@ def one_size(world: int, kind: str) -> dict:
         plans.append(pl.create_local_plan())
         if r == 0:
             planners.append(pl)
-    row["local_plans_s_all_ranks"] = time.perf_counter() - t0
+    row["local_plans_s_all_ranks"] = _settled(t0)
     row["local_plan_items"] = sum(len(p.items) for p in plans)
     row["stage"] = "local plans"
     _progress(row)
-    t0 = time.perf_counter()
+    t0 = _start()
     global_plans, metadata = planners[0].create_global_plan(plans)
-    row["global_plan_s"] = time.perf_counter() - t0
+    row["global_plan_s"] = _settled(t0)
     row["written_items"] = sum(len(p.items) for p in global_plans)
     row["stage"] = "global plan"
     _progress(row)
@@ -121,24 +125,39 @@ def one_size(world: int, kind: str) -> dict:
             storage[item.index] = Location(f"__{r}_0.distcp", offset, (Block(n, n, 0x9E3779B97F4A7C15),))
             offset += n
     metadata.storage_data = storage
-    t0 = time.perf_counter()  # what the coordinator does to write metadata.json (engine.saving._publish)
+    t0 = _start()  # what the coordinator does to write metadata.json (engine.saving._publish)
     doc = ondisk.dumps(metadata_to_json(from_dcp(metadata)))
-    row["metadata_write_s"] = time.perf_counter() - t0
+    row["metadata_write_s"] = _settled(t0)
     row["metadata_bytes"] = len(doc)
     row["stage"] = "metadata"
     _progress(row)
-    t0 = time.perf_counter()
+    t0 = _start()
     parsed = to_dcp(metadata_from_json(ondisk.loads(doc, "metadata.json"), "metadata.json"))  # what opening a checkpoint does
-    row["metadata_parse_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    row["metadata_parse_s"] = _settled(t0)
+    t0 = _start()
     lp = PieceLoadPlanner()
     lp.set_up_planner(rank_state(shapes, world, world // 2, kind), parsed)
     load_plan = lp.create_local_plan()
-    row["load_plan_s_one_rank"] = time.perf_counter() - t0
+    row["load_plan_s_one_rank"] = _settled(t0)
     row["load_plan_items_one_rank"] = len(load_plan.items)
     row["stage"] = "done"
     row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return row
+
+
+def _start() -> float:
+    """Start a stage: collect, then freeze what exists (the simulation's other ranks, earlier stages), so the
+    stage's collections walk only what it makes itself, as on a real rank; return the start time."""
+    gc.collect()
+    gc.freeze()
+    return time.perf_counter()
+
+
+def _settled(t0: float) -> float:
+    """Seconds since ``t0``, after a full collection: what a stage leaves for the collector to do (more when the
+    collector was paused through it) is counted in that stage, in both modes of the comparison."""
+    gc.collect()
+    return time.perf_counter() - t0
 
 
 def _progress(row: dict) -> None:

@@ -382,7 +382,7 @@ def _gc_pause_lines(rows: list) -> list:
                    f"({off / on:.2f}× faster)")
     if not out:
         return []
-    return ["\nPython's cyclic garbage collector, paused while plans and metadata are built and parsed "
+    return ["Python's cyclic garbage collector, paused while plans and metadata are built and parsed "
             "(`lightning_distckpt.gcpause`), global plan + metadata write + parse + load plan: " + "; ".join(out)
             + ". One run each; the rows above give the stages.\n"]
 
