@@ -379,7 +379,7 @@ def _gc_pause_lines(rows: list) -> list:
             continue
         on, off = sum(base[k] for k in keys), sum(x[k] for k in keys)
         out.append(f"{kind} at {ranks} ranks: {on:.2f} s with the collector paused against {off:.2f} s without "
-                   f"({off / on:.2f}× faster)")
+                   f"(without ÷ with: **{off / on:.2f}**)")
     if not out:
         return []
     return ["Python's cyclic garbage collector, paused while plans and metadata are built and parsed "
