@@ -333,7 +333,8 @@ def throughput_table(t: dict[str, Any] | None) -> str:
     return "\n".join([
         f"\n**Codec throughput per process** (`python benchmarks/bench_compression.py --throughput-only`; MiniLM "
         f"weights + AdamW moments, {t['state_bytes'] / 2**20:.0f} MiB; {t['codec_threads']} codec threads; median of "
-        f"{t['repeats']}, times in brackets). " + env_line({"env": t["env"]}, ranks=False) + "\n" if "env" in t else "",
+        f"{t['repeats']}, times in brackets)."
+        + (" " + env_line({"env": t["env"]}, ranks=False) if "env" in t else " Measured in the run above.") + "\n",
         table(["codec", "encode", "decode", "target"], rows),
         f"\nLossless ratio on this state: {t['lossless']['ratio']:.3f}×.\n",
     ])  # fmt: skip
