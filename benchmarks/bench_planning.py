@@ -204,9 +204,8 @@ def main() -> None:
     p.add_argument("--ddp-ranks", type=int, nargs="*", default=[16, 64, 1024])
     p.add_argument("--max-gib", type=float, default=8.0, help="memory limit of each size's process")
     p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--gc-baseline", action="store_true", default=True,
-                   help="also run the smallest size of each kind with the collector pauses disabled (default)")
-    p.add_argument("--no-gc-baseline", dest="gc_baseline", action="store_false")
+    p.add_argument("--no-gc-baseline", dest="gc_baseline", action="store_false",
+                   help="skip the second run of the smallest size of each kind without the collector pauses")
     args = p.parse_args()
     from _common import environment, write_result
 

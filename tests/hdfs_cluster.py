@@ -400,7 +400,8 @@ class MiniDfs:
                     walk(child)
                 else:
                     blocks = get(child, "GETFILEBLOCKLOCATIONS")["BlockLocations"]["BlockLocation"]
-                    out[child] = [{by_port.get(int(n.rsplit(":", 1)[1]), -1) for n in b["names"]} for b in blocks]
+                    ports = ([int(n.rsplit(":", 1)[1]) for n in b["names"]] for b in blocks)
+                    out[child] = [{by_port[p] for p in ps if p in by_port} for ps in ports]
 
         walk(urlparse(path).path or "/")
         return out
