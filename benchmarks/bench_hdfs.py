@@ -118,7 +118,7 @@ def worker(args: argparse.Namespace) -> None:
     rows: dict[str, list[float]] = {k: [] for k in ("plugin_save", "raw_write", "plugin_load", "raw_read",
                                                        "raw_read_8mib", "raw_read_copy", "raw_read_verified")}  # fmt: skip
     if ddp:
-        rows.update(plugin_load_unbalanced=[], raw_read_all_copy=[])
+        rows.update(plugin_load_shm=[], plugin_load_unbalanced=[], raw_read_all_copy=[])
     if args.compression_rows:
         rows.update(plugin_save_int8=[], plugin_save_lossless=[])
     compressed_bytes: dict[str, int] = {}
@@ -129,6 +129,16 @@ def worker(args: argparse.Namespace) -> None:
             trainer.save_checkpoint(path)
         finally:
             io.compression = resolve(None)
+
+    shm_used: list[bool] = []  # whether each shared-memory load did share its bytes (no fallback to broadcasts)
+
+    def shm_load(path: str) -> None:
+        io.shared_memory_reads = True
+        try:
+            load_everything(trainer, path)
+            shm_used.append(io.stats.load_shared_memory)
+        finally:
+            io.shared_memory_reads = False
 
     def unbalanced_load(path: str) -> None:
         io.balanced_reads = False
@@ -167,7 +177,8 @@ def worker(args: argparse.Namespace) -> None:
                  ("raw_read_8mib", raw_read("8mib")), ("raw_read_copy", raw_read("copy")),
                  ("raw_read_verified", raw_read("verified"))]
         if ddp:
-            reads += [("plugin_load_unbalanced", lambda: unbalanced_load(path)), ("raw_read_all_copy", raw_read("copy_all"))]
+            reads += [("plugin_load_shm", lambda: shm_load(path)),
+                      ("plugin_load_unbalanced", lambda: unbalanced_load(path)), ("raw_read_all_copy", raw_read("copy_all"))]
         for name, fn in reads if i % 2 == 0 else reversed(reads):  # alternate who reads first
             settle()
             rows[name].append(timed(fn))
@@ -187,6 +198,7 @@ def worker(args: argparse.Namespace) -> None:
             "benchmark": "hdfs", "strategy": args.strategy, "env": environment(), "state_bytes": total,
             "replication": 3, "datanodes": 4, "plugin_load_phases_rank0": phases,
             "load_through_shared_memory": bool(shared and all(shared)),
+            "shm_load_through_shared_memory": bool(shm_used and all(shm_used)),
             "compressed_bytes_rank0": compressed_bytes,
             "seconds": {k: stats(v) for k, v in rows.items()}, "samples_s": rows,
             "throughput_MBps": {k: total / med[k] / 1e6 for k in med},
@@ -205,6 +217,8 @@ def worker(args: argparse.Namespace) -> None:
             result["ratios"].update({
                 "load: plugin / raw stream of all the state into memory by every rank": med["raw_read_all_copy"] / med["plugin_load"],
                 "load: plugin / plugin without balanced reads": med["plugin_load_unbalanced"] / med["plugin_load"],
+                "load (shared memory): plugin / raw stream into memory": med["raw_read_copy"] / med["plugin_load_shm"],
+                "load (shared memory): plugin / raw throughput": med["raw_read"] / med["plugin_load_shm"],
             })  # fmt: skip
         print(write_result(f"hdfs_{args.strategy}", result))
         for k, v in result["ratios"].items():

@@ -124,6 +124,7 @@ HDFS_ROWS = [
     ("raw_read_8mib", "raw 8 MiB read() calls"),
     ("raw_read_copy", "raw read_range_stream into preallocated memory"),
     ("raw_read_verified", "raw read_range_stream into memory + xxh3 per 8 MiB"),
+    ("plugin_load_shm", "DistCheckpointIO load, shared_memory_reads=True (each rank's half shared through /dev/shm)"),
     ("plugin_load_unbalanced", "DistCheckpointIO load, balanced_reads=False (every rank reads everything)"),
     ("raw_read_all_copy", "raw read_range_stream of all the state into memory, by every rank"),
 ]
@@ -134,6 +135,7 @@ HDFS_LOAD_RATIOS = [
     ("load: plugin / raw stream into memory + checksum", "the stream into memory + xxh3"),
     ("load: plugin / raw throughput", "the discarded stream"),
     ("load: plugin / plugin without balanced reads", "itself without balanced reads"),
+    ("load (shared memory): plugin / raw stream into memory", "the stream into memory, with shared_memory_reads=True"),
 ]
 
 
@@ -170,6 +172,8 @@ def hdfs() -> str:
             + "; ".join(f"vs {label} **{r['ratios'][key]:.2f}×**" for key, label in HDFS_LOAD_RATIOS if key in r["ratios"])
             + f".{per_repeat(r, strategy)}{phase}"
             + (" Balanced reads went through shared memory." if r.get("load_through_shared_memory") else "")
+            + (" The shared_memory_reads=True loads shared their bytes through shared memory (none fell back to "
+               "broadcasts)." if r.get("shm_load_through_shared_memory") else "")
             + "".join(f" {k}: **{r['ratios'][k]:.2f}×**." for k in ("save: uncompressed / int8 (speed-up)",
                                                                       "save: uncompressed / lossless (speed-up)") if k in r["ratios"])
             + "\n",
