@@ -132,7 +132,7 @@ def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
     exist with its recorded size. Any problem is an error of this package naming the file and the key.
     """
     manifest = read_manifest(source)
-    metadata = ondisk.metadata_from_json(
+    metadata = ondisk.parse_metadata(
         ondisk.loads(_read_listed(source, manifest, ondisk.METADATA), source.url(ondisk.METADATA)), source.url(ondisk.METADATA)
     )
     check_codecs(metadata, source.url(ondisk.METADATA))
@@ -141,7 +141,11 @@ def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
     if metadata.data_id != manifest.data_id:
         raise CorruptCheckpointError(f"{source.url(ondisk.METADATA)}: data_id {metadata.data_id!r} differs from the "
                                      f"manifest's {manifest.data_id!r}")  # fmt: skip
-    for loc in metadata.storage_data.values():
+    if metadata.layout is not None:  # compact: chunks are placed by the data files' indexes, read when used
+        from lightning_distckpt.catalog.compact import check_layout_files
+
+        check_layout_files(metadata.layout, manifest, source.url(ondisk.METADATA))
+    for loc in metadata.storage_data.values() if metadata.layout is None else ():
         for key, offset, i, j in loc.segments():
             info = manifest.files.get(key)
             if info is None or offset + sum(b.stored for b in loc.blocks[i:j]) > info["size"]:

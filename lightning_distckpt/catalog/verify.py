@@ -6,8 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lightning_distckpt import ondisk
+from lightning_distckpt.catalog.compact import layout_blocks_by_file
 from lightning_distckpt.catalog.documents import Checkpoint, open_checkpoint, source_of
-from lightning_distckpt.errors import DistCheckpointError
+from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError
 from lightning_distckpt.storage import Entry, Source, StorageLike
 from lightning_distckpt.storage.base import read_at, read_blocks
 
@@ -46,9 +47,16 @@ def verify(url: str, options: StorageLike = None, progress: Callable[[int], None
         return VerifyReport(source.url(), False, error=str(e))
     except (OSError, EOFError, ValueError, ImportError) as e:  # e.g. no fsspec backend for the URL's scheme
         return VerifyReport(source.url(), False, error=f"{source.url()}: {type(e).__name__}: {e}")
-    blocks = blocks_by_file(ckpt)
+    problems: dict[str, str] = {}
+    if ckpt.metadata.layout is not None:  # compact: each data file's blocks are in its own (verified) index
+        blocks, problems = layout_blocks_by_file(ckpt)
+    else:
+        blocks = blocks_by_file(ckpt)
     files = []
     for name, info in sorted(ckpt.manifest.files.items()):
+        if name in problems:
+            files.append(FileReport(name, False, info["size"], problems[name]))
+            continue
         files.append(verify_file(ckpt.source, name, info, blocks.get(name, []), progress, partial=is_borrowed(ckpt, name)))
     return VerifyReport(source.url(), all(f.ok for f in files), files)
 
@@ -62,7 +70,14 @@ def is_borrowed(ckpt: Checkpoint, name: str) -> bool:
 
 def blocks_by_file(ckpt: Checkpoint) -> dict[str, list[tuple[int, ondisk.Block]]]:
     """Every data file's blocks that the checkpoint uses, as (offset in the file, block), in file order (a block that
-    several chunks borrow is listed once)."""
+    several chunks borrow is listed once). A compact checkpoint's come from its data files' indexes (read here; a
+    file whose index does not verify is a `CorruptCheckpointError`)."""
+    if ckpt.metadata.layout is not None:
+        blocks, problems = layout_blocks_by_file(ckpt)
+        if problems:
+            name, why = next(iter(sorted(problems.items())))
+            raise CorruptCheckpointError(f"{ckpt.source.url(name)}: {why}")
+        return blocks
     out: dict[str, dict[int, ondisk.Block]] = {}
     for loc in ckpt.metadata.storage_data.values():
         for key, pos, i, j in loc.segments():

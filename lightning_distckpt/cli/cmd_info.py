@@ -82,6 +82,7 @@ def ownership_lines(d: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from lightning_distckpt import catalog
+    from lightning_distckpt.catalog import compact  # noqa: F401 - catalog.compact below
     from lightning_distckpt.transforms.specs import PART
 
     ckpt = catalog.open_checkpoint(catalog.source_of(args.ckpt, storage(args)), check_sizes=False)
@@ -90,7 +91,14 @@ def run(args: argparse.Namespace) -> int:
     files: dict[str, set[str]] = {}
     parts: dict[str, dict[str, int]] = {}  # tensor -> stored part -> its number of chunks
     block_codecs: dict[str, set[str]] = {}
-    for key, t in md.tensors.items():
+    if md.layout is not None:  # compact (metadata version 3): chunks and their bytes from the data files' indexes
+        for key, (count, nbytes, names) in catalog.compact.stored_by_tensor(ckpt).items():
+            base = key.split(PART)[0]
+            parts.setdefault(base, {})[key] = count
+            stored[base] = stored.get(base, 0) + nbytes
+            files.setdefault(base, set()).update(names)
+            block_codecs.setdefault(base, set()).add(md.layout.codec or RAW)
+    for key, t in md.tensors.items() if md.layout is None else ():
         base = key.split(PART)[0]
         parts.setdefault(base, {})[key] = len(t.chunks)
         for c in t.chunks:

@@ -4,7 +4,8 @@ A checkpoint is a directory::
 
     <root>/<name>/
         __<rank>_<k>.distcp   tensor bytes, stored in blocks (raw or compressed)
-        metadata.json         every tensor, its chunks, where each chunk's blocks lie   (`.metadata`)
+        metadata.json         every tensor, its chunks, where each chunk's blocks lie   (`.metadata`), or, for
+                              a regular save, every tensor by its sharding rule          (`.layout`, version 3)
         state.json            everything that is not a tensor                           (`.skeleton`)
         manifest.json         format version, step, world size, every file with size and digest (`.documents`)
         COMMITTED             the commit marker, written last; it names the manifest's digest
@@ -46,6 +47,19 @@ from lightning_distckpt.ondisk.metadata import (
     metadata_to_json,
     parse_dtype,
 )
+from lightning_distckpt.ondisk.layout import (
+    LAYOUT_VERSION,
+    FileIndex,
+    Layout,
+    RegularTensor,
+    check_writer,
+    index_tail,
+    layout_metadata,
+    layout_to_json,
+    parse_index,
+    parse_metadata,
+    tail_length,
+)
 from lightning_distckpt.ondisk.names import (
     BLOCKS,
     BORROWS,
@@ -83,6 +97,8 @@ __all__ = [
     "parse_dtype", "staged_name", "staging_name", "token_of", "trash_name", "trashed_name",
     "BLOCKS", "BORROWS", "Fingerprint", "PLAIN_VERSION", "Ref", "blocks_key", "check_file_key", "is_token",
     "parse_blocks_key",
+    "LAYOUT_VERSION", "FileIndex", "Layout", "RegularTensor", "check_writer", "index_tail", "layout_metadata",
+    "layout_to_json", "parse_index", "parse_metadata", "tail_length",
 ]  # fmt: skip
 
 

@@ -221,6 +221,10 @@ class CheckpointMetadata:
     (``lightning_distckpt.engine.dcp_metadata``), once per object.
 
     ``encodings`` maps a tensor key to how a tensor codec stored it (codec, version, dtype, size, block).
+
+    ``layout``: for a compact document (version 3, `lightning_distckpt.ondisk.layout`), the rule that describes
+    every tensor; ``tensors`` then maps each key to its ``RegularTensor`` (dtype, size, no listed chunks) and
+    `chunks()` / `storage_data` raise: where a chunk lies is in the data files' indexes.
     """
 
     tensors: dict[str, TensorEntry]
@@ -229,12 +233,16 @@ class CheckpointMetadata:
     #: files are in the checkpoint directory); chunk locations then name files by block-store key
     data_id: str = ""
     _dcp: Any = field(default=None, repr=False)  # the engine's DCP form, cached
+    layout: Any = None  #: ``ondisk.layout.Layout`` of a compact document, else None
 
     def __getstate__(self) -> dict[str, Any]:  # broadcast to other ranks without the cached DCP form
         return {**self.__dict__, "_dcp": None}
 
     def chunks(self) -> Iterator[tuple[str, Chunk]]:
-        """Every stored chunk with its tensor's key, tensor by tensor."""
+        """Every stored chunk with its tensor's key, tensor by tensor (listed documents only)."""
+        if self.layout is not None:
+            raise TypeError("a compact checkpoint (metadata version 3) does not list its chunks; read the layout and "
+                            "the data files' indexes (lightning_distckpt.catalog.compact)")
         for fqn, t in self.tensors.items():
             for c in t.chunks:
                 yield fqn, c
@@ -296,7 +304,10 @@ def incremental_to_json(md: CheckpointMetadata) -> dict[str, Any]:
 
 @without_gc
 def metadata_to_json(md: CheckpointMetadata) -> dict[str, Any]:
-    """The ``metadata.json`` document of ``md`` (the engine builds ``md`` from DCP's metadata at save)."""
+    """The ``metadata.json`` document of ``md`` (the engine builds ``md`` from DCP's metadata at save); a compact
+    ``md`` (with a layout) is written by ``ondisk.layout.layout_to_json``."""
+    if md.layout is not None:
+        raise TypeError("a compact metadata document is written by ondisk.layout.layout_to_json")
     return md.to_json()
 
 

@@ -63,6 +63,11 @@ def export_size(url: str, storage_options: StorageLike = None, weights_only: boo
     from lightning_distckpt.transforms import PART
 
     ckpt = open_checkpoint(source_of(url, storage_options), check_sizes=False)
+    if ckpt.metadata.layout is not None:  # compact: stored bytes from the data files' indexes
+        from lightning_distckpt.catalog.compact import stored_by_tensor
+
+        return sum(stored for fqn, (_, stored, _) in stored_by_tensor(ckpt).items()
+                   if not weights_only or fqn.split(PART)[0].startswith(state.MODEL))  # fmt: skip
     return sum(c.location.stored for fqn, c in ckpt.metadata.chunks()
                if not weights_only or fqn.split(PART)[0].startswith(state.MODEL))  # fmt: skip
 

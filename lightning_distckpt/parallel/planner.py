@@ -22,6 +22,17 @@ from torch.distributed.checkpoint.planner_helpers import _create_read_items, cre
 from lightning_distckpt.errors import UnsafeCheckpointError
 from lightning_distckpt.gcpause import without_gc
 from lightning_distckpt.parallel.pieces import DEFAULT_CHUNK_BYTES, pieces, split_rows
+from lightning_distckpt.parallel.regular import (
+    REGULAR_PLAN,
+    Assignment,
+    RegularLocal,
+    Structure,
+    Summary,
+    keep_items,
+    local_tensors,
+    plan_regular,
+    structure,
+)
 
 
 def item_bytes(item: WriteItem) -> int:
@@ -84,10 +95,16 @@ class PlanCache:
     metadata: Metadata | None = None
     known: set[str] = dataclasses.field(default_factory=set)  # every key this rank held since the last clear
     hits: int = 0
+    #: regular saves (`lightning_distckpt.parallel.regular`): False once a save found the ranks' states neither all
+    #: regular nor all irregular, so that later saves plan with items at once (kept by `clear`)
+    regular: bool = True
+    #: the coordinator's last regular plan: (every rank's summary, the plan), reused while the summaries are equal
+    regular_plan: tuple[list[Any], Any] | None = None
 
     def clear(self) -> None:
         self.local = self.central = self.all_plans = self.metadata = None
         self.known = set()
+        self.regular_plan = None
 
     def owned(self) -> tuple[set[str], set[tuple[str, tuple[int, ...]]]] | None:
         """Of the last successful save: the keys this rank held, and the chunks (key, offsets) it wrote."""
@@ -106,10 +123,15 @@ class BalancedSavePlanner(SavePlanner):
     """
 
     def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 replicated: Callable[[str], bool] = lambda key: True, cache: PlanCache | None = None) -> None:
+                 replicated: Callable[[str], bool] = lambda key: True, cache: PlanCache | None = None,
+                 *, rank: int = 0, world: int = 1, regular: bool = False) -> None:
         self.chunk_bytes = chunk_bytes
         self.replicated = replicated
         self.cache = cache or PlanCache()
+        #: plan a regular state from summaries (`lightning_distckpt.parallel.regular`); ``rank``/``world``: this
+        #: rank's place in the save's process group
+        self.regular, self.rank, self.world = regular, rank, world
+        self._structure: Structure | None = None
         self._pending_local: SavePlan | None = None
         self._views: dict[MetadataIndex, torch.Tensor] = {}
         self._items: list[WriteItem] = []
@@ -117,6 +139,8 @@ class BalancedSavePlanner(SavePlanner):
     def set_up_planner(self, state_dict: dict[str, Any], storage_meta: Any = None, is_coordinator: bool = False) -> None:
         self._views.clear()
         self._items = []
+        if self.regular and self.cache.regular:
+            self._structure = structure(state_dict, self.rank, self.world)
         for key, value in state_dict.items():
             for piece in pieces(value):
                 props = TensorProperties(dtype=piece.local.dtype)
@@ -139,6 +163,9 @@ class BalancedSavePlanner(SavePlanner):
     def create_local_plan(self) -> SavePlan:
         plan = SavePlan(self._items)
         self._pending_local = plan
+        if self._structure is not None:  # regular: a summary instead of the items (which go only if irregular)
+            summary = self._structure.summary()
+            return SavePlan([] if summary.regular else self._items, planner_data=summary)
         if self.cache.local is not None and self.cache.local.items == plan.items:
             return SavePlan([], planner_data=_SAME)
         return plan
@@ -146,6 +173,11 @@ class BalancedSavePlanner(SavePlanner):
     @without_gc
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         c = self.cache
+        if all_plans and all(isinstance(p.planner_data, Summary) for p in all_plans):
+            summaries = [p.planner_data for p in all_plans]
+            if any(s.regular for s in summaries):
+                return self._regular_global_plan(summaries)
+            all_plans = [dataclasses.replace(p, planner_data=None) for p in all_plans]  # every rank sent its items
         if c.all_plans is not None and len(c.all_plans) == len(all_plans):
             if all(p.planner_data == _SAME for p in all_plans) and c.metadata is not None:
                 c.hits += 1
@@ -163,7 +195,33 @@ class BalancedSavePlanner(SavePlanner):
         c.all_plans, c.metadata = all_plans, dataclasses.replace(metadata, storage_data=None)
         return plans, metadata
 
+    def _regular_global_plan(self, summaries: list[Summary]) -> tuple[list[SavePlan], Metadata]:
+        """O(tensors + ranks): see `lightning_distckpt.parallel.regular`. Raises `NotRegular` when only some
+        ranks are regular (or they disagree about the structure)."""
+        assert self._structure is not None
+        c = self.cache
+        if c.regular_plan is not None and c.regular_plan[0] == summaries:
+            plan = c.regular_plan[1]
+            c.hits += 1
+        else:
+            plan = plan_regular(self._structure, summaries, self.chunk_bytes, self.replicated)
+            c.regular_plan = (summaries, plan)
+        plans = [SavePlan([], planner_data=Assignment(plan.digest, plan.sharded, chunks)) for chunks in plan.assignments]
+        return plans, Metadata(state_dict_metadata={}, planner_data={REGULAR_PLAN: plan})
+
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        if isinstance(new_plan.planner_data, Assignment):  # a regular save: keep the items this rank writes
+            a, mine = new_plan.planner_data, self._structure
+            if mine is None or a.digest != mine.digest:
+                raise RuntimeError("internal error: a regular plan for another structure")
+            items = keep_items(self._items, mine, a, self.rank, self.world, self.chunk_bytes)
+            local = RegularLocal(self.rank, self.world, tuple(local_tensors(mine, a.sharded, self.world, self.chunk_bytes)))
+            plan = SavePlan(items, planner_data=local)
+            self.cache.central, self.cache.local = plan, None
+            self.cache.known |= set(mine.keys)
+            return plan
+        if isinstance(new_plan.planner_data, Summary):  # planned from items (every rank was irregular)
+            new_plan = dataclasses.replace(new_plan, planner_data=None)
         if new_plan.planner_data == _SAME:
             assert self.cache.central is not None
             return self.cache.central

@@ -82,7 +82,8 @@ def check_codecs(metadata: Any, where: str) -> None:
     """Every block codec and tensor codec that parsed ``metadata`` (a ``CheckpointMetadata``) names is known
     (else a clear error naming ``where``), so a checkpoint this version cannot decode fails when it is opened,
     not halfway through a read."""
-    for codec in {c.location.codec for _, c in metadata.chunks()}:
+    layout = getattr(metadata, "layout", None)  # compact documents name one block codec for every block
+    for codec in {layout.codec} if layout is not None else {c.location.codec for _, c in metadata.chunks()}:
         if codec:
             try:
                 block_codec(codec)
