@@ -57,7 +57,9 @@ def ownership(ckpt: Any) -> dict[str, Any]:
     owned = borrowed = 0
     by_id: dict[str, int] = {}
     seen: set[tuple[str, int]] = set()
-    for loc in ckpt.metadata.storage_data.values():
+    if ckpt.metadata.layout is not None:  # compact: never incremental; it owns its data files (index tails included)
+        owned = sum(m.files[name]["size"] for _, name in ckpt.metadata.layout.all_files())
+    for loc in ckpt.metadata.storage_data.values() if ckpt.metadata.layout is None else ():
         for (key, offset), b in zip(loc.places(), loc.blocks):
             parsed = ondisk.parse_blocks_key(key)
             if parsed is None or parsed[0] == m.data_id:

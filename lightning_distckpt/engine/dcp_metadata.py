@@ -29,6 +29,12 @@ def to_dcp(md: CheckpointMetadata) -> Metadata:
         return md._dcp
     state: dict[str, Any] = {}
     storage: dict[MetadataIndex, Location] = {}
+    if md.layout is not None:  # compact: no chunk lists; the load planner and the reader use the layout's rules
+        for fqn, t in md.tensors.items():
+            state[fqn] = TensorStorageMetadata(TensorProperties(dtype=parse_dtype(t.dtype, fqn)), torch.Size(t.size), [])
+        md._dcp = Metadata(state_dict_metadata=state, storage_data={},
+                           planner_data={"encodings": md.encodings, "layout": md.layout})  # fmt: skip
+        return md._dcp
     for fqn, t in md.tensors.items():
         chunks = []
         for c in t.chunks:

@@ -68,6 +68,8 @@ def build_index(manifest: ondisk.Manifest, metadata: ondisk.CheckpointMetadata, 
     """The index of every fingerprinted block of a committed incremental checkpoint ``name``."""
     index = BlockIndex(full=False, names={**manifest.borrows, manifest.data_id: name})
     index.files = {k: dict(v) for k, v in manifest.files.items() if ondisk.parse_blocks_key(k) is not None}
+    if metadata.layout is not None:  # a compact checkpoint fingerprints no block: nothing to borrow from it
+        return index
     for _, chunk in metadata.chunks():
         loc = chunk.location
         if not loc.fps:

@@ -101,6 +101,12 @@ def row_layout(metadata: CheckpointMetadata) -> dict[str, list[tuple[int, int]]]
     """For every tensor stored in chunks of whole rows: the chunks' (first row, rows), as the user sees the
     tensor (an encoded tensor by the layout of its first part)."""
     out: dict[str, list[tuple[int, int]]] = {}
+    if metadata.layout is not None:  # compact: tensors every rank held whole (those balanced reads share)
+        for t in metadata.layout.tensors:
+            base = t.key.split(PART)[0]
+            if base not in out and t.parts == 1 and len(t.size) and not t.single:
+                out[base] = [(t.chunk(c)[0][0], t.chunk(c)[1][0]) for c in range(t.count)]
+        return out
     for key, t in metadata.tensors.items():
         base = key.split(PART)[0]
         chunks = t.chunks
@@ -111,9 +117,21 @@ def row_layout(metadata: CheckpointMetadata) -> dict[str, list[tuple[int, int]]]
     return out
 
 
+def ondisk_name(writer: int) -> str:
+    from lightning_distckpt.ondisk.names import data_file_name
+
+    return data_file_name(writer, 0)
+
+
 def chunk_places(metadata: CheckpointMetadata) -> dict[tuple[str, int], tuple[str, int]]:
     """Where each stored chunk of whole rows lives: (key as the user sees it, first row) -> (file, offset)."""
     out: dict[tuple[str, int], tuple[str, int]] = {}
+    if metadata.layout is not None:  # compact: offsets are in the files' indexes; order by writer, then chunk
+        for t in metadata.layout.tensors:
+            if t.parts == 1 and len(t.size) and not t.single:
+                for c in range(t.count):
+                    out.setdefault((t.key.split(PART)[0], t.chunk(c)[0][0]), (ondisk_name(t.writer(c)), c))
+        return out
     for fqn, c in metadata.chunks():
         if c.offsets:
             out.setdefault((fqn.split(PART)[0], c.offsets[0]), (c.location.file, c.location.offset))
@@ -217,7 +235,13 @@ def read_tensors(
     (from reader threads) with the stored bytes of every verified read.
     """
     start = time.perf_counter()
-    reader = CheckpointReader(sources or [ckpt.source], to_dcp(ckpt.metadata), threads=threads, codecs=block_codec)
+    sources = sources or [ckpt.source]
+    indexes = None
+    if ckpt.metadata.layout is not None:  # compact: chunks are located through their data files' indexes
+        from lightning_distckpt.catalog.compact import Indexes
+
+        indexes = Indexes(ckpt.metadata.layout, ckpt.manifest, sources)
+    reader = CheckpointReader(sources, to_dcp(ckpt.metadata), threads=threads, codecs=block_codec, indexes=indexes)
     reader.stats.progress = progress
     encodings = ckpt.metadata.encodings
     if not (balanced and comm.active):

@@ -140,6 +140,7 @@ class CheckpointReader(StorageReader):
         *,
         threads: int = 2,
         codecs: Callable[[str], BlockCodec] | None = None,
+        indexes: Any = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -149,11 +150,16 @@ class CheckpointReader(StorageReader):
         self.threads = threads
         self.codecs = codecs or (lambda name: BlockCodec())
         self.stats = ReadStats()
+        #: a compact checkpoint's data-file indexes (`lightning_distckpt.catalog.compact.Indexes`): chunks are found
+        #: by their tensor's rule and located through the index of the file that holds them, read on first use
+        self.indexes = indexes
         self._chunks: dict[MetadataIndex, ChunkStorageMetadata] = {
             MetadataIndex(fqn, c.offsets): c
             for fqn, tmd in metadata.state_dict_metadata.items()
             for c in tmd.chunks  # type: ignore[union-attr]
         }
+        self._locs: dict[MetadataIndex, tuple[Location, list[int]]] = {}  # compact: located chunks
+        self._locs_lock = threading.Lock()
         self._bad: dict[tuple[int, str], str] = {}  # (source index, file) known to be bad -> why
         self._devices: set[torch.device] = set()  # accelerators that _read_to_device copied to
 
@@ -197,7 +203,28 @@ class CheckpointReader(StorageReader):
 
     # -- reading -----------------------------------------------------------------------------------
     def _loc(self, ri: ReadItem) -> Location:
+        if self.indexes is not None:
+            return self._located(ri.storage_index)[0]
         return self.metadata.storage_data[ri.storage_index]
+
+    def _sizes(self, index: MetadataIndex) -> list[int]:
+        """The stored chunk's sizes."""
+        if self.indexes is not None:
+            return self._located(index)[1]
+        return list(self._chunks[index].sizes)
+
+    def _located(self, index: MetadataIndex) -> tuple[Location, list[int]]:
+        """A compact checkpoint's chunk at ``index``: its location (from its file's verified index) and sizes."""
+        got = self._locs.get(index)
+        if got is None:
+            layout = self.indexes.layout
+            t = layout.number[index.fqn]
+            tensor = layout.tensors[t]
+            c = tensor.chunk_at(index.offset[0]) if len(tensor.size) and not tensor.single else 0
+            got = (self.indexes.location(t, c), list(tensor.chunk(c)[1]))
+            with self._locs_lock:
+                self._locs[index] = got
+        return got
 
     def _read_file(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
         handles: dict[tuple[int, str], BinaryIO] = {}
@@ -214,7 +241,7 @@ class CheckpointReader(StorageReader):
     def _geometry(self, ri: ReadItem) -> _Geometry:
         fqn = ri.storage_index.fqn
         dtype = self.metadata.state_dict_metadata[fqn].properties.dtype  # type: ignore[union-attr]
-        shape = list(self._chunks[ri.storage_index].sizes)
+        shape = self._sizes(ri.storage_index)
         row_bytes = dtype.itemsize * (torch.Size(shape[1:]).numel() if shape else 1)
         first = ri.storage_offsets[0] if shape else 0
         rows = ri.lengths[0] if shape else 1

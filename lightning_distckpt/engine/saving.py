@@ -21,19 +21,25 @@ from lightning_distckpt import ondisk
 from lightning_distckpt.catalog import Heartbeat, publish, source_of
 from lightning_distckpt.catalog.blocks import borrows_bytes
 from lightning_distckpt.engine.incremental import BlockIndex, IncrementalSave
-from lightning_distckpt.engine.writer import CheckpointWriter
+from lightning_distckpt.engine.writer import CheckpointWriter, FileWritten
 from lightning_distckpt.errors import CheckpointSaveError, UnsafeCheckpointError
 from lightning_distckpt.faults import crash_point
 from lightning_distckpt.ondisk.names import PENDING, check_checkpoint_name
 from lightning_distckpt.ondisk.skeleton import OPTIM
 from lightning_distckpt.parallel.comm import Comm
 from lightning_distckpt.parallel.planner import BalancedSavePlanner, PlanCache
+from lightning_distckpt.parallel.regular import REGULAR_PLAN, NotRegular
 from lightning_distckpt.storage import Source, Store, StorageLike, open_store
 from lightning_distckpt.engine.dcp_metadata import from_dcp
 from lightning_distckpt.transforms import PART, CompressionConfig
 from lightning_distckpt.transforms.compression import encode
 
 log = logging.getLogger(__name__)
+
+
+#: saves over this many ranks or more write compact metadata by default (`DistCheckpointIO(compact_metadata=None)`):
+#: below it the listed form costs little to plan and parse (docs/scaling.md has the measurements)
+COMPACT_FROM_RANKS = 16
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ def write_checkpoint(
     params: set[str] | None = None,
     plan_cache: PlanCache | None = None,
     incremental: IncrementalSave | None = None,
+    compact: bool = False,
 ) -> SaveResult:
     """Save ``tensors`` (flat, possibly sharded) and ``skeleton`` (JSON) as the checkpoint ``url``.
 
@@ -82,7 +89,33 @@ def write_checkpoint(
     (``<root>/.distckpt-blocks/<token>/``) and blocks confirmed equal to blocks of the base are referenced, not
     written. Rank 0 records the block directories it may reference in the staging directory (``BORROWS``) before it
     checks that the base is still committed, so no clean-up can delete them while the save runs.
+
+    ``compact`` (not with ``incremental``): when every rank's state is *regular* (each tensor held whole by every
+    rank, or cut along dim 0 by the ``torch.chunk`` rule over the ranks: DDP, FSDP2 on a 1-D mesh), plan the save
+    from one summary per rank and write the compact metadata (version 3, `lightning_distckpt.ondisk.layout`): O(tensors
+    + ranks) on the coordinator instead of O(ranks x tensors). A state that is regular on no rank is planned and
+    listed as usual; one that is regular on some ranks only is planned again the usual way (one failed planning
+    round, nothing written).
     """
+    regular = compact and incremental is None and (plan_cache is None or plan_cache.regular)
+    try:
+        return _write_checkpoint(url, skeleton, tensors, manifest, options, comm, storage, compression, params,
+                                 plan_cache, incremental, regular)  # fmt: skip
+    except _PlanListed:
+        if plan_cache is not None:
+            plan_cache.regular = False  # this structure is not regular everywhere: later saves plan with items at once
+        return _write_checkpoint(url, skeleton, tensors, manifest, options, comm, storage, compression, params,
+                                 plan_cache, incremental, False)  # fmt: skip
+
+
+class _PlanListed(Exception):
+    """Internal: some ranks' states are regular and some are not; plan the save again with items."""
+
+
+def _write_checkpoint(url: str, skeleton: Any, tensors: dict[str, Any], manifest: ondisk.Manifest,
+                      options: WriteOptions, comm: Comm, storage: StorageLike, compression: CompressionConfig | None,
+                      params: set[str] | None, plan_cache: PlanCache | None, incremental: IncrementalSave | None,
+                      regular: bool) -> SaveResult:
     start = time.perf_counter()
     compression = compression or CompressionConfig()
     encodings: dict[str, Any] = {}
@@ -141,8 +174,9 @@ def write_checkpoint(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(tensors, storage_writer=writer, planner=BalancedSavePlanner(options.chunk_bytes, replicated, plan_cache),
-                     process_group=comm.group, no_dist=not comm.active)
+            planner = BalancedSavePlanner(options.chunk_bytes, replicated, plan_cache, rank=comm.rank,
+                                          world=comm.world_size, regular=regular)  # fmt: skip
+            dcp.save(tensors, storage_writer=writer, planner=planner, process_group=comm.group, no_dist=not comm.active)
     except BaseException as e:
         if plan_cache is not None:
             plan_cache.clear()
@@ -156,6 +190,8 @@ def write_checkpoint(
             except Exception:  # noqa: BLE001 - best effort; gc removes it later
                 log.warning("could not remove staging directory %s", store.url(staging), exc_info=True)
             _release(store, path)
+        if regular and _not_regular(e):
+            raise _PlanListed() from e
         raise CheckpointSaveError(f"saving checkpoint {url} failed (nothing was committed): {_root_cause(e)}") from e
     finally:
         if beat is not None:
@@ -205,6 +241,16 @@ def _release(store: Store, path: str) -> None:
         log.warning("could not remove placeholder %s", store.url(path), exc_info=True)
 
 
+def _not_regular(e: BaseException) -> bool:
+    """Whether a failed DCP save failed only because the ranks' states were regular on some ranks only."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, NotRegular):
+        return True
+    if not isinstance(failures, dict) or not failures:
+        return False
+    return all(isinstance(exc[0] if isinstance(exc, tuple) else exc, NotRegular) for exc in failures.values())
+
+
 def _root_cause(e: BaseException) -> str:
     failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: exception}
     if isinstance(failures, dict) and failures:
@@ -223,6 +269,8 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
     (`lightning_distckpt.catalog.publish()`: an overwrite stays recoverable at every step). An incremental save also
     lists the data files it borrows blocks from (with the size and digest their own manifest gives) and the
     checkpoints they came from."""
+    if REGULAR_PLAN in (metadata.planner_data or {}):
+        return _publish_compact(store, path, staging, token, metadata, skeleton, manifest, encodings, beat)
     files: dict[str, dict[str, int]] = {}
     by_file: dict[str, list[tuple[int, ondisk.Location]]] = {}
     raw = 0
@@ -248,7 +296,34 @@ def _publish(store: Store, path: str, staging: str, token: str, metadata: Metada
         manifest.borrows = {i: index.names.get(i, "") or "unknown" for i in sorted(borrowed)}
         for key in used:
             files[key] = dict(index.files[key])
-    documents = ((ondisk.METADATA, ondisk.dumps(ondisk.metadata_to_json(md))), (ondisk.STATE, ondisk.dumps(skeleton)))
+    return _commit(store, path, staging, token, files, raw, ondisk.metadata_to_json(md), md, skeleton, manifest, beat)
+
+
+def _publish_compact(store: Store, path: str, staging: str, token: str, metadata: Metadata, skeleton: Any,
+                     manifest: ondisk.Manifest, encodings: dict[str, Any],
+                     beat: Heartbeat | None) -> tuple[ondisk.Manifest, ondisk.CheckpointMetadata]:
+    """`_publish` of a compact save: the layout from the regular plan, the files from one result per data file."""
+    plan = metadata.planner_data[REGULAR_PLAN]
+    written: list[FileWritten] = sorted(metadata.storage_data.values(), key=lambda f: (f.writer, f.name))
+    counts = [0] * plan.world
+    codec = ""
+    for f in written:
+        if f.name != ondisk.data_file_name(f.writer, counts[f.writer]):
+            raise RuntimeError(f"internal error: unexpected data file {f.name} of rank {f.writer}")
+        counts[f.writer] += 1
+        codec = f.codec
+    layout = ondisk.Layout(plan.world, codec, counts, [ondisk.RegularTensor(*t) for t in plan.tensors])
+    md = ondisk.layout_metadata(layout, encodings)
+    files = {f.name: {"size": f.size, "xxh3": f.xxh3} for f in written}
+    raw = sum(f.raw for f in written)
+    return _commit(store, path, staging, token, files, raw, ondisk.layout_to_json(md), md, skeleton, manifest, beat)
+
+
+def _commit(store: Store, path: str, staging: str, token: str, files: dict[str, dict[str, int]], raw: int,
+            metadata_doc: dict[str, Any], md: ondisk.CheckpointMetadata, skeleton: Any, manifest: ondisk.Manifest,
+            beat: Heartbeat | None) -> tuple[ondisk.Manifest, ondisk.CheckpointMetadata]:
+    """Write the documents into staging, then publish (`lightning_distckpt.catalog.publish`)."""
+    documents = ((ondisk.METADATA, ondisk.dumps(metadata_doc)), (ondisk.STATE, ondisk.dumps(skeleton)))
     for name, data in documents:
         store.write_bytes(store.join(staging, name), data)
         files[name] = {"size": len(data), "xxh3": ondisk.digest(data)}

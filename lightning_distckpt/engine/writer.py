@@ -22,21 +22,36 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from lightning_distckpt.ondisk.digests import digest
+from lightning_distckpt.ondisk.digests import blocks_digest, digest
+from lightning_distckpt.ondisk.layout import RegularTensor, index_tail
 from lightning_distckpt.ondisk.metadata import Block, Location
 from lightning_distckpt.engine.incremental import BlockIndex, strong_hash
 from lightning_distckpt.ondisk.names import blocks_key, data_file_name
 from lightning_distckpt.parallel.planner import item_bytes
+from lightning_distckpt.parallel.regular import RegularLocal
 from lightning_distckpt.storage.base import Store
 from lightning_distckpt.transforms.block import BlockCodec
 from lightning_distckpt.transforms.vector import threads as codec_threads
 
 DEFAULT_BLOCK_BYTES = 8 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class FileWritten:
+    """A compact save's write result for one data file (no per-chunk result reaches the coordinator): the file's
+    writer, stored size (blocks and index tail), manifest digest, raw bytes and block codec."""
+
+    name: str
+    writer: int
+    size: int
+    xxh3: int
+    raw: int
+    codec: str
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -109,16 +124,22 @@ class CheckpointWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank = int(plan.storage_data)
+        regular = plan.planner_data if isinstance(plan.planner_data, RegularLocal) else None
         groups = spread(list(plan.items), self.threads)
         encoders = codec_threads() if self.codec.name else 0
         self._encoders = ThreadPoolExecutor(encoders, thread_name_prefix="distckpt-encode") if encoders > 1 else None
         self._ahead = 2 * encoders
         try:
+            if regular is not None:  # compact: every file ends with its own index, one result per file
+                tensors = [RegularTensor(*t) for t in regular.tensors]
+                write = lambda kg: self._write_indexed(rank, kg[0], kg[1], planner, tensors)  # noqa: E731
+            else:
+                write = lambda kg: self._write_file(rank, kg[0], kg[1], planner)  # noqa: E731
             if len(groups) <= 1:
-                results = [self._write_file(rank, k, g, planner) for k, g in enumerate(groups)]
+                results = [write(kg) for kg in enumerate(groups)]
             else:
                 with ThreadPoolExecutor(len(groups), thread_name_prefix="distckpt-write") as pool:
-                    results = list(pool.map(lambda kg: self._write_file(rank, kg[0], kg[1], planner), enumerate(groups)))
+                    results = list(pool.map(write, enumerate(groups)))
         finally:
             if self._encoders is not None:
                 self._encoders.shutdown(wait=True, cancel_futures=True)
@@ -152,6 +173,43 @@ class CheckpointWriter(StorageWriter):
             path = self.store.join(self.staging, name)
             write = lambda: self._write_file_once(path, name, items, planner)  # noqa: E731
         return self.store.retry.run(write, f"write {self.store.url(path)}", cleanup=lambda: self.store.remove(path))
+
+    def _write_indexed(self, rank: int, k: int, items: list[WriteItem], planner: SavePlanner,
+                       tensors: list[RegularTensor]) -> list[WriteResult]:
+        """A compact save's data file: the blocks of ``items`` in order, then the file's index
+        (`lightning_distckpt.ondisk.layout`): which chunk (tensor number, chunk number) each run of blocks holds, and
+        every block's lengths and digest. One `FileWritten` result for the whole file."""
+        name = data_file_name(rank, k)
+        path = self.store.join(self.staging, name)
+        number = {t.key: i for i, t in enumerate(tensors)}
+        chunks: list[tuple[int, int, int]] = []
+        for item in items:
+            t = number[item.index.fqn]
+            c = tensors[t].chunk_number(tuple(item.index.offset or ()), tuple(item.tensor_data.chunk.sizes))  # type: ignore[union-attr]
+            if c is None:
+                raise RuntimeError(f"internal error: {item.index.fqn} at {list(item.index.offset or ())} is no chunk "
+                                   "of its rule")  # fmt: skip
+            chunks.append((t, c, 0))
+
+        def once() -> list[WriteResult]:
+            stream = self.store.open_write(path)
+            blocks: list[Block] = []
+            counts = [0] * len(items)
+            try:
+                for i, raw_len, data, d in self._encoded(items, planner):
+                    stream.write(data)
+                    blocks.append(Block(len(data), raw_len, d))
+                    counts[i] += 1
+                tail = index_tail(name, self.codec.name, [(t, c, n) for (t, c, _), n in zip(chunks, counts)], blocks)
+                stream.write(tail)
+            finally:
+                stream.close()
+            size = sum(b.stored for b in blocks) + len(tail)
+            done = FileWritten(name, rank, size, blocks_digest([b.digest for b in blocks] + [digest(tail)]),
+                               sum(b.raw for b in blocks), self.codec.name)
+            return [WriteResult(index=MetadataIndex(name), size_in_bytes=size, storage_data=done)]
+
+        return self.store.retry.run(once, f"write {self.store.url(path)}", cleanup=lambda: self.store.remove(path))
 
     def _write_incremental(self, path: str, key: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
         """Like `_write_file_once`, but a block whose raw bytes the index confirms (same xxh3, length, codec and

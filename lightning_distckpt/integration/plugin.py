@@ -59,7 +59,14 @@ from lightning_distckpt.engine.loading import (
 )
 from lightning_distckpt.catalog.blocks import data_ids_of, sweep_after_removal
 from lightning_distckpt.engine.incremental import Base, IncrementalSave
-from lightning_distckpt.engine.saving import SaveResult, WriteOptions, release, reserve, write_checkpoint
+from lightning_distckpt.engine.saving import (
+    COMPACT_FROM_RANKS,
+    SaveResult,
+    WriteOptions,
+    release,
+    reserve,
+    write_checkpoint,
+)
 from lightning_distckpt.engine.shared_root import check_shared_root
 from lightning_distckpt.engine.snapshot import PendingSnapshot, Snapshotter
 from lightning_distckpt.errors import (
@@ -158,6 +165,12 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             block codec, and SHA-256) is referenced where it lies instead of written again. Data files then live in
             the root's block store (``<root>/.distckpt-blocks/``) and are kept while any checkpoint references them;
             loading, verification, copies and replication work as for any checkpoint (see docs/incremental.md).
+        compact_metadata: Describe regular shardings by their rule instead of listing every rank's chunks
+            (metadata version 3, docs/scaling.md): the coordinator plans a save in O(tensors + ranks) and
+            ``metadata.json`` stays small at thousands of ranks; each data file carries the index of its own blocks.
+            ``None`` (default): from `COMPACT_FROM_RANKS` ranks on; ``True``: always (one process too); ``False``:
+            never. Not with ``incremental`` (its saves list every chunk); a state that follows no rule on some
+            rank is listed as usual.
         full_every: With ``incremental``: every K-th save is self-contained (borrows nothing), so that the data of a
             long run does not spread over ever more earlier saves. ``None``: only the first save of a process (and a
             save whose base already spans ``engine.incremental.MAX_SOURCES`` earlier saves) is a full one.
@@ -185,6 +198,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         exclude_from_loading: list[str] | None = None,
         incremental: bool = False,
         full_every: int | None = None,
+        compact_metadata: bool | None = None,
     ) -> None:
         super().__init__()
         install_hook()  # from now on, assigning a DistCheckpointIO to a strategy routes it (see routing.py)
@@ -192,8 +206,12 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             raise ValueError("write_threads, read_threads and chunk_mb must be at least 1")
         if full_every is not None and (type(full_every) is not int or full_every < 1):
             raise ValueError(f"full_every={full_every!r}: must be an integer of at least 1 (or None)")
+        if compact_metadata and incremental:
+            raise ValueError("compact_metadata=True cannot be combined with incremental=True: incremental saves list "
+                             "every chunk with its blocks' fingerprints")  # fmt: skip
         self.incremental = incremental
         self.full_every = full_every
+        self.compact_metadata = compact_metadata
         self._base: Base | None = None  # rank 0: what the next incremental save may borrow from
         self._since_full = 0  # rank 0: saves since (and including) the last self-contained one
         self.async_save = async_save
@@ -230,6 +248,14 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         from lightning_distckpt.integration.load_from_checkpoint import enable_load_from_checkpoint
 
         enable_load_from_checkpoint(storage_options=storage_options, hdfs=hdfs, safe_globals=safe_globals)
+
+    def _compact(self, comm: Comm) -> bool:
+        """Whether a save over ``comm`` plans regular states from summaries (`compact_metadata`)."""
+        if self.incremental:
+            return False
+        if self.compact_metadata is None:
+            return comm.world_size >= COMPACT_FROM_RANKS
+        return self.compact_metadata
 
     # ------------------------------------------------------------------------------------------
     # plain CheckpointIO API: this process alone
@@ -658,7 +684,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             compression = self.compression.exact() if exact else self.compression
             result = write_checkpoint(url, skeleton, tensors, manifest, self.write_options, comm, self.storage,
                                       compression, params, self._plan_cache if comm.active else None,
-                                      self._incremental_save(url, comm))
+                                      self._incremental_save(url, comm), compact=self._compact(comm))
         except BaseException:
             with self._lock:
                 self._after_commit.clear()

@@ -17,7 +17,11 @@ import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.planner_helpers import _create_read_items, create_read_items_for_chunk_list
+from torch.distributed.checkpoint.planner_helpers import (
+    _create_chunk_list,
+    _create_read_items,
+    create_read_items_for_chunk_list,
+)
 
 from lightning_distckpt.errors import UnsafeCheckpointError
 from lightning_distckpt.gcpause import without_gc
@@ -216,7 +220,7 @@ class BalancedSavePlanner(SavePlanner):
                 raise RuntimeError("internal error: a regular plan for another structure")
             items = keep_items(self._items, mine, a, self.rank, self.world, self.chunk_bytes)
             local = RegularLocal(self.rank, self.world, tuple(local_tensors(mine, a.sharded, self.world, self.chunk_bytes)))
-            plan = SavePlan(items, planner_data=local)
+            plan = dataclasses.replace(new_plan, items=items, planner_data=local)  # keeps the writer's storage_data
             self.cache.central, self.cache.local = plan, None
             self.cache.known |= set(mine.keys)
             return plan
@@ -261,11 +265,19 @@ class PieceLoadPlanner(DefaultLoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
         requests = []
+        layout = (self.metadata.planner_data or {}).get("layout")
         for fqn, obj in self.state_dict.items():
             if fqn not in self.metadata.state_dict_metadata:
                 raise KeyError(f"state key {fqn!r} is not in the checkpoint")
             md = self.metadata.state_dict_metadata[fqn]
-            if isinstance(obj, list):
+            if layout is not None:  # compact: the stored chunks that overlap the targets, from the tensor's rule
+                if isinstance(obj, list):
+                    local = [ChunkStorageMetadata(offsets=p.offsets, sizes=p.local.shape) for p in obj]
+                else:
+                    local = _create_chunk_list(obj)
+                stored = overlapping_chunks(layout.tensors[layout.number[fqn]], local)
+                requests += create_read_items_for_chunk_list(fqn, dataclasses.replace(md, chunks=stored), local)
+            elif isinstance(obj, list):
                 chunks = [ChunkStorageMetadata(offsets=p.offsets, sizes=p.local.shape) for p in obj]
                 requests += create_read_items_for_chunk_list(fqn, md, chunks)
             else:
@@ -283,6 +295,23 @@ class PieceLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: Any, value: Any) -> None:
         raise UnsafeCheckpointError(f"refusing to unpickle state item {read_item.dest_index.fqn!r}")
+
+
+def overlapping_chunks(tensor: Any, local: list[ChunkStorageMetadata]) -> list[ChunkStorageMetadata]:
+    """The stored chunks of a rule-described tensor (`lightning_distckpt.ondisk.RegularTensor`) whose rows meet any
+    of the ``local`` chunks' rows, each once: O(chunks found), whatever the number of stored chunks."""
+    if tensor.single or not len(tensor.size):
+        offsets, sizes = tensor.chunk(0)
+        return [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))]
+    wanted: set[int] = set()
+    for ch in local:
+        if ch.sizes.numel():
+            wanted.update(tensor.chunk_range(ch.offsets[0], ch.offsets[0] + ch.sizes[0]))
+    out = []
+    for c in sorted(wanted):
+        offsets, sizes = tensor.chunk(c)
+        out.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
+    return out
 
 
 def load_planner() -> PieceLoadPlanner:

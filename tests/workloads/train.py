@@ -169,6 +169,8 @@ def main() -> None:
     p.add_argument("--node-local", action="store_true", help="DistCheckpointIO(node_local=True)")
     p.add_argument("--shared-memory-reads", action="store_true", help="DistCheckpointIO(shared_memory_reads=True)")
     p.add_argument("--hdfs-replication", type=int, default=None)
+    p.add_argument("--compact-metadata", default=None, choices=["on", "off"],
+                   help="DistCheckpointIO(compact_metadata=True/False); default: the plugin's default (None)")
     p.add_argument("--stock-save", default=None, help="train with stock Lightning (no plugin) and save this .ckpt file")
     args = p.parse_args()
 
@@ -191,7 +193,8 @@ def main() -> None:
             DistCheckpointIO(async_save=args.async_save, compression=args.compression,
                              incremental=args.incremental,
                              hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication),
-                             node_local=args.node_local, shared_memory_reads=args.shared_memory_reads)],
+                             node_local=args.node_local, shared_memory_reads=args.shared_memory_reads,
+                             compact_metadata=None if args.compact_metadata is None else args.compact_metadata == "on")],
         callbacks=([] if args.stock_save else [
             DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
                            replicas=args.replicas, save_last=True if args.save_last else None)]) + [probe],
