@@ -1,14 +1,17 @@
 """Fuzzing the documents of a checkpoint: ``python tests/fuzzing.py --seed S --cases N [--work DIR]``.
 
-Each case takes a committed checkpoint (uncompressed, lossless, int8-compressed, or incremental, with non-tensor state of
-every tagged kind), mutates one of its documents (``manifest.json``, ``metadata.json``, ``state.json``,
-``COMMITTED``) at the byte level or the JSON level, or replaces it by a special file, and most of the time
+Each case takes a committed checkpoint (uncompressed, lossless, int8-compressed, incremental, or compact with and
+without compression, with non-tensor state of every tagged kind), mutates one of its documents (``manifest.json``,
+``metadata.json``, ``state.json``, ``COMMITTED``, or, for a compact checkpoint, the block index at the end of a
+data file: "index") at the byte level or the JSON level, or replaces it by a special file, and most of the time
 reseals it as a malicious author would (the manifest's size and digest of the document and the marker
 recomputed, so the mutation reaches the parsers behind the checksums). Then it runs, on a root that holds the
 case beside an intact checkpoint:
 
 * ``load_checkpoint``: success with every tensor's bytes exactly those of the intact checkpoint (and the
-  non-tensor state too, unless the mutation was in it), or an error of the package's own hierarchy;
+  non-tensor state too, unless the mutation was in it), or an error of the package's own hierarchy; a resealed
+  index may point a chunk at other verified blocks of the same size in its file (the manifest is the root of trust,
+  as for a resealed ``metadata.json``), so there every tensor must have its shape and dtype;
 * ``verify``: a report, never an exception;
 * ``list_checkpoints``, ``latest``: the intact checkpoint listed as committed; only package errors;
 * ``clean_stale(older_than_s=0)`` (dry run, then for real): only package errors, the intact checkpoint kept.
@@ -182,6 +185,47 @@ def reseal(case: Path, name: str) -> None:
         (case / fmt.MARKER).write_bytes(fmt.marker_bytes((case / fmt.MANIFEST).read_bytes()))
 
 
+def splice_deep(data: bytes) -> bytes:
+    """Replace a ``"__DEEP_<n>__"`` marker (mutate_json's "deep") with ``n`` nested lists."""
+    if b'"__DEEP_' not in data:
+        return data
+    head, rest = data.split(b'"__DEEP_', 1)
+    n, tail = rest.split(b'__"', 1)
+    return head + b"[" * int(n) + b"0" + b"]" * int(n) + tail
+
+
+def compact(base: Path) -> bool:
+    """Whether ``base`` has compact metadata (version 3): its data files end with their block index."""
+    return json.loads((base / fmt.METADATA).read_bytes()).get("version") == fmt.LAYOUT_VERSION
+
+
+def mutate_index(base: Path, case: Path, name: str, rng: random.Random) -> tuple[str, str]:
+    """Mutate the block index at the end of data file ``name`` (a copy, not a link); mostly resealed: the manifest
+    then lists the file's digest over the original blocks and the new index, as a malicious author would."""
+    data = (base / name).read_bytes()
+    n = int.from_bytes(data[-16:-8], "little")
+    blocks, doc = data[: len(data) - n - 16], data[len(data) - n - 16 : -16]
+    if rng.random() < 0.3:
+        new_doc, what = mutate_bytes(doc, rng)
+    else:
+        obj, what = mutate_json(json.loads(doc), rng)
+        new_doc = splice_deep(json.dumps(obj).encode())
+    tail = new_doc + len(new_doc).to_bytes(8, "little") + fmt.layout.MAGIC
+    if rng.random() < 0.15:  # the trailer itself: a length that points anywhere
+        tail = new_doc + rng.choice([0, 1 << 40, len(data), len(new_doc) + 1]).to_bytes(8, "little") + fmt.layout.MAGIC
+        what += ", bad length"
+    (case / name).unlink()
+    (case / name).write_bytes(blocks + tail)
+    if rng.random() < 0.8:
+        digests = json.loads(doc)["blocks"][2::3]
+        manifest = json.loads((case / fmt.MANIFEST).read_bytes())
+        manifest["files"][name] = {"size": len(blocks) + len(tail), "xxh3": fmt.blocks_digest(digests + [fmt.digest(tail)])}
+        (case / fmt.MANIFEST).write_bytes(fmt.dumps(manifest))
+        (case / fmt.MARKER).write_bytes(fmt.marker_bytes((case / fmt.MANIFEST).read_bytes()))
+        what += ", resealed"
+    return "index", what
+
+
 def make_case(base: Path, case: Path, rng: random.Random) -> tuple[str, str]:
     """``case``: a copy of ``base`` (data files hard-linked) with one document mutated; (document, mutation)."""
     case.mkdir(parents=True)
@@ -190,6 +234,9 @@ def make_case(base: Path, case: Path, rng: random.Random) -> tuple[str, str]:
             os.link(f, case / f.name)
         else:
             shutil.copy(f, case / f.name)
+    tails = sorted(f.name for f in base.iterdir() if f.name.endswith(".distcp")) if compact(base) else []
+    if tails and rng.random() < 0.3:
+        return mutate_index(base, case, rng.choice(tails), rng)
     name = rng.choice(DOCS)
     path = case / name
     r = rng.random()
@@ -210,11 +257,7 @@ def make_case(base: Path, case: Path, rng: random.Random) -> tuple[str, str]:
         data, what = mutate_bytes(data, rng)
     else:
         obj, what = mutate_json(json.loads(data), rng)
-        data = json.dumps(obj).encode()
-        if b'"__DEEP_' in data:
-            head, rest = data.split(b'"__DEEP_', 1)
-            n, tail = rest.split(b'__"', 1)
-            data = head + b"[" * int(n) + b"0" + b"]" * int(n) + tail
+        data = splice_deep(json.dumps(obj).encode())
     path.write_bytes(data)
     if rng.random() < 0.75:
         reseal(case, name)
@@ -247,6 +290,9 @@ def run_case(root: Path, case: Path, doc: str, expected: dict[str, Any], expecte
             if doc == fmt.STATE:  # a resealed state.json may put any stored tensor anywhere, but only those
                 if raw_bytes(t) not in stored:
                     raise Failure(f"load_checkpoint succeeded but tensor {key} holds bytes the checkpoint never stored")
+            elif doc == "index":  # a resealed index may send a chunk to other verified blocks of its size in the file
+                if t.shape != expected[key].shape or t.dtype != expected[key].dtype:
+                    raise Failure(f"load_checkpoint succeeded but tensor {key} has another shape or dtype")
             elif raw_bytes(t) != raw_bytes(expected[key]):
                 raise Failure(f"load_checkpoint succeeded but tensor {key} differs from the checkpoint's bytes")
         if doc != fmt.STATE and (without_tensors(got) != expected_plain or set(tensors_of(got)) != set(expected)):
@@ -284,10 +330,12 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="distckpt-fuzz-"))
     ck = sample_checkpoint()
     bases = []
-    for name, compression in (("plain", None), ("lossless", "lossless"),
-                              ("int8", CompressionConfig(preset="int8", min_elements=16))):  # fmt: skip
+    for name, compression, compact_md in (("plain", None, False), ("lossless", "lossless", False),
+                                          ("int8", CompressionConfig(preset="int8", min_elements=16), False),
+                                          ("compact", None, True), ("compact-lossless", "lossless", True)):  # fmt: skip
         base = work / "bases" / name
-        DistCheckpointIO(compression=compression).save_checkpoint(ck, str(base))
+        DistCheckpointIO(compression=compression, compact_metadata=compact_md).save_checkpoint(ck, str(base))
+        assert compact(base) == compact_md, f"{name}: metadata version"
         loaded = load_checkpoint(str(base))  # what an intact load gives (int8 is lossy)
         bases.append((base, tensors_of(loaded), without_tensors(loaded)))
         verify(str(base))

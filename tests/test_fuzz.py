@@ -1,4 +1,5 @@
-"""Randomly mutated documents (manifest, metadata, skeleton, marker) fed to load, verify, ls and gc: exact data or
+"""Randomly mutated documents (manifest, metadata, skeleton, marker, and the block index at the end of a compact
+checkpoint's data files) fed to load, verify, ls and gc: exact data or
 one of the package's own errors; no other exception, no hang, no allocation from a declared size
 (tests/fuzzing.py says how). The default run takes a fixed subset (200 cases, seed 0, about 10 s); the long run
 is ``pytest -m fuzz`` (``DISTCKPT_FUZZ_CASES`` cases per seed, ``DISTCKPT_FUZZ_SEEDS`` seeds). A ``-m`` given on the
@@ -30,7 +31,7 @@ def test_fuzzed_documents_give_exact_data_or_a_package_error(tmp_path):
     outcomes = summary["outcomes"]
     assert sum(outcomes.values()) == 200
     # the cases reach every document, and both ways out: loads that succeed and refusals
-    assert {k.split(":")[0] for k in outcomes} == {"manifest.json", "metadata.json", "state.json", "COMMITTED"}
+    assert {k.split(":")[0] for k in outcomes} == {"manifest.json", "metadata.json", "state.json", "COMMITTED", "index"}
     assert any(k.endswith("loaded") for k in outcomes) and any(k.endswith("Error") for k in outcomes)
 
 
