@@ -10,7 +10,12 @@ a 0-dim step per parameter). FSDP2 shards every parameter and moment on dim 0 ov
 rule: ranks past the last row hold nothing); the step counters are replicated on every rank. DDP: every rank
 holds everything whole.
 
-For each world size N, in a fresh subprocess (so peak memory is that of one size), it times:
+Two forms of the metadata are measured (``--formats``): ``listed`` (version 1: every chunk of every rank listed in
+``metadata.json``, planned from every rank's items) and ``compact`` (version 3, ``DistCheckpointIO(compact_metadata=
+...)``, the default from 16 ranks: each rank sends a summary of its structure, the coordinator plans from the
+sharding rule, each data file carries its own block index; see ``one_size_compact``).
+
+For each world size N, in a fresh subprocess (so peak memory is that of one size), the listed form times:
 
 * local plans: ``BalancedSavePlanner.set_up_planner`` + ``create_local_plan`` for every rank, on meta tensors;
 * global plan: ``create_global_plan`` on all N local plans (balance, DCP's global plan, coverage checks);
@@ -94,7 +99,7 @@ def one_size(world: int, kind: str) -> dict:
     from lightning_distckpt.parallel.planner import BalancedSavePlanner, PieceLoadPlanner
 
     shapes = model_shapes()
-    row: dict = {"ranks": world, "kind": kind, "tensors": 4 * len(shapes),
+    row: dict = {"ranks": world, "kind": kind, "format": "listed", "tensors": 4 * len(shapes),
                  "parameters": sum(torch.Size(s).numel() for s in shapes.values())}  # fmt: skip
     t0 = _start()
     plans, planners = [], []
@@ -145,6 +150,101 @@ def one_size(world: int, kind: str) -> dict:
     return row
 
 
+def one_size_compact(world: int, kind: str) -> dict:
+    """The compact format (metadata version 3, ``compact_metadata``): every rank sends a summary of its structure
+    instead of its items, the coordinator plans from the rule, each data file carries its own block index.
+
+    Every rank's summary is computed for a sample of ranks (the first, the last, the middle, and around the rank
+    where pieces of the smallest sharded tensors become empty), checked equal, and the other ranks send equal
+    summaries (one object each, as the gather delivers them): computing all N would time N ranks' own local work
+    in one process. The local work is timed for one rank."""
+    import torch  # noqa: F401
+
+    from lightning_distckpt import ondisk
+    from lightning_distckpt.engine.dcp_metadata import to_dcp
+    from lightning_distckpt.engine.saving import compact_metadata
+    from lightning_distckpt.engine.writer import FileWritten
+    from lightning_distckpt.ondisk.metadata import Block
+    from lightning_distckpt.parallel.planner import BalancedSavePlanner, PieceLoadPlanner
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    shapes = model_shapes()
+    row: dict = {"ranks": world, "kind": kind, "format": "compact", "tensors": 4 * len(shapes),
+                 "parameters": sum(torch.Size(s).numel() for s in shapes.values())}  # fmt: skip
+    mid = world // 2
+    t0 = _start()
+    planner = BalancedSavePlanner(rank=mid, world=world, regular=True)
+    planner.set_up_planner(rank_state(shapes, world, mid, kind))
+    mine = planner.create_local_plan()
+    row["local_plan_s_one_rank"] = _settled(t0)
+    row["local_plan_items"] = len(mine.items)  # items sent to the coordinator: none when the state is regular
+    sample = sorted({0, 1, mid, world - 1, min(world - 1, KV - 1), min(world - 1, KV)})
+    summaries = {}
+    for r in sample:
+        pl = BalancedSavePlanner(rank=r, world=world, regular=True)
+        pl.set_up_planner(rank_state(shapes, world, r, kind))
+        summaries[r] = pl.create_local_plan().planner_data
+    assert len(set(summaries.values())) == 1, "ranks of a regular state summarise it differently"
+    summary = summaries[0]
+    plans = [SavePlan([], planner_data=type(summary)(**vars(summary))) for _ in range(world)]
+    coordinator = BalancedSavePlanner(rank=0, world=world, regular=True)
+    coordinator.set_up_planner(rank_state(shapes, world, 0, kind))
+    row["stage"] = "local plans"
+    _progress(row)
+    t0 = _start()
+    global_plans, metadata = coordinator.create_global_plan(plans)
+    row["global_plan_s"] = _settled(t0)
+    row["stage"] = "global plan"
+    _progress(row)
+    t0 = _start()  # one rank keeps the items it writes (finish_plan)
+    final = planner.finish_plan(global_plans[mid])
+    row["finish_plan_s_one_rank"] = _settled(t0)
+    row["written_items_one_rank"] = len(final.items)
+    # rank `mid`'s chunks in one data file's index, as its writer builds it (one block per chunk; with two files
+    # each index holds about half of them), and what a reader parses
+    tensors = [ondisk.RegularTensor(*t) for t in final.planner_data.tensors]
+    number = {t.key: i for i, t in enumerate(tensors)}
+    t0 = _start()
+    chunks, blocks = [], []
+    for item in final.items:
+        t = number[item.index.fqn]
+        n = item.tensor_data.chunk.sizes.numel() * 4
+        chunks.append((t, tensors[t].chunk_number(tuple(item.index.offset), tuple(item.tensor_data.chunk.sizes)), 1))
+        blocks.append(Block(n, n, 0x9E3779B97F4A7C15))
+    tail = ondisk.index_tail(ondisk.data_file_name(mid, 0), "", chunks, blocks)
+    row["index_write_s_one_rank"] = _settled(t0)
+    row["index_bytes_one_rank"] = len(tail)  # all of one rank's chunks
+    # what the writers report back: one result per data file (two per rank; sizes are not used for planning)
+    metadata.storage_data = {MetadataIndex(ondisk.data_file_name(r, k)): FileWritten(ondisk.data_file_name(r, k), r,
+                             1 << 30, r * 2 + k, 1 << 30, "") for r in range(world) for k in range(2)}  # fmt: skip
+    t0 = _start()  # what the coordinator does to write metadata.json (engine.saving._publish_compact)
+    md, _, _ = compact_metadata(metadata, {})
+    doc = ondisk.dumps(ondisk.layout_to_json(md))
+    row["metadata_write_s"] = _settled(t0)
+    row["metadata_bytes"] = len(doc)
+    row["stage"] = "metadata"
+    _progress(row)
+    t0 = _start()  # what opening a checkpoint does
+    parsed_md = ondisk.parse_metadata(ondisk.loads(doc, "metadata.json"), "metadata.json")
+    parsed = to_dcp(parsed_md)
+    row["metadata_parse_s"] = _settled(t0)
+    t0 = _start()  # a loading rank parses (and checks) the index of a file it reads from
+    size = sum(b.stored for b in blocks) + len(tail)
+    digest = ondisk.blocks_digest([b.digest for b in blocks] + [ondisk.digest(tail)])
+    ondisk.parse_index(tail, ondisk.data_file_name(mid, 0), mid, parsed_md.layout, size, digest, "index")
+    row["index_parse_s_one_rank"] = _settled(t0)
+    t0 = _start()
+    lp = PieceLoadPlanner()
+    lp.set_up_planner(rank_state(shapes, world, mid, kind), parsed)
+    load_plan = lp.create_local_plan()
+    row["load_plan_s_one_rank"] = _settled(t0)
+    row["load_plan_items_one_rank"] = len(load_plan.items)
+    row["stage"] = "done"
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
+
+
 def _start() -> float:
     """Start a stage: collect, then freeze what exists (the simulation's other ranks, earlier stages), so the
     stage's collections walk only what it makes itself, as on a real rank; return the start time."""
@@ -169,14 +269,16 @@ def _progress(row: dict) -> None:
 NO_GC_PAUSE = "import contextlib, lightning_distckpt.gcpause as g; g.gc_paused = contextlib.nullcontext; "
 
 
-def run_size(world: int, kind: str, max_gib: float, timeout: float, gc_paused: bool = True) -> dict:
+def run_size(world: int, kind: str, max_gib: float, timeout: float, gc_paused: bool = True, fmt: str = "listed") -> dict:
     """One size in a subprocess under a memory limit; the last progress line if it did not finish. With
-    ``gc_paused=False``, the same code with the package's garbage-collector pauses turned into no-ops."""
+    ``gc_paused=False``, the same code with the package's garbage-collector pauses turned into no-ops. ``fmt``:
+    ``listed`` (metadata version 1, every chunk listed) or ``compact`` (version 3)."""
+    fn = "one_size" if fmt == "listed" else "one_size_compact"
     code = (f"import sys; sys.path.insert(0, {HERE!r}); import resource, json; "
             f"resource.setrlimit(resource.RLIMIT_AS, ({int(max_gib * 2**30)}, {int(max_gib * 2**30)})); "
             + ("" if gc_paused else NO_GC_PAUSE) +
-            f"from bench_planning import one_size; print('RESULT ' + json.dumps(one_size({world}, {kind!r})))")  # fmt: skip
-    last: dict = {"ranks": world, "kind": kind, "stage": "start"}
+            f"from bench_planning import {fn}; print('RESULT ' + json.dumps({fn}({world}, {kind!r})))")  # fmt: skip
+    last: dict = {"ranks": world, "kind": kind, "format": fmt, "stage": "start"}
     try:
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
@@ -206,24 +308,28 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--no-gc-baseline", dest="gc_baseline", action="store_false",
                    help="skip the second run of the smallest size of each kind without the collector pauses")
+    p.add_argument("--formats", nargs="*", default=["listed", "compact"], choices=["listed", "compact"],
+                   help="metadata forms to measure: listed (version 1) and compact (version 3, compact_metadata)")
     args = p.parse_args()
     from _common import environment, write_result
 
     rows = []
-    for kind, sizes in (("fsdp2", args.ranks), ("ddp", args.ddp_ranks)):
-        stop = False
-        for n in sizes:
-            if stop:  # a smaller size already exceeded the limits: the larger one cannot fit
-                rows.append({"ranks": n, "kind": kind, "status": "not run: a smaller size exceeded the limits"})
-                continue
-            row = run_size(n, kind, args.max_gib, args.timeout)
-            rows.append(row)
-            print({k: v for k, v in row.items() if k != "error_tail"}, flush=True)
-            stop = row["status"] != "ok"
-        if args.gc_baseline and sizes:  # the same code with Python's collector running through it, same run
-            row = run_size(min(sizes), kind, args.max_gib, args.timeout, gc_paused=False)
-            rows.append(row)
-            print({k: v for k, v in row.items() if k != "error_tail"}, flush=True)
+    for fmt in args.formats:
+        for kind, sizes in (("fsdp2", args.ranks), ("ddp", args.ddp_ranks)):
+            stop = False
+            for n in sizes:
+                if stop:  # a smaller size already exceeded the limits: the larger one cannot fit
+                    rows.append({"ranks": n, "kind": kind, "format": fmt,
+                                 "status": "not run: a smaller size exceeded the limits"})  # fmt: skip
+                    continue
+                row = run_size(n, kind, args.max_gib, args.timeout, fmt=fmt)
+                rows.append(row)
+                print({k: v for k, v in row.items() if k != "error_tail"}, flush=True)
+                stop = row["status"] != "ok"
+            if fmt == "listed" and args.gc_baseline and sizes:  # the collector running through it, same run
+                row = run_size(min(sizes), kind, args.max_gib, args.timeout, gc_paused=False)
+                rows.append(row)
+                print({k: v for k, v in row.items() if k != "error_tail"}, flush=True)
     result = {"benchmark": "planning", "env": environment(), "max_gib": args.max_gib, "timeout_s": args.timeout,
               "model": {"layers": LAYERS, "hidden": HIDDEN, "intermediate": INTER, "vocab": VOCAB},
               "rows": rows}  # fmt: skip

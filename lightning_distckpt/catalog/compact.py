@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from lightning_distckpt import ondisk
 from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError
@@ -98,6 +99,16 @@ class Indexes:
                 self.files_read += len(indexes)
                 self._by_writer[w] = got
         return got
+
+    def prefetch(self, writers: set[int], threads: int) -> None:
+        """Read the indexes of ``writers``' files now, on up to ``threads`` threads (the first error is raised)."""
+        todo = sorted(w for w in writers if w not in self._by_writer)
+        if len(todo) <= 1 or threads <= 1:
+            for w in todo:
+                self.writer(w)
+            return
+        with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="distckpt-index") as pool:
+            list(pool.map(self.writer, todo))
 
     def location(self, t: int, c: int) -> ondisk.Location:
         tensor = self.layout.tensors[t]

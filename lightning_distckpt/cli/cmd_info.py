@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s = sub.add_parser("info", parents=[common], help="tensors, state keys and manifest of a checkpoint",
                        description="Show CKPT's manifest (step, epoch, world size, strategy, compression, versions), "
                                    "its non-tensor state keys and every tensor: shape, dtype, chunks, stored size "
-                                   "and codec. Reads the documents only, not the tensor bytes.")  # fmt: skip
+                                   "and codec. Reads the documents (and, for compact metadata, the block indexes at "
+                                   "the end of the data files), not the tensor bytes.")  # fmt: skip
     s.add_argument("ckpt", metavar="CKPT", help="checkpoint directory (or URL)")
     s.set_defaults(fn=run)
 
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                         "block_codec": "+".join(sorted(block_codecs.get(key, {RAW}))), "path": paths.get(key)})  # fmt: skip
     state_keys = sorted(ckpt.skeleton) if isinstance(ckpt.skeleton, dict) else []
     info = {"url": ckpt.url, "manifest": ckpt.manifest.to_json(), "state_keys": state_keys, "tensors": tensors,
-            "data": ownership(ckpt)}  # fmt: skip
+            "data": ownership(ckpt), "metadata_form": "compact" if md.layout is not None else "listed"}  # fmt: skip
 
     def text() -> str:
         m = ckpt.manifest
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
                  f"{', '.join(used) or 'none (every tensor exact)'}; block codecs: {', '.join(blocks) or '-'}",
                  f"  versions: {', '.join(f'{k} {v}' for k, v in sorted(m.versions.items()))}",
                  *ownership_lines(info["data"]),
+                 "  metadata: " + ("compact (each tensor by its sharding rule; block indexes at the end of the data files)"
+                                   if md.layout is not None else "listed (every chunk in metadata.json)"),
                  f"  non-tensor state: {', '.join(printable(k) for k in state_keys)}", "",
                  f"  {'TENSOR':<40} {'SHAPE':<16} {'DTYPE':<9} {'CHUNKS':>6} {'STORED':>10}  {'CODEC (tensor/block)':<24} HOLDS"]  # fmt: skip
         for t in tensors:

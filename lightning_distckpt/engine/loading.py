@@ -26,6 +26,7 @@ from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointErro
 from lightning_distckpt.ondisk import skeleton as state
 from lightning_distckpt.engine.dcp_metadata import to_dcp
 from lightning_distckpt.ondisk.metadata import CheckpointMetadata, parse_dtype
+from lightning_distckpt.ondisk.names import data_file_name
 from lightning_distckpt.parallel.comm import SOLO, Comm
 from lightning_distckpt.parallel.pieces import Piece
 from lightning_distckpt.parallel.planner import load_planner
@@ -117,12 +118,6 @@ def row_layout(metadata: CheckpointMetadata) -> dict[str, list[tuple[int, int]]]
     return out
 
 
-def ondisk_name(writer: int) -> str:
-    from lightning_distckpt.ondisk.names import data_file_name
-
-    return data_file_name(writer, 0)
-
-
 def chunk_places(metadata: CheckpointMetadata) -> dict[tuple[str, int], tuple[str, int]]:
     """Where each stored chunk of whole rows lives: (key as the user sees it, first row) -> (file, offset)."""
     out: dict[tuple[str, int], tuple[str, int]] = {}
@@ -130,7 +125,7 @@ def chunk_places(metadata: CheckpointMetadata) -> dict[tuple[str, int], tuple[st
         for t in metadata.layout.tensors:
             if t.parts == 1 and len(t.size) and not t.single:
                 for c in range(t.count):
-                    out.setdefault((t.key.split(PART)[0], t.chunk(c)[0][0]), (ondisk_name(t.writer(c)), c))
+                    out.setdefault((t.key.split(PART)[0], t.chunk(c)[0][0]), (data_file_name(t.writer(c), 0), c))
         return out
     for fqn, c in metadata.chunks():
         if c.offsets:

@@ -180,6 +180,8 @@ class CheckpointReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if self.indexes is not None:  # compact: read the indexes of every rank's files this plan needs, in parallel
+            self.indexes.prefetch({self._writer_of(ri.storage_index) for ri in plan.items}, 4 * self.threads)
         by_file: dict[str, list[ReadItem]] = defaultdict(list)
         for ri in plan.items:
             by_file[self._loc(ri).file].append(ri)
@@ -213,15 +215,23 @@ class CheckpointReader(StorageReader):
             return self._located(index)[1]
         return list(self._chunks[index].sizes)
 
+    def _chunk_of(self, index: MetadataIndex) -> tuple[int, int]:
+        """A compact checkpoint's (tensor number, chunk number) of the stored chunk at ``index``."""
+        layout = self.indexes.layout
+        t = layout.number[index.fqn]
+        tensor = layout.tensors[t]
+        return t, tensor.chunk_at(index.offset[0]) if len(tensor.size) and not tensor.single else 0
+
+    def _writer_of(self, index: MetadataIndex) -> int:
+        t, c = self._chunk_of(index)
+        return self.indexes.layout.tensors[t].writer(c)
+
     def _located(self, index: MetadataIndex) -> tuple[Location, list[int]]:
         """A compact checkpoint's chunk at ``index``: its location (from its file's verified index) and sizes."""
         got = self._locs.get(index)
         if got is None:
-            layout = self.indexes.layout
-            t = layout.number[index.fqn]
-            tensor = layout.tensors[t]
-            c = tensor.chunk_at(index.offset[0]) if len(tensor.size) and not tensor.single else 0
-            got = (self.indexes.location(t, c), list(tensor.chunk(c)[1]))
+            t, c = self._chunk_of(index)
+            got = (self.indexes.location(t, c), list(self.indexes.layout.tensors[t].chunk(c)[1]))
             with self._locs_lock:
                 self._locs[index] = got
         return got

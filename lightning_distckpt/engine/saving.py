@@ -24,6 +24,7 @@ from lightning_distckpt.engine.incremental import BlockIndex, IncrementalSave
 from lightning_distckpt.engine.writer import CheckpointWriter, FileWritten
 from lightning_distckpt.errors import CheckpointSaveError, UnsafeCheckpointError
 from lightning_distckpt.faults import crash_point
+from lightning_distckpt.gcpause import without_gc
 from lightning_distckpt.ondisk.names import PENDING, check_checkpoint_name
 from lightning_distckpt.ondisk.skeleton import OPTIM
 from lightning_distckpt.parallel.comm import Comm
@@ -303,6 +304,14 @@ def _publish_compact(store: Store, path: str, staging: str, token: str, metadata
                      manifest: ondisk.Manifest, encodings: dict[str, Any],
                      beat: Heartbeat | None) -> tuple[ondisk.Manifest, ondisk.CheckpointMetadata]:
     """`_publish` of a compact save: the layout from the regular plan, the files from one result per data file."""
+    md, files, raw = compact_metadata(metadata, encodings)
+    return _commit(store, path, staging, token, files, raw, ondisk.layout_to_json(md), md, skeleton, manifest, beat)
+
+
+@without_gc
+def compact_metadata(metadata: Metadata, encodings: dict[str, Any]) -> tuple[ondisk.CheckpointMetadata, dict[str, Any], int]:
+    """Coordinator: a compact save's parsed metadata (the regular plan's layout), the manifest's entries of its data
+    files and their raw bytes, from the global metadata and one `FileWritten` per data file. O(tensors + files)."""
     plan = metadata.planner_data[REGULAR_PLAN]
     written: list[FileWritten] = sorted(metadata.storage_data.values(), key=lambda f: (f.writer, f.name))
     counts = [0] * plan.world
@@ -313,10 +322,8 @@ def _publish_compact(store: Store, path: str, staging: str, token: str, metadata
         counts[f.writer] += 1
         codec = f.codec
     layout = ondisk.Layout(plan.world, codec, counts, [ondisk.RegularTensor(*t) for t in plan.tensors])
-    md = ondisk.layout_metadata(layout, encodings)
     files = {f.name: {"size": f.size, "xxh3": f.xxh3} for f in written}
-    raw = sum(f.raw for f in written)
-    return _commit(store, path, staging, token, files, raw, ondisk.layout_to_json(md), md, skeleton, manifest, beat)
+    return ondisk.layout_metadata(layout, encodings), files, sum(f.raw for f in written)
 
 
 def _commit(store: Store, path: str, staging: str, token: str, files: dict[str, dict[str, int]], raw: int,
