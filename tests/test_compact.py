@@ -126,3 +126,16 @@ def test_compact_checkpoints_resume_exactly_across_strategies_and_world_sizes(tm
             except AssertionError as e:
                 prev = CHAIN[hop - 1]
                 raise AssertionError(f"{prev[0]} on {prev[1]} -> {strategy} on {n}: {e}") from None
+
+
+def test_the_default_turns_compact_on_from_sixteen_ranks():
+    from types import SimpleNamespace
+
+    from lightning_distckpt.engine.saving import COMPACT_FROM_RANKS
+
+    assert COMPACT_FROM_RANKS == 16
+    io = DistCheckpointIO()
+    assert [io._compact(SimpleNamespace(world_size=n)) for n in (1, 2, 15, 16, 4096)] == [False] * 3 + [True] * 2
+    assert DistCheckpointIO(compact_metadata=True)._compact(SimpleNamespace(world_size=1))
+    assert not DistCheckpointIO(compact_metadata=False)._compact(SimpleNamespace(world_size=4096))
+    assert not DistCheckpointIO(incremental=True)._compact(SimpleNamespace(world_size=4096))
