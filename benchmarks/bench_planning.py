@@ -96,7 +96,7 @@ def one_size(world: int, kind: str) -> dict:
     from lightning_distckpt import ondisk
     from lightning_distckpt.engine.dcp_metadata import from_dcp, to_dcp
     from lightning_distckpt.ondisk.metadata import Block, Location, metadata_from_json, metadata_to_json
-    from lightning_distckpt.parallel.planner import BalancedSavePlanner, PieceLoadPlanner
+    from lightning_distckpt.parallel.planner import BalancedSavePlanner
 
     shapes = model_shapes()
     row: dict = {"ranks": world, "kind": kind, "format": "listed", "tensors": 4 * len(shapes),
@@ -139,15 +139,7 @@ def one_size(world: int, kind: str) -> dict:
     t0 = _start()
     parsed = to_dcp(metadata_from_json(ondisk.loads(doc, "metadata.json"), "metadata.json"))  # what opening a checkpoint does
     row["metadata_parse_s"] = _settled(t0)
-    t0 = _start()
-    lp = PieceLoadPlanner()
-    lp.set_up_planner(rank_state(shapes, world, world // 2, kind), parsed)
-    load_plan = lp.create_local_plan()
-    row["load_plan_s_one_rank"] = _settled(t0)
-    row["load_plan_items_one_rank"] = len(load_plan.items)
-    row["stage"] = "done"
-    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return row
+    return _load_plan(row, rank_state(shapes, world, world // 2, kind), parsed)
 
 
 def one_size_compact(world: int, kind: str) -> dict:
@@ -165,7 +157,7 @@ def one_size_compact(world: int, kind: str) -> dict:
     from lightning_distckpt.engine.saving import compact_metadata
     from lightning_distckpt.engine.writer import FileWritten
     from lightning_distckpt.ondisk.metadata import Block
-    from lightning_distckpt.parallel.planner import BalancedSavePlanner, PieceLoadPlanner
+    from lightning_distckpt.parallel.planner import BalancedSavePlanner
     from torch.distributed.checkpoint.metadata import MetadataIndex
     from torch.distributed.checkpoint.planner import SavePlan
 
@@ -234,9 +226,16 @@ def one_size_compact(world: int, kind: str) -> dict:
     digest = ondisk.blocks_digest([b.digest for b in blocks] + [ondisk.digest(tail)])
     ondisk.parse_index(tail, ondisk.data_file_name(mid, 0), mid, parsed_md.layout, size, digest, "index")
     row["index_parse_s_one_rank"] = _settled(t0)
+    return _load_plan(row, rank_state(shapes, world, mid, kind), parsed)
+
+
+def _load_plan(row: dict, state: dict, parsed: object) -> dict:
+    """The last stage of both forms: one rank (``state``) plans its load from the parsed metadata; ``row`` done."""
+    from lightning_distckpt.parallel.planner import PieceLoadPlanner
+
     t0 = _start()
     lp = PieceLoadPlanner()
-    lp.set_up_planner(rank_state(shapes, world, mid, kind), parsed)
+    lp.set_up_planner(state, parsed)
     load_plan = lp.create_local_plan()
     row["load_plan_s_one_rank"] = _settled(t0)
     row["load_plan_items_one_rank"] = len(load_plan.items)

@@ -106,7 +106,7 @@ def row_layout(metadata: CheckpointMetadata) -> dict[str, list[tuple[int, int]]]
         for t in metadata.layout.tensors:
             base = t.key.split(PART)[0]
             if base not in out and t.parts == 1 and len(t.size) and not t.single:
-                out[base] = [(t.chunk(c)[0][0], t.chunk(c)[1][0]) for c in range(t.count)]
+                out[base] = [(offsets[0], sizes[0]) for offsets, sizes in map(t.chunk, range(t.count))]
         return out
     for key, t in metadata.tensors.items():
         base = key.split(PART)[0]

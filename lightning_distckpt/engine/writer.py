@@ -182,14 +182,14 @@ class CheckpointWriter(StorageWriter):
         name = data_file_name(rank, k)
         path = self.store.join(self.staging, name)
         number = {t.key: i for i, t in enumerate(tensors)}
-        chunks: list[tuple[int, int, int]] = []
+        chunks: list[tuple[int, int]] = []  # (tensor number, chunk number) of each item
         for item in items:
             t = number[item.index.fqn]
             c = tensors[t].chunk_number(tuple(item.index.offset or ()), tuple(item.tensor_data.chunk.sizes))  # type: ignore[union-attr]
             if c is None:
                 raise RuntimeError(f"internal error: {item.index.fqn} at {list(item.index.offset or ())} is no chunk "
                                    "of its rule")  # fmt: skip
-            chunks.append((t, c, 0))
+            chunks.append((t, c))
 
         def once() -> list[WriteResult]:
             stream = self.store.open_write(path)
@@ -200,7 +200,7 @@ class CheckpointWriter(StorageWriter):
                     stream.write(data)
                     blocks.append(Block(len(data), raw_len, d))
                     counts[i] += 1
-                tail = index_tail(name, self.codec.name, [(t, c, n) for (t, c, _), n in zip(chunks, counts)], blocks)
+                tail = index_tail(name, self.codec.name, [(t, c, n) for (t, c), n in zip(chunks, counts)], blocks)
                 stream.write(tail)
             finally:
                 stream.close()
