@@ -119,12 +119,13 @@ HDFS_ROWS = [
     ("plugin_save_int8", "DistCheckpointIO save, compression=\"int8\""),
     ("plugin_save_lossless", "DistCheckpointIO save, compression=\"lossless\""),
     ("raw_write", "raw hdfs-native write"),
-    ("plugin_load", "DistCheckpointIO load (model + optimizer restored, verified)"),
+    ("plugin_load", "DistCheckpointIO load (model + optimizer restored, verified; DDP: same_host_reads=\"auto\")"),
     ("raw_read", "raw read_range_stream, bytes discarded (transfer only)"),
     ("raw_read_8mib", "raw 8 MiB read() calls"),
     ("raw_read_copy", "raw read_range_stream into preallocated memory"),
     ("raw_read_verified", "raw read_range_stream into memory + xxh3 per 8 MiB"),
-    ("plugin_load_shm", "DistCheckpointIO load, shared_memory_reads=True (each rank's half shared through /dev/shm)"),
+    ("plugin_load_broadcast", "DistCheckpointIO load, same_host_reads=\"broadcast\" (each rank's half broadcast over gloo)"),
+    ("plugin_load_segments", "DistCheckpointIO load, same_host_reads=\"segments\" (each rank's half shared through /dev/shm)"),
     ("plugin_load_unbalanced", "DistCheckpointIO load, balanced_reads=False (every rank reads everything)"),
     ("raw_read_all_copy", "raw read_range_stream of all the state into memory, by every rank"),
 ]
@@ -135,7 +136,8 @@ HDFS_LOAD_RATIOS = [
     ("load: plugin / raw stream into memory + checksum", "the stream into memory + xxh3"),
     ("load: plugin / raw throughput", "the discarded stream"),
     ("load: plugin / plugin without balanced reads", "itself without balanced reads"),
-    ("load (shared memory): plugin / raw stream into memory", "the stream into memory, with shared_memory_reads=True"),
+    ("load (broadcasts): plugin / raw stream into memory", "the stream into memory, with broadcasts"),
+    ("load (segments): plugin / raw stream into memory", "the stream into memory, with segments"),
 ]
 
 
@@ -147,6 +149,18 @@ def per_repeat(r: dict[str, Any], strategy: str) -> str:
         return ""
     ratios = sorted(b / p for b, p in zip(samples[base], samples["plugin_load"]))
     return f" Per repeat, load vs that baseline ranged {ratios[0]:.2f}–{ratios[-1]:.2f}× ({len(ratios)} repeats)."
+
+
+def same_host_note(r: dict[str, Any]) -> str:
+    """How the DDP loads shared their bytes (as each load reported it), and the same-host target's verdict."""
+    used = r.get("same_host_used")
+    if not used:
+        return ""
+    ratio = r["ratios"]["load: plugin / raw stream into memory"]
+    verdict = "met" if ratio >= 0.85 else "not met"
+    return (" How the loads shared the other rank's half, as each reported it: "
+            + ", ".join(f"same_host_reads=\"{k}\" → {'/'.join(v)}" for k, v in used.items())
+            + f". Same-host target (default load ≥ 0.85× of the stream into memory): **{verdict}** ({ratio:.2f}×).")
 
 
 def hdfs() -> str:
@@ -171,9 +185,7 @@ def hdfs() -> str:
             f"**{r['ratios']['save: plugin / raw throughput']:.2f}×**; load "
             + "; ".join(f"vs {label} **{r['ratios'][key]:.2f}×**" for key, label in HDFS_LOAD_RATIOS if key in r["ratios"])
             + f".{per_repeat(r, strategy)}{phase}"
-            + (" Balanced reads went through shared memory." if r.get("load_through_shared_memory") else "")
-            + (" The shared_memory_reads=True loads shared their bytes through shared memory (none fell back to "
-               "broadcasts)." if r.get("shm_load_through_shared_memory") else "")
+            + same_host_note(r)
             + "".join(f" {k}: **{r['ratios'][k]:.2f}×**." for k in ("save: uncompressed / int8 (speed-up)",
                                                                       "save: uncompressed / lossless (speed-up)") if k in r["ratios"])
             + "\n",

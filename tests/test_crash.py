@@ -90,13 +90,13 @@ def listed(root) -> dict[str, str]:
     return {c.name: c.url for c in catalog.list_checkpoints(str(root)) if c.committed}
 
 
-def committed_root(tmp_path):
-    """A root with two committed checkpoints: ``a`` (step 1) and ``X`` (step 1)."""
+def committed_root(tmp_path, compact: bool = False):
+    """A root with two committed checkpoints: ``a`` (step 1) and ``X`` (step 1); ``compact``: with compact metadata."""
     root = tmp_path / "root"
     from lightning_distckpt import DistCheckpointIO
 
-    DistCheckpointIO().save_checkpoint(sample(1), str(root / "a"))
-    DistCheckpointIO().save_checkpoint(sample(1), str(root / "X"))
+    DistCheckpointIO(compact_metadata=compact).save_checkpoint(sample(1), str(root / "a"))
+    DistCheckpointIO(compact_metadata=compact).save_checkpoint(sample(1), str(root / "X"))
     return root
 
 
@@ -119,6 +119,18 @@ def test_a_same_name_overwrite_killed_at_each_step(tmp_path, step):
     assert p.returncode == CRASH_EXIT, p.stdout
     # before the marker the old copy is what counts; from the marker on, the new one
     assert_recovers(root, (1,) if OVERWRITE_STEPS.index(step) < 4 else (2,))
+
+
+@pytest.mark.parametrize("step", ["save:documents", "publish:old-moved", "publish:committed", "remove:emptied"])
+def test_a_compact_overwrite_killed_at_steps_of_each_phase(tmp_path, step):
+    """Compact metadata (version 3: no chunk list, block indexes in the data files) goes through the same commit
+    protocol: a kill before the marker keeps the old copy, from the marker on the new one, both loadable."""
+    root = committed_root(tmp_path, compact=True)
+    assert catalog.open_checkpoint(catalog.source_of(str(root / "X"))).metadata.layout is not None  # compact
+    p = op("save", root / "X", 2, "compact", crash_at=step)
+    assert p.returncode == CRASH_EXIT, p.stdout
+    assert_recovers(root, (1,) if OVERWRITE_STEPS.index(step) < 4 else (2,))
+    assert catalog.open_checkpoint(catalog.source_of(str(root / "X"))).metadata.layout is not None
 
 
 @pytest.mark.parametrize("step", ["clean:aside", "clean:restored"])

@@ -1,19 +1,24 @@
-"""Same-host balanced reads through shared memory (``shared_memory_reads=True``; broadcasts are the default): DDP resumes exactly with the bytes shared through
-/dev/shm-style segments (no broadcast), segments never outlive a load (also when it fails), stale ones of
-dead processes are removed, and a rank that cannot map shared memory makes every rank fall back to
-broadcasts."""
+"""Same-host balanced reads. By cross-memory attach (``same_host_reads="auto"``, the default on one host): DDP
+resumes exactly with each rank's half copied out of the other rank's memory, and a rank whose memory may not be
+read makes every rank fall back to broadcasts. Through shared-memory segments (``same_host_reads="segments"``):
+DDP resumes exactly with the bytes shared through /dev/shm-style segments (no broadcast), segments never outlive
+a load (also when it fails), stale ones of dead processes are removed, and a rank that cannot map shared memory
+makes every rank fall back to broadcasts."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_json, train
+from conftest import WORKLOADS, load_json, run, torchrun_cmd, train
 from test_distributed import assert_same_state
 
 from lightning_distckpt import list_checkpoints
+from lightning_distckpt.engine import attach
 from lightning_distckpt.engine import balanced_read as br
 from lightning_distckpt.parallel.comm import Comm
 
@@ -30,10 +35,10 @@ def test_ddp_resume_shares_bytes_through_shared_memory_and_leaves_nothing(tmp_pa
     ck = tmp_path / "ck"
     train("ddp", 2, ck, "--max-steps", 4, "--save-every", 2, "--keep-last", 2, "--digest-dir", tmp_path, "--width", 128)
     train("ddp", 2, ck, "--max-steps", 4, "--resume", "last", "--final-digest", tmp_path / "restored.json",
-          "--stats", tmp_path / "stats.json", "--width", 128, "--shared-memory-reads")
+          "--stats", tmp_path / "stats.json", "--width", 128, "--same-host-reads", "segments")
     assert_same_state(load_json(tmp_path / "saved-4.json"), load_json(tmp_path / "restored.json"))
     stats = load_json(tmp_path / "stats.json")
-    assert stats["shared_memory"] is True and stats["bytes_received"] > 0
+    assert stats["same_host"] == "segments" and stats["bytes_received"] > 0
     assert leftovers(shm) == []
 
     # a load that fails halfway (every data file of the newest checkpoint corrupted): no segment survives,
@@ -45,7 +50,7 @@ def test_ddp_resume_shares_bytes_through_shared_memory_and_leaves_nothing(tmp_pa
             data[len(data) // 2] ^= 0xFF
             open(os.path.join(newest, f), "wb").write(bytes(data))
     train("ddp", 2, ck, "--max-steps", 2, "--resume", "last", "--final-digest", tmp_path / "older.json",
-          "--stats", tmp_path / "stats2.json", "--width", 128, "--shared-memory-reads")
+          "--stats", tmp_path / "stats2.json", "--width", 128, "--same-host-reads", "segments")
     assert load_json(tmp_path / "stats2.json")["loaded_from"].endswith("step=2")
     assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / "older.json"))
     assert leftovers(shm) == []
@@ -57,10 +62,43 @@ def test_without_shared_memory_every_rank_falls_back_to_broadcasts(tmp_path, mon
     ck = tmp_path / "ck"
     train("ddp", 2, ck, "--max-steps", 2, "--save-every", 2, "--digest-dir", tmp_path, "--width", 128)
     train("ddp", 2, ck, "--max-steps", 2, "--resume", "last", "--final-digest", tmp_path / "restored.json",
-          "--stats", tmp_path / "stats.json", "--width", 128, "--shared-memory-reads")
+          "--stats", tmp_path / "stats.json", "--width", 128, "--same-host-reads", "segments")
     assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / "restored.json"))
     stats = load_json(tmp_path / "stats.json")
-    assert stats["shared_memory"] is False and stats["bytes_received"] > 0  # broadcasts did the sharing
+    assert stats["same_host"] == "broadcast" and stats["bytes_received"] > 0  # broadcasts did the sharing
+
+
+@pytest.mark.slow
+def test_ddp_resume_copies_the_other_half_out_of_the_peer_and_falls_back_when_refused(tmp_path):
+    ck = tmp_path / "ck"
+    train("ddp", 2, ck, "--max-steps", 2, "--save-every", 2, "--digest-dir", tmp_path, "--width", 128)
+    train("ddp", 2, ck, "--max-steps", 2, "--resume", "last", "--final-digest", tmp_path / "restored.json",
+          "--stats", tmp_path / "stats.json", "--width", 128)  # same_host_reads="auto"
+    assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / "restored.json"))
+    stats = load_json(tmp_path / "stats.json")
+    assert stats["same_host"] == "attach" and stats["bytes_received"] > 0
+
+    # the kernel refuses: rank 1 is not dumpable and no process holds CAP_SYS_PTRACE (setpriv drops it)
+    cmd = torchrun_cmd(WORKLOADS / "train.py", 2, "--strategy", "ddp", "--ckpt-dir", ck, "--max-steps", 2,
+                       "--resume", "last", "--final-digest", tmp_path / "refused.json", "--stats",
+                       tmp_path / "stats2.json", "--width", 128, "--same-host-reads", "attach", "--undumpable-rank", 1)
+    run(["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace", *cmd])
+    assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / "refused.json"))
+    stats = load_json(tmp_path / "stats2.json")
+    assert stats["same_host"] == "broadcast" and stats["bytes_received"] > 0
+
+
+def test_copy_from_reads_a_process_and_names_what_went_wrong():
+    import numpy as np
+
+    src, dst = np.arange(1000, dtype=np.int64), np.zeros(1000, dtype=np.int64)
+    attach.copy_from(os.getpid(), src.ctypes.data, dst.ctypes.data, src.nbytes)
+    assert (src == dst).all()
+    with pytest.raises(OSError, match="Bad address"):
+        attach.copy_from(os.getpid(), 8, dst.ctypes.data, 8)  # nothing is mapped at address 8
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with pytest.raises(OSError, match="No such process"):
+        attach.copy_from(int(dead.stdout), src.ctypes.data, dst.ctypes.data, 8)
 
 
 def test_segments_map_views_and_are_unlinked_at_once(tmp_path):
@@ -82,9 +120,6 @@ def test_a_directory_that_cannot_hold_segments_is_reported_not_fatal(tmp_path):
 
 
 def test_stale_segments_of_dead_processes_are_removed(tmp_path):
-    import subprocess
-    import sys
-
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
     (tmp_path / f"distckpt-abc-{pid}-0").write_bytes(b"x")

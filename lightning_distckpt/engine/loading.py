@@ -20,11 +20,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
+from lightning_distckpt.engine.attach import Peers, chunk_address, copy_from, host_key
 from lightning_distckpt.engine.balanced_read import Broadcaster, SharedSegments, deal, is_balanceable, node_id, rounds
-from lightning_distckpt.engine.reader import CheckpointReader, ReadStats
-from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError, InsufficientMemoryError, StateMismatchError
-from lightning_distckpt.ondisk import skeleton as state
 from lightning_distckpt.engine.dcp_metadata import to_dcp
+from lightning_distckpt.engine.reader import CheckpointReader, ReadStats
+from lightning_distckpt.errors import (
+    CorruptCheckpointError,
+    DistCheckpointError,
+    InsufficientMemoryError,
+    StateMismatchError,
+)
+from lightning_distckpt.ondisk import skeleton as state
 from lightning_distckpt.ondisk.metadata import CheckpointMetadata, parse_dtype
 from lightning_distckpt.ondisk.names import data_file_name
 from lightning_distckpt.parallel.comm import SOLO, Comm
@@ -211,6 +217,9 @@ def allocate(metadata: CheckpointMetadata, keys: list[str], url: str, comm: Comm
     return {k: torch.empty(saved[k][0], dtype=saved[k][1]) for k in keys}
 
 
+SAME_HOST = ("auto", "attach", "segments", "broadcast")
+
+
 def read_tensors(
     ckpt: Checkpoint,
     targets: dict[str, Any],
@@ -220,15 +229,21 @@ def read_tensors(
     comm: Comm,
     balanced: bool = True,
     progress: Callable[[int], None] | None = None,
-    shared_memory: bool = True,
+    same_host: str = "auto",
 ) -> ReadStats:
     """Fill ``targets`` (plain, DTensor or ShardedTensor; any placement) from the checkpoint's blocks.
 
     With ``balanced`` (and several ranks), plain CPU tensors that every rank loads are read once, split
-    over the ranks, and broadcast (``lightning_distckpt.engine.balanced_read``); with ``shared_memory``,
-    read once per host and shared through shared memory instead of broadcasts. ``progress`` is called
-    (from reader threads) with the stored bytes of every verified read.
+    over the ranks, and shared (``lightning_distckpt.engine.balanced_read``). ``same_host`` says how:
+    ``"attach"``: read once per host, each rank copying its peers' chunks straight out of their memory
+    (``lightning_distckpt.engine.attach``); ``"segments"``: read once per host into shared-memory segments;
+    ``"broadcast"``: read once per job and broadcast over the process group; ``"auto"``: attach when every
+    rank runs on one host and the kernel allows it, else broadcast. Attach and segments fall back to
+    broadcasts (the same on every rank) when any rank cannot use them. ``progress`` is called (from reader
+    threads) with the stored bytes of every verified read.
     """
+    if same_host not in SAME_HOST:
+        raise ValueError(f"same_host must be one of {', '.join(SAME_HOST)}, not {same_host!r}")
     start = time.perf_counter()
     sources = sources or [ckpt.source]
     indexes = None
@@ -245,75 +260,107 @@ def read_tensors(
         return reader.stats
     layout, places = row_layout(ckpt.metadata), chunk_places(ckpt.metadata)
     others = {k: v for k, v in targets.items() if not is_balanceable(v)}  # read by every rank that has them
-    if shared_memory:
-        hosts = comm.all_gather(node_id())
-        local = [r for r, h in enumerate(hosts) if h == hosts[comm.rank]]
-        owned = [[] for _ in range(comm.world_size)]
-        for host in dict.fromkeys(hosts):  # deal over the ranks of each host
-            ranks = [r for r, h in enumerate(hosts) if h == host]
-            for r, chunks in enumerate(deal(targets, comm, layout, places, ranks=ranks)):
-                owned[r] += chunks
-        segments = SharedSegments(comm, owned, local)
-        if segments.ok:
-            try:
-                _read_shared(reader, encodings, targets, others, owned, local, segments, comm)
-            finally:
-                segments.close()
-            reader.stats.read_s = time.perf_counter() - start - reader.stats.broadcast_s
-            return reader.stats
+    if same_host != "broadcast":
+        hosts = comm.all_gather(host_key(node_id()))
+        if same_host != "auto" or len(set(hosts)) == 1:
+            owned: list[list[Any]] = [[] for _ in range(comm.world_size)]
+            for host in dict.fromkeys(hosts):  # deal over the ranks of each host
+                ranks = [r for r, h in enumerate(hosts) if h == host]
+                for r, chunks in enumerate(deal(targets, comm, layout, places, ranks=ranks)):
+                    owned[r] += chunks
+            local = [r for r, h in enumerate(hosts) if h == hosts[comm.rank]]
+            if same_host == "segments":
+                segments = SharedSegments(comm, owned, local)
+                if segments.ok:
+                    try:
+                        _read_shared(reader, encodings, targets, others, owned, local, comm, segments.view,
+                                     lambda c: segments.copy_into(c, targets[c.key]), SHARED_ROUNDS)
+                    finally:
+                        segments.close()
+                    return _shared_stats(reader.stats, "segments", start)
+            else:
+                peers = Peers(comm, owned, targets, hosts)
+                if peers.ok:
+                    where = peers.addresses()
+
+                    def pull(c: Any) -> None:
+                        copy_from(*where[(c.key, c.start)], chunk_address(targets, c), c.nbytes)
+
+                    _read_shared(reader, encodings, targets, others, owned, local, comm, None, pull, ATTACH_ROUNDS)
+                    return _shared_stats(reader.stats, "attach", start)
+                (log.warning if same_host == "attach" else log.info)("balanced reads fall back to broadcasts: %s", peers.why)
     owned = deal(targets, comm, layout, places)
     sender = Broadcaster(targets, comm)
     most = max(sum(c.nbytes for c in chunks) for chunks in owned)
     for i, round_owned in enumerate(rounds(owned, max(1, min(ROUNDS, most // ROUND_MIN_BYTES)))):
         part = dict(others) if i == 0 else {}
         for c in round_owned[comm.rank]:
-            t = targets[c.key]
-            view = t if t.dim() == 0 else t.narrow(0, c.start, c.rows)  # type: ignore[union-attr]
-            offsets = torch.Size([c.start] + [0] * (t.dim() - 1)) if t.dim() else torch.Size([])  # type: ignore[union-attr]
-            part.setdefault(c.key, []).append(Piece(view, offsets, t.shape))  # type: ignore[union-attr]
+            _add_piece(part, c, targets[c.key])
         _load_round(reader, encodings, part, comm)
         sender.send(round_owned)  # runs while the next round is read
+    reader.stats.same_host = "broadcast"
     reader.stats.read_s = time.perf_counter() - start
     reader.stats.bytes_broadcast = sender.wait()
     reader.stats.broadcast_s = time.perf_counter() - start - reader.stats.read_s
     return reader.stats
 
 
+def _shared_stats(stats: ReadStats, how: str, start: float) -> ReadStats:
+    stats.same_host = how
+    stats.read_s = time.perf_counter() - start - stats.broadcast_s
+    return stats
+
+
+def _add_piece(part: dict[str, Any], c: Any, t: torch.Tensor, into: torch.Tensor | None = None) -> None:
+    """Add chunk ``c`` of target ``t`` to the round ``part``, to be read into ``into`` (default: its rows of ``t``)."""
+    if into is None:
+        into = t if t.dim() == 0 else t.narrow(0, c.start, c.rows)
+    offsets = torch.Size([c.start] + [0] * (t.dim() - 1)) if t.dim() else torch.Size([])
+    part.setdefault(c.key, []).append(Piece(into, offsets, t.shape))
+
+
 def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: dict[str, Any], others: dict[str, Any],
-                 owned: list[list[Any]], local: list[int], segments: SharedSegments, comm: Comm) -> None:
-    """Balanced reads through shared memory: each round, every rank reads its chunks into its segment; after a
-    barrier, a helper thread copies the round's chunks of every rank of this host into the targets while the
-    next round is read."""
+                 owned: list[list[Any]], local: list[int], comm: Comm,
+                 staged: Callable[[Any, torch.Tensor], torch.Tensor] | None, fetch: Callable[[Any], None],
+                 max_rounds: int) -> None:
+    """Balanced reads shared inside each host. Each round, every rank reads its chunks (into ``staged(chunk,
+    target)`` when given, else straight into its targets); after a barrier, a helper thread ``fetch``-es the
+    round's chunks this rank needs (the other local ranks', and its own when staged) while the next round is
+    read. Returns after a last collective, so that no rank goes on (and changes its tensors) while another
+    still fetches from it; a failed fetch on any rank is then the same error on every rank."""
     most = max(sum(c.nbytes for c in chunks) for chunks in owned)
+    needed = [r for r in local if staged is not None or r != comm.rank]
     received = 0
 
-    def copy(chunks: list[Any]) -> None:
+    def fetch_all(chunks: list[Any]) -> None:
         for c in chunks:
-            segments.copy_into(c, targets[c.key])
+            fetch(c)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="distckpt-shm-copy") as copier:
+    with ThreadPoolExecutor(1, thread_name_prefix="distckpt-same-host") as helper:
         pending = []
-        # fewer rounds than broadcasts use: a copy is cheaper than a collective on a busy machine
-        for i, round_owned in enumerate(rounds(owned, max(1, min(SHARED_ROUNDS, most // ROUND_MIN_BYTES)))):
-            part = dict(others) if i == 0 else {}
-            for c in round_owned[comm.rank]:
-                t = targets[c.key]
-                offsets = torch.Size([c.start] + [0] * (t.dim() - 1)) if t.dim() else torch.Size([])
-                part.setdefault(c.key, []).append(Piece(segments.view(c, t), offsets, t.shape))
-            _load_round(reader, encodings, part, comm)
-            comm.barrier()  # every rank's chunks of this round are in its segment
-            pending.append(copier.submit(copy, [c for r in local for c in round_owned[r]]))
-            received += sum(c.nbytes for r in local if r != comm.rank for c in round_owned[r])
-        wait_start = time.perf_counter()
-        for f in pending:
-            f.result()
-        reader.stats.broadcast_s = time.perf_counter() - wait_start
+        try:
+            for i, round_owned in enumerate(rounds(owned, max(1, min(max_rounds, most // ROUND_MIN_BYTES)))):
+                part = dict(others) if i == 0 else {}
+                for c in round_owned[comm.rank]:
+                    t = targets[c.key]
+                    _add_piece(part, c, t, None if staged is None else staged(c, t))
+                _load_round(reader, encodings, part, comm)
+                comm.barrier()  # every rank's chunks of this round are in place
+                pending.append(helper.submit(fetch_all, [c for r in needed for c in round_owned[r]]))
+                received += sum(c.nbytes for r in local if r != comm.rank for c in round_owned[r])
+        finally:  # never leave while the helper still writes into the targets
+            wait_start = time.perf_counter()
+            errors = [f.exception() for f in pending]
+            reader.stats.broadcast_s = time.perf_counter() - wait_start
+    error = next((e for e in errors if e is not None), None)
+    comm.agree(None if error is None else DistCheckpointError(
+        f"{reader.sources[0].url()}: copying another rank's chunks failed: {type(error).__name__}: {error}"))
     reader.stats.bytes_broadcast = received
-    reader.stats.shared_memory = True
 
 
 ROUNDS = 4  # balanced reads: broadcast one round while reading the next
 SHARED_ROUNDS = 2  # through shared memory: copy one round while reading the next
+ATTACH_ROUNDS = 1  # by attach: one round (a copy runs at memory speed; each round costs a collective DCP load)
 ROUND_MIN_BYTES = 32 << 20  # fewer rounds when a rank reads less than ROUNDS of these (each round costs a collective)
 
 

@@ -67,7 +67,7 @@ class ReadStats:
     failures: dict[str, str] = field(default_factory=dict)
     repairs: dict[tuple[str, str, str], Repair] = field(default_factory=dict)
     bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads)
-    shared_memory: bool = False  # balanced reads shared the bytes through shared memory (not broadcasts)
+    same_host: str = ""  # how balanced reads shared the bytes: "attach", "segments" or "broadcast" ("": not balanced)
     read_s: float = 0.0
     broadcast_s: float = 0.0
     file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)

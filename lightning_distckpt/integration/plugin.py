@@ -49,6 +49,7 @@ from typing_extensions import override
 from lightning_distckpt import catalog, ondisk
 from lightning_distckpt.engine.reader import ReadStats
 from lightning_distckpt.engine.loading import (
+    SAME_HOST,
     Pending,
     allocate,
     match,
@@ -106,7 +107,7 @@ class IOStats:
     load_bytes_read: dict[str, int] = field(default_factory=dict)
     load_fallbacks: dict[str, str] = field(default_factory=dict)
     load_bytes_broadcast: int = 0  # received from other ranks (by broadcast or through shared memory)
-    load_shared_memory: bool = False  # the last load's balanced reads went through shared memory
+    load_same_host: str = ""  # how the last load's balanced reads shared bytes: attach, segments, broadcast ("": none)
     loaded_from: str = ""
     load_s: dict[str, float] = field(default_factory=dict)  # the last load's phases
     snapshot_copy_s: float = 0.0  # the last pipelined snapshot's background copy
@@ -135,9 +136,13 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             (see `lightning_distckpt.compression`); loading needs no setting.
         balanced_reads: Read each replicated tensor (DDP state) once across the ranks and broadcast it,
             instead of every rank reading all of it.
-        shared_memory_reads: Balanced reads share the bytes between the ranks of a host through shared memory
-            (each host reads every replicated byte once). Off by default: on the 2-core test machine the
-            broadcasts over gloo loaded DDP state faster (docs/async.md).
+        same_host_reads: How ranks of one host share what balanced reads read. ``"attach"``: each host reads
+            every replicated byte once, and each rank copies its peers' part straight out of their memory (one
+            kernel copy, ``process_vm_readv``; needs ptrace permission between the ranks, see docs/torchrun.md);
+            ``"segments"``: once per host, through shared-memory segments in /dev/shm; ``"broadcast"``: once
+            per job, broadcast over gloo. ``"auto"`` (default): attach when all ranks run on one host and the
+            kernel allows it, else broadcast. Attach and segments fall back to broadcasts when any rank cannot
+            use them.
         write_threads: Files (and concurrent streams) per rank and save.
         read_threads: Concurrent readers per rank and load.
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
@@ -188,7 +193,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         hdfs: HdfsOptions | None = None,
         compression: Literal["lossless", "bf16", "int8"] | CompressionConfig | None = None,
         balanced_reads: bool = True,
-        shared_memory_reads: bool = False,
+        same_host_reads: Literal["auto", "attach", "segments", "broadcast"] = "auto",
         write_threads: int = 2,
         read_threads: int = 2,
         chunk_mb: int = 32,
@@ -222,7 +227,9 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
                                      connect_timeout_s=connect_timeout_s)  # fmt: skip
         self.compression = resolve(compression)
         self.balanced_reads = balanced_reads
-        self.shared_memory_reads = shared_memory_reads
+        if same_host_reads not in SAME_HOST:
+            raise ValueError(f"same_host_reads={same_host_reads!r}: must be one of {', '.join(SAME_HOST)}")
+        self.same_host_reads = same_host_reads
         self.safe_globals = list(safe_globals or [])
         self.exclude_from_loading = _check_exclude(exclude_from_loading)
         self.read_threads = read_threads
@@ -483,7 +490,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         now = {} if lazy else model
         self._record(read_tensors(ckpt, {**now, **optim, **extras}, sources=ordered, threads=self.read_threads,
                                   comm=comm, balanced=self.balanced_reads,
-                                  shared_memory=self.shared_memory_reads), comm, strategy)  # fmt: skip
+                                  same_host=self.same_host_reads), comm, strategy)  # fmt: skip
 
         def lookup(key: str) -> Any:
             if key.startswith(state.MODEL):
@@ -751,7 +758,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
         self.stats.load_bytes_broadcast = stats.bytes_broadcast
-        self.stats.load_shared_memory = stats.shared_memory
+        self.stats.load_same_host = stats.same_host
         self.stats.load_s.update(read=stats.read_s, broadcast=stats.broadcast_s,
                                  slowest_file=max(stats.file_s.values(), default=0.0))
 

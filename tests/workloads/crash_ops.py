@@ -1,7 +1,8 @@
 """One storage operation in its own process, for the crash-point tests (``DISTCKPT_CRASH_AT`` /
 ``DISTCKPT_PAUSE_AT`` name where it dies or pauses, see lightning_distckpt/faults.py):
 
-    python crash_ops.py save URL STEP    save the sample checkpoint of STEP at URL (overwriting what is there)
+    python crash_ops.py save URL STEP [compact]   save the sample checkpoint of STEP at URL (overwriting what is
+                                         there; ``compact``: with compact metadata, version 3)
     python crash_ops.py remove URL       remove URL as retention does (a link as a link)
     python crash_ops.py clean ROOT       clean-up with no age limit (no writer is running)
     python crash_ops.py replicate URL REPLICA_ROOT   copy the committed checkpoint URL to REPLICA_ROOT (Replicator)
@@ -28,7 +29,8 @@ def sample(step: int) -> dict:
 def main() -> None:
     op, target = sys.argv[1], sys.argv[2]
     if op == "save":
-        DistCheckpointIO().save_checkpoint(sample(int(sys.argv[3])), target)
+        compact = sys.argv[4:] == ["compact"]
+        DistCheckpointIO(compact_metadata=compact).save_checkpoint(sample(int(sys.argv[3])), target)
     elif op == "remove":
         DistCheckpointIO().remove_checkpoint(target)
     elif op == "clean":

@@ -167,7 +167,10 @@ def main() -> None:
     p.add_argument("--stats", default=None, help="write DistCheckpointIO's load statistics here (rank 0)")
     p.add_argument("--hdfs-user", default=None)
     p.add_argument("--node-local", action="store_true", help="DistCheckpointIO(node_local=True)")
-    p.add_argument("--shared-memory-reads", action="store_true", help="DistCheckpointIO(shared_memory_reads=True)")
+    p.add_argument("--same-host-reads", default="auto", choices=["auto", "attach", "segments", "broadcast"],
+                   help="DistCheckpointIO(same_host_reads=...)")
+    p.add_argument("--undumpable-rank", type=int, default=None,
+                   help="this rank makes itself non-dumpable (prctl): without CAP_SYS_PTRACE its peers may not read its memory")
     p.add_argument("--hdfs-replication", type=int, default=None)
     p.add_argument("--compact-metadata", default=None, choices=["on", "off"],
                    help="DistCheckpointIO(compact_metadata=True/False); default: the plugin's default (None)")
@@ -178,6 +181,10 @@ def main() -> None:
     world = args.devices or int(os.environ.get("WORLD_SIZE", "1"))
     os.environ.setdefault("DISTCKPT_TEST_WORLD", str(world))
     fault_injection()
+    if args.undumpable_rank is not None and int(os.environ.get("RANK", "0")) == args.undumpable_rank:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
     model = Net(width=args.width)
     if args.freeze_first:
         model.net[0].requires_grad_(False)
@@ -193,7 +200,7 @@ def main() -> None:
             DistCheckpointIO(async_save=args.async_save, compression=args.compression,
                              incremental=args.incremental,
                              hdfs=HdfsOptions(user=args.hdfs_user, replication=args.hdfs_replication),
-                             node_local=args.node_local, shared_memory_reads=args.shared_memory_reads,
+                             node_local=args.node_local, same_host_reads=args.same_host_reads,
                              compact_metadata=None if args.compact_metadata is None else args.compact_metadata == "on")],
         callbacks=([] if args.stock_save else [
             DistCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, keep_last=args.keep_last,
@@ -214,7 +221,7 @@ def main() -> None:
         cb = trainer.checkpoint_callback
         write_json(args.stats, {"loaded_from": io.stats.loaded_from, "fallbacks": io.stats.load_fallbacks,
                                 "bytes_by_source": io.stats.load_bytes_read, "replication": cb.replication,
-                                "shared_memory": io.stats.load_shared_memory,
+                                "same_host": io.stats.load_same_host,
                                 "bytes_received": io.stats.load_bytes_broadcast})
     if args.final_digest:
         digest = full_state_digest(trainer)
