@@ -20,5 +20,6 @@ fi
 export OMP_NUM_THREADS=1
 # The default run includes the fixed fuzz subset (tests/test_fuzz.py) but not the long fuzz run (-m fuzz), and
 # the fresh-install check (tests/test_packaging.py: the built wheel in a venv with only its declared core
-# dependencies, ~30 s; by hand: python scripts/wheel_check.py).
-exec python -m pytest -q "$@"
+# dependencies, ~30 s; by hand: python scripts/wheel_check.py). --durations=25 lists the slowest tests (the suite must stay
+# under 25 minutes on 2 cores).
+exec python -m pytest -q --durations=25 "$@"

@@ -57,35 +57,36 @@ def test_ddp_resume_shares_bytes_through_shared_memory_and_leaves_nothing(tmp_pa
 
 
 @pytest.mark.slow
-def test_without_shared_memory_every_rank_falls_back_to_broadcasts(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTCKPT_SHM_DIR", str(tmp_path / "does-not-exist"))
+def test_ddp_resume_attaches_to_the_peer_and_every_refusal_falls_back_to_broadcasts(tmp_path):
     ck = tmp_path / "ck"
     train("ddp", 2, ck, "--max-steps", 2, "--save-every", 2, "--digest-dir", tmp_path, "--width", 128)
-    train("ddp", 2, ck, "--max-steps", 2, "--resume", "last", "--final-digest", tmp_path / "restored.json",
-          "--stats", tmp_path / "stats.json", "--width", 128, "--same-host-reads", "segments")
-    assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / "restored.json"))
-    stats = load_json(tmp_path / "stats.json")
-    assert stats["same_host"] == "broadcast" and stats["bytes_received"] > 0  # broadcasts did the sharing
 
+    def resume(name: str, *args: str, prefix: tuple[str, ...] = (), **env: str) -> tuple[dict, str]:
+        cmd = torchrun_cmd(WORKLOADS / "train.py", 2, "--strategy", "ddp", "--ckpt-dir", ck, "--max-steps", 2, "--resume",
+                           "last", "--final-digest", tmp_path / f"{name}.json", "--stats", tmp_path / f"{name}-stats.json",
+                           "--width", 128, *args)  # fmt: skip
+        proc = run([*prefix, *cmd], **env)
+        assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / f"{name}.json"))
+        return load_json(tmp_path / f"{name}-stats.json"), proc.stdout + proc.stderr
 
-@pytest.mark.slow
-def test_ddp_resume_copies_the_other_half_out_of_the_peer_and_falls_back_when_refused(tmp_path):
-    ck = tmp_path / "ck"
-    train("ddp", 2, ck, "--max-steps", 2, "--save-every", 2, "--digest-dir", tmp_path, "--width", 128)
-    train("ddp", 2, ck, "--max-steps", 2, "--resume", "last", "--final-digest", tmp_path / "restored.json",
-          "--stats", tmp_path / "stats.json", "--width", 128)  # same_host_reads="auto"
-    assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / "restored.json"))
-    stats = load_json(tmp_path / "stats.json")
+    # the default on one host: each rank copies the other rank's half straight out of its memory
+    stats, _ = resume("attached")
     assert stats["same_host"] == "attach" and stats["bytes_received"] > 0
-
     # the kernel refuses: rank 1 is not dumpable and no process holds CAP_SYS_PTRACE (setpriv drops it)
-    cmd = torchrun_cmd(WORKLOADS / "train.py", 2, "--strategy", "ddp", "--ckpt-dir", ck, "--max-steps", 2,
-                       "--resume", "last", "--final-digest", tmp_path / "refused.json", "--stats",
-                       tmp_path / "stats2.json", "--width", 128, "--same-host-reads", "attach", "--undumpable-rank", 1)
-    run(["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace", *cmd])
-    assert_same_state(load_json(tmp_path / "saved-2.json"), load_json(tmp_path / "refused.json"))
-    stats = load_json(tmp_path / "stats2.json")
+    stats, out = resume("refused", "--same-host-reads", "attach", "--undumpable-rank", "1",
+                        prefix=("setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"))
     assert stats["same_host"] == "broadcast" and stats["bytes_received"] > 0
+    assert "balanced reads fall back to broadcasts: rank 0 cannot read rank 1's memory" in out, out[-3000:]
+    # no shared memory to map segments in
+    stats, _ = resume("no-shm", "--same-host-reads", "segments", DISTCKPT_SHM_DIR=str(tmp_path / "does-not-exist"))
+    assert stats["same_host"] == "broadcast" and stats["bytes_received"] > 0
+
+
+def test_same_host_reads_names_its_choices():
+    from lightning_distckpt import DistCheckpointIO
+
+    with pytest.raises(ValueError, match="same_host_reads='tcp': must be one of auto, attach, segments, broadcast"):
+        DistCheckpointIO(same_host_reads="tcp")  # type: ignore[arg-type]
 
 
 def test_copy_from_reads_a_process_and_names_what_went_wrong():
