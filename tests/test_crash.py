@@ -32,14 +32,15 @@ def test_random_kills_then_resume(tmp_path):
 
 
 def test_torture_kills_with_replication(tmp_path):
-    """At least 30 SIGKILLs at random moments of 2-rank saves and replications, each followed by an
-    automatic resume from the newest committed copy (primary or replica)."""
-    cycles = int(os.environ.get("DISTCKPT_TORTURE_RAW_CYCLES", "30"))
+    """SIGKILLs at random (seeded) moments of 2-rank saves and replications, each followed by an automatic resume
+    from the newest committed copy (primary or replica). CI runs 20 (``DISTCKPT_TORTURE_RAW_CYCLES`` sets
+    more); the 100-kill torture of ``benchmarks/bench_recovery.py`` runs the long version."""
+    cycles = int(os.environ.get("DISTCKPT_TORTURE_RAW_CYCLES", "20"))
     t = Torture(tmp_path, str(tmp_path / "primary"), driver="raw", replica_url=str(tmp_path / "replica"), seed=11)
     for _ in range(cycles):
         t.cycle(max_delay=1.5)
     t.cycle(max_delay=0.3)
-    assert t.kills >= 30 or cycles < 30
+    assert t.kills >= cycles
     assert t.resumes_checked >= cycles * 2 // 3, t.log
     print("\n".join(t.log))
 
