@@ -281,9 +281,11 @@ def read_tensors(
             else:
                 peers = Peers(comm, owned, targets, hosts)
                 if peers.ok:
-                    where = peers.addresses()
+                    where: dict[tuple[str, int], tuple[int, int]] = {}
 
-                    def pull(c: Any) -> None:
+                    def pull(c: Any) -> None:  # on the helper thread: a failure reaches every rank at the end
+                        if not where:
+                            where.update(peers.addresses())
                         copy_from(*where[(c.key, c.start)], chunk_address(targets, c), c.nbytes)
 
                     _read_shared(reader, encodings, targets, others, owned, local, comm, None, pull, ATTACH_ROUNDS)
