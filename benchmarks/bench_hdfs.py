@@ -12,6 +12,8 @@ work a verified load does). Every timed step starts after a ``sync`` (writeback 
 slow it down) and the reads alternate their order between repeats. Under DDP every rank needs all of the
 state, so two more rows: ``raw_read_all_copy`` (every rank streams every rank's files into memory) and
 ``plugin_load_unbalanced`` (the plugin with ``balanced_reads=False``: every rank reads everything).
+Each timed read also records the machine's idle CPU share (``cpu_idle_share``; the MiniDFS datanodes run on the
+same cores) and, for the default DDP load, how fast rank 0 got the other rank's half (``same_host_copy_Bps_rank0``).
 Compressed saves
 of the same state (``plugin_save_int8``, ``plugin_save_lossless``) are timed in the same repeats (target: int8
 >= 2.5x faster than the uncompressed save, lossless faster). Replication is
@@ -150,6 +152,13 @@ def worker(args: argparse.Namespace) -> None:
             io.balanced_reads = True
 
     phases: list[dict[str, float]] = []
+    idle: dict[str, list[float]] = {}  # the machine's idle CPU share during each timed read (rank 0's view of /proc/stat)
+    copy_rates: list[float] = []  # rank 0's default loads: bytes of the other rank's half / seconds to get them
+
+    def cpu_times() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
     for i in range(args.repeats):
         path = f"{args.url}/ckpt-{i}"
         settle()
@@ -179,9 +188,14 @@ def worker(args: argparse.Namespace) -> None:
                       ("plugin_load_unbalanced", lambda: unbalanced_load(path)), ("raw_read_all_copy", raw_read("copy_all"))]
         for name, fn in reads if i % 2 == 0 else reversed(reads):  # alternate who reads first
             settle()
+            before = cpu_times()
             rows[name].append(timed(fn))
+            after = cpu_times()
+            idle.setdefault(name, []).append((after[1] - before[1]) / max(1, after[0] - before[0]))
             if name == "plugin_load":
                 phases.append(dict(io.stats.load_s))
+                if io.stats.load_s.get("broadcast"):
+                    copy_rates.append(io.stats.load_bytes_broadcast / io.stats.load_s["broadcast"])
         barrier()
         if rank() == 0:
             store.remove(store.join(root, f"ckpt-{i}"), recursive=True)
@@ -195,6 +209,7 @@ def worker(args: argparse.Namespace) -> None:
         result = {
             "benchmark": "hdfs", "strategy": args.strategy, "env": environment(), "state_bytes": total,
             "replication": 3, "datanodes": 4, "plugin_load_phases_rank0": phases,
+            "cpu_idle_share": idle, "same_host_copy_Bps_rank0": copy_rates,
             "same_host_used": {k: sorted(set(v)) for k, v in used.items() if v},
             "compressed_bytes_rank0": compressed_bytes,
             "seconds": {k: stats(v) for k, v in rows.items()}, "samples_s": rows,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -164,7 +165,20 @@ def same_host_note(r: dict[str, Any], strategy: str) -> str:
             + ", ".join(f"same_host_reads=\"{k}\" → {'/'.join(v)}" for k, v in used.items())
             + f". Same-host target (default load ≥ 0.85× of the stream into memory): **{verdict}** by the medians "
             f"({ratio:.2f}×); per repeat {per[0]:.2f}–{per[-1]:.2f}×, {sum(x >= 0.85 for x in per)} of {len(per)} "
-            "repeats at or above 0.85×.")
+            "repeats at or above 0.85×." + cpu_note(r))
+
+
+def cpu_note(r: dict[str, Any]) -> str:
+    """How busy the machine's cores were during the default load and the baseline, and how fast the other half came."""
+    idle, rates = r.get("cpu_idle_share") or {}, r.get("same_host_copy_Bps_rank0") or []
+    if "plugin_load" not in idle or "raw_read_copy" not in idle:
+        return ""
+    out = (f" Idle CPU share of the machine (median; the MiniDFS datanodes share its cores): "
+           f"{statistics.median(idle['plugin_load']):.0%} during the default load, "
+           f"{statistics.median(idle['raw_read_copy']):.0%} during the stream into memory")
+    if rates:
+        out += f"; rank 0 copied the other rank's half at {statistics.median(rates) / 1e9:.1f} GB/s (median)"
+    return out + "."
 
 
 def hdfs() -> str:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORKLOADS, load_json, run, torchrun_cmd, train
+from conftest import WORKLOADS, env, free_port, load_json, run, torchrun_cmd, train
 from test_distributed import assert_same_state
 
-from lightning_distckpt import list_checkpoints
+from lightning_distckpt import import_checkpoint, list_checkpoints
 from lightning_distckpt.engine import attach
 from lightning_distckpt.engine import balanced_read as br
 from lightning_distckpt.parallel.comm import Comm
@@ -120,11 +120,54 @@ def test_a_directory_that_cannot_hold_segments_is_reported_not_fatal(tmp_path):
     assert not seg.ok
 
 
-def test_stale_segments_of_dead_processes_are_removed(tmp_path):
+def test_stale_segments_of_dead_processes_are_removed_in_this_pid_namespace_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    (tmp_path / f"distckpt-abc-{pid}-0").write_bytes(b"x")
-    (tmp_path / f"distckpt-abc-{os.getpid()}-1").write_bytes(b"x")  # alive: kept
-    (tmp_path / "other-file").write_bytes(b"x")
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    (tmp_path / f"distckpt-{ns}-abc-{pid}-0").write_bytes(b"x")  # this namespace, creator gone: removed
+    kept = [f"distckpt-{ns}-abc-{os.getpid()}-1",  # creator alive
+            f"distckpt-{ns + 1}-abc-{pid}-0",  # another PID namespace: that pid may be alive there
+            f"distckpt-abc-{pid}-0",  # no namespace in the name: cannot be judged
+            "other-file"]  # fmt: skip
+    for name in kept:
+        (tmp_path / name).write_bytes(b"x")
     assert br.clean_stale_segments(str(tmp_path)) == 1
-    assert sorted(os.listdir(tmp_path)) == sorted([f"distckpt-abc-{os.getpid()}-1", "other-file"])
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    assert br.segment_name("tok", 3) == f"distckpt-{ns}-tok-{os.getpid()}-3"
+
+
+def _two_ranks_lose_one(tmp_path: Path, how: str) -> dict:
+    """Run tests/workloads/peer_loss.py on 2 gloo ranks (rank 1 dies during the load); rank 0's report."""
+    stock = tmp_path / "stock.ckpt"
+    torch.save({"state_dict": {"a": torch.randn(512, 512), "b": torch.randn(512, 512)}, "global_step": 1,
+                "epoch": 0}, stock)  # fmt: skip
+    url = str(tmp_path / "ck")
+    import_checkpoint(str(stock), url)
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(WORKLOADS / "peer_loss.py"), url, how, str(tmp_path / "out.json")],
+                              env=env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                      DISTCKPT_SHM_DIR=str(shm)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
+    assert procs[1].returncode == 9, outs[1][-3000:]
+    assert procs[0].returncode == 0, outs[0][-3000:]
+    return load_json(tmp_path / "out.json")
+
+
+@pytest.mark.slow
+def test_a_peer_lost_during_attach_copies_is_a_package_error_on_the_survivor(tmp_path):
+    got = _two_ranks_lose_one(tmp_path, "attach")
+    assert got["module"].startswith("lightning_distckpt") and got["type"] == "DistCheckpointError", got
+    assert str(tmp_path / "ck") in got["message"] and "lost one of their peers" in got["message"], got
+
+
+@pytest.mark.slow
+def test_a_peer_lost_while_segments_are_set_up_leaves_no_file_of_the_survivor(tmp_path):
+    got = _two_ranks_lose_one(tmp_path, "segments")
+    assert got["type"] and got["message"] != "returned", got  # the survivor raised (gloo's error: a rank is gone)
+    mine, theirs = [n for n in got["left"] if n.endswith("-0")], [n for n in got["left"] if n.endswith("-1")]
+    assert mine == [] and len(theirs) == 1, got  # the survivor unlinked its own; the dead rank's is stale
+    assert br.clean_stale_segments(str(tmp_path / "shm")) == 1  # the next load (any same_host_reads) removes it
+    assert leftovers(tmp_path / "shm") == []

@@ -166,20 +166,36 @@ def node_id() -> str:
     return os.environ.get("DISTCKPT_NODE_ID") or socket.gethostname()
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace, as a name part: a pid means something only inside its namespace."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def segment_name(token: str, rank: int) -> str:
+    """A segment's file name: ``distckpt-<pid namespace>-<token>-<pid>-<rank>``."""
+    return f"{_SHM_PREFIX}{_pid_namespace()}-{token}-{os.getpid()}-{rank}"
+
+
 def clean_stale_segments(directory: str | None = None) -> int:
     """Remove shared-memory segments of loads whose creating process is gone (a crash between creating
-    and unlinking one). Returns how many were removed. Safe to call at any time on any rank."""
+    and unlinking one). Returns how many were removed. Safe to call at any time on any rank: only segments
+    created in this process's PID namespace are judged (whether a pid is alive means nothing outside it; a job
+    in another namespace that shares the directory keeps its segments)."""
     removed = 0
     directory = directory or shm_dir()
     try:
         names = os.listdir(directory)
     except OSError:
         return 0
+    mine = f"{_SHM_PREFIX}{_pid_namespace()}-"
     for name in names:
-        if not name.startswith(_SHM_PREFIX):
+        if not name.startswith(mine):
             continue
         try:
-            pid = int(name.split("-")[2])
+            pid = int(name[len(mine):].split("-")[1])
         except (IndexError, ValueError):
             continue
         if pid == os.getpid() or _alive(pid):
@@ -206,11 +222,13 @@ class SharedSegments:
     """One load's shared-memory segments on this host: each local rank's chunks, read once, mapped by all.
 
     Collective over ``comm`` (every rank of the job constructs it, in the same order of calls). Each rank
-    creates a file ``/dev/shm/distckpt-<token>-<pid>-<rank>`` of exactly its chunks' bytes (allocated with
+    creates a file ``/dev/shm/`` `segment_name` of exactly its chunks' bytes (allocated with
     ``posix_fallocate``, so a full /dev/shm is an error now, never a SIGBUS later), the ranks of a host map
     each other's files, and each creator unlinks its file as soon as everyone mapped it: from then on the
-    memory is freed by the kernel when the last process unmaps it or exits, however the load ends. A crash in
-    between leaves a file that :func:`clean_stale_segments` removes (every load calls it first).
+    memory is freed by the kernel when the last process unmaps it or exits, however the load ends. A rank
+    whose collective fails (another rank died) unlinks its file before it raises; a rank killed in between
+    leaves a file that :func:`clean_stale_segments` removes (every balanced load calls it first, whatever its
+    ``same_host_reads``).
 
     ``ok`` is False on every rank when any rank could not set up its segment; then nothing is mapped and
     the caller falls back to broadcasts.
@@ -230,25 +248,30 @@ class SharedSegments:
         token = comm.broadcast(uuid.uuid4().hex[:12])
         self._maps: dict[int, mmap.mmap] = {}
         self._views: dict[int, torch.Tensor] = {}
-        self.path = os.path.join(directory, f"{_SHM_PREFIX}{token}-{os.getpid()}-{comm.rank}")
+        self.path = os.path.join(directory, segment_name(token, comm.rank))
         error = ""
         clean_stale_segments(directory)
         try:
             self._create(sizes[comm.rank])
         except OSError as e:
             error = f"{self.path}: {e}"
-        created = comm.all_gather((error, self.path))  # one collective: every rank's outcome and name
-        errors = [e for e, _ in created]
-        self.ok = not any(errors)
-        if self.ok:
-            try:
-                for r in local_ranks:
-                    if r != comm.rank:
-                        self._map(r, created[r][1], sizes[r])
-            except OSError as e:
-                error = f"{created[r][1]}: {e}"
-        # everyone mapped what it needs (or gave up): the names can go; this gather is also that barrier
-        mapped = comm.all_gather(error)
+        try:
+            created = comm.all_gather((error, self.path))  # one collective: every rank's outcome and name
+            errors = [e for e, _ in created]
+            self.ok = not any(errors)
+            if self.ok:
+                try:
+                    for r in local_ranks:
+                        if r != comm.rank:
+                            self._map(r, created[r][1], sizes[r])
+                except OSError as e:
+                    error = f"{created[r][1]}: {e}"
+            # everyone mapped what it needs (or gave up): the names can go; this gather is also that barrier
+            mapped = comm.all_gather(error)
+        except BaseException:  # a collective failed (another rank is gone): leave no file behind
+            self._unlink()
+            self.close()
+            raise
         self.ok = self.ok and not any(mapped)
         errors = errors + mapped
         self._unlink()

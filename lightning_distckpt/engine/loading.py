@@ -21,7 +21,15 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
 from lightning_distckpt.engine.attach import Peers, chunk_address, copy_from, host_key
-from lightning_distckpt.engine.balanced_read import Broadcaster, SharedSegments, deal, is_balanceable, node_id, rounds
+from lightning_distckpt.engine.balanced_read import (
+    Broadcaster,
+    SharedSegments,
+    clean_stale_segments,
+    deal,
+    is_balanceable,
+    node_id,
+    rounds,
+)
 from lightning_distckpt.engine.dcp_metadata import to_dcp
 from lightning_distckpt.engine.reader import CheckpointReader, ReadStats
 from lightning_distckpt.errors import (
@@ -258,6 +266,7 @@ def read_tensors(
         _load_round(reader, encodings, targets, comm)
         reader.stats.read_s = time.perf_counter() - start
         return reader.stats
+    clean_stale_segments()  # what a load killed in between left in shared memory, whichever way this one shares
     layout, places = row_layout(ckpt.metadata), chunk_places(ckpt.metadata)
     others = {k: v for k, v in targets.items() if not is_balanceable(v)}  # read by every rank that has them
     if same_host != "broadcast":
@@ -290,7 +299,9 @@ def read_tensors(
 
                     _read_shared(reader, encodings, targets, others, owned, local, comm, None, pull, ATTACH_ROUNDS)
                     return _shared_stats(reader.stats, "attach", start)
-                (log.warning if same_host == "attach" else log.info)("balanced reads fall back to broadcasts: %s", peers.why)
+                (log.warning if same_host == "attach" else log.info)(
+                    "balanced reads fall back to broadcasts: %s (the kernel allows this copy where it would allow "
+                    "ptrace between the ranks: see docs/torchrun.md, same-host reads)", peers.why)
     owned = deal(targets, comm, layout, places)
     sender = Broadcaster(targets, comm)
     most = max(sum(c.nbytes for c in chunks) for chunks in owned)
@@ -355,8 +366,16 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
             errors = [f.exception() for f in pending]
             reader.stats.broadcast_s = time.perf_counter() - wait_start
     error = next((e for e in errors if e is not None), None)
-    comm.agree(None if error is None else DistCheckpointError(
-        f"{reader.sources[0].url()}: copying another rank's chunks failed: {type(error).__name__}: {error}"))
+    url = reader.sources[0].url()
+    try:
+        comm.agree(None if error is None else DistCheckpointError(
+            f"{url}: copying another rank's chunks failed: {type(error).__name__}: {error}"))
+    except DistCheckpointError:
+        raise
+    except Exception as e:  # the collective itself failed: a rank of this host is gone (killed, crashed)
+        mine = f"; this rank's copies: {type(error).__name__}: {error}" if error is not None else ""
+        raise DistCheckpointError(f"{url}: the ranks that share this load's bytes lost one of their peers while "
+                                  f"copying each other's chunks ({type(e).__name__}: {e}){mine}") from e
     reader.stats.bytes_broadcast = received
 
 

@@ -1,0 +1,56 @@
+"""A balanced same-host load on 2 gloo ranks where rank 1 dies (``os._exit``) at a chosen point; rank 0 reports.
+
+    python peer_loss.py CKPT_URL {attach,segments} OUT_JSON      (RANK, WORLD_SIZE, MASTER_ADDR/PORT set)
+
+``attach``: rank 1 exits at its first copy out of rank 0's memory. ``segments``: rank 1 exits right after it
+created its shared-memory segment, before the ranks exchange their names. Rank 0 writes what it raised
+(type, message) to OUT_JSON, plus the segment files it left (``DISTCKPT_SHM_DIR``). No Lightning here: the
+engine is called directly, as the plugin calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from lightning_distckpt.engine import balanced_read, loading
+from lightning_distckpt.ondisk import skeleton as state
+from lightning_distckpt.parallel.comm import Comm
+
+
+def main(url: str, how: str, out: str) -> None:
+    dist.init_process_group("gloo")
+    comm = Comm()
+    if comm.rank == 1:
+        if how == "attach":
+            loading.copy_from = lambda *a: os._exit(9)  # dies while rank 0 may still copy from it
+        else:
+            create = balanced_read.SharedSegments._create
+
+            def create_then_die(self: balanced_read.SharedSegments, size: int) -> None:
+                create(self, size)
+                os._exit(9)
+
+            balanced_read.SharedSegments._create = create_then_die  # type: ignore[method-assign]
+    ckpt, sources = loading.open_for_load(url, comm)
+    targets = loading.allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url, comm)
+    try:
+        loading.read_tensors(ckpt, targets, sources=sources, comm=comm, same_host=how)
+        raised: dict[str, str] = {"type": "", "message": "returned"}
+    except BaseException as e:  # noqa: BLE001 - what a user would see is the point of this workload
+        raised = {"type": type(e).__name__, "message": str(e), "module": type(e).__module__}
+    shm = balanced_read.shm_dir()
+    raised["left"] = sorted(n for n in os.listdir(shm) if n.startswith("distckpt-"))
+    with open(out, "w") as f:
+        json.dump(raised, f)
+    sys.stdout.flush()
+    os._exit(0)  # the process group lost a rank: no orderly shutdown
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main(*sys.argv[1:4])
