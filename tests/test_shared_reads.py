@@ -171,3 +171,52 @@ def test_a_peer_lost_while_segments_are_set_up_leaves_no_file_of_the_survivor(tm
     assert mine == [] and len(theirs) == 1, got  # the survivor unlinked its own; the dead rank's is stale
     assert br.clean_stale_segments(str(tmp_path / "shm")) == 1  # the next load (any same_host_reads) removes it
     assert leftovers(tmp_path / "shm") == []
+
+
+def _load_on_hosts(tmp_path: Path, url: str, how: str, nodes: list[str]) -> list[dict]:
+    """tests/workloads/hosts_load.py on len(nodes) gloo ranks, rank r on simulated host nodes[r]; each rank's report."""
+    port = str(free_port())
+    out = tmp_path / f"{how}-{''.join(nodes)}"
+    procs = [subprocess.Popen([sys.executable, str(WORKLOADS / "hosts_load.py"), url, how, str(out)],
+                              env=env(RANK=str(r), WORLD_SIZE=str(len(nodes)), MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port, DISTCKPT_NODE_ID=node),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r, node in enumerate(nodes)]  # fmt: skip
+    logs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
+    for p, text in zip(procs, logs):
+        assert p.returncode == 0, text[-3000:]
+    return [load_json(Path(f"{out}.{r}.json")) for r in range(len(nodes))]
+
+
+@pytest.mark.slow
+def test_several_hosts_read_once_swap_between_partners_and_attach_inside_each_host(tmp_path):
+    import hashlib
+
+    torch.manual_seed(0)
+    state_dict = {**{f"big{i}": torch.randn(300, 1000) for i in range(4)},  # 1.2 MB: sent one by one
+                  **{f"mid{i}": torch.randn(100, 700) for i in range(4)},  # 280 kB: packed with the small ones
+                  "small": torch.randn(7, 5), "bias": torch.randn(64), "step": torch.tensor(12.0)}  # fmt: skip
+    torch.save({"state_dict": state_dict, "global_step": 1, "epoch": 0}, tmp_path / "stock.ckpt")
+    url = str(tmp_path / "ck")
+    import_checkpoint(str(tmp_path / "stock.ckpt"), url)
+    want = {f"model/{k}": hashlib.sha256(v.view(-1).numpy().tobytes()).hexdigest() for k, v in state_dict.items()}
+    total = sum(v.numel() * v.element_size() for v in state_dict.values())
+
+    # 2 hosts x 2 ranks, the default: the job reads each byte once, partners swap, local ranks attach
+    got = _load_on_hosts(tmp_path, url, "auto", ["A", "A", "B", "B"])
+    for r, g in enumerate(got):
+        assert {k: v for k, v in g["digests"].items() if k in want} == want, f"rank {r}"
+        assert g["same_host"] == "attach+send", g
+    assert sum(g["read"] for g in got) == pytest.approx(total, rel=0.05)  # once per job (stored bytes ~ raw)
+    assert all(0 < g["by_group"] < g["received"] for g in got)  # only the partner's part crossed the "network"
+
+    # each host reads everything with "attach" across hosts; broadcasts read once per job
+    per_host = _load_on_hosts(tmp_path, url, "attach", ["A", "A", "B", "B"])
+    assert all(g["digests"] == got[0]["digests"] and g["same_host"] == "attach" for g in per_host)
+    assert sum(g["read"] for g in per_host) == pytest.approx(2 * total, rel=0.05)
+    assert all(g["by_group"] == 0 for g in per_host)
+
+    # hosts of unequal size: no partner for every rank, so the default broadcasts
+    uneven = _load_on_hosts(tmp_path, url, "auto", ["A", "A", "B"])
+    assert all(g["digests"] == got[0]["digests"] and g["same_host"] == "broadcast" for g in uneven)
+    assert all(g["by_group"] == g["received"] > 0 for g in uneven)

@@ -10,13 +10,11 @@ The work runs in rounds: while the chunks of one round are broadcast (asynchrono
 group), the next round is read. Only CPU tensors are balanced (the broadcast runs on gloo); others are
 read by every rank. Collective: every rank must pass the same keys with the same shapes.
 
-Same-host sharing (the default when every rank can map shared memory): the chunks are dealt over the ranks
-of each host (:func:`node_id`), each rank reads its chunks straight into a shared-memory segment
-(:class:`SharedSegments`, in /dev/shm) and every rank of the host copies all of the host's chunks from
-those segments into its own tensors, a round behind the reads. No byte crosses TCP; each host reads every
-replicated byte once (with several hosts, the storage serves it once per host instead of once per job,
-and no broadcast crosses the network). If any rank cannot set up its segment, every rank falls back to the
-broadcasts above.
+How ranks share what they read is ``DistCheckpointIO(same_host_reads=...)`` (`lightning_distckpt.engine.loading`):
+these broadcasts; cross-memory attach inside a host (`lightning_distckpt.engine.attach`), with sends between
+partners across hosts (`lightning_distckpt.engine.across_hosts`); or the shared-memory segments of
+:class:`SharedSegments` (in /dev/shm), into which each rank of a host reads its chunks and out of which every
+rank of the host copies all of them.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from lightning_distckpt.catalog import Checkpoint, open_checkpoint, read_manifest, source_of
+from lightning_distckpt.engine import across_hosts
 from lightning_distckpt.engine.attach import Peers, chunk_address, copy_from, host_key
 from lightning_distckpt.engine.balanced_read import (
     Broadcaster,
@@ -271,7 +272,28 @@ def read_tensors(
     others = {k: v for k, v in targets.items() if not is_balanceable(v)}  # read by every rank that has them
     if same_host != "broadcast":
         hosts = comm.all_gather(host_key(node_id()))
-        if same_host != "auto" or len(set(hosts)) == 1:
+        several = len(set(hosts)) > 1
+        if same_host == "auto" and several:
+            if across_hosts.even(hosts) and len(hosts) > len(set(hosts)):  # several ranks on each host
+                dealt = deal(targets, comm, layout, places)  # read once per job
+                holds = across_hosts.held(dealt, hosts)
+                peers = Peers(comm, holds, targets, hosts)
+                if peers.ok:
+                    local = [r for r, h in enumerate(hosts) if h == hosts[comm.rank]]
+                    url = reader.sources[0].url()
+
+                    def send() -> int:
+                        try:
+                            return across_hosts.exchange(targets, comm, dealt, hosts)
+                        except Exception as e:  # a peer on another host is gone
+                            raise DistCheckpointError(f"{url}: sending chunks between hosts failed "
+                                                      f"({type(e).__name__}: {e})") from e
+
+                    _read_shared(reader, encodings, targets, others, dealt, local, comm, None,
+                                 _puller(peers, targets), 1, exchange=send, holds=holds)
+                    return _shared_stats(reader.stats, "attach+send", start)
+                log.info("balanced reads fall back to broadcasts: %s", peers.why)
+        else:
             owned: list[list[Any]] = [[] for _ in range(comm.world_size)]
             for host in dict.fromkeys(hosts):  # deal over the ranks of each host
                 ranks = [r for r, h in enumerate(hosts) if h == host]
@@ -290,14 +312,8 @@ def read_tensors(
             else:
                 peers = Peers(comm, owned, targets, hosts)
                 if peers.ok:
-                    where: dict[tuple[str, int], tuple[int, int]] = {}
-
-                    def pull(c: Any) -> None:  # on the helper thread: a failure reaches every rank at the end
-                        if not where:
-                            where.update(peers.addresses())
-                        copy_from(*where[(c.key, c.start)], chunk_address(targets, c), c.nbytes)
-
-                    _read_shared(reader, encodings, targets, others, owned, local, comm, None, pull, ATTACH_ROUNDS)
+                    _read_shared(reader, encodings, targets, others, owned, local, comm, None,
+                                 _puller(peers, targets), ATTACH_ROUNDS)
                     return _shared_stats(reader.stats, "attach", start)
                 (log.warning if same_host == "attach" else log.info)(
                     "balanced reads fall back to broadcasts: %s (the kernel allows this copy where it would allow "
@@ -313,9 +329,22 @@ def read_tensors(
         sender.send(round_owned)  # runs while the next round is read
     reader.stats.same_host = "broadcast"
     reader.stats.read_s = time.perf_counter() - start
-    reader.stats.bytes_broadcast = sender.wait()
+    reader.stats.bytes_broadcast = reader.stats.bytes_process_group = sender.wait()
     reader.stats.broadcast_s = time.perf_counter() - start - reader.stats.read_s
     return reader.stats
+
+
+def _puller(peers: Peers, targets: dict[str, Any]) -> Callable[[Any], None]:
+    """Copies a chunk out of the local peer that holds it (on the helper thread: a failure reaches every rank at the
+    end of the load). The peers' address tables are read at the first copy, after the read's barrier."""
+    where: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def pull(c: Any) -> None:
+        if not where:
+            where.update(peers.addresses())
+        copy_from(*where[(c.key, c.start)], chunk_address(targets, c), c.nbytes)
+
+    return pull
 
 
 def _shared_stats(stats: ReadStats, how: str, start: float) -> ReadStats:
@@ -335,12 +364,17 @@ def _add_piece(part: dict[str, Any], c: Any, t: torch.Tensor, into: torch.Tensor
 def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: dict[str, Any], others: dict[str, Any],
                  owned: list[list[Any]], local: list[int], comm: Comm,
                  staged: Callable[[Any, torch.Tensor], torch.Tensor] | None, fetch: Callable[[Any], None],
-                 max_rounds: int) -> None:
+                 max_rounds: int, exchange: Callable[[], int] | None = None,
+                 holds: list[list[Any]] | None = None) -> None:
     """Balanced reads shared inside each host. Each round, every rank reads its chunks (into ``staged(chunk,
     target)`` when given, else straight into its targets); after a barrier, a helper thread ``fetch``-es the
     round's chunks this rank needs (the other local ranks', and its own when staged) while the next round is
     read. Returns after a last collective, so that no rank goes on (and changes its tensors) while another
-    still fetches from it; a failed fetch on any rank is then the same error on every rank."""
+    still fetches from it; a failed fetch on any rank is then the same error on every rank.
+
+    Across hosts (one round): ``exchange`` runs after the read (partners on other hosts swap their chunks) and
+    returns the bytes it received; ``holds[r]`` is what local rank ``r`` then holds, and is fetched from."""
+    assert exchange is None or max_rounds == 1
     most = max(sum(c.nbytes for c in chunks) for chunks in owned)
     needed = [r for r in local if staged is not None or r != comm.rank]
     received = 0
@@ -358,9 +392,14 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
                     t = targets[c.key]
                     _add_piece(part, c, t, None if staged is None else staged(c, t))
                 _load_round(reader, encodings, part, comm)
+                if exchange is not None:
+                    sent = exchange()
+                    received += sent
+                    reader.stats.bytes_process_group += sent
                 comm.barrier()  # every rank's chunks of this round are in place
-                pending.append(helper.submit(fetch_all, [c for r in needed for c in round_owned[r]]))
-                received += sum(c.nbytes for r in local if r != comm.rank for c in round_owned[r])
+                fetched = holds or round_owned
+                pending.append(helper.submit(fetch_all, [c for r in needed for c in fetched[r]]))
+                received += sum(c.nbytes for r in local if r != comm.rank for c in fetched[r])
         finally:  # never leave while the helper still writes into the targets
             wait_start = time.perf_counter()
             errors = [f.exception() for f in pending]

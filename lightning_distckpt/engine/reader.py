@@ -66,8 +66,11 @@ class ReadStats:
     fallbacks: dict[str, str] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     repairs: dict[tuple[str, str, str], Repair] = field(default_factory=dict)
-    bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads)
-    same_host: str = ""  # how balanced reads shared the bytes: "attach", "segments" or "broadcast" ("": not balanced)
+    bytes_broadcast: int = 0  # received from other ranks instead of read (balanced reads), by any way
+    bytes_process_group: int = 0  # of those, received through the process group (broadcasts, sends between hosts)
+    #: how balanced reads shared the bytes: "attach", "segments", "broadcast", or "attach+send" (several hosts:
+    #: partners on other hosts swapped chunks, local ranks attached); "": not balanced
+    same_host: str = ""
     read_s: float = 0.0
     broadcast_s: float = 0.0
     file_s: dict[str, float] = field(default_factory=dict)  # time each file's reads took (threads overlap)

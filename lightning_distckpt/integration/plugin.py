@@ -106,8 +106,9 @@ class IOStats:
     saves: int = 0
     load_bytes_read: dict[str, int] = field(default_factory=dict)
     load_fallbacks: dict[str, str] = field(default_factory=dict)
-    load_bytes_broadcast: int = 0  # received from other ranks (by broadcast or through shared memory)
-    load_same_host: str = ""  # how the last load's balanced reads shared bytes: attach, segments, broadcast ("": none)
+    load_bytes_broadcast: int = 0  # received from other ranks (by broadcast, attach or shared memory)
+    load_bytes_process_group: int = 0  # of those, received through the process group (broadcasts, sends between hosts)
+    load_same_host: str = ""  # how the last load's balanced reads shared bytes: attach, segments, broadcast, attach+send
     loaded_from: str = ""
     load_s: dict[str, float] = field(default_factory=dict)  # the last load's phases
     snapshot_copy_s: float = 0.0  # the last pipelined snapshot's background copy
@@ -140,9 +141,10 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             every replicated byte once, and each rank copies its peers' part straight out of their memory (one
             kernel copy, ``process_vm_readv``; needs ptrace permission between the ranks, see docs/torchrun.md);
             ``"segments"``: once per host, through shared-memory segments in /dev/shm; ``"broadcast"``: once
-            per job, broadcast over gloo. ``"auto"`` (default): attach when all ranks run on one host and the
-            kernel allows it, else broadcast. Attach and segments fall back to broadcasts when any rank cannot
-            use them.
+            per job, broadcast over gloo. ``"auto"`` (default): attach when all ranks run on one host; on several
+            hosts with the same number of ranks each, read once per job, send each rank's part to the rank of
+            its local index on the other hosts, and attach inside each host; else broadcast. Attach (also
+            inside ``"auto"``) and segments fall back to broadcasts when any rank cannot use them.
         write_threads: Files (and concurrent streams) per rank and save.
         read_threads: Concurrent readers per rank and load.
         chunk_mb: Tensors are cut into chunks of at most this many MiB; shared chunks are spread over ranks.
@@ -758,6 +760,7 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
         self.stats.load_bytes_read = dict(stats.bytes_by_source)
         self.stats.load_fallbacks = dict(stats.fallbacks)
         self.stats.load_bytes_broadcast = stats.bytes_broadcast
+        self.stats.load_bytes_process_group = stats.bytes_process_group
         self.stats.load_same_host = stats.same_host
         self.stats.load_s.update(read=stats.read_s, broadcast=stats.broadcast_s,
                                  slowest_file=max(stats.file_s.values(), default=0.0))
