@@ -47,6 +47,13 @@ def _view(targets: dict[str, Any], c: Any) -> torch.Tensor:
     return (t if t.dim() == 0 else t.narrow(0, c.start, c.rows)).reshape(-1).view(torch.uint8)
 
 
+def _views(targets: dict[str, Any], chunks: Sequence[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The chunks' bytes in ``targets``: those sent one by one, and those that travel packed."""
+    big = [_view(targets, c) for c in chunks if c.nbytes >= PACK_BELOW]
+    small = [_view(targets, c) for c in chunks if c.nbytes < PACK_BELOW]
+    return big, small
+
+
 def exchange(targets: dict[str, Any], comm: Comm, owned: Sequence[Sequence[Any]], hosts: Sequence[str]) -> int:
     """Send this rank's chunks (read into ``targets``) to its partners and receive theirs into ``targets``.
 
@@ -54,34 +61,22 @@ def exchange(targets: dict[str, Any], comm: Comm, owned: Sequence[Sequence[Any]]
     are in place); blocks until this rank's sends and receives are done. Returns the bytes received. A lost peer
     raises the process group's error.
     """
-    me = comm.rank
-    works = []
-    keep: list[torch.Tensor] = []  # packed send buffers, alive until their sends are done
-    unpack: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-
-    def global_rank(r: int) -> int:
-        return dist.get_global_rank(comm.group, r) if comm.group is not None else r
-
+    group = comm.group
+    works, keep, unpack = [], [], []  # keep: packed send buffers, alive until their sends are done
     received = 0
-    for p in partners(hosts, me):
-        for src, dst, chunks in ((me, p, owned[me]), (p, me, owned[p])):
-            small = [_view(targets, c) for c in chunks if c.nbytes < PACK_BELOW]
-            big = [_view(targets, c) for c in chunks if c.nbytes >= PACK_BELOW]
-            sending = src == me
-            if not sending:
-                received += sum(c.nbytes for c in chunks)
-            for tag, v in enumerate(big):
-                op = dist.isend if sending else dist.irecv
-                works.append(op(v, global_rank(dst if sending else src), group=comm.group, tag=tag))
-            if small:
-                if sending:
-                    buf = torch.cat(small)
-                    keep.append(buf)
-                    works.append(dist.isend(buf, global_rank(dst), group=comm.group, tag=len(big)))
-                else:
-                    buf = torch.empty(sum(v.numel() for v in small), dtype=torch.uint8)
-                    works.append(dist.irecv(buf, global_rank(src), group=comm.group, tag=len(big)))
-                    unpack.append((buf, small))
+    for p in partners(hosts, comm.rank):
+        peer = dist.get_global_rank(group, p) if group is not None else p
+        big, small = _views(targets, owned[comm.rank])  # ours, to the partner (tags: position, packed last)
+        works += [dist.isend(v, peer, group=group, tag=tag) for tag, v in enumerate(big)]
+        if small:
+            keep.append(torch.cat(small))
+            works.append(dist.isend(keep[-1], peer, group=group, tag=len(big)))
+        big, small = _views(targets, owned[p])  # the partner's, into our targets
+        works += [dist.irecv(v, peer, group=group, tag=tag) for tag, v in enumerate(big)]
+        if small:
+            unpack.append((torch.empty(sum(v.numel() for v in small), dtype=torch.uint8), small))
+            works.append(dist.irecv(unpack[-1][0], peer, group=group, tag=len(big)))
+        received += sum(c.nbytes for c in owned[p])
     for w in works:
         w.wait()
     for buf, views in unpack:
