@@ -136,36 +136,48 @@ def test_stale_segments_of_dead_processes_are_removed_in_this_pid_namespace_only
     assert br.segment_name("tok", 3) == f"distckpt-{ns}-tok-{os.getpid()}-3"
 
 
-def _two_ranks_lose_one(tmp_path: Path, how: str) -> dict:
-    """Run tests/workloads/peer_loss.py on 2 gloo ranks (rank 1 dies during the load); rank 0's report."""
+def _lose_a_rank(tmp_path: Path, how: str, nodes: list[str], victim: int = 1) -> dict[int, dict]:
+    """Run tests/workloads/peer_loss.py on len(nodes) gloo ranks (rank r on simulated host nodes[r]); rank
+    ``victim`` dies during the load. Every survivor's report."""
     stock = tmp_path / "stock.ckpt"
-    torch.save({"state_dict": {"a": torch.randn(512, 512), "b": torch.randn(512, 512)}, "global_step": 1,
+    torch.save({"state_dict": {f"w{i}": torch.randn(256, 512) for i in range(2 * len(nodes))}, "global_step": 1,
                 "epoch": 0}, stock)  # fmt: skip
     url = str(tmp_path / "ck")
     import_checkpoint(str(stock), url)
     shm = tmp_path / "shm"
     shm.mkdir()
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKLOADS / "peer_loss.py"), url, how, str(tmp_path / "out.json")],
-                              env=env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                      DISTCKPT_SHM_DIR=str(shm)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, str(WORKLOADS / "peer_loss.py"), url, how, str(tmp_path / "out")],
+                              env=env(RANK=str(r), WORLD_SIZE=str(len(nodes)), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                      DISTCKPT_SHM_DIR=str(shm), DISTCKPT_NODE_ID=node, VICTIM=str(victim)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r, node in enumerate(nodes)]  # fmt: skip
     outs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
-    assert procs[1].returncode == 9, outs[1][-3000:]
-    assert procs[0].returncode == 0, outs[0][-3000:]
-    return load_json(tmp_path / "out.json")
+    assert procs[victim].returncode == 9, outs[victim][-3000:]
+    survivors = [r for r in range(len(nodes)) if r != victim]
+    for r in survivors:
+        assert procs[r].returncode == 0, outs[r][-3000:]
+    return {r: load_json(tmp_path / f"out.{r}.json") for r in survivors}
 
 
 @pytest.mark.slow
 def test_a_peer_lost_during_attach_copies_is_a_package_error_on_the_survivor(tmp_path):
-    got = _two_ranks_lose_one(tmp_path, "attach")
+    (got,) = _lose_a_rank(tmp_path, "attach", ["A", "A"]).values()
     assert got["module"].startswith("lightning_distckpt") and got["type"] == "DistCheckpointError", got
     assert str(tmp_path / "ck") in got["message"] and "lost one of their peers" in got["message"], got
 
 
 @pytest.mark.slow
+def test_a_rank_lost_during_the_sends_between_hosts_is_a_package_error_on_every_survivor(tmp_path):
+    got = _lose_a_rank(tmp_path, "send", ["A", "A", "B", "B"], victim=3)
+    for r, g in got.items():  # its partner (rank 1) fails in the sends, the others at the next collective
+        assert g["module"].startswith("lightning_distckpt") and g["type"] == "DistCheckpointError", (r, g)
+        assert str(tmp_path / "ck") in g["message"], (r, g)
+
+
+@pytest.mark.slow
 def test_a_peer_lost_while_segments_are_set_up_leaves_no_file_of_the_survivor(tmp_path):
-    got = _two_ranks_lose_one(tmp_path, "segments")
+    (got,) = _lose_a_rank(tmp_path, "segments", ["A", "A"]).values()
     assert got["type"] and got["message"] != "returned", got  # the survivor raised (gloo's error: a rank is gone)
     mine, theirs = [n for n in got["left"] if n.endswith("-0")], [n for n in got["left"] if n.endswith("-1")]
     assert mine == [] and len(theirs) == 1, got  # the survivor unlinked its own; the dead rank's is stale

@@ -375,6 +375,7 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
     Across hosts (one round): ``exchange`` runs after the read (partners on other hosts swap their chunks) and
     returns the bytes it received; ``holds[r]`` is what local rank ``r`` then holds, and is fetched from."""
     assert exchange is None or max_rounds == 1
+    url = reader.sources[0].url()
     most = max(sum(c.nbytes for c in chunks) for chunks in owned)
     needed = [r for r in local if staged is not None or r != comm.rank]
     received = 0
@@ -393,10 +394,10 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
                     _add_piece(part, c, t, None if staged is None else staged(c, t))
                 _load_round(reader, encodings, part, comm)
                 if exchange is not None:
-                    sent = exchange()
-                    received += sent
-                    reader.stats.bytes_process_group += sent
-                comm.barrier()  # every rank's chunks of this round are in place
+                    got = exchange()  # from partners on other hosts
+                    received += got
+                    reader.stats.bytes_process_group += got
+                _lost_peer(url, comm.barrier)  # every rank's chunks of this round are in place
                 fetched = holds or round_owned
                 pending.append(helper.submit(fetch_all, [c for r in needed for c in fetched[r]]))
                 received += sum(c.nbytes for r in local if r != comm.rank for c in fetched[r])
@@ -405,17 +406,23 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
             errors = [f.exception() for f in pending]
             reader.stats.broadcast_s = time.perf_counter() - wait_start
     error = next((e for e in errors if e is not None), None)
-    url = reader.sources[0].url()
+    _lost_peer(url, lambda: comm.agree(None if error is None else DistCheckpointError(
+        f"{url}: copying another rank's chunks failed: {type(error).__name__}: {error}")), error)
+    reader.stats.bytes_broadcast = received
+
+
+def _lost_peer(url: str, collective: Callable[[], None], error: BaseException | None = None) -> None:
+    """Run ``collective``; if the process group fails (a rank is gone: killed, crashed), raise a
+    `DistCheckpointError` that names the checkpoint, with the group's error as its cause (``error``: what this rank's
+    own copies raised, if anything). Package errors pass through."""
     try:
-        comm.agree(None if error is None else DistCheckpointError(
-            f"{url}: copying another rank's chunks failed: {type(error).__name__}: {error}"))
+        collective()
     except DistCheckpointError:
         raise
-    except Exception as e:  # the collective itself failed: a rank of this host is gone (killed, crashed)
+    except Exception as e:
         mine = f"; this rank's copies: {type(error).__name__}: {error}" if error is not None else ""
-        raise DistCheckpointError(f"{url}: the ranks that share this load's bytes lost one of their peers while "
-                                  f"copying each other's chunks ({type(e).__name__}: {e}){mine}") from e
-    reader.stats.bytes_broadcast = received
+        raise DistCheckpointError(f"{url}: the ranks that share this load's bytes lost one of their peers "
+                                  f"({type(e).__name__}: {e}){mine}") from e
 
 
 ROUNDS = 4  # balanced reads: broadcast one round while reading the next

@@ -14,6 +14,7 @@ import hashlib
 import json
 import sys
 
+import torch
 import torch.distributed as dist
 
 from lightning_distckpt.engine import loading
@@ -27,7 +28,8 @@ def main(url: str, how: str, out: str) -> None:
     ckpt, sources = loading.open_for_load(url, comm)
     targets = loading.allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url, comm)
     stats = loading.read_tensors(ckpt, targets, sources=sources, comm=comm, same_host=how)
-    digests = {k: hashlib.sha256(t.contiguous().view(-1).numpy().tobytes()).hexdigest() for k, t in targets.items()}
+    digests = {k: hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+               for k, t in targets.items()}  # raw bytes: any dtype (numpy has no bfloat16)
     with open(f"{out}.{comm.rank}.json", "w") as f:
         json.dump({"digests": digests, "same_host": stats.same_host, "received": stats.bytes_broadcast,
                    "by_group": stats.bytes_process_group, "read": sum(stats.bytes_by_source.values())}, f)  # fmt: skip

@@ -188,6 +188,8 @@ def main() -> None:
     model = Net(width=args.width)
     if args.freeze_first:
         model.net[0].requires_grad_(False)
+    if args.digest_dir:
+        os.makedirs(args.digest_dir, exist_ok=True)
     probe = Probe(args.digest_dir, digests=not args.timing_only)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun --nnodes=K: K nodes of `local` processes
     trainer = L.Trainer(
