@@ -136,6 +136,18 @@ def test_stale_segments_of_dead_processes_are_removed_in_this_pid_namespace_only
     assert br.segment_name("tok", 3) == f"distckpt-{ns}-tok-{os.getpid()}-3"
 
 
+def _ranks(workload: str, args: list[str], nodes: list[str], **extra: str) -> list[subprocess.CompletedProcess]:
+    """Run tests/workloads/``workload`` as len(nodes) gloo ranks (rank r on simulated host nodes[r]), concurrently."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(WORKLOADS / workload), *args],
+                              env=env(RANK=str(r), WORLD_SIZE=str(len(nodes)), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                      DISTCKPT_NODE_ID=node, **extra),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r, node in enumerate(nodes)]  # fmt: skip
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outs)]
+
+
 def _lose_a_rank(tmp_path: Path, how: str, nodes: list[str], victim: int = 1) -> dict[int, dict]:
     """Run tests/workloads/peer_loss.py on len(nodes) gloo ranks (rank r on simulated host nodes[r]); rank
     ``victim`` dies during the load. Every survivor's report."""
@@ -146,17 +158,12 @@ def _lose_a_rank(tmp_path: Path, how: str, nodes: list[str], victim: int = 1) ->
     import_checkpoint(str(stock), url)
     shm = tmp_path / "shm"
     shm.mkdir()
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKLOADS / "peer_loss.py"), url, how, str(tmp_path / "out")],
-                              env=env(RANK=str(r), WORLD_SIZE=str(len(nodes)), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                      DISTCKPT_SHM_DIR=str(shm), DISTCKPT_NODE_ID=node, VICTIM=str(victim)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r, node in enumerate(nodes)]  # fmt: skip
-    outs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
-    assert procs[victim].returncode == 9, outs[victim][-3000:]
+    procs = _ranks("peer_loss.py", [url, how, str(tmp_path / "out")], nodes, DISTCKPT_SHM_DIR=str(shm),
+                   VICTIM=str(victim))
+    assert procs[victim].returncode == 9, procs[victim].stdout[-3000:]
     survivors = [r for r in range(len(nodes)) if r != victim]
     for r in survivors:
-        assert procs[r].returncode == 0, outs[r][-3000:]
+        assert procs[r].returncode == 0, procs[r].stdout[-3000:]
     return {r: load_json(tmp_path / f"out.{r}.json") for r in survivors}
 
 
@@ -187,16 +194,9 @@ def test_a_peer_lost_while_segments_are_set_up_leaves_no_file_of_the_survivor(tm
 
 def _load_on_hosts(tmp_path: Path, url: str, how: str, nodes: list[str]) -> list[dict]:
     """tests/workloads/hosts_load.py on len(nodes) gloo ranks, rank r on simulated host nodes[r]; each rank's report."""
-    port = str(free_port())
     out = tmp_path / f"{how}-{''.join(nodes)}"
-    procs = [subprocess.Popen([sys.executable, str(WORKLOADS / "hosts_load.py"), url, how, str(out)],
-                              env=env(RANK=str(r), WORLD_SIZE=str(len(nodes)), MASTER_ADDR="127.0.0.1",
-                                      MASTER_PORT=port, DISTCKPT_NODE_ID=node),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r, node in enumerate(nodes)]  # fmt: skip
-    logs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
-    for p, text in zip(procs, logs):
-        assert p.returncode == 0, text[-3000:]
+    for p in _ranks("hosts_load.py", [url, how, str(out)], nodes):
+        assert p.returncode == 0, p.stdout[-3000:]
     return [load_json(Path(f"{out}.{r}.json")) for r in range(len(nodes))]
 
 

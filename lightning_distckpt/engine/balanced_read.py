@@ -86,6 +86,13 @@ def deal(targets: dict[str, object], comm: Comm, layout: dict[str, list[tuple[in
     return owned
 
 
+def chunk_bytes(targets: dict[str, object], c: _Chunk) -> torch.Tensor:
+    """Chunk ``c``'s rows of its (contiguous CPU) target, as a flat uint8 view."""
+    t = targets[c.key]
+    assert isinstance(t, torch.Tensor)
+    return (t if t.dim() == 0 else t.narrow(0, c.start, c.rows)).reshape(-1).view(torch.uint8)
+
+
 def rounds(owned: list[list[_Chunk]], n: int) -> list[list[list[_Chunk]]]:
     """Split every rank's chunks into ``n`` rounds of about equal bytes: ``out[round][rank]``."""
     out: list[list[list[_Chunk]]] = [[[] for _ in owned] for _ in range(n)]
@@ -109,9 +116,7 @@ class Broadcaster:
         self.received = 0
 
     def _view(self, c: _Chunk) -> torch.Tensor:
-        t = self.targets[c.key]
-        assert isinstance(t, torch.Tensor)
-        return (t if t.dim() == 0 else t.narrow(0, c.start, c.rows)).reshape(-1).view(torch.uint8)
+        return chunk_bytes(self.targets, c)
 
     def send(self, owned: list[list[_Chunk]]) -> None:
         rank = self.comm.rank

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import torch
@@ -50,6 +50,7 @@ from lightning_distckpt.transforms import PART, block_codec
 from lightning_distckpt.transforms.compression import decode_plan
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -272,25 +273,15 @@ def read_tensors(
     others = {k: v for k, v in targets.items() if not is_balanceable(v)}  # read by every rank that has them
     if same_host != "broadcast":
         hosts = comm.all_gather(host_key(node_id()))
-        several = len(set(hosts)) > 1
-        if same_host == "auto" and several:
-            if across_hosts.even(hosts) and len(hosts) > len(set(hosts)):  # several ranks on each host
+        local = [r for r, h in enumerate(hosts) if h == hosts[comm.rank]]
+        if same_host == "auto" and len(local) < len(hosts):  # several hosts
+            if across_hosts.even(hosts) and len(local) > 1:  # the same number of ranks on each, several
                 dealt = deal(targets, comm, layout, places)  # read once per job
-                holds = across_hosts.held(dealt, hosts)
+                holds = across_hosts.held(dealt, hosts, local)  # this host's ranks: all that is fetched from
                 peers = Peers(comm, holds, targets, hosts)
                 if peers.ok:
-                    local = [r for r, h in enumerate(hosts) if h == hosts[comm.rank]]
-                    url = reader.sources[0].url()
-
-                    def send() -> int:
-                        try:
-                            return across_hosts.exchange(targets, comm, dealt, hosts)
-                        except Exception as e:  # a peer on another host is gone
-                            raise DistCheckpointError(f"{url}: sending chunks between hosts failed "
-                                                      f"({type(e).__name__}: {e})") from e
-
-                    _read_shared(reader, encodings, targets, others, dealt, local, comm, None,
-                                 _puller(peers, targets), 1, exchange=send, holds=holds)
+                    _read_shared(reader, encodings, targets, others, dealt, local, comm, None, _puller(peers, targets),
+                                 1, exchange=lambda: across_hosts.exchange(targets, comm, dealt, hosts), holds=holds)
                     return _shared_stats(reader.stats, "attach+send", start)
                 log.info("balanced reads fall back to broadcasts: %s", peers.why)
         else:
@@ -299,7 +290,6 @@ def read_tensors(
                 ranks = [r for r, h in enumerate(hosts) if h == host]
                 for r, chunks in enumerate(deal(targets, comm, layout, places, ranks=ranks)):
                     owned[r] += chunks
-            local = [r for r, h in enumerate(hosts) if h == hosts[comm.rank]]
             if same_host == "segments":
                 segments = SharedSegments(comm, owned, local)
                 if segments.ok:
@@ -394,7 +384,7 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
                     _add_piece(part, c, t, None if staged is None else staged(c, t))
                 _load_round(reader, encodings, part, comm)
                 if exchange is not None:
-                    got = exchange()  # from partners on other hosts
+                    got = _lost_peer(url, exchange)  # from partners on other hosts
                     received += got
                     reader.stats.bytes_process_group += got
                 _lost_peer(url, comm.barrier)  # every rank's chunks of this round are in place
@@ -411,12 +401,12 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
     reader.stats.bytes_broadcast = received
 
 
-def _lost_peer(url: str, collective: Callable[[], None], error: BaseException | None = None) -> None:
-    """Run ``collective``; if the process group fails (a rank is gone: killed, crashed), raise a
+def _lost_peer(url: str, collective: Callable[[], T], error: BaseException | None = None) -> T:
+    """Run ``collective`` and return what it returns; if the process group fails (a rank is gone: killed, crashed), raise a
     `DistCheckpointError` that names the checkpoint, with the group's error as its cause (``error``: what this rank's
     own copies raised, if anything). Package errors pass through."""
     try:
-        collective()
+        return collective()
     except DistCheckpointError:
         raise
     except Exception as e:
