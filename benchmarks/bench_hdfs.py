@@ -22,6 +22,10 @@ the cluster's (3). ``--strategy mp`` (sharded: each rank loads exactly its share
 ends up with all of the state: ``plugin_load`` with the default ``same_host_reads="auto"``, which copies it out
 of the other rank's memory; ``plugin_load_broadcast`` and ``plugin_load_segments`` with the other two ways, in
 the same repeats; target: ``plugin_load`` >= 0.85x of ``raw_read_copy``). Writes benchmarks/results/hdfs_<strategy>.json.
+
+``--thp`` runs the ranks with PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (tensors of 2 MiB or more on transparent huge
+pages: the kernel copy out of another rank pins one page per 2 MiB instead of one per 4 KiB) and writes
+hdfs_<strategy>_thp.json; the result records how much of rank 0's memory was on huge pages (``rank0_anon_huge_bytes``).
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ def launcher(args: argparse.Namespace) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29710", __file__,
                "--worker", "--url", dfs.namenode_url + "/bench", "--repeats", str(args.repeats),
                "--width", str(args.width), "--depth", str(args.depth), "--strategy", args.strategy,
-               *([] if args.compression_rows else ["--no-compression-rows"])]  # fmt: skip
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+               *([] if args.compression_rows else ["--no-compression-rows"]), *(["--thp"] if args.thp else [])]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else {})}
+        subprocess.run(cmd, check=True, env=env)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -211,7 +216,8 @@ def worker(args: argparse.Namespace) -> None:
             "replication": 3, "datanodes": 4, "plugin_load_phases_rank0": phases,
             "cpu_idle_share": idle, "same_host_copy_Bps_rank0": copy_rates,
             "same_host_used": {k: sorted(set(v)) for k, v in used.items() if v},
-            "compressed_bytes_rank0": compressed_bytes,
+            "compressed_bytes_rank0": compressed_bytes, "thp_alloc": args.thp,
+            "rank0_anon_huge_bytes": anon_huge_bytes(),
             "seconds": {k: stats(v) for k, v in rows.items()}, "samples_s": rows,
             "throughput_MBps": {k: total / med[k] / 1e6 for k in med},
             "ratios": {"save: plugin / raw throughput": med["raw_write"] / med["plugin_save"],
@@ -232,9 +238,18 @@ def worker(args: argparse.Namespace) -> None:
                 "load (broadcasts): plugin / raw stream into memory": med["raw_read_copy"] / med["plugin_load_broadcast"],
                 "load (segments): plugin / raw stream into memory": med["raw_read_copy"] / med["plugin_load_segments"],
             })  # fmt: skip
-        print(write_result(f"hdfs_{args.strategy}", result))
+        print(write_result(f"hdfs_{args.strategy}" + ("_thp" if args.thp else ""), result))
         for k, v in result["ratios"].items():
             print(f"{k}: {v:.3f}")
+
+
+def anon_huge_bytes() -> int:
+    """This process's anonymous memory on transparent huge pages (/proc/self/smaps_rollup), in bytes."""
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 if __name__ == "__main__":
@@ -247,6 +262,8 @@ if __name__ == "__main__":
     p.add_argument("--strategy", choices=["ddp", "mp"], default="mp")
     p.add_argument("--no-compression-rows", dest="compression_rows", action="store_false",
                    help="skip the int8 and lossless saves")
+    p.add_argument("--thp", action="store_true", help="run the ranks with THP_MEM_ALLOC_ENABLE=1 (PyTorch's tensors "
+                   "on transparent huge pages); writes hdfs_<strategy>_thp.json")
     a = p.parse_args()
     if a.worker:
         worker(a)

@@ -181,6 +181,23 @@ def cpu_note(r: dict[str, Any]) -> str:
     return out + "."
 
 
+def thp_note(strategy: str) -> str:
+    """The same DDP benchmark run with PyTorch's tensors on transparent huge pages (a separate run), if there is one."""
+    r = load(f"hdfs_{strategy}_thp") if strategy == "ddp" else None
+    if r is None:
+        return ""
+    ratio = r["ratios"]["load: plugin / raw stream into memory"]
+    s, rates = r["samples_s"], r.get("same_host_copy_Bps_rank0") or []
+    per = sorted(b / p for b, p in zip(s["raw_read_copy"], s["plugin_load"]))
+    rate = f"; rank 0 copied the other rank's half at {statistics.median(rates) / 1e9:.1f} GB/s (median)" if rates else ""
+    return (f"\n**With `THP_MEM_ALLOC_ENABLE=1`** (PyTorch allocates tensors of 2 MiB or more on transparent huge "
+            f"pages; a separate run: `python benchmarks/bench_hdfs.py --strategy ddp --thp --no-compression-rows`, {r.get('rank0_anon_huge_bytes', 0) / 2**20:.0f} MiB of rank 0's "
+            f"memory on huge pages): default load {fmt_s(r['seconds']['plugin_load'])} against the stream into memory "
+            f"{fmt_s(r['seconds']['raw_read_copy'])}: **{ratio:.2f}×** by the medians, {'met' if ratio >= 0.85 else 'not met'}; "
+            f"per repeat {per[0]:.2f}–{per[-1]:.2f}×, {sum(x >= 0.85 for x in per)} of {len(per)} repeats at or above "
+            f"0.85×{rate}. {env_line(r)}\n")
+
+
 def hdfs() -> str:
     parts = []
     for strategy, title in (("mp", "ModelParallel (sharded: each rank loads its share)"),
@@ -207,7 +224,7 @@ def hdfs() -> str:
             + same_host_note(r, strategy)
             + "".join(f" {k}: **{r['ratios'][k]:.2f}×**." for k in ("save: uncompressed / int8 (speed-up)",
                                                                       "save: uncompressed / lossless (speed-up)") if k in r["ratios"])
-            + "\n",
+            + "\n" + thp_note(strategy),
         ]  # fmt: skip
     if not parts:
         return ""
