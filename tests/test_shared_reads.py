@@ -228,7 +228,35 @@ def test_several_hosts_read_once_swap_between_partners_and_attach_inside_each_ho
     assert sum(g["read"] for g in per_host) == pytest.approx(2 * total, rel=0.05)
     assert all(g["by_group"] == 0 for g in per_host)
 
-    # hosts of unequal size: no partner for every rank, so the default broadcasts
+    # hosts of unequal size: rank 2, alone on B, sends to rank 0 (local index 0 mod 2) and receives from both
+    # ranks of A everything it did not read; rank 1 gets B's part by attaching to rank 0
     uneven = _load_on_hosts(tmp_path, url, "auto", ["A", "A", "B"])
-    assert all(g["digests"] == got[0]["digests"] and g["same_host"] == "broadcast" for g in uneven)
-    assert all(g["by_group"] == g["received"] > 0 for g in uneven)
+    assert all(g["digests"] == got[0]["digests"] and g["same_host"] == "attach+send" for g in uneven)
+    assert sum(g["read"] for g in uneven) == pytest.approx(total, rel=0.05)
+    assert uneven[2]["by_group"] == uneven[2]["received"] > 0
+    assert 0 < uneven[0]["by_group"] < uneven[0]["received"]
+    assert uneven[1]["by_group"] == 0 < uneven[1]["received"]
+
+    # one rank per host: nothing to attach to, so the default broadcasts
+    alone = _load_on_hosts(tmp_path, url, "auto", ["A", "B"])
+    assert all(g["digests"] == got[0]["digests"] and g["same_host"] == "broadcast" for g in alone)
+    assert all(g["by_group"] == g["received"] > 0 for g in alone)
+
+
+@pytest.mark.parametrize("sizes", [(2, 2), (2, 1), (3, 1, 2), (4, 3, 1, 1), (1, 5)])
+def test_every_host_gets_each_chunk_once_from_the_hosts_it_did_not_read_it_on(sizes):
+    from lightning_distckpt.engine import across_hosts
+
+    hosts = [f"h{i}" for i, n in enumerate(sizes) for _ in range(n)]
+    hosts = hosts[1::2] + hosts[::2]  # ranks of a host need not be adjacent
+    owned = [[(r, k) for k in range(3)] for r in range(len(hosts))]  # rank r read chunks (r, 0..2)
+    for r in range(len(hosts)):  # who sends to whom: the same relation seen from either side
+        assert all(r in across_hosts.senders(q, hosts) for q in across_hosts.receivers(r, hosts))
+        assert all(r in across_hosts.receivers(q, hosts) for q in across_hosts.senders(r, hosts))
+        assert len(across_hosts.receivers(r, hosts)) == len(sizes) - 1  # one per other host
+    for h in set(hosts):
+        ranks = [r for r, x in enumerate(hosts) if x == h]
+        held = across_hosts.held(owned, hosts, ranks)
+        on_host = [c for r in ranks for c in held[r]]
+        assert sorted(on_host) == sorted(c for chunks in owned for c in chunks)  # every chunk, once per host
+        assert all(held[r] == [] for r in range(len(hosts)) if r not in ranks)

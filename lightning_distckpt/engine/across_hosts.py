@@ -1,10 +1,12 @@
 """Balanced reads over several hosts: every replicated byte crosses the network once per host, not once per rank.
 
-The chunks are dealt over all ranks (the job reads each byte once). A rank is then paired with the ranks of the
-same local index on the other hosts (its *partners*: the n-th rank of each host), and sends them what it read,
-point to point over the process group; after that, each chunk is held on every host by one rank, and the other
-ranks of that host copy it out of that rank's memory (`lightning_distckpt.engine.attach`). With ``k`` ranks per
-host, a host receives each byte from the network once, where broadcasts deliver it to each of its ``k`` ranks.
+The chunks are dealt over all ranks (the job reads each byte once). Each rank then sends what it read, point to
+point over the process group, to one rank of every other host: its *receiver* there, the rank whose local index
+is the sender's local index modulo that host's number of ranks (with hosts of one size: the rank of the same
+local index). After that, each chunk is held on every host by one rank, and the other ranks of that host copy it
+out of that rank's memory (`lightning_distckpt.engine.attach`). With ``k`` ranks per host, a host receives each
+byte from the network once, where broadcasts deliver it to each of its ``k`` ranks. Hosts may differ in size; a
+host of one rank receives from every other host everything it did not read.
 """
 
 from __future__ import annotations
@@ -32,21 +34,45 @@ def local_indices(hosts: Sequence[str]) -> list[int]:
     return out
 
 
-def even(hosts: Sequence[str]) -> bool:
-    """Whether every host runs the same number of ranks (then every rank has one partner on each other host)."""
-    return len(set(Counter(hosts).values())) == 1
+def applies(hosts: Sequence[str]) -> bool:
+    """Whether sending between hosts and attaching inside them pays: several hosts, one of them with several
+    ranks (with one rank per host there is nothing to attach to, and broadcasts do the same). The same on every
+    rank: it depends on ``hosts`` only."""
+    sizes = Counter(hosts)
+    return len(sizes) > 1 and max(sizes.values()) > 1
+
+
+def _members(hosts: Sequence[str]) -> dict[str, list[int]]:
+    """Each host's ranks, in rank order."""
+    out: dict[str, list[int]] = defaultdict(list)
+    for r, h in enumerate(hosts):
+        out[h].append(r)
+    return out
+
+
+def receivers(rank: int, hosts: Sequence[str]) -> list[int]:
+    """The ranks that ``rank`` sends its chunks to: one per other host (in host order of first appearance)."""
+    index, members = local_indices(hosts), _members(hosts)
+    return [ranks[index[rank] % len(ranks)] for h, ranks in members.items() if h != hosts[rank]]
+
+
+def senders(rank: int, hosts: Sequence[str], index: Sequence[int] | None = None,
+            size: dict[str, int] | None = None) -> list[int]:
+    """The ranks that send their chunks to ``rank`` (those of other hosts whose receiver on its host it is), in
+    rank order; O(ranks)."""
+    index = local_indices(hosts) if index is None else index
+    size = Counter(hosts) if size is None else size
+    n = size[hosts[rank]]
+    return [r for r, h in enumerate(hosts) if h != hosts[rank] and index[r] % n == index[rank]]
 
 
 def held(owned: Sequence[Sequence[Any]], hosts: Sequence[str], ranks: Sequence[int]) -> list[list[Any]]:
-    """What each of ``ranks`` holds once partners have exchanged: its own chunks, then its partners' (in rank
-    order); ``[]`` for the other ranks. Needs `even` hosts; O(ranks + what is listed)."""
-    index = local_indices(hosts)
-    by_index: dict[int, list[int]] = defaultdict(list)  # local index -> the ranks that have it, one per host
-    for r, i in enumerate(index):
-        by_index[i].append(r)
+    """What each of ``ranks`` holds once the hosts have exchanged: its own chunks, then those of its `senders` (in
+    rank order); ``[]`` for the other ranks. O(ranks x len(ranks) + what is listed); ``ranks`` is one host's."""
+    index, size = local_indices(hosts), Counter(hosts)
     out: list[list[Any]] = [[] for _ in hosts]
     for r in ranks:
-        out[r] = list(owned[r]) + [c for p in by_index[index[r]] if p != r for c in owned[p]]
+        out[r] = list(owned[r]) + [c for p in senders(r, hosts, index, size) for c in owned[p]]
     return out
 
 
@@ -58,29 +84,32 @@ def _split(targets: dict[str, Any], chunks: Sequence[Any]) -> tuple[list[torch.T
 
 
 def exchange(targets: dict[str, Any], comm: Comm, owned: Sequence[Sequence[Any]], hosts: Sequence[str]) -> int:
-    """Send this rank's chunks (read into ``targets``) to its partners (the ranks of its local index on the other
-    hosts) and receive theirs into ``targets``.
+    """Send this rank's chunks (read into ``targets``) to its `receivers` on the other hosts and receive those of
+    its `senders` into ``targets``.
 
     Collective over ``comm`` (every rank calls it with the same ``owned`` and ``hosts``, after every rank's chunks
     are in place); blocks until this rank's sends and receives are done. Returns the bytes received. A lost peer
     raises the process group's error.
     """
     group = comm.group
-    index = local_indices(hosts)
-    partners = [r for r in range(len(hosts)) if index[r] == index[comm.rank] and r != comm.rank]
-    big, small = _split(targets, owned[comm.rank])  # ours, the same to every partner (tags: position, packed last)
+    to, frm = receivers(comm.rank, hosts), senders(comm.rank, hosts)
+
+    def peer(r: int) -> int:
+        return dist.get_global_rank(group, r) if group is not None else r
+
+    big, small = _split(targets, owned[comm.rank])  # ours, the same to every receiver (tags: position, packed last)
     packed = torch.cat(small) if small else None
     works, unpack = [], []
-    for p in partners:
-        peer = dist.get_global_rank(group, p) if group is not None else p
-        works += [dist.isend(v, peer, group=group, tag=tag) for tag, v in enumerate(big)]
+    for r in to:
+        works += [dist.isend(v, peer(r), group=group, tag=tag) for tag, v in enumerate(big)]
         if packed is not None:
-            works.append(dist.isend(packed, peer, group=group, tag=len(big)))
-        their_big, their_small = _split(targets, owned[p])  # the partner's, into our targets
-        works += [dist.irecv(v, peer, group=group, tag=tag) for tag, v in enumerate(their_big)]
+            works.append(dist.isend(packed, peer(r), group=group, tag=len(big)))
+    for r in frm:
+        their_big, their_small = _split(targets, owned[r])  # the sender's, into our targets
+        works += [dist.irecv(v, peer(r), group=group, tag=tag) for tag, v in enumerate(their_big)]
         if their_small:
             unpack.append((torch.empty(sum(v.numel() for v in their_small), dtype=torch.uint8), their_small))
-            works.append(dist.irecv(unpack[-1][0], peer, group=group, tag=len(their_big)))
+            works.append(dist.irecv(unpack[-1][0], peer(r), group=group, tag=len(their_big)))
     for w in works:
         w.wait()
     for buf, views in unpack:
@@ -88,4 +117,4 @@ def exchange(targets: dict[str, Any], comm: Comm, owned: Sequence[Sequence[Any]]
         for v in views:
             v.copy_(buf[pos : pos + v.numel()])
             pos += v.numel()
-    return sum(c.nbytes for p in partners for c in owned[p])
+    return sum(c.nbytes for r in frm for c in owned[r])

@@ -248,7 +248,9 @@ def read_tensors(
     ``"attach"``: read once per host, each rank copying its peers' chunks straight out of their memory
     (``lightning_distckpt.engine.attach``); ``"segments"``: read once per host into shared-memory segments;
     ``"broadcast"``: read once per job and broadcast over the process group; ``"auto"``: attach when every
-    rank runs on one host and the kernel allows it, else broadcast. Attach and segments fall back to
+    rank runs on one host and the kernel allows it; on several hosts, one of them with several ranks, read once
+    per job, send each rank's part to one rank of every other host and attach inside each host
+    (``"attach+send"``, `lightning_distckpt.engine.across_hosts`); else broadcast. Attach and segments fall back to
     broadcasts (the same on every rank) when any rank cannot use them. ``progress`` is called (from reader
     threads) with the stored bytes of every verified read.
     """
@@ -275,7 +277,7 @@ def read_tensors(
         hosts = comm.all_gather(host_key(node_id()))
         local = [r for r, h in enumerate(hosts) if h == hosts[comm.rank]]
         if same_host == "auto" and len(local) < len(hosts):  # several hosts
-            if across_hosts.even(hosts) and len(local) > 1:  # the same number of ranks on each, several
+            if across_hosts.applies(hosts):  # some host runs several ranks (the same verdict on every rank)
                 dealt = deal(targets, comm, layout, places)  # read once per job
                 holds = across_hosts.held(dealt, hosts, local)  # this host's ranks: all that is fetched from
                 peers = Peers(comm, holds, targets, hosts)
@@ -362,7 +364,7 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
     read. Returns after a last collective, so that no rank goes on (and changes its tensors) while another
     still fetches from it; a failed fetch on any rank is then the same error on every rank.
 
-    Across hosts (one round): ``exchange`` runs after the read (partners on other hosts swap their chunks) and
+    Across hosts (one round): ``exchange`` runs after the read (ranks send their chunks to other hosts) and
     returns the bytes it received; ``holds[r]`` is what local rank ``r`` then holds, and is fetched from."""
     assert exchange is None or max_rounds == 1
     url = reader.sources[0].url()
@@ -384,7 +386,7 @@ def _read_shared(reader: CheckpointReader, encodings: dict[str, Any], targets: d
                     _add_piece(part, c, t, None if staged is None else staged(c, t))
                 _load_round(reader, encodings, part, comm)
                 if exchange is not None:
-                    got = _lost_peer(url, exchange)  # from partners on other hosts
+                    got = _lost_peer(url, exchange)  # from the senders on other hosts
                     received += got
                     reader.stats.bytes_process_group += got
                 _lost_peer(url, comm.barrier)  # every rank's chunks of this round are in place

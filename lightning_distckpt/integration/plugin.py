@@ -142,8 +142,8 @@ class DistCheckpointIO(CheckpointIO, RoutedIO):
             kernel copy, ``process_vm_readv``; needs ptrace permission between the ranks, see docs/torchrun.md);
             ``"segments"``: once per host, through shared-memory segments in /dev/shm; ``"broadcast"``: once
             per job, broadcast over gloo. ``"auto"`` (default): attach when all ranks run on one host; on several
-            hosts with the same number of ranks each, read once per job, send each rank's part to the rank of
-            its local index on the other hosts, and attach inside each host; else broadcast. Attach (also
+            hosts, one of them with several ranks, read once per job, send each rank's part to one rank of every
+            other host, and attach inside each host; with one rank per host, broadcast. Attach (also
             inside ``"auto"``) and segments fall back to broadcasts when any rank cannot use them.
         write_threads: Files (and concurrent streams) per rank and save.
         read_threads: Concurrent readers per rank and load.
