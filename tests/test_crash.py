@@ -18,7 +18,7 @@ INJECTED = ["0:open_write:3", "1:open_write:3", "0:write_bytes:5", "0:write_byte
 
 
 def test_random_kills_then_resume(tmp_path):
-    cycles = int(os.environ.get("DISTCKPT_TORTURE_CYCLES", "3"))
+    cycles = int(os.environ.get("DISTCKPT_TORTURE_CYCLES", "2"))
     t = Torture(tmp_path, str(tmp_path / "ckpts"), seed=int(os.environ.get("DISTCKPT_TORTURE_SEED", "0")))
     for crash in INJECTED:
         t.cycle(crash=crash)
@@ -33,9 +33,9 @@ def test_random_kills_then_resume(tmp_path):
 
 def test_torture_kills_with_replication(tmp_path):
     """SIGKILLs at random (seeded) moments of 2-rank saves and replications, each followed by an automatic resume
-    from the newest committed copy (primary or replica). CI runs 15 (``DISTCKPT_TORTURE_RAW_CYCLES`` sets
+    from the newest committed copy (primary or replica). CI runs 10 (``DISTCKPT_TORTURE_RAW_CYCLES`` sets
     more); the 100-kill torture of ``benchmarks/bench_recovery.py`` runs the long version."""
-    cycles = int(os.environ.get("DISTCKPT_TORTURE_RAW_CYCLES", "15"))
+    cycles = int(os.environ.get("DISTCKPT_TORTURE_RAW_CYCLES", "10"))
     t = Torture(tmp_path, str(tmp_path / "primary"), driver="raw", replica_url=str(tmp_path / "replica"), seed=11)
     for _ in range(cycles):
         t.cycle(max_delay=1.5)
