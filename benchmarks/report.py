@@ -152,6 +152,20 @@ def per_repeat(r: dict[str, Any], strategy: str) -> str:
     return f" Per repeat, load vs that baseline ranged {ratios[0]:.2f}–{ratios[-1]:.2f}× ({len(ratios)} repeats)."
 
 
+def same_host_repeats(r: dict[str, Any]) -> str:
+    """The default load against the stream into memory, repeat by repeat (the same-host target's baseline)."""
+    s = r["samples_s"]
+    per = sorted(b / p for b, p in zip(s["raw_read_copy"], s["plugin_load"]))
+    return (f"per repeat {per[0]:.2f}–{per[-1]:.2f}× (median {statistics.median(per):.2f}×), "
+            f"{sum(x >= 0.85 for x in per)} of {len(per)} repeats at or above 0.85×")
+
+
+def copy_rate(r: dict[str, Any]) -> str:
+    """How fast rank 0 got the other rank's half (median over the default loads), if recorded."""
+    rates = r.get("same_host_copy_Bps_rank0") or []
+    return f"; rank 0 copied the other rank's half at {statistics.median(rates) / 1e9:.1f} GB/s (median)" if rates else ""
+
+
 def same_host_note(r: dict[str, Any], strategy: str) -> str:
     """How the DDP loads shared their bytes (as each load reported it), and the same-host target's verdict."""
     used = r.get("same_host_used")
@@ -159,26 +173,20 @@ def same_host_note(r: dict[str, Any], strategy: str) -> str:
         return ""
     ratio = r["ratios"]["load: plugin / raw stream into memory"]
     verdict = "met" if ratio >= 0.85 else "not met"
-    samples = r["samples_s"]
-    per = sorted(b / p for b, p in zip(samples["raw_read_copy"], samples["plugin_load"]))
     return (" How the loads shared the other rank's half, as each reported it: "
             + ", ".join(f"same_host_reads=\"{k}\" → {'/'.join(v)}" for k, v in used.items())
             + f". Same-host target (default load ≥ 0.85× of the stream into memory): **{verdict}** by the medians "
-            f"({ratio:.2f}×); per repeat {per[0]:.2f}–{per[-1]:.2f}× (median {statistics.median(per):.2f}×), "
-            f"{sum(x >= 0.85 for x in per)} of {len(per)} repeats at or above 0.85×." + cpu_note(r))
+            f"({ratio:.2f}×); {same_host_repeats(r)}." + cpu_note(r))
 
 
 def cpu_note(r: dict[str, Any]) -> str:
     """How busy the machine's cores were during the default load and the baseline, and how fast the other half came."""
-    idle, rates = r.get("cpu_idle_share") or {}, r.get("same_host_copy_Bps_rank0") or []
+    idle = r.get("cpu_idle_share") or {}
     if "plugin_load" not in idle or "raw_read_copy" not in idle:
         return ""
-    out = (f" Idle CPU share of the machine (median; the MiniDFS datanodes share its cores): "
-           f"{statistics.median(idle['plugin_load']):.0%} during the default load, "
-           f"{statistics.median(idle['raw_read_copy']):.0%} during the stream into memory")
-    if rates:
-        out += f"; rank 0 copied the other rank's half at {statistics.median(rates) / 1e9:.1f} GB/s (median)"
-    return out + "."
+    return (f" Idle CPU share of the machine (median; the MiniDFS datanodes share its cores): "
+            f"{statistics.median(idle['plugin_load']):.0%} during the default load, "
+            f"{statistics.median(idle['raw_read_copy']):.0%} during the stream into memory{copy_rate(r)}.")
 
 
 def thp_note(strategy: str) -> str:
@@ -187,15 +195,12 @@ def thp_note(strategy: str) -> str:
     if r is None:
         return ""
     ratio = r["ratios"]["load: plugin / raw stream into memory"]
-    s, rates = r["samples_s"], r.get("same_host_copy_Bps_rank0") or []
-    per = sorted(b / p for b, p in zip(s["raw_read_copy"], s["plugin_load"]))
-    rate = f"; rank 0 copied the other rank's half at {statistics.median(rates) / 1e9:.1f} GB/s (median)" if rates else ""
     return (f"\n**With `THP_MEM_ALLOC_ENABLE=1`** (PyTorch allocates tensors of 2 MiB or more on transparent huge "
-            f"pages; a separate run: `python benchmarks/bench_hdfs.py --strategy ddp --thp --no-compression-rows`, {r.get('rank0_anon_huge_bytes', 0) / 2**20:.0f} MiB of rank 0's "
-            f"memory on huge pages): default load {fmt_s(r['seconds']['plugin_load'])} against the stream into memory "
-            f"{fmt_s(r['seconds']['raw_read_copy'])}: **{ratio:.2f}×** by the medians ({'at or above' if ratio >= 0.85 else 'below'} the default's 0.85× target); "
-            f"per repeat {per[0]:.2f}–{per[-1]:.2f}× (median {statistics.median(per):.2f}×), {sum(x >= 0.85 for x in per)} "
-            f"of {len(per)} repeats at or above 0.85×{rate}. The target is about the default (no such variable): this "
+            f"pages; a separate run: `python benchmarks/bench_hdfs.py --strategy ddp --thp --no-compression-rows`, "
+            f"{r.get('rank0_anon_huge_bytes', 0) / 2**20:.0f} MiB of rank 0's memory on huge pages): default load "
+            f"{fmt_s(r['seconds']['plugin_load'])} against the stream into memory {fmt_s(r['seconds']['raw_read_copy'])}: "
+            f"**{ratio:.2f}×** by the medians ({'at or above' if ratio >= 0.85 else 'below'} the default's 0.85× "
+            f"target); {same_host_repeats(r)}{copy_rate(r)}. The target is about the default (no such variable): this "
             f"run shows what the kernel copy costs when the tensors it reads from are on huge pages. {env_line(r)}\n")
 
 

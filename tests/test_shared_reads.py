@@ -250,10 +250,11 @@ def test_every_host_gets_each_chunk_once_from_the_hosts_it_did_not_read_it_on(si
     hosts = [f"h{i}" for i, n in enumerate(sizes) for _ in range(n)]
     hosts = hosts[1::2] + hosts[::2]  # ranks of a host need not be adjacent
     owned = [[(r, k) for k in range(3)] for r in range(len(hosts))]  # rank r read chunks (r, 0..2)
+    where = across_hosts.HostMap(hosts)
     for r in range(len(hosts)):  # who sends to whom: the same relation seen from either side
-        assert all(r in across_hosts.senders(q, hosts) for q in across_hosts.receivers(r, hosts))
-        assert all(r in across_hosts.receivers(q, hosts) for q in across_hosts.senders(r, hosts))
-        assert len(across_hosts.receivers(r, hosts)) == len(sizes) - 1  # one per other host
+        assert all(r in where.senders(q) for q in where.receivers(r))
+        assert all(r in where.receivers(q) for q in where.senders(r))
+        assert len(where.receivers(r)) == len(sizes) - 1  # one per other host
     for h in set(hosts):
         ranks = [r for r, x in enumerate(hosts) if x == h]
         held = across_hosts.held(owned, hosts, ranks)

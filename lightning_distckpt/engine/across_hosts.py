@@ -42,37 +42,35 @@ def applies(hosts: Sequence[str]) -> bool:
     return len(sizes) > 1 and max(sizes.values()) > 1
 
 
-def _members(hosts: Sequence[str]) -> dict[str, list[int]]:
-    """Each host's ranks, in rank order."""
-    out: dict[str, list[int]] = defaultdict(list)
-    for r, h in enumerate(hosts):
-        out[h].append(r)
-    return out
+class HostMap:
+    """Where the ranks run (``hosts[r]``: rank ``r``'s host), with each rank's local index and each host's ranks,
+    computed once (O(ranks)); then who sends to whom. Immutable; the same on every rank that has the same ``hosts``."""
 
+    def __init__(self, hosts: Sequence[str]) -> None:
+        self.hosts = list(hosts)
+        self.index = local_indices(hosts)
+        self.members: dict[str, list[int]] = defaultdict(list)  # each host's ranks, in rank order
+        for r, h in enumerate(hosts):
+            self.members[h].append(r)
 
-def receivers(rank: int, hosts: Sequence[str]) -> list[int]:
-    """The ranks that ``rank`` sends its chunks to: one per other host (in host order of first appearance)."""
-    index, members = local_indices(hosts), _members(hosts)
-    return [ranks[index[rank] % len(ranks)] for h, ranks in members.items() if h != hosts[rank]]
+    def receivers(self, rank: int) -> list[int]:
+        """The ranks that ``rank`` sends its chunks to: one per other host (in host order of first appearance)."""
+        return [ranks[self.index[rank] % len(ranks)] for h, ranks in self.members.items() if h != self.hosts[rank]]
 
-
-def senders(rank: int, hosts: Sequence[str], index: Sequence[int] | None = None,
-            size: dict[str, int] | None = None) -> list[int]:
-    """The ranks that send their chunks to ``rank`` (those of other hosts whose receiver on its host it is), in
-    rank order; O(ranks)."""
-    index = local_indices(hosts) if index is None else index
-    size = Counter(hosts) if size is None else size
-    n = size[hosts[rank]]
-    return [r for r, h in enumerate(hosts) if h != hosts[rank] and index[r] % n == index[rank]]
+    def senders(self, rank: int) -> list[int]:
+        """The ranks that send their chunks to ``rank`` (those of other hosts whose receiver on its host it is), in
+        rank order; O(ranks)."""
+        host, n = self.hosts[rank], len(self.members[self.hosts[rank]])
+        return [r for r, h in enumerate(self.hosts) if h != host and self.index[r] % n == self.index[rank]]
 
 
 def held(owned: Sequence[Sequence[Any]], hosts: Sequence[str], ranks: Sequence[int]) -> list[list[Any]]:
-    """What each of ``ranks`` holds once the hosts have exchanged: its own chunks, then those of its `senders` (in
+    """What each of ``ranks`` holds once the hosts have exchanged: its own chunks, then those of its senders (in
     rank order); ``[]`` for the other ranks. O(ranks x len(ranks) + what is listed); ``ranks`` is one host's."""
-    index, size = local_indices(hosts), Counter(hosts)
+    where = HostMap(hosts)
     out: list[list[Any]] = [[] for _ in hosts]
     for r in ranks:
-        out[r] = list(owned[r]) + [c for p in senders(r, hosts, index, size) for c in owned[p]]
+        out[r] = list(owned[r]) + [c for p in where.senders(r) for c in owned[p]]
     return out
 
 
@@ -84,15 +82,16 @@ def _split(targets: dict[str, Any], chunks: Sequence[Any]) -> tuple[list[torch.T
 
 
 def exchange(targets: dict[str, Any], comm: Comm, owned: Sequence[Sequence[Any]], hosts: Sequence[str]) -> int:
-    """Send this rank's chunks (read into ``targets``) to its `receivers` on the other hosts and receive those of
-    its `senders` into ``targets``.
+    """Send this rank's chunks (read into ``targets``) to its receivers on the other hosts and receive those of
+    its senders into ``targets`` (`HostMap`).
 
     Collective over ``comm`` (every rank calls it with the same ``owned`` and ``hosts``, after every rank's chunks
     are in place); blocks until this rank's sends and receives are done. Returns the bytes received. A lost peer
     raises the process group's error.
     """
     group = comm.group
-    to, frm = receivers(comm.rank, hosts), senders(comm.rank, hosts)
+    where = HostMap(hosts)
+    to, frm = where.receivers(comm.rank), where.senders(comm.rank)
 
     def peer(r: int) -> int:
         return dist.get_global_rank(group, r) if group is not None else r
