@@ -175,6 +175,13 @@ def test_a_peer_lost_during_attach_copies_is_a_package_error_on_the_survivor(tmp
 
 
 @pytest.mark.slow
+def test_a_peer_lost_inside_the_collective_read_is_a_package_error_on_the_survivor(tmp_path):
+    (got,) = _lose_a_rank(tmp_path, "read", ["A", "A"]).values()  # gloo's own error before the wrap: a RuntimeError
+    assert got["module"].startswith("lightning_distckpt") and got["type"] == "DistCheckpointError", got
+    assert str(tmp_path / "ck") in got["message"] and "lost one of their peers" in got["message"], got
+
+
+@pytest.mark.slow
 def test_a_rank_lost_during_the_sends_between_hosts_is_a_package_error_on_every_survivor(tmp_path):
     got = _lose_a_rank(tmp_path, "send", ["A", "A", "B", "B"], victim=3)
     for r, g in got.items():  # its partner (rank 1) fails in the sends, the others at the next collective

@@ -413,7 +413,7 @@ def _lost_peer(url: str, collective: Callable[[], T], error: BaseException | Non
         raise
     except Exception as e:
         mine = f"; this rank's copies: {type(error).__name__}: {error}" if error is not None else ""
-        raise DistCheckpointError(f"{url}: the ranks that share this load's bytes lost one of their peers "
+        raise DistCheckpointError(f"{url}: the ranks of this load lost one of their peers "
                                   f"({type(e).__name__}: {e}){mine}") from e
 
 
@@ -426,11 +426,17 @@ ROUND_MIN_BYTES = 32 << 20  # fewer rounds when a rank reads less than ROUNDS of
 def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: dict[str, Any], comm: Comm) -> None:
     """One collective DCP load of ``targets`` (decoding encoded tensors into them)."""
     read, decode = decode_plan(encodings, targets)
-    try:
+
+    def load() -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(read, storage_reader=reader, planner=load_planner(), process_group=comm.group,
                      no_dist=not comm.active)
+
+    try:
+        # what a rank raises inside DCP reaches every rank as DCP's CheckpointException (a BaseException, passed
+        # through); an Exception out of a collective load is a failed collective: a rank is gone
+        _lost_peer(reader.sources[0].url(), load) if comm.active else load()
     except BaseException as e:
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):

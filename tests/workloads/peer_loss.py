@@ -1,9 +1,10 @@
 """A balanced load on gloo ranks where one rank (``VICTIM``, default 1) dies (``os._exit``) at a chosen point;
 every other rank reports what it raised.
 
-    python peer_loss.py CKPT_URL {attach,segments,send} OUT_PREFIX   (RANK, WORLD_SIZE, MASTER_ADDR/PORT set)
+    python peer_loss.py CKPT_URL {attach,read,segments,send} OUT_PREFIX   (RANK, WORLD_SIZE, MASTER_ADDR/PORT set)
 
-``attach``: the victim exits at its first copy out of another rank's memory. ``segments``: it exits right after
+``attach``: the victim exits at its first copy out of another rank's memory. ``read``: it exits as it starts
+reading its part (inside DCP's collective load; the load uses ``same_host="auto"``). ``segments``: it exits right after
 it created its shared-memory segment, before the ranks exchange their names. ``send`` (ranks on several hosts,
 ``DISTCKPT_NODE_ID``; the load uses ``same_host="auto"``): it exits instead of sending its chunks to its partners.
 Each survivor writes ``OUT_PREFIX.<rank>.json``: what it raised (type, module, message) and the segment files
@@ -19,7 +20,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from lightning_distckpt.engine import across_hosts, balanced_read, loading
+from lightning_distckpt.engine import across_hosts, balanced_read, loading, reader
 from lightning_distckpt.ondisk import skeleton as state
 from lightning_distckpt.parallel.comm import Comm
 
@@ -32,6 +33,8 @@ def main(url: str, how: str, out: str) -> None:
             loading.copy_from = lambda *a: os._exit(9)  # dies while the others may still copy from it
         elif how == "send":
             across_hosts.exchange = lambda *a: os._exit(9)
+        elif how == "read":
+            reader.CheckpointReader.read_data = lambda *a: os._exit(9)  # type: ignore[method-assign]
         else:
             create = balanced_read.SharedSegments._create
 
@@ -43,7 +46,7 @@ def main(url: str, how: str, out: str) -> None:
     ckpt, sources = loading.open_for_load(url, comm)
     targets = loading.allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url, comm)
     try:
-        loading.read_tensors(ckpt, targets, sources=sources, comm=comm, same_host="auto" if how == "send" else how)
+        loading.read_tensors(ckpt, targets, sources=sources, comm=comm, same_host="auto" if how in ("send", "read") else how)
         raised: dict[str, str] = {"type": "", "message": "returned"}
     except BaseException as e:  # noqa: BLE001 - what a user would see is the point of this workload
         raised = {"type": type(e).__name__, "message": str(e), "module": type(e).__module__}
