@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +86,10 @@ def read_manifest(source: Source) -> ondisk.Manifest:
         raise CheckpointNotFoundError(f"{url}: no such checkpoint (path does not exist)")
     if not store.isdir(path):
         raise NotACheckpointError(f"{url}: is a file, not a lightning-distckpt checkpoint directory")
-    has_manifest = store.exists(store.join(path, ondisk.MANIFEST))
-    if not store.exists(store.join(path, ondisk.MARKER)):
+    manifest_there, marker_there = concurrently(lambda: store.exists(store.join(path, ondisk.MANIFEST)),
+                                                lambda: store.exists(store.join(path, ondisk.MARKER)))
+    has_manifest = manifest_there.result()
+    if not marker_there.result():
         if has_manifest or any(e.name.endswith(".distcp") or e.name == PENDING for e in store.listdir(path)):
             raise UncommittedCheckpointError(
                 f"{url}: checkpoint was never committed (no {ondisk.MARKER} marker: its save crashed or is in flight)"
@@ -93,9 +97,19 @@ def read_manifest(source: Source) -> ondisk.Manifest:
         raise NotACheckpointError(f"{url}: not a lightning-distckpt checkpoint (no {ondisk.MARKER} or {ondisk.MANIFEST})")
     if not has_manifest:
         raise CorruptCheckpointError(f"{source.url(ondisk.MANIFEST)}: missing from a committed checkpoint")
-    manifest_bytes = read_document(source, ondisk.MANIFEST)
-    ondisk.check_marker(read_document(source, ondisk.MARKER), manifest_bytes, source.url(ondisk.MARKER))
+    manifest_read, marker_read = concurrently(lambda: read_document(source, ondisk.MANIFEST),
+                                              lambda: read_document(source, ondisk.MARKER))
+    manifest_bytes = manifest_read.result()
+    ondisk.check_marker(marker_read.result(), manifest_bytes, source.url(ondisk.MARKER))
     return ondisk.Manifest.from_json(ondisk.loads(manifest_bytes, source.url(ondisk.MANIFEST)), source.url(ondisk.MANIFEST))
+
+
+def concurrently(*calls: Callable[[], Any]) -> list[Future[Any]]:
+    """Run ``calls`` (storage round trips without side effects) at the same time; returns once all are done, their
+    futures in order. Callers take each ``result()`` where they would have made the call, so that the errors they
+    raise, and their order, are those of calling them one after the other."""
+    with ThreadPoolExecutor(len(calls), thread_name_prefix="distckpt-documents") as pool:
+        return [pool.submit(c) for c in calls]
 
 
 def read_uncommitted_manifest(source: Source) -> ondisk.Manifest | None:
@@ -132,11 +146,14 @@ def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
     exist with its recorded size. Any problem is an error of this package naming the file and the key.
     """
     manifest = read_manifest(source)
+    metadata_bytes, skeleton_bytes, listing = concurrently(lambda: _read_listed(source, manifest, ondisk.METADATA),
+                                                           lambda: _read_listed(source, manifest, ondisk.STATE),
+                                                           lambda: source.store.listdir(source.path))
     metadata = ondisk.parse_metadata(
-        ondisk.loads(_read_listed(source, manifest, ondisk.METADATA), source.url(ondisk.METADATA)), source.url(ondisk.METADATA)
+        ondisk.loads(metadata_bytes.result(), source.url(ondisk.METADATA)), source.url(ondisk.METADATA)
     )
     check_codecs(metadata, source.url(ondisk.METADATA))
-    skeleton = ondisk.loads(_read_listed(source, manifest, ondisk.STATE), source.url(ondisk.STATE), ondisk.MAX_DEPTH)
+    skeleton = ondisk.loads(skeleton_bytes.result(), source.url(ondisk.STATE), ondisk.MAX_DEPTH)
     _skeleton.tensor_refs(skeleton)  # every tensor reference is a string
     if metadata.data_id != manifest.data_id:
         raise CorruptCheckpointError(f"{source.url(ondisk.METADATA)}: data_id {metadata.data_id!r} differs from the "
@@ -152,7 +169,7 @@ def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
                 raise CorruptCheckpointError(
                     f"{source.url(ondisk.METADATA)}: a chunk lies outside data file {key!r} as listed in the manifest"
                 )
-    entries = {e.name: e for e in source.store.listdir(source.path)}
+    entries = {e.name: e for e in listing.result()}
     for name, info in manifest.files.items():
         if "/" in name:  # in the root's block store (incremental checkpoints)
             try:
