@@ -434,9 +434,10 @@ def _load_round(reader: CheckpointReader, encodings: dict[str, Any], targets: di
                      no_dist=not comm.active)
 
     try:
-        # what a rank raises inside DCP reaches every rank as DCP's CheckpointException (a BaseException, passed
-        # through); an Exception out of a collective load is a failed collective: a rank is gone
-        _lost_peer(reader.sources[0].url(), load) if comm.active else load()
+        if comm.active:  # a rank's own errors reach every rank as DCP's CheckpointException (a BaseException, passed
+            _lost_peer(reader.sources[0].url(), load)  # through); an Exception out of it is a failed collective
+        else:
+            load()
     except BaseException as e:
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):

@@ -46,7 +46,8 @@ def main(url: str, how: str, out: str) -> None:
     ckpt, sources = loading.open_for_load(url, comm)
     targets = loading.allocate(ckpt.metadata, state.tensor_refs(ckpt.skeleton), url, comm)
     try:
-        loading.read_tensors(ckpt, targets, sources=sources, comm=comm, same_host="auto" if how in ("send", "read") else how)
+        same_host = "auto" if how in ("send", "read") else how
+        loading.read_tensors(ckpt, targets, sources=sources, comm=comm, same_host=same_host)
         raised: dict[str, str] = {"type": "", "message": "returned"}
     except BaseException as e:  # noqa: BLE001 - what a user would see is the point of this workload
         raised = {"type": type(e).__name__, "message": str(e), "module": type(e).__module__}
