@@ -22,4 +22,10 @@ export OMP_NUM_THREADS=1
 # the fresh-install check (tests/test_packaging.py: the built wheel in a venv with only its declared core
 # dependencies, ~30 s; by hand: python scripts/wheel_check.py). --durations=25 lists the slowest tests (the suite must stay
 # under 25 minutes on 2 cores).
-exec python -m pytest -q --durations=25 "$@"
+# Two pytest-xdist workers (DISTCKPT_TEST_WORKERS, 0: none): one worker alone leaves about a third of 2 cores idle
+# (interpreter start-ups, Java clusters starting, single-process tests); each worker starts its own MiniDFS and
+# mini HBase. worksteal: a worker that finishes early takes tests queued on the other.
+workers="${DISTCKPT_TEST_WORKERS:-2}"
+xdist=()
+[ "$workers" = 0 ] || xdist=(-n "$workers" --dist worksteal)
+exec python -m pytest -q --durations=25 "${xdist[@]}" "$@"

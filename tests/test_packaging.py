@@ -5,6 +5,7 @@ the built wheel, installed with its declared core dependencies only, imports and
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata as md
 import json
 import subprocess
@@ -60,8 +61,14 @@ def imports() -> list[tuple[str, str, int, bool]]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def installed_modules() -> dict[str, list[str]]:
+    """import name -> distributions, scanned once (``packages_distributions`` reads every installed distribution)."""
+    return md.packages_distributions()
+
+
 def distributions_of(module: str) -> set[str]:
-    found = md.packages_distributions().get(module, [])
+    found = installed_modules().get(module, [])
     return {canonicalize_name(d) for d in found} | ({canonicalize_name(KNOWN[module])} if module in KNOWN else set())
 
 
