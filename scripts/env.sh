@@ -13,10 +13,16 @@ _hash="$(cat "$_lock" "$_nodeps" | sha256sum | cut -c1-12)"
 _venv="$_cache/venv-$_hash"
 _python="${PYTHON:-python3}"
 
+# Several runs may start at once on a new machine (the example and the tests, two checkouts): the one that builds
+# the venv holds a lock on it, and the others wait for it instead of deleting a venv under construction.
+mkdir -p "$_cache"
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$_venv.lock"
+  flock 9
+fi
 if [ ! -x "$_venv/bin/python" ] || [ ! -f "$_venv/.complete" ]; then
   echo ">> creating $_venv (first run on this machine: installs torch and friends from PyPI)" >&2
   rm -rf "$_venv"
-  mkdir -p "$_cache"
   "$_python" -m venv "$_venv"
   "$_venv/bin/pip" install -q --upgrade pip "setuptools>=77" >&2
   "$_venv/bin/pip" install -q -r "$_lock" >&2
@@ -35,6 +41,9 @@ fi
 # PYTHONPATH below, so several checkouts (git worktrees, a fresh clone) can share one venv safely
 if [ ! -x "$_venv/bin/distckpt" ]; then
   "$_venv/bin/pip" install -q --no-deps --no-build-isolation -e "$_root" >&2
+fi
+if command -v flock >/dev/null 2>&1; then
+  exec 9>&-   # the lock goes with the descriptor
 fi
 export VIRTUAL_ENV="$_venv"
 export PATH="$_venv/bin:$PATH"
