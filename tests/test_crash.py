@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 # the staging directory renamed into place, the documents/marker written.
 INJECTED = ["0:open_write:3", "1:open_write:3", "0:write_bytes:5", "0:write_bytes:7", "0:write_bytes:8",
             "0:rename:2", "0:makedirs:2"]  # fmt: skip
-# CI's fixed subset: one crash point per kind of store call (a stream opened, a write, the rename into place);
+# CI's fixed subset: a stream opened (on rank 1), a write, the rename into place;
 # ``pytest -m long`` runs all of INJECTED (each cycle is a 2-rank training job, ~7 s on 2 CPUs)
 INJECTED_CI = ["1:open_write:3", "0:write_bytes:7", "0:rename:2"]
 
