@@ -16,7 +16,8 @@ _python="${PYTHON:-python3}"
 # Several runs may start at once on a new machine (the example and the tests, two checkouts): the one that builds
 # the venv holds a lock on it, and the others wait for it instead of deleting a venv under construction.
 mkdir -p "$_cache"
-if command -v flock >/dev/null 2>&1; then
+_flock="$(command -v flock || true)"
+if [ -n "$_flock" ]; then
   exec 9>"$_venv.lock"
   flock 9
 fi
@@ -42,7 +43,7 @@ fi
 if [ ! -x "$_venv/bin/distckpt" ]; then
   "$_venv/bin/pip" install -q --no-deps --no-build-isolation -e "$_root" >&2
 fi
-if command -v flock >/dev/null 2>&1; then
+if [ -n "$_flock" ]; then
   exec 9>&-   # the lock goes with the descriptor
 fi
 export VIRTUAL_ENV="$_venv"

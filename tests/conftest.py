@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ROOT / "tests" / "workloads"
 
 
+def subset_by_default(name: str, subset: list, full: list) -> pytest.MarkDecorator:
+    """Parametrize ``name`` with ``subset`` (id ``ci``, the default run) and ``full`` (id ``all``, marked ``long``:
+    ``pytest -m long``), for matrices too slow to run in full within the suite's 25 minutes."""
+    return pytest.mark.parametrize(name, [subset, pytest.param(full, marks=pytest.mark.long)], ids=["ci", "all"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import subset_by_default
 from crashing import Torture
 
 pytestmark = pytest.mark.slow
@@ -16,11 +17,11 @@ pytestmark = pytest.mark.slow
 INJECTED = ["0:open_write:3", "1:open_write:3", "0:write_bytes:5", "0:write_bytes:7", "0:write_bytes:8",
             "0:rename:2", "0:makedirs:2"]  # fmt: skip
 # CI's fixed subset: a stream opened (on rank 1), a write, the rename into place;
-# ``pytest -m long`` runs all of INJECTED (each cycle is a 2-rank training job, ~7 s on 2 CPUs)
+# ``pytest -m long`` runs all of INJECTED (each cycle is a 2-rank training job)
 INJECTED_CI = ["1:open_write:3", "0:write_bytes:7", "0:rename:2"]
 
 
-@pytest.mark.parametrize("points", [INJECTED_CI, pytest.param(INJECTED, marks=pytest.mark.long)], ids=["ci", "all"])
+@subset_by_default("points", INJECTED_CI, INJECTED)
 def test_random_kills_then_resume(tmp_path, points):
     cycles = int(os.environ.get("DISTCKPT_TORTURE_CYCLES", "2"))
     t = Torture(tmp_path, str(tmp_path / "ckpts"), seed=int(os.environ.get("DISTCKPT_TORTURE_SEED", "0")))
@@ -243,8 +244,7 @@ def test_a_forced_gc_during_a_save_costs_that_save_only(tmp_path):
 OVERWRITE_IN_TRAINING = ["publish:old-moved#2", "publish:renamed#4", "publish:committed#4", "remove:emptied#3"]
 
 
-@pytest.mark.parametrize("points", [OVERWRITE_IN_TRAINING[:2], pytest.param(OVERWRITE_IN_TRAINING, marks=pytest.mark.long)],
-                         ids=["ci", "all"])  # fmt: skip
+@subset_by_default("points", OVERWRITE_IN_TRAINING[:2], OVERWRITE_IN_TRAINING)
 def test_same_name_overwrite_crash_points_in_training_then_resume(tmp_path, points):
     t = Torture(tmp_path, str(tmp_path / "ckpts"), save_last=True, seed=3)
     t.cycle()  # a first run leaves checkpoints, "last" among them

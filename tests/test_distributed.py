@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_json, train
+from conftest import load_json, subset_by_default, train
 from workloads.common import state_differences
 
 from lightning_distckpt import list_checkpoints
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 # Every hop resumes the previous hop's checkpoint ("last"), checks that the restored state is exactly the
 # saved one, trains one step and saves: ModelParallel on 2 ranks to and from every other strategy/size.
 CHAIN = [("mp", 2), ("mp", 3), ("mp", 2), ("ddp", 2), ("mp", 2), ("fsdp", 2), ("mp", 2), ("single", 1), ("mp", 2)]
-# CI's shorter chain (each hop is a training job, ~7 s on 2 CPUs): every strategy and size is saved from and
+# CI's shorter chain (each hop is a training job): every strategy and size is saved from and
 # resumed into at least once, three of its hops (ddp -> mp on 3 -> one process -> fsdp) are not in CHAIN;
 # ``pytest -m long`` runs CHAIN
 CHAIN_CI = [("mp", 2), ("ddp", 2), ("mp", 3), ("single", 1), ("fsdp", 2), ("mp", 2)]
@@ -30,7 +30,7 @@ def assert_same_state(saved: dict, restored: dict) -> None:
     assert not diffs, f"state differs in {diffs}: {detail}"
 
 
-@pytest.mark.parametrize("chain", [CHAIN_CI, pytest.param(CHAIN, marks=pytest.mark.long)], ids=["ci", "all"])
+@subset_by_default("chain", CHAIN_CI, CHAIN)
 def test_exact_resume_across_strategies_and_world_sizes(tmp_path, chain):
     ckpt = tmp_path / "ck"
     for hop, (strategy, n) in enumerate(chain):
