@@ -55,3 +55,28 @@ def test_the_browser_check_catches_what_it_is_for(tmp_path):
     assert p.returncode == 1, p.stdout + p.stderr
     for kind in ("overflow", "empty_headers", "roles", "negative_zero"):
         assert f"bad: {kind}:" in p.stdout, (kind, p.stdout)
+
+
+def test_benchmark_pages_are_what_the_results_render():
+    """Every number on the benchmark pages comes from benchmarks/results/ through report.py (none edited by hand,
+    none left unrendered), and a table measured before the package or the benchmarks last changed says it is stale."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_report_check_catches_a_number_edited_by_hand(tmp_path):
+    import shutil
+
+    for d in ("benchmarks", "docs", "tools/lightning_compat"):  # what report.py reads (outside any git repository)
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__", "img"))
+    (tmp_path / "docs" / "img").mkdir()
+    page = tmp_path / "docs" / "benchmarks.md"
+    text = page.read_text()
+    edited = text.replace("**0.", "**9.", 1)  # the first ratio printed in bold
+    assert edited != text
+    page.write_text(edited)
+    p = subprocess.run([sys.executable, str(tmp_path / "benchmarks" / "report.py"), "--check"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "docs/benchmarks.md: differs" in p.stdout
