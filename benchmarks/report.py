@@ -898,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         "within a table, not absolute times across tables). Each table names the commit it was measured at; one "
         "measured before the package or the benchmark scripts last changed is marked **Stale** (`report.py` asks git), "
         "and `python benchmarks/report.py --check` (run by the tests) fails when a page differs from what the results "
-        "render.\n",
+        "render. `bash benchmarks/run_all.sh` re-runs every CPU benchmark by its command below, then this page.\n",
     ]
     body += [s() for s in SECTIONS]
     _emit(DOC, "\n\n".join(b.strip() for b in body if b) + "\n")
