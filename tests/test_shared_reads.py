@@ -190,6 +190,18 @@ def test_a_rank_lost_during_the_sends_between_hosts_is_a_package_error_on_every_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("victim", [2, 0], ids=["the-lone-rank-of-a-host", "a-rank-with-a-local-peer"])
+def test_a_rank_lost_on_unequal_hosts_is_a_package_error_on_every_survivor(tmp_path, victim):
+    """Hosts of 2 and 1 ranks (attach inside host A, sends between A and B): whichever rank dies instead of sending,
+    every survivor (its local peer, if any, and the other host's) raises the package's error naming the checkpoint."""
+    got = _lose_a_rank(tmp_path, "send", ["A", "A", "B"], victim=victim)
+    assert sorted(got) == sorted({0, 1, 2} - {victim})
+    for r, g in got.items():
+        assert g["module"].startswith("lightning_distckpt") and g["type"] == "DistCheckpointError", (r, g)
+        assert str(tmp_path / "ck") in g["message"], (r, g)
+
+
+@pytest.mark.slow
 def test_a_peer_lost_while_segments_are_set_up_leaves_no_file_of_the_survivor(tmp_path):
     (got,) = _lose_a_rank(tmp_path, "segments", ["A", "A"]).values()
     assert got["type"] and got["message"] != "returned", got  # the survivor raised (gloo's error: a rank is gone)
