@@ -69,7 +69,7 @@ def env_line(r: dict[str, Any], ranks: bool = True) -> str:
 
 
 #: what a measurement depends on: the package and the benchmark scripts (not this report, not the docs)
-MEASURED_CODE = ["lightning_distckpt", "benchmarks", ":(exclude)benchmarks/report.py", ":(exclude)benchmarks/results"]
+MEASURED_CODE = ["lightning_distckpt", "benchmarks/*.py", ":(exclude)benchmarks/report.py"]
 
 
 def stale(commit: str | None) -> str:
@@ -89,8 +89,7 @@ def stale(commit: str | None) -> str:
         _git_blind = True
         return ""
     if out.stdout.strip():
-        return (f" **Stale: the package or the benchmarks changed since that commit ({out.stdout.strip()}); "
-                "re-run the command above to refresh this table.**")
+        return " **Stale: the package or the benchmark scripts changed since that commit; re-run its command to refresh.**"
     return " **Measured with uncommitted changes.**" if dirty else ""
 
 
@@ -849,14 +848,17 @@ def lightning_compat() -> str:
         if line.strip() and not line.startswith("#"):
             test, _, why = line.partition("#")
             reasons[test.strip()] = why.strip()
-    rows, remaining = [], {}
+    rows, remaining, marks = [], {}, []
     for name in ("core", "wider"):
         x = r["sets"].get(name)
         if x is None:
             continue
         m = x.get("modes", {})
         count = lambda mode: str(len(m[mode]["failed"])) if mode in m else "not run"  # noqa: E731
-        rows.append([name, x["collected"], x["pass_stock"], count("plugin"), count("adapted"), count("async"), x["date"]])
+        commit = f", commit {x['commit']}" if x.get("commit") else ", commit not recorded (an older run)"
+        rows.append([name, x["collected"], x["pass_stock"], count("plugin"), count("adapted"), count("async"),
+                     x["date"] + commit])  # fmt: skip
+        marks.append(f"{name}:{stale(x.get('commit'))}" if stale(x.get("commit")) else "")
         for mode in ("adapted", "async"):
             for t in m.get(mode, {}).get("failed", []):
                 remaining.setdefault(t, []).append(mode)
@@ -867,6 +869,7 @@ def lightning_compat() -> str:
         "`python benchmarks/report.py`). Columns: tests that fail in each mode, of those that pass stock.\n",
         table(["set", "collected", "pass stock", "fail: plugin", "fail: plugin + adapted reads",
                "fail: async + adapted reads", "measured"], rows),
+        *(f"\n{m}\n" for m in marks if m),
         "\nFailures that remain with the tests' own reads adapted, and why "
         "(`tools/lightning_compat/expected_failures.txt`):\n",
     ]  # fmt: skip

@@ -100,7 +100,10 @@ def write_json(path: str, set_: str, summary: dict) -> None:
     data = json.load(open(path)) if os.path.exists(path) else {}
     data["lightning"] = lightning.__version__
     data["tests_ref"] = os.environ.get("LIGHTNING_REF", "2.6.5")
-    data.setdefault("sets", {})[set_] = {**summary, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+    from _common import git_commit  # the commit of lightning-distckpt these tests ran against
+
+    data.setdefault("sets", {})[set_] = {**summary, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit()}
     with open(path, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")
