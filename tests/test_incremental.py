@@ -212,6 +212,20 @@ def test_clean_up_never_deletes_blocks_it_cannot_prove_unreferenced(tmp_path):
     assert [os.path.basename(r) for r in removed] == ["abc123"] and same(str(tmp_path / name(2)), 2)
 
 
+def test_gc_keeps_the_blocks_of_a_committed_checkpoint_with_a_hidden_name(tmp_path):
+    """A checkpoint named ".x" (as Lightning's tuner names its own) is committed and loadable: its blocks are
+    referenced like any other's, so gc and clean-up keep them."""
+    io = DistCheckpointIO(incremental=True, chunk_mb=1)
+    io.save_checkpoint(sample(1), str(tmp_path / ".lr_find_1.ckpt"))
+    kept = block_dirs(tmp_path)
+    assert kept
+    run = subprocess.run([sys.executable, "-m", "lightning_distckpt.cli", "gc", str(tmp_path), "--older-than", "0",
+                          "--apply", "--json"], env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert catalog.clean_stale(str(tmp_path), older_than_s=0) == []
+    assert block_dirs(tmp_path) == kept and same(str(tmp_path / ".lr_find_1.ckpt"), 1)
+
+
 def test_chain_of_10_with_keep_last_2(tmp_path):
     p = chain(tmp_path, 1, 10, 2)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -86,8 +86,8 @@ def references(store: Store, root: str, ignore: Iterable[str] = ()) -> set[str] 
         if e.type != "dir" or e.name == ondisk.BLOCKS or e.name in ignored:
             continue
         staged = ondisk.staged_name(e.name)
-        if e.name.startswith(".") and staged is None and ondisk.trashed_name(e.name) is None:
-            continue  # not the package's
+        # every directory counts, hidden ones too: a committed checkpoint may be named ".x" (Lightning's tuner saves
+        # ".lr_find_<uuid>.ckpt"); a directory that is not a checkpoint has no manifest of ours and references nothing
         src = Source(store, store.join(root, e.name))
         if staged is not None:  # a save, copy or replication in progress (or crashed: clean-up removes it first)
             refs.add(ondisk.token_of(e.name) or "")
