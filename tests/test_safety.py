@@ -34,6 +34,7 @@ from lightning_distckpt import (
 )
 from lightning_distckpt import catalog
 from lightning_distckpt import ondisk as fmt
+from lightning_distckpt.catalog.replication import copy_checkpoint
 from lightning_distckpt.cli.main import main as cli
 from lightning_distckpt.storage import LocalStore
 
@@ -495,6 +496,30 @@ def test_a_symlinked_data_file_is_refused_by_verify_and_load_alike(tmp_path):
     assert not report.ok and "link" in report.error + " ".join(f.problem for f in report.files)
     with pytest.raises(UnsafeCheckpointError, match="link"):
         load_checkpoint(url)
+
+
+@pytest.mark.parametrize("planted", ["a link for a file", "a link for the directory"])
+def test_a_copy_never_writes_through_links_planted_in_its_staging_directory(tmp_path, planted):
+    """A copy resumes into ``.<name>.staging-c<digest>``: links planted there (for one of its files, or for the whole
+    directory) are refused with the package's error naming them; nothing outside the destination changes."""
+    url = save(tmp_path / "c")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / fmt.METADATA).write_text("precious")
+    manifest = catalog.open_checkpoint(catalog.source_of(url)).manifest
+    token = f"c{fmt.digest(fmt.dumps(manifest.to_json())):016x}"[:13]
+    dst_root = tmp_path / "dst"
+    dst_root.mkdir()
+    staging = dst_root / fmt.staging_name("copy", token)
+    if planted == "a link for a file":
+        staging.mkdir()
+        os.symlink(outside / fmt.METADATA, staging / fmt.METADATA)
+    else:
+        os.symlink(outside, staging)
+    with pytest.raises(DistCheckpointError, match=str(staging)):
+        copy_checkpoint(url, str(dst_root / "copy"))
+    assert os.listdir(outside) == [fmt.METADATA] and (outside / fmt.METADATA).read_text() == "precious"
+    assert not (dst_root / "copy").exists()
 
 
 def test_terminal_escapes_in_names_are_printed_escaped(tmp_path, capsys):

@@ -94,6 +94,21 @@ def test_local_links_and_special_files(tmp_path):
         store.remove(str(tmp_path / "target"))
 
 
+def test_local_writes_never_go_through_a_link_or_into_a_fifo(tmp_path):
+    store, _ = open_store(str(tmp_path))
+    canary = tmp_path / "canary"
+    canary.write_text("precious")
+    os.symlink(canary, tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(StorageError, match="link.*symbolic link"):
+        store.write_bytes(str(tmp_path / "link"), b"overwritten")
+    with pytest.raises(StorageError, match="fifo.*not a regular file"):  # at once: opening a FIFO would block
+        store.write_bytes(str(tmp_path / "fifo"), b"x")
+    assert canary.read_text() == "precious"
+    store.write_bytes(str(canary), b"new")  # a regular file is still replaced
+    assert canary.read_text() == "new"
+
+
 def test_urls_stay_strings(tmp_path):
     with pytest.raises(TypeError, match="str"):
         open_store(tmp_path)  # a pathlib.Path is refused, never silently converted

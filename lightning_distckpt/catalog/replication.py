@@ -25,7 +25,12 @@ from lightning_distckpt.catalog.cleanup import Heartbeat, publish
 from lightning_distckpt.catalog.documents import open_checkpoint, read_document, read_manifest, source_of
 from lightning_distckpt.catalog.blocks import borrows_bytes
 from lightning_distckpt.catalog.verify import blocks_by_file, is_borrowed, verify_file
-from lightning_distckpt.errors import CorruptCheckpointError, DestinationExistsError, DistCheckpointError
+from lightning_distckpt.errors import (
+    CorruptCheckpointError,
+    DestinationExistsError,
+    DistCheckpointError,
+    UnsafeCheckpointError,
+)
 from lightning_distckpt.faults import crash_point
 from lightning_distckpt.storage import Source, StorageLike
 from lightning_distckpt.storage.base import read_at, read_blocks
@@ -389,6 +394,7 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     parent, name = store.parent(dst.path), store.basename(dst.path)
     token = f"c{ondisk.digest(manifest_bytes):016x}"[:13]
     staging = Source(store, store.join(parent, ondisk.staging_name(name, token)))
+    _real_dir_or_absent(staging)
     store.makedirs(staging.path)
     beat = Heartbeat(store, staging.path)
     try:
@@ -414,6 +420,17 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
         beat.stop()
     publish(store, staging.path, dst.path, manifest_bytes, token)
     return src.manifest
+
+
+def _real_dir_or_absent(staging: Source) -> None:
+    """Refuse to resume into a staging "directory" that is a link (files would land wherever it points) or a file."""
+    try:
+        entry = staging.store.info(staging.path)
+    except FileNotFoundError:
+        return
+    if entry.type != "dir":
+        raise UnsafeCheckpointError(f"{staging.url()}: the staging directory of this copy is a {entry.type}, not a "
+                                    "directory; refused (remove it to copy)")
 
 
 def _finish_interrupted(dst: Source, manifest: ondisk.Manifest, manifest_bytes: bytes) -> bool:

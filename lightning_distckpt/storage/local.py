@@ -13,10 +13,30 @@ from lightning_distckpt.storage.base import Entry, Store, read_exactly
 
 
 class _LocalWriteStream:
-    """A buffered file that is fsync'ed on close when ``durable``."""
+    """A file created (or truncated) for writing, fsync'ed on close when ``durable``.
+
+    Never writes through a symbolic link or into a FIFO, device or socket at ``path``: a link there (a file of a
+    staging directory swapped for a link to something outside the root) is refused with ``ELOOP``, anything but a
+    regular file with ``EINVAL``, both as `StorageError` naming the path; the open never blocks."""
 
     def __init__(self, path: str, durable: bool) -> None:
-        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise StorageError(errno.ELOOP, f"{path}: is a symbolic link; not written through") from None
+            if e.errno == errno.ENXIO:  # a FIFO nobody reads
+                raise StorageError(errno.EINVAL, f"{path}: not a regular file (FIFO); refused") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StorageError(errno.EINVAL, f"{path}: not a regular file (FIFO, device or socket); refused")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._f = os.fdopen(fd, "wb", buffering=0)
         self._durable = durable
 
     def write(self, data: bytes | memoryview, /) -> int:
