@@ -86,6 +86,27 @@ def test_lossless_round_trips_dense_sparse_raw_and_odd_sizes():
             assert bytes(c.decode(memoryview(c.encode(raw, itemsize)), len(raw))) == bytes(raw)
 
 
+def _frame_declaring(size: int) -> bytes:
+    """A zstd frame header that declares ``size`` bytes of content (8-byte size field), then one empty raw block."""
+    return (b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + size.to_bytes(8, "little")  # single segment, 8-byte size
+            + (1).to_bytes(3, "little"))  # last block, raw, 0 bytes  # fmt: skip
+
+
+def test_crafted_frames_declaring_huge_sizes_are_corrupt_blocks_not_allocations():
+    """Frame headers are checked against the size a plane must have before zstandard allocates anything (a limit of
+    0, for an empty plane or mask, means none to zstandard)."""
+    from lightning_distckpt.errors import CorruptCheckpointError
+
+    c = ShuffleZstd()
+    huge = _frame_declaring(1 << 62)
+    dense = bytes([0 << 4 | 4]) + b"".join(bytes([1]) + len(huge).to_bytes(4, "little") + huge for _ in range(4))
+    head = (0).to_bytes(8, "little") + huge  # a sparse block with no values: its mask is what is decompressed
+    sparse = bytes([1 << 4 | 4]) + len(head).to_bytes(4, "little") + head
+    for block, raw_len in ((dense, 4096), (sparse, 0), (sparse, 4096)):
+        with pytest.raises(CorruptCheckpointError, match="declares|does not decompress|disagree"):
+            c.decode(memoryview(block), raw_len)
+
+
 def test_blocks_of_the_previous_compressor_still_decode():
     """shuffle-zstd-1 blocks written with zstd level 1's own parameters (before the tuning) decode unchanged."""
     old = ShuffleZstd()

@@ -418,7 +418,11 @@ class CheckpointReader(StorageReader):
             def decode(lo: int, hi: int) -> None:
                 for k in range(lo, hi):
                     b = selected[k]
-                    decoded = codec.decode(data[starts[k] : starts[k] + b.stored], b.raw)
+                    try:
+                        decoded = codec.decode(data[starts[k] : starts[k] + b.stored], b.raw)
+                    except CorruptCheckpointError as e:  # a block that matched its checksum but does not decode
+                        raise CorruptCheckpointError(f"{self.sources[0].url(loc.file)}: block {first + k} of tensor "
+                                                     f"{fqn!r}: {e}") from None  # fmt: skip
                     if len(decoded) != b.raw:
                         raise CorruptCheckpointError(
                             f"{self.sources[0].url(loc.file)}: block of tensor {fqn!r} decodes to {len(decoded)} "

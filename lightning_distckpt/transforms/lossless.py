@@ -71,6 +71,16 @@ class ShuffleZstd(BlockCodec):
             out += [bytes([flag]) + len(keep).to_bytes(4, "little"), keep]
         return out
 
+    def _decompress(self, frame: bytes | memoryview, size: int) -> bytes:
+        """One zstd frame that must hold exactly ``size`` bytes. Its header's declared size is checked before anything
+        is allocated (zstandard takes a limit of 0 as "none" and would allocate what a crafted header declares)."""
+        declared = zstandard.frame_content_size(frame)  # ZstdError when it is no frame
+        if declared != -1 and declared != size:  # -1: not declared (a streamed frame), bounded by the limit below
+            raise CorruptCheckpointError(f"compressed block declares {declared} bytes where {size} belong")
+        if size == 0:
+            return b""
+        return self._dctx().decompress(frame, max_output_size=size)
+
     def _unpack(self, data: memoryview, itemsize: int, nbytes: int) -> np.ndarray:
         plane_len = nbytes // itemsize
         out = np.empty((plane_len, itemsize), np.uint8)  # each plane goes straight into its column
@@ -82,7 +92,7 @@ class ShuffleZstd(BlockCodec):
             body = data[pos + 5 : pos + 5 + n]
             pos += 5 + n
             try:
-                plane = self._dctx().decompress(body, max_output_size=plane_len) if flag else body
+                plane = self._decompress(body, plane_len) if flag else body
             except zstandard.ZstdError as e:
                 raise CorruptCheckpointError(f"compressed block does not decompress: {e}") from None
             if len(plane) != plane_len:
@@ -133,7 +143,7 @@ class ShuffleZstd(BlockCodec):
         head = int.from_bytes(body[:4], "little")
         nvalues = int.from_bytes(body[4:12], "little")
         try:
-            mask = self._dctx().decompress(bytes(body[12 : 4 + head]), max_output_size=(n + 7) // 8)
+            mask = self._decompress(bytes(body[12 : 4 + head]), (n + 7) // 8)
         except zstandard.ZstdError as e:
             raise CorruptCheckpointError(f"compressed block does not decompress: {e}") from None
         bits = np.unpackbits(np.frombuffer(mask, np.uint8))
