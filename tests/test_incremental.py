@@ -226,6 +226,39 @@ def test_gc_keeps_the_blocks_of_a_committed_checkpoint_with_a_hidden_name(tmp_pa
     assert block_dirs(tmp_path) == kept and same(str(tmp_path / ".lr_find_1.ckpt"), 1)
 
 
+def test_a_block_store_that_is_a_link_is_never_swept(tmp_path):
+    """Two roots whose block stores link to one shared directory: gc of one root deletes nothing there (the other
+    root's references are not counted), so the other's checkpoint still loads; nor anything else the link reaches."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "deadbeef0001").mkdir()  # a block-directory-like name beyond the link
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        os.symlink(shared, tmp_path / run / ondisk.BLOCKS)
+    DistCheckpointIO(incremental=True, chunk_mb=1).save_checkpoint(sample(1), str(tmp_path / "b" / name(1)))
+    before = set(os.listdir(shared))
+    run = subprocess.run([sys.executable, "-m", "lightning_distckpt.cli", "gc", str(tmp_path / "a"), "--older-than",
+                          "0", "--apply"], env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert set(os.listdir(shared)) == before and same(str(tmp_path / "b" / name(1)), 1)
+
+
+@pytest.mark.parametrize("broken", ["a file", "a loop of links"])
+def test_a_broken_block_store_is_a_package_error_naming_the_file(tmp_path, broken):
+    url = str(tmp_path / name(1))
+    DistCheckpointIO(incremental=True, chunk_mb=1).save_checkpoint(sample(1), url)
+    import shutil
+
+    shutil.rmtree(tmp_path / ondisk.BLOCKS)
+    if broken == "a file":
+        (tmp_path / ondisk.BLOCKS).write_text("x")
+    else:
+        os.symlink(ondisk.BLOCKS, tmp_path / ondisk.BLOCKS)
+    for load in (load_checkpoint, DistCheckpointIO().load_checkpoint):
+        with pytest.raises(CorruptCheckpointError, match=str(tmp_path / ondisk.BLOCKS)):
+            load(url)
+
+
 def test_chain_of_10_with_keep_last_2(tmp_path):
     p = chain(tmp_path, 1, 10, 2)
     assert p.returncode == 0, p.stdout + p.stderr

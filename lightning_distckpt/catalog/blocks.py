@@ -15,6 +15,8 @@ directory, not a link) that
   directory (a copy or replication in progress);
 * is not the id of a staging directory (a save in progress writes its data there) and is not listed in the
   ``BORROWS`` file of one (a save or copy that relies on it before its manifest exists);
+* lies in a block store that is a directory of the root itself (a block store that is a link, e.g. to a disk that
+  other roots share, is never swept: what the others reference is not counted);
 * is idle (nothing in it changed for ``older_than_s`` seconds), unless it belongs to a checkpoint that was
   committed and has just been removed (``done``: complete since its commit, nobody writes into it again).
 
@@ -121,6 +123,13 @@ def sweep_blocks(root: str, options: StorageLike = None, older_than_s: float = 6
     store costs one listing."""
     store, path = open_store(root, options)
     blocks = store.join(path, ondisk.BLOCKS)
+    try:
+        kind = store.info(blocks).type
+    except FileNotFoundError:
+        return []
+    if kind != "dir":  # a link (to a disk other roots may share: their references are not counted here) or a file
+        log.warning("block store of %s is a %s, not a directory: no block directory is deleted", store.url(path), kind)
+        return []
     try:
         entries = [e for e in store.listdir(blocks) if e.type == "dir" and ondisk.is_token(e.name)]
     except FileNotFoundError:

@@ -174,8 +174,12 @@ def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
         if "/" in name:  # in the root's block store (incremental checkpoints)
             try:
                 entry = source.store.info(source.file(name))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # also: the block store, or its directory, is a file
                 entry = None
+            except DistCheckpointError:
+                raise
+            except OSError as e:  # e.g. a loop of symbolic links on the way
+                raise UnsafeCheckpointError(f"{source.url(name)}: cannot be reached ({e.strerror or e}); refused") from e
         else:
             entry = entries.get(name)
         if entry is None:
