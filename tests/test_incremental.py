@@ -259,6 +259,15 @@ def test_a_broken_block_store_is_a_package_error_naming_the_file(tmp_path, broke
             load(url)
 
 
+@pytest.mark.parametrize("first", ["epoch=1 step=3.ckpt", "a@b", ".lr_find_x.ckpt"])
+def test_borrowing_from_a_checkpoint_with_any_valid_name_commits_a_loadable_checkpoint(tmp_path, first):
+    io = DistCheckpointIO(incremental=True, chunk_mb=1)
+    io.save_checkpoint(sample(1), str(tmp_path / first))
+    io.save_checkpoint(sample(1), str(tmp_path / "second"))  # borrows every block of the first
+    assert list(catalog.open_checkpoint(catalog.source_of(str(tmp_path / "second"))).manifest.borrows.values()) == [first]
+    assert same(str(tmp_path / "second"), 1)
+
+
 def test_chain_of_10_with_keep_last_2(tmp_path):
     p = chain(tmp_path, 1, 10, 2)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -20,7 +20,7 @@ from lightning_distckpt.ondisk.names import (
     STATE,
     check_file_key,
     check_name,
-    is_safe_name,
+    is_checkpoint_name,
     is_token,
     parse_blocks_key,
 )
@@ -141,8 +141,8 @@ class Manifest:
         if version > PLAIN_VERSION and not is_token(data_id):
             raise CorruptCheckpointError(f"{where}: data_id must be a block directory id (letters and digits), found "
                                          f"{_short(data_id)}")  # fmt: skip
-        if not isinstance(borrows, dict) or not all(is_token(k) and k != data_id and is_safe_name(v)
-                                                    for k, v in borrows.items()):
+        if not isinstance(borrows, dict) or not all(is_token(k) and k != data_id and is_checkpoint_name(v)
+                                                    for k, v in borrows.items()):  # names, shown only (`distckpt info`)
             raise CorruptCheckpointError(f"{where}: borrows must map block directory ids to checkpoint names")
         for n, f in raw_files.items():
             here = f"{where}: files[{_short(n)}]"
