@@ -27,6 +27,7 @@ from workloads.common import Net, data
 
 from lightning_distckpt import (
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     DistCheckpoint,
     DistCheckpointIO,
     UnsafeCheckpointError,
@@ -34,6 +35,7 @@ from lightning_distckpt import (
     load_checkpoint,
 )
 from lightning_distckpt.ondisk.names import check_checkpoint_name
+from lightning_distckpt.ops.importing import import_checkpoint
 
 
 def trainer(root: Path | str, max_steps: int = 4, plugin: bool = True, callbacks=None, io=None, **kw) -> L.Trainer:
@@ -405,6 +407,34 @@ def test_stock_file_unpickling_follows_lightnings_weights_only_rule(tmp_path):
     with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
         trainer(tmp_path, max_steps=2).fit(WithObjects(Config()), data(), ckpt_path=path)
     trainer(tmp_path, max_steps=2).fit(WithObjects(Config()), data(), ckpt_path=path, weights_only=False)
+
+
+def test_damaged_or_refused_stock_files_are_package_errors_naming_the_file(tmp_path):
+    """Garbage, a truncated file, and a pickle naming a class weights_only refuses: the plugin's load, import and
+    `distckpt import` raise (print) the package's error naming the file; nothing in the pickle runs."""
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, good)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    files = {"garbage.ckpt": (b"\x80\x02not a checkpoint at all", CorruptCheckpointError),
+             "truncated.ckpt": (good.read_bytes()[:200], CorruptCheckpointError)}  # fmt: skip
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Evil()}, evil)
+    files["evil.ckpt"] = (evil.read_bytes(), UnsafeCheckpointError)
+    for fname, (content, error) in files.items():
+        path = tmp_path / fname
+        path.write_bytes(content)
+        for load in (DistCheckpointIO().load_checkpoint, lambda p: import_checkpoint(p, str(tmp_path / "dest"))):
+            with pytest.raises(error, match=re.escape(str(path))):
+                load(str(path))
+        proc = run([sys.executable, "-m", "lightning_distckpt.cli.main", "import", str(path), str(tmp_path / "d")],
+                   check=False)  # fmt: skip
+        assert proc.returncode != 0 and str(path) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not marker.exists() and not (tmp_path / "dest").exists() and not (tmp_path / "d").exists()
 
 
 def test_distckpt_import_converts_a_stock_file(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,17 @@ def _opt_int(obj: dict[str, Any], key: str, where: str) -> int | None:
     return None if value is None else check_int(value, where, key, -_MAX_SIZE)
 
 
+def _listed_int(value: Any) -> int | None:
+    """``value`` as an int a manifest may list (in [-2**62, 2**62)), or None."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        n = operator.index(value)
+    except TypeError:
+        return None
+    return n if -_MAX_SIZE <= n < _MAX_SIZE else None
+
+
 @dataclass
 class Manifest:
     """What ``manifest.json`` says about a checkpoint. ``files`` maps name -> {"size", "xxh3"}."""
@@ -92,6 +104,12 @@ class Manifest:
     #: incremental checkpoints: the block-store directories it borrows blocks from (id -> the name of the checkpoint
     #: that wrote them, for people: the checkpoint may be gone, its blocks stay while they are referenced)
     borrows: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # what a writer passes from the state (``checkpoint["global_step"]``): kept only as the integer a reader
+        # accepts (numpy and 0-d tensor integers too); anything else (a float, a bool, a string, out of range) is
+        # not shown in listings rather than making the committed manifest unreadable
+        self.global_step, self.epoch = _listed_int(self.global_step), _listed_int(self.epoch)
 
     @property
     def version(self) -> int:

@@ -10,7 +10,6 @@ does not import Lightning (unpickling the file may, if the file names Lightning'
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from lightning_distckpt import ondisk
 from lightning_distckpt.engine.saving import WriteOptions, write_checkpoint
 from lightning_distckpt.errors import NotACheckpointError
+from lightning_distckpt.integration.stock import torch_load
 from lightning_distckpt.ondisk import skeleton as state
 from lightning_distckpt.parallel.comm import SOLO
 from lightning_distckpt.storage import StorageLike, open_store
@@ -29,7 +29,7 @@ def read_stock_file(url: str, storage: StorageLike = None, weights_only: bool | 
     store, path = open_store(url, storage)
     if store.isdir(path):
         raise NotACheckpointError(f"{url}: is a directory; expected one file written by Lightning (torch.save)")
-    checkpoint = torch.load(io.BytesIO(store.read_bytes(path)), map_location="cpu", weights_only=weights_only)
+    checkpoint = torch_load(url, store.read_bytes(path), weights_only)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise NotACheckpointError(f"{url}: not a Lightning checkpoint (no 'state_dict' in what torch.load returns)")
     return checkpoint
