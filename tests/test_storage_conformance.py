@@ -109,6 +109,19 @@ def test_local_writes_never_go_through_a_link_or_into_a_fifo(tmp_path):
     assert canary.read_text() == "new"
 
 
+def test_a_path_that_cannot_resolve_is_refused_at_once_not_retried_as_unreachable(tmp_path):
+    import time
+
+    from lightning_distckpt.storage.reach import probe
+
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    for url in (str(tmp_path / "loop"), str(tmp_path / ("a" * 300))):
+        start = time.monotonic()
+        with pytest.raises(StorageError) as got:
+            probe(url, timeout_s=30)
+        assert time.monotonic() - start < 5 and "unreachable" not in str(got.value), got.value
+
+
 def test_urls_stay_strings(tmp_path):
     with pytest.raises(TypeError, match="str"):
         open_store(tmp_path)  # a pathlib.Path is refused, never silently converted
@@ -122,6 +135,9 @@ def test_urls_stay_strings(tmp_path):
     (ConnectionRefusedError(111, "refused"), True),
     (FileNotFoundError(2, "gone"), False),
     (OSError(28, "No space left on device"), False),
+    (OSError(40, "Too many levels of symbolic links"), False),  # what the path is: asking again cannot help
+    (OSError(36, "File name too long"), False),
+    (OSError(5, "Input/output error"), True),
     (RuntimeError("checksum mismatch in block"), False),
 ])
 def test_transient_errors_are_retried_and_others_raised_at_once(error, transient):

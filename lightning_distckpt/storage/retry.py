@@ -2,7 +2,8 @@
 
 Transient: a connection refused or reset, a timeout, a DataNode that went away, a NameNode in safe mode, a
 file that could not be completed because its last block lacks replicas.
-Not transient (raised at once): a missing or existing file, permission denied, no space left.
+Not transient (raised at once): a missing or existing file, permission denied, no space left, a path that cannot
+be resolved (a loop of symbolic links, a name too long, a file where a directory should be).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-_PERMANENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_PERMANENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                    # what the path itself is: asking again cannot change it (a loop of links, a name too long, ...)
+                    errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST,
+                    errno.EINVAL, errno.EXDEV, errno.ENOTEMPTY, errno.EFBIG, errno.EMLINK, errno.EBADF}  # fmt: skip
 _TRANSIENT_TEXT = ("safemodeexception", "retriableexception", "eofexception", "connection reset", "connection closed",
                    "timed out", "broken pipe", "leaseexpiredexception", "could only be written to", "datanode",
                    "datatransfererror",
