@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import threading
 import time
@@ -496,6 +497,27 @@ def test_a_symlinked_data_file_is_refused_by_verify_and_load_alike(tmp_path):
     assert not report.ok and "link" in report.error + " ".join(f.problem for f in report.files)
     with pytest.raises(UnsafeCheckpointError, match="link"):
         load_checkpoint(url)
+
+
+@pytest.mark.parametrize("edit", ["top level a list", "no state_dict", "state_dict a list", "hyper_parameters a list"])
+def test_a_crafted_state_document_is_a_package_error_naming_it(tmp_path, edit):
+    """state.json resealed with a shape Lightning's loaders index without checks: the package's error naming the
+    document, from load_checkpoint (top level) and from LightningModule.load_from_checkpoint (the rest)."""
+    url = save(tmp_path / "c", hyper_parameters={"n": 2})
+    doc = json.load(open(os.path.join(url, fmt.STATE)))
+    if edit == "top level a list":
+        doc = [doc]
+    elif edit == "no state_dict":
+        del doc["state_dict"]
+    else:
+        doc[edit.split()[0]] = [1, 2]
+    rewrite_document(url, fmt.STATE, fmt.dumps(doc))
+    where = re.escape(os.path.join(url, fmt.STATE))
+    if edit == "top level a list":
+        with pytest.raises(CorruptCheckpointError, match=where):
+            load_checkpoint(url)
+    with pytest.raises(CorruptCheckpointError, match=where):
+        Net.load_from_checkpoint(url)
 
 
 @pytest.mark.parametrize("planted", ["a link for a file", "a link for the directory"])

@@ -154,6 +154,9 @@ def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
     )
     check_codecs(metadata, source.url(ondisk.METADATA))
     skeleton = ondisk.loads(skeleton_bytes.result(), source.url(ondisk.STATE), ondisk.MAX_DEPTH)
+    if not isinstance(skeleton, dict):  # what Lightning's save_checkpoint is given: a dict
+        raise CorruptCheckpointError(f"{source.url(ondisk.STATE)}: must hold an object (the checkpoint dict), not a "
+                                     f"{type(skeleton).__name__}")  # fmt: skip
     _skeleton.tensor_refs(skeleton)  # every tensor reference is a string
     if metadata.data_id != manifest.data_id:
         raise CorruptCheckpointError(f"{source.url(ondisk.METADATA)}: data_id {metadata.data_id!r} differs from the "

@@ -19,12 +19,13 @@ builds one (an inference script) calls it once::
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lightning_distckpt import ondisk
 from lightning_distckpt.engine.loading import read_checkpoint
-from lightning_distckpt.errors import DistCheckpointError
+from lightning_distckpt.errors import CorruptCheckpointError, DistCheckpointError
 from lightning_distckpt.integration import stock
 from lightning_distckpt.storage import HdfsOptions, StorageConfig, open_store
 
@@ -69,6 +70,17 @@ def _is_ours(url: str) -> bool:
     return stock.kind(url, _storage) == "ours"
 
 
+def _check_module_checkpoint(checkpoint: dict[str, Any], url: str) -> None:
+    """What ``load_from_checkpoint`` indexes without a check: a ``state_dict`` mapping, ``hyper_parameters`` a mapping
+    when present (else Lightning fails with a bare KeyError or TypeError that names no file)."""
+    where = f"{url.rstrip('/')}/{ondisk.STATE}"
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise CorruptCheckpointError(f"{where}: holds no 'state_dict' mapping, which load_from_checkpoint needs")
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+        if key in checkpoint and not isinstance(checkpoint[key], Mapping):
+            raise CorruptCheckpointError(f"{where}: {key!r} is a {type(checkpoint[key]).__name__}, not a mapping")
+
+
 def _wrap(original: Any) -> Any:
     def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
         if isinstance(path_or_url, (str, Path)):
@@ -76,6 +88,7 @@ def _wrap(original: Any) -> Any:
             if _is_ours(url):
                 checkpoint = read_checkpoint(url, _storage, stock.safe_globals(_safe_globals),
                                              trusted=stock.trusted(weights_only))
+                _check_module_checkpoint(checkpoint, url)
                 if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
                     from lightning.fabric.utilities.apply_func import move_data_to_device
 
