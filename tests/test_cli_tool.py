@@ -255,6 +255,33 @@ def test_usage_errors_are_2_also_in_json(cases, tmp_path):
     assert distckpt("gc", cases["dir"], "--keep-last", "-1", check=2).returncode == 2
 
 
+def test_usage_found_by_a_command_is_one_prefix_and_a_hint(cases, tmp_path):
+    for got in (distckpt("ls", check=2), distckpt("export", cases["good"], tmp_path / "p.pt", "--prune", "0.5",
+                                                  "--prune-threshold", "0.1", check=2),
+                distckpt("export", cases["good"], tmp_path / "s", "--shard-size-mb", "0", "--format", "safetensors",
+                         check=2)):  # fmt: skip
+        first, hint = got.stderr.splitlines()
+        assert first.count("distckpt ") == 1 and hint.startswith("run 'distckpt "), got.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_outputs_inside_the_source_or_under_a_file_are_refused_naming_them(cases, tmp_path):
+    """A copy or export into the checkpoint it is made from would go when that checkpoint is removed: refused (exit
+    6); a destination whose directory is missing or is a file: one line naming what the user typed (exit 3)."""
+    good = cases["good"]
+    before = sorted(os.listdir(good))
+    for cmd in (("copy", good, f"{good}/sub"), ("export", good, f"{good}/model.pt")):
+        got = distckpt(*cmd, check=6)
+        assert "inside the checkpoint" in got.stderr and cmd[2] in got.stderr, got.stderr
+    assert sorted(os.listdir(good)) == before
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    got = distckpt("copy", good, plain / "sub", check=3)
+    assert f"{plain} is a file" in got.stderr and ".staging-" not in got.stderr, got.stderr
+    got = distckpt("export", good, tmp_path / "nodir" / "x.pt", check=3)
+    assert str(tmp_path / "nodir") in got.stderr and ".partial" not in got.stderr, got.stderr
+
+
 def test_exit_code_table_in_the_docs_matches_the_code():
     doc = (ROOT / "docs" / "cli.md").read_text()
     rows = {int(line.split("|")[1]) for line in doc.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()}

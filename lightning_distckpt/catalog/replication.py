@@ -12,6 +12,7 @@ training. Not used when there are no replicas.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -29,10 +30,11 @@ from lightning_distckpt.errors import (
     CorruptCheckpointError,
     DestinationExistsError,
     DistCheckpointError,
+    NotACheckpointError,
     UnsafeCheckpointError,
 )
 from lightning_distckpt.faults import crash_point
-from lightning_distckpt.storage import Source, StorageLike
+from lightning_distckpt.storage import LocalStore, Source, StorageLike
 from lightning_distckpt.storage.base import read_at, read_blocks
 
 if TYPE_CHECKING:  # torch.distributed: only replication during training needs it, not `copy_checkpoint`
@@ -386,12 +388,17 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
     src = open_checkpoint(source_of(src_url, storage))
     dst = source_of(dst_url, storage)
     store = dst.store
+    if within(dst, src.source):
+        raise DestinationExistsError(f"{dst.url()}: lies inside the checkpoint it copies ({src.source.url()}); copy it "
+                                     "elsewhere (removing the checkpoint would remove the copy too)")  # fmt: skip
     manifest_bytes = ondisk.dumps(src.manifest.to_json())
     if store.exists(dst.path):
         if _finish_interrupted(dst, src.manifest, manifest_bytes):
             return src.manifest
         raise DestinationExistsError(f"{dst.url()}: already exists; remove it first or copy elsewhere")
     parent, name = store.parent(dst.path), store.basename(dst.path)
+    if store.exists(parent) and not store.isdir(parent):
+        raise NotACheckpointError(f"{dst.url()}: {store.url(parent)} is a file, not a directory to copy into")
     token = f"c{ondisk.digest(manifest_bytes):016x}"[:13]
     staging = Source(store, store.join(parent, ondisk.staging_name(name, token)))
     _real_dir_or_absent(staging)
@@ -420,6 +427,17 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
         beat.stop()
     publish(store, staging.path, dst.path, manifest_bytes, token)
     return src.manifest
+
+
+def within(inner: Source, outer: Source) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it (local paths after resolving links; other stores by URL)."""
+    if type(inner.store) is not type(outer.store):
+        return False
+    if isinstance(inner.store, LocalStore):
+        a, b, sep = os.path.realpath(inner.path), os.path.realpath(outer.path), os.sep
+    else:
+        a, b, sep = inner.url().rstrip("/"), outer.url().rstrip("/"), "/"
+    return a == b or a.startswith(b + sep)
 
 
 def _real_dir_or_absent(staging: Source) -> None:

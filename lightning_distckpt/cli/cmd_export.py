@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="zero weights with |w| < X in each large weight matrix")  # fmt: skip
     s.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 per-row quantization of large weight matrices (adds NAME.scale tensors)")  # fmt: skip
-    s.add_argument("--shard-size-mb", type=int, default=0, metavar="MIB",
+    s.add_argument("--shard-size-mb", type=int, default=None, metavar="MIB",
                    help="safetensors: split into shards of at most MIB MiB in directory OUT, with an index")  # fmt: skip
     s.set_defaults(fn=run)
 
@@ -56,19 +56,36 @@ def output_format(out_path: str, given: str | None, sharded: bool) -> str:
     return given or implied  # type: ignore[return-value]
 
 
+def inside_checkpoint(out_path: str, ckpt: str) -> bool:
+    """Whether the local path ``out_path`` is inside (or is) the local checkpoint directory ``ckpt``."""
+    if "://" in ckpt and not ckpt.startswith("file://"):
+        return False
+    ckpt = ckpt.removeprefix("file://")
+    a, b = os.path.realpath(out_path), os.path.realpath(ckpt)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
 def run(args: argparse.Namespace) -> int:
     from lightning_distckpt.errors import DestinationExistsError
 
     if args.prune is not None and not 0 <= args.prune <= 1:
         raise UsageError(f"--prune is a fraction between 0 and 1, got {args.prune}")
-    if args.shard_size_mb < 0:
+    if args.prune is not None and args.prune_threshold is not None:
+        raise UsageError("give --prune FRACTION or --prune-threshold X, not both")
+    if args.shard_size_mb is not None and args.shard_size_mb <= 0:
         raise UsageError(f"--shard-size-mb must be positive, got {args.shard_size_mb}")
-    sharded = bool(args.shard_size_mb)
+    sharded = args.shard_size_mb is not None
     fmt = output_format(args.out, args.format, sharded)
     if "://" in args.out:
         raise UsageError(f"{args.out}: export writes a local file; export locally, then copy it")
     if os.path.isdir(args.out) and not sharded:
         raise DestinationExistsError(f"{args.out}: is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{args.out}: its directory {parent} does not exist (or is not a directory)")
+    if inside_checkpoint(args.out, args.ckpt):
+        raise DestinationExistsError(f"{args.out}: lies inside the checkpoint it exports ({args.ckpt}); "
+                                     "write it elsewhere (removing the checkpoint would remove it too)")
     empty_dir = sharded and os.path.isdir(args.out) and not os.listdir(args.out)
     if os.path.lexists(args.out) and not empty_dir and not args.force:
         raise DestinationExistsError(f"{args.out}: already exists; pass --force to overwrite")

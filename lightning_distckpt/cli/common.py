@@ -21,7 +21,7 @@ EXIT_FAILED = 1  #: a check ran and found a problem (``verify``, ``ls --verify``
 EXIT_USAGE = 2  #: bad arguments
 EXIT_NOT_FOUND = 3  #: no such path, not a checkpoint (or not a directory of checkpoints), never committed
 EXIT_CORRUPT = 4  #: a checkpoint the command needed to read is corrupt or unsafe
-EXIT_STORAGE = 5  #: storage failed or its backend is not installed (unreachable, permission, disk full)
+EXIT_STORAGE = 5  #: storage failed, or a backend (storage, export format) is not installed (unreachable, permission, disk full)
 EXIT_REFUSED = 6  #: the output exists and the command does not overwrite it (``--force`` where offered)
 EXIT_OTHER = 7  #: any other error (a bug: run again with ``--debug`` and report the traceback)
 EXIT_INTERRUPTED = 130  #: Ctrl-C (128 + SIGINT), nothing printed
@@ -34,7 +34,7 @@ EXIT_CODES = {
     EXIT_USAGE: "bad usage",
     EXIT_NOT_FOUND: "not found, not a checkpoint, or never committed",
     EXIT_CORRUPT: "corrupt or unsafe checkpoint",
-    EXIT_STORAGE: "storage error or storage backend not installed",
+    EXIT_STORAGE: "storage error, or a storage or export backend not installed",
     EXIT_REFUSED: "output exists: not overwritten",
     EXIT_OTHER: "any other error",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",

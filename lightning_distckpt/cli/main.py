@@ -96,7 +96,7 @@ def exit_code(e: BaseException) -> int:
         return EXIT_NOT_FOUND
     if isinstance(e, errors.CorruptCheckpointError):
         return EXIT_CORRUPT
-    if isinstance(e, errors.StorageError | OSError):
+    if isinstance(e, errors.StorageError | OSError | ImportError):  # ImportError: a backend (e.g. safetensors) missing
         return EXIT_STORAGE
     return EXIT_OTHER
 
@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.debug:
                 raise
             code = exit_code(e)
+            if isinstance(e, UsageError):  # from a command's own parser (its message names the command) or its checks
+                line = str(e) if str(e).startswith("distckpt ") else f"distckpt {args.command}: {e}"
+                _report(argv, f"{line}\nrun 'distckpt {args.command} -h' for help", e, code)
+                return code
             _report(argv, f"distckpt {args.command}: {str(e) or type(e).__name__}", e, code)
             return code
     except KeyboardInterrupt:
