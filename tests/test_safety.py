@@ -22,6 +22,7 @@ from conftest import make_idle, rewrite_document, uncommitted_copy
 from workloads.common import Net, data
 
 from lightning_distckpt import (
+    CheckpointSaveError,
     CorruptCheckpointError,
     DistCheckpoint,
     DistCheckpointError,
@@ -497,6 +498,22 @@ def test_a_symlinked_data_file_is_refused_by_verify_and_load_alike(tmp_path):
     assert not report.ok and "link" in report.error + " ".join(f.problem for f in report.files)
     with pytest.raises(UnsafeCheckpointError, match="link"):
         load_checkpoint(url)
+
+
+def test_a_save_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
+    """A save over somebody's non-empty directory fails naming it, and leaves it as it was (an empty directory, a
+    stock file and a checkpoint of this package are replaced, as Lightning overwrites its files)."""
+    data = tmp_path / "mydata"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "thesis.tex").write_text("years of work")
+    with pytest.raises(CheckpointSaveError, match=re.escape(str(data)) + ".*not a checkpoint"):
+        save(data)
+    assert (data / "sub" / "thesis.tex").read_text() == "years of work" and os.listdir(data) == ["sub"]
+    assert [n for n in os.listdir(tmp_path) if n != "mydata"] == []  # no staging directory left behind
+    (tmp_path / "empty").mkdir()
+    torch.save({"state_dict": {}}, tmp_path / "stock.ckpt")
+    for replaced in (tmp_path / "empty", tmp_path / "stock.ckpt", tmp_path / "empty"):  # the last: a checkpoint now
+        assert load_checkpoint(save(replaced, step=3))["global_step"] == 3
 
 
 @pytest.mark.parametrize("edit", ["top level a list", "no state_dict", "state_dict a list", "hyper_parameters a list"])

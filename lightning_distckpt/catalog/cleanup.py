@@ -40,7 +40,12 @@ from lightning_distckpt import ondisk
 from lightning_distckpt.catalog.blocks import sweep_blocks
 from lightning_distckpt.catalog.documents import read_manifest, read_uncommitted_manifest
 from lightning_distckpt.catalog.listing import Group, examine, scan
-from lightning_distckpt.errors import DistCheckpointError, NotACheckpointError, UncommittedCheckpointError
+from lightning_distckpt.errors import (
+    DestinationExistsError,
+    DistCheckpointError,
+    NotACheckpointError,
+    UncommittedCheckpointError,
+)
 from lightning_distckpt.faults import crash_point
 from lightning_distckpt.storage import Entry, Source, StorageLike, Store, open_store
 
@@ -96,6 +101,23 @@ def remove_checkpoint(store: Store, path: str) -> None:
     store.remove(path, recursive=True)
 
 
+def foreign(store: Store, path: str) -> str:
+    """Why a save must not replace what is at ``path`` ("" when it may: nothing there, a file, as Lightning overwrites
+    its files, a link, an empty directory, or a checkpoint of this package, committed or not). A non-empty directory
+    without this package's manifest or marker is somebody's data: a save refuses to move it aside and delete it."""
+    try:
+        entry = store.info(path)
+    except FileNotFoundError:
+        return ""
+    if entry.type != "dir":
+        return ""
+    names = {e.name for e in store.listdir(path)}
+    if not names or ondisk.MANIFEST in names or ondisk.MARKER in names:
+        return ""
+    return (f"{store.url(path)}: is a directory that is not a checkpoint of lightning-distckpt (no {ondisk.MANIFEST}); "
+            "a save does not replace it: choose another path or remove it")
+
+
 def publish(store: Store, staging: str, final: str, manifest_bytes: bytes, token: str) -> None:
     """Make the complete copy in ``staging`` the checkpoint ``final``: the commit protocol (module docstring).
 
@@ -109,6 +131,8 @@ def publish(store: Store, staging: str, final: str, manifest_bytes: bytes, token
         exists = True
     except FileNotFoundError:
         exists = False
+    if exists and foreign(store, final):
+        raise DestinationExistsError(foreign(store, final))
     if exists:  # overwrite: move the old one aside, it stays listed and recoverable until the new one commits
         trash = store.join(store.parent(final), ondisk.trash_name(store.basename(final), token))
         store.rename(final, trash)

@@ -421,6 +421,8 @@ class CheckpointReader(StorageReader):
                     try:
                         decoded = codec.decode(data[starts[k] : starts[k] + b.stored], b.raw)
                     except CorruptCheckpointError as e:  # a block that matched its checksum but does not decode
+                        if type(e) is not CorruptCheckpointError:  # a codec's own error type: raised as it is
+                            raise
                         raise CorruptCheckpointError(f"{self.sources[0].url(loc.file)}: block {first + k} of tensor "
                                                      f"{fqn!r}: {e}") from None  # fmt: skip
                     if len(decoded) != b.raw:
