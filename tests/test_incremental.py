@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -266,6 +267,23 @@ def test_borrowing_from_a_checkpoint_with_any_valid_name_commits_a_loadable_chec
     io.save_checkpoint(sample(1), str(tmp_path / "second"))  # borrows every block of the first
     assert list(catalog.open_checkpoint(catalog.source_of(str(tmp_path / "second"))).manifest.borrows.values()) == [first]
     assert same(str(tmp_path / "second"), 1)
+
+
+def test_a_copy_reads_the_blocks_the_destination_already_has_and_refuses_damaged_ones(tmp_path):
+    io = DistCheckpointIO(incremental=True, chunk_mb=1)
+    io.save_checkpoint(sample(1), str(tmp_path / "src" / name(1)))
+    io.save_checkpoint(sample(1), str(tmp_path / "src" / name(2)))  # borrows the blocks of the first
+    copy_checkpoint(str(tmp_path / "src" / name(1)), str(tmp_path / "dst" / name(1)))
+    (shared,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "dst" / ondisk.BLOCKS) for f in fs
+                 if f.endswith(".distcp")][:1]  # fmt: skip
+    with open(shared, "r+b") as f:  # bit rot, same size
+        f.seek(64)
+        byte = f.read(1)
+        f.seek(64)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptCheckpointError, match=re.escape(shared)):
+        copy_checkpoint(str(tmp_path / "src" / name(2)), str(tmp_path / "dst" / name(2)))
+    assert name(2) not in committed(tmp_path / "dst")
 
 
 def test_chain_of_10_with_keep_last_2(tmp_path):

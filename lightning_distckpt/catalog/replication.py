@@ -183,7 +183,8 @@ def _copy_partial(reader: Any, writer: Any, url: str, blocks: list[tuple[int, on
 
 def present(dst: Source, name: str, size: int) -> bool:
     """Whether the destination already has the block-store file ``name`` complete (files of the block store are
-    renamed into place only when whole and never change: its size is the check)."""
+    renamed into place only when whole and never change: its size is the check). Background replication trusts
+    that (a load checks every block anyway, and falls back to the primary); `copy_checkpoint` reads the blocks."""
     if "/" not in name:
         return False
     try:
@@ -412,6 +413,12 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
         for fname, info in sorted(src.manifest.files.items()):
             kind = None if fname in (ondisk.METADATA, ondisk.STATE) else blocks.get(fname, [])
             partial = is_borrowed(src, fname)
+            if present(staging, fname, info["size"]):  # in the destination's block store: its blocks this checkpoint
+                report = verify_file(staging, fname, info, kind or [], partial=True)  # uses are read and checked
+                if not report.ok:
+                    raise CorruptCheckpointError(f"{staging.url(fname)}: the destination's block store holds this file "
+                                                 f"already, damaged ({report.problem}); not copied (distckpt verify "
+                                                 "finds the destination's checkpoints that use it)")  # fmt: skip
             if present(staging, fname, info["size"]) or (
                     done.get(fname) == info["size"] and verify_file(staging, fname, info, kind or []).ok):
                 if progress:
