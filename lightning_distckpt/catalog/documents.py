@@ -60,7 +60,7 @@ def read_document(source: Source, name: str, limit: int | None = None) -> bytes:
     try:
         entry = store.info(path)
         if entry.type != "file":
-            raise UnsafeCheckpointError(f"{source.url(name)}: is a {entry.type}, not a regular file; refused")
+            raise UnsafeCheckpointError(f"{source.url(name)}: is {entry.described}, not a regular file; refused")
         if entry.size > limit:
             raise CorruptCheckpointError(f"{source.url(name)}: {entry.size} bytes, more than the {limit} it may have")
 
@@ -190,7 +190,7 @@ def open_checkpoint(source: Source, check_sizes: bool = True) -> Checkpoint:
                 raise CorruptCheckpointError(f"{source.url(name)}: missing (listed in {ondisk.MANIFEST})")
             continue
         if entry.type != "file":
-            raise UnsafeCheckpointError(f"{source.url(name)}: is a {entry.type}, not a regular file; refused")
+            raise UnsafeCheckpointError(f"{source.url(name)}: is {entry.described}, not a regular file; refused")
         if check_sizes and entry.size != info["size"]:
             raise CorruptCheckpointError(
                 f"{source.url(name)}: has {entry.size} bytes, {ondisk.MANIFEST} says {info['size']} (truncated?)"

@@ -454,7 +454,7 @@ def _real_dir_or_absent(staging: Source) -> None:
     except FileNotFoundError:
         return
     if entry.type != "dir":
-        raise UnsafeCheckpointError(f"{staging.url()}: the staging directory of this copy is a {entry.type}, not a "
+        raise UnsafeCheckpointError(f"{staging.url()}: the staging directory of this copy is {entry.described}, not a "
                                     "directory; refused (remove it to copy)")
 
 

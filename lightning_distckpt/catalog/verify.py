@@ -112,7 +112,7 @@ def _entry(source: Source, name: str, path: str, info: dict[str, int]) -> Entry 
     except FileNotFoundError:
         return FileReport(name, False, 0, "missing")
     if entry.type != "file":
-        return FileReport(name, False, entry.size, f"a {entry.type}, not a regular file (refused)")
+        return FileReport(name, False, entry.size, f"{entry.described}, not a regular file (refused)")
     if entry.size != info["size"]:
         return FileReport(name, False, entry.size, f"size {entry.size}, expected {info['size']}")
     return entry

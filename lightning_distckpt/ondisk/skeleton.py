@@ -269,4 +269,5 @@ class SafeUnpickler(pickle.Unpickler):
         except UnsafeCheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - a malformed pickle is a corrupt checkpoint
-            raise UnsafeCheckpointError(f"{where}: cannot decode stored object: {e}") from None
+            raise UnsafeCheckpointError(f"{where}: cannot decode stored object: {type(e).__name__}"
+                                        f"{': ' + str(e) if str(e) else ''}") from None

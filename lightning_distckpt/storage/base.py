@@ -41,6 +41,13 @@ class Entry:
     def type(self) -> str:
         return self.kind or ("dir" if self.is_dir else "file")
 
+    @property
+    def described(self) -> str:
+        """What the entry is, for messages: "a directory", "a symbolic link", "a special file (FIFO, device or
+        socket)", "a regular file"."""
+        return {"dir": "a directory", "link": "a symbolic link", "file": "a regular file"}.get(
+            self.type, "a special file (FIFO, device or socket)")
+
 
 class WriteStream(Protocol):
     """What `Store.open_write()` returns: append-only bytes, durable once ``close`` returns."""
@@ -129,7 +136,7 @@ class Store(ABC):
         never fills memory). ``FileNotFoundError`` if it does not exist."""
         entry = self.info(path)
         if entry.type != "file":
-            raise ValueError(f"{self.url(path)}: not a regular file ({entry.type}); refused")
+            raise ValueError(f"{self.url(path)}: not a regular file ({entry.described}); refused")
         if entry.size > limit:
             raise ValueError(f"{self.url(path)}: {entry.size} bytes, more than the {limit} a document may have")
         with self.open_read(path) as f:
