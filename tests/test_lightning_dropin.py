@@ -437,6 +437,17 @@ def test_damaged_or_refused_stock_files_are_package_errors_naming_the_file(tmp_p
     assert not marker.exists() and not (tmp_path / "dest").exists() and not (tmp_path / "d").exists()
 
 
+def test_a_scheme_only_the_package_serves_is_a_clear_error_for_the_callback_and_works_with_the_plugin(tmp_path):
+    from lightning_distckpt.storage import LocalStore, register_store
+
+    register_store("dropintest", lambda url, config: (LocalStore(), str(tmp_path) + "/" + url.split("://", 1)[1]),
+                   replace=True)  # fmt: skip
+    with pytest.raises(ValueError, match="fsspec.register_implementation"):
+        DistCheckpoint(dirpath="dropintest://ckpts")
+    DistCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 2}, "dropintest://one")
+    assert load_checkpoint("dropintest://one")["global_step"] == 2 and (tmp_path / "one" / "COMMITTED").exists()
+
+
 def test_distckpt_import_converts_a_stock_file(tmp_path):
     path, _, _ = _stock_run(tmp_path, 4)
     dest = tmp_path / "imported"

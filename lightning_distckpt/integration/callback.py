@@ -74,6 +74,25 @@ from lightning_distckpt.storage import (
 log = logging.getLogger(__name__)
 
 
+def _check_fsspec_knows(dirpath: str) -> None:
+    """ModelCheckpoint (which DistCheckpoint extends) makes and lists ``dirpath`` through fsspec: a scheme that only
+    ``lightning_distckpt.storage.register_store`` serves gets a clear error here, not fsspec's "Protocol not known"."""
+    import fsspec
+
+    scheme = dirpath.split("://", 1)[0].lower()
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ValueError, ImportError):
+        from lightning_distckpt.storage.registry import _factory
+
+        if _factory(scheme) is None:
+            return  # neither knows it: ModelCheckpoint's own error says so
+        raise ValueError(
+            f"DistCheckpoint(dirpath={dirpath!r}): {scheme}:// is a store registered with lightning_distckpt only; "
+            "DistCheckpoint, a ModelCheckpoint, also needs an fsspec filesystem for it (fsspec.register_implementation)"
+            ". The plugin alone reads and writes it: trainer.save_checkpoint(url), fit(ckpt_path=url)") from None
+
+
 class DistCheckpoint(ModelCheckpoint):
     """Save sharded checkpoints on a schedule; keep the last N; resume from the newest committed one.
 
@@ -146,6 +165,8 @@ class DistCheckpoint(ModelCheckpoint):
             dirpath = str(dirpath)
         if dirpath is not None and dirpath.startswith("file://"):
             dirpath = dirpath[len("file://") :]  # ModelCheckpoint would turn the URL into a relative path
+        if dirpath is not None and "://" in dirpath:
+            _check_fsspec_knows(dirpath)
         if keep_last is not None and monitor is None:
             save_top_k = -1  # the newest ``keep_last`` are kept by retention, not by ModelCheckpoint
         super().__init__(
