@@ -282,6 +282,12 @@ def test_outputs_inside_the_source_or_under_a_file_are_refused_naming_them(cases
     assert str(tmp_path / "nodir") in got.stderr and ".partial" not in got.stderr, got.stderr
 
 
+def test_gc_on_a_checkpoint_and_ls_with_a_missing_replica_are_errors_not_silence(cases, tmp_path):
+    assert "is a checkpoint" in distckpt("gc", cases["good"], check=3).stderr
+    got = distckpt("ls", cases["dir"], "--replica", tmp_path / "typo", check=3)
+    assert str(tmp_path / "typo") in got.stderr and "--replica" in got.stderr
+
+
 def test_exit_code_table_in_the_docs_matches_the_code():
     doc = (ROOT / "docs" / "cli.md").read_text()
     rows = {int(line.split("|")[1]) for line in doc.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()}

@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointNotFoundError(f"{args.root}: no such directory")
     if not store.isdir(root):
         raise NotACheckpointError(f"{args.root}: is a file, not a directory of checkpoints")
+    from lightning_distckpt import ondisk
+
+    if store.exists(store.join(root, ondisk.MARKER)):  # a typo for its root: nothing under it is garbage to collect
+        raise NotACheckpointError(f"{args.root}: is a checkpoint, not a directory of checkpoints (gc its root)")
     dry = not args.apply
     stale = catalog.clean_stale(args.root, config, older_than_s=older_than, dry_run=dry)
     committed = catalog.committed(args.root, config)

@@ -35,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
                                   f"(try: distckpt info {args.root})")  # fmt: skip
     rows = []
     replicas = args.replica or []
+    for r in replicas:  # a typo is an error, not a replica silently holding nothing
+        rstore, rpath = open_store(r, config)
+        if not rstore.isdir(rpath):
+            raise CheckpointNotFoundError(f"{r}: no such directory (--replica)")
     copies = {r: {c.name for c in catalog.committed(r, config)} for r in replicas}
     for c in catalog.list_checkpoints(args.root, config):
         m = c.manifest
