@@ -103,7 +103,8 @@ def remove_checkpoint(store: Store, path: str) -> None:
 
 def foreign(store: Store, path: str) -> str:
     """Why a save must not replace what is at ``path`` ("" when it may: nothing there, a file, as Lightning overwrites
-    its files, a link, an empty directory, or a checkpoint of this package, committed or not). A non-empty directory
+    its files, a link, an empty directory, a checkpoint of this package, committed or not, or the placeholder of an
+    asynchronous save in flight). A non-empty directory
     without this package's manifest or marker is somebody's data: a save refuses to move it aside and delete it."""
     try:
         entry = store.info(path)
@@ -112,7 +113,7 @@ def foreign(store: Store, path: str) -> str:
     if entry.type != "dir":
         return ""
     names = {e.name for e in store.listdir(path)}
-    if not names or ondisk.MANIFEST in names or ondisk.MARKER in names:
+    if not names or names & {ondisk.MANIFEST, ondisk.MARKER, ondisk.PENDING}:  # PENDING: an async save's placeholder
         return ""
     return (f"{store.url(path)}: is a directory that is not a checkpoint of lightning-distckpt (no {ondisk.MANIFEST}); "
             "a save does not replace it: choose another path or remove it")

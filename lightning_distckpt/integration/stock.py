@@ -11,16 +11,12 @@
 
 from __future__ import annotations
 
-import io
-import pickle
 from typing import Any, Literal
 
-import torch
-
-from lightning_distckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from lightning_distckpt.integration.adapters import by_fqn, index_fqns, is_index_keyed
 from lightning_distckpt.ondisk.skeleton import torch_safe_globals as safe_globals
 from lightning_distckpt.ondisk.skeleton import weights_only_trusted as trusted
+from lightning_distckpt.ondisk.stock_file import torch_load
 from lightning_distckpt.storage import StorageLike, open_store
 
 
@@ -40,25 +36,6 @@ def load_file(url: str, storage: StorageLike = None, weights_only: bool | None =
     default). Tensors land on ``map_location`` (CPU by default)."""
     store, path = open_store(url, storage)
     return torch_load(url, store.read_bytes(path), weights_only, map_location)
-
-
-def torch_load(url: str, data: bytes, weights_only: bool | None, map_location: Any = "cpu") -> Any:
-    """``torch.load`` of the bytes of file ``url``, its failures as this package's errors naming the file: a class
-    that ``weights_only`` refuses is an `UnsafeCheckpointError` (nothing of it ran); bytes that are no readable
-    ``torch.save`` file (truncated, garbage) a `CorruptCheckpointError`."""
-    try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights only" in first.lower() or "weights_only" in first:
-            raise UnsafeCheckpointError(
-                f"{url}: holds objects that torch.load refuses to unpickle in its weights_only mode ({first}); "
-                "nothing of them ran. If you trust this file, load it with weights_only=False (`distckpt import "
-                "--trust`) or allow its classes with torch.serialization.add_safe_globals") from e  # fmt: skip
-        raise CorruptCheckpointError(f"{url}: not a readable torch.save file ({first})") from e
-    except Exception as e:  # noqa: BLE001 - torch.load fails on bad bytes with many types (RuntimeError, IndexError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CorruptCheckpointError(f"{url}: not a readable torch.save file ({type(e).__name__}: {first})") from e
 
 
 __all__ = ["by_fqn", "index_fqns", "is_index_keyed", "kind", "load_file", "safe_globals", "torch_load", "trusted"]

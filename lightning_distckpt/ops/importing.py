@@ -17,8 +17,8 @@ import torch
 from lightning_distckpt import ondisk
 from lightning_distckpt.engine.saving import WriteOptions, write_checkpoint
 from lightning_distckpt.errors import NotACheckpointError
-from lightning_distckpt.integration.stock import torch_load
 from lightning_distckpt.ondisk import skeleton as state
+from lightning_distckpt.ondisk.stock_file import torch_load
 from lightning_distckpt.parallel.comm import SOLO
 from lightning_distckpt.storage import StorageLike, open_store
 
