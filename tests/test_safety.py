@@ -500,6 +500,15 @@ def test_a_symlinked_data_file_is_refused_by_verify_and_load_alike(tmp_path):
         load_checkpoint(url)
 
 
+@pytest.mark.parametrize("step", [10.0, True, 2**63, "7"], ids=["float", "bool", "huge", "str"])
+def test_a_step_that_is_no_listable_integer_still_commits_a_loadable_checkpoint(tmp_path, step):
+    """The manifest lists global_step only as an integer its reader accepts; the state keeps the value as given."""
+    url = save(tmp_path / "c", step=1, global_step=step)
+    assert load_checkpoint(url)["global_step"] == step
+    (listed,) = [c for c in list_checkpoints(str(tmp_path)) if c.committed]
+    assert listed.manifest is not None and listed.manifest.global_step is None
+
+
 def test_a_save_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
     """A save over somebody's non-empty directory fails naming it, and leaves it as it was (an empty directory, a
     stock file and a checkpoint of this package are replaced, as Lightning overwrites its files)."""
