@@ -104,8 +104,8 @@ def remove_checkpoint(store: Store, path: str) -> None:
 def foreign(store: Store, path: str) -> str:
     """Why a save must not replace what is at ``path`` ("" when it may: nothing there, a file, as Lightning overwrites
     its files, a link, an empty directory, a checkpoint of this package, committed or not, or the placeholder of an
-    asynchronous save in flight). A non-empty directory
-    without this package's manifest or marker is somebody's data: a save refuses to move it aside and delete it."""
+    asynchronous save in flight). A non-empty directory without this package's manifest or marker is somebody's
+    data: a save refuses to move it aside and delete it."""
     try:
         entry = store.info(path)
     except FileNotFoundError:
@@ -132,8 +132,9 @@ def publish(store: Store, staging: str, final: str, manifest_bytes: bytes, token
         exists = True
     except FileNotFoundError:
         exists = False
-    if exists and foreign(store, final):
-        raise DestinationExistsError(foreign(store, final))
+    refused = foreign(store, final) if exists else ""
+    if refused:
+        raise DestinationExistsError(refused)
     if exists:  # overwrite: move the old one aside, it stays listed and recoverable until the new one commits
         trash = store.join(store.parent(final), ondisk.trash_name(store.basename(final), token))
         store.rename(final, trash)

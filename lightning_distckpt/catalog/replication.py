@@ -413,13 +413,14 @@ def copy_checkpoint(src_url: str, dst_url: str, storage: StorageLike = None,
         for fname, info in sorted(src.manifest.files.items()):
             kind = None if fname in (ondisk.METADATA, ondisk.STATE) else blocks.get(fname, [])
             partial = is_borrowed(src, fname)
-            if present(staging, fname, info["size"]):  # in the destination's block store: its blocks this checkpoint
-                report = verify_file(staging, fname, info, kind or [], partial=True)  # uses are read and checked
+            there = present(staging, fname, info["size"])
+            if there:  # in the destination's block store: the blocks this checkpoint uses are read and checked
+                report = verify_file(staging, fname, info, kind or [], partial=True)
                 if not report.ok:
                     raise CorruptCheckpointError(f"{staging.url(fname)}: the destination's block store holds this file "
                                                  f"already, damaged ({report.problem}); not copied (distckpt verify "
                                                  "finds the destination's checkpoints that use it)")  # fmt: skip
-            if present(staging, fname, info["size"]) or (
+            if there or (
                     done.get(fname) == info["size"] and verify_file(staging, fname, info, kind or []).ok):
                 if progress:
                     progress(info["size"])

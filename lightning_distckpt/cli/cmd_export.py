@@ -56,15 +56,6 @@ def output_format(out_path: str, given: str | None, sharded: bool) -> str:
     return given or implied  # type: ignore[return-value]
 
 
-def inside_checkpoint(out_path: str, ckpt: str) -> bool:
-    """Whether the local path ``out_path`` is inside (or is) the local checkpoint directory ``ckpt``."""
-    if "://" in ckpt and not ckpt.startswith("file://"):
-        return False
-    ckpt = ckpt.removeprefix("file://")
-    a, b = os.path.realpath(out_path), os.path.realpath(ckpt)
-    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
-
-
 def run(args: argparse.Namespace) -> int:
     from lightning_distckpt.errors import DestinationExistsError
 
@@ -83,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"{args.out}: its directory {parent} does not exist (or is not a directory)")
-    if inside_checkpoint(args.out, args.ckpt):
+    from lightning_distckpt.catalog import source_of
+    from lightning_distckpt.catalog.replication import within
+
+    if within(source_of(args.out), source_of(args.ckpt, storage(args))):
         raise DestinationExistsError(f"{args.out}: lies inside the checkpoint it exports ({args.ckpt}); "
                                      "write it elsewhere (removing the checkpoint would remove it too)")
     empty_dir = sharded and os.path.isdir(args.out) and not os.listdir(args.out)

@@ -19,11 +19,11 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from lightning_distckpt import ondisk
 from lightning_distckpt.catalog import Heartbeat, publish, source_of
-from lightning_distckpt.catalog.cleanup import foreign
 from lightning_distckpt.catalog.blocks import borrows_bytes
+from lightning_distckpt.catalog.cleanup import foreign
 from lightning_distckpt.engine.incremental import BlockIndex, IncrementalSave
 from lightning_distckpt.engine.writer import CheckpointWriter, FileWritten
-from lightning_distckpt.errors import CheckpointSaveError, DestinationExistsError, UnsafeCheckpointError
+from lightning_distckpt.errors import CheckpointSaveError, UnsafeCheckpointError
 from lightning_distckpt.faults import crash_point
 from lightning_distckpt.gcpause import without_gc
 from lightning_distckpt.ondisk.names import PENDING, check_checkpoint_name
@@ -146,20 +146,18 @@ def _write_checkpoint(url: str, skeleton: Any, tensors: dict[str, Any], manifest
     if is_coordinator:
         try:
             error = foreign(store, path)  # somebody's directory is never replaced (publish checks again)
-            if error:
-                raise DestinationExistsError(error)
-            store.makedirs(staging)
-            beat = Heartbeat(store, staging)  # clean-up elsewhere never takes this save for a crashed one
-            if incremental is not None:
-                if incremental.base_ids():  # before the base is checked: clean-up keeps them from now on
-                    store.write_bytes(store.join(staging, ondisk.BORROWS), borrows_bytes(incremental.base_ids()))
-                store.makedirs(data_dir)  # type: ignore[arg-type]
-                base = incremental.base
-                index = incremental.index(source_of(base.url, storage) if base is not None else Source(store, staging))
-                index.data_id = token
-            crash_point("save:staged")
-        except DestinationExistsError as e:
-            error = str(e)
+            if not error:
+                store.makedirs(staging)
+                beat = Heartbeat(store, staging)  # clean-up elsewhere never takes this save for a crashed one
+                if incremental is not None:
+                    if incremental.base_ids():  # before the base is checked: clean-up keeps them from now on
+                        store.write_bytes(store.join(staging, ondisk.BORROWS), borrows_bytes(incremental.base_ids()))
+                    store.makedirs(data_dir)  # type: ignore[arg-type]
+                    base = incremental.base
+                    index = incremental.index(source_of(base.url, storage) if base is not None
+                                              else Source(store, staging))  # fmt: skip
+                    index.data_id = token
+                crash_point("save:staged")
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = f"cannot create {store.url(staging)}: {e}"
     error, index = comm.broadcast((error, index))

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 _PERMANENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
                     # what the path itself is: asking again cannot change it (a loop of links, a name too long, ...)
-                    errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST,
-                    errno.EINVAL, errno.EXDEV, errno.ENOTEMPTY, errno.EFBIG, errno.EMLINK, errno.EBADF}  # fmt: skip
+                    # (ENOENT, EEXIST, ENOTDIR, EISDIR are the exception classes of _PERMANENT)
+                    errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL, errno.EXDEV, errno.ENOTEMPTY, errno.EFBIG,
+                    errno.EMLINK, errno.EBADF}  # fmt: skip
 _TRANSIENT_TEXT = ("safemodeexception", "retriableexception", "eofexception", "connection reset", "connection closed",
                    "timed out", "broken pipe", "leaseexpiredexception", "could only be written to", "datanode",
                    "datatransfererror",
